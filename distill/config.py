@@ -1,0 +1,333 @@
+"""Typed config schema and ``validate(cfg)``, which reports every problem at once.
+
+The YAML files under ``conf/`` are the one home of default values (each knob has its comment there);
+these dataclasses give the types and the checks. We do not merge the schema into Hydra's defaults
+list because OmegaConf stops at the first unknown key; ``validate`` walks the whole tree, collects
+unknown keys (with a "did you mean"), wrong types, impossible values and missing files, and raises
+one ``ConfigError`` before any weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class DataConfig:
+    source: str  # car_assistant | jsonl
+    seed: int
+    num_train: int
+    num_validation: int
+    num_test: int
+    num_hard: int
+    held_out_fraction: float
+    reserve_modulus: int
+    train_file: str | None  # jsonl source: files with "messages" or "prompt"/"completion" per line
+    validation_file: str | None
+    test_file: str | None
+    hard_file: str | None
+    max_length: int  # examples longer than this (prompt + answer tokens) are an error
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    batch_size: int  # per process, per micro-batch
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # cosine | linear | constant
+    max_grad_norm: float
+    mixed_precision: str  # auto | no | bf16 | fp16
+    seed: int
+    log_every: int
+    eval_every: int  # steps between validation-loss evaluations; 0 disables
+    checkpoint_every: int  # 0 disables
+    keep_checkpoints: int
+    spike_factor: float  # a loss above spike_factor x its running mean is a spike: the step is skipped
+    spike_warmup: int  # steps before spikes are judged
+    max_spikes: int  # more skipped steps than this in a row stops training with an error
+
+
+@dataclass
+class BootstrapConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    train: TrainConfig
+    min_exact_match: float  # warn when the bootstrapped teacher scores below this on test
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None  # local HF folder; null bootstraps (and caches) a small teacher
+    quantization: str  # none | 8bit | nf4 (bitsandbytes; loading only, the teacher is frozen)
+    allow_pickle: bool
+    cache_dir: str
+    bootstrap: BootstrapConfig
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+
+
+@dataclass
+class StudentConfig:
+    init: str  # config | folder
+    path: str | None  # for init=folder
+    hidden_size: int | None
+    intermediate_size: int | None
+    num_hidden_layers: int | None
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    tie_word_embeddings: bool | None
+    seed: int
+    lora: LoraConfig
+
+
+@dataclass
+class FeatureConfig:
+    weight: float  # 0 disables feature distillation
+    layer_map: list[list[int]]  # [[student_layer, teacher_layer], ...], 0-based decoder layers
+    kind: str  # cosine | mse
+    attention: bool  # also match attention-block outputs of the mapped layers
+
+
+@dataclass
+class OnPolicyConfig:
+    fraction: float  # share of steps that train on the student's own sampled answers (GKD)
+    temperature: float
+    max_new_tokens: int
+
+
+@dataclass
+class DistillConfig:
+    divergence: str  # forward_kl | reverse_kl | jsd | skew_kl | tv
+    temperature: float
+    kd_weight: float  # loss = kd_weight * KD + (1 - kd_weight) * CE on the reference answer
+    beta: float  # jsd
+    skew_alpha: float  # skew_kl
+    chunk_size: int  # tokens per logit chunk; bounds memory at chunk_size x vocab per model
+    features: FeatureConfig
+    on_policy: OnPolicyConfig
+    train: TrainConfig
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int
+    max_new_tokens: int
+    num_test: int | None  # evaluate on the first N test / hard examples; null = all
+    retention_target: float  # student test exact match / teacher's; reported
+
+
+@dataclass
+class RunConfig:
+    name: str
+    data: DataConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    distill: DistillConfig
+    eval: EvalConfig
+
+
+CHOICES = {
+    "data.source": ("car_assistant", "jsonl"),
+    "teacher.quantization": ("none", "8bit", "nf4"),
+    "student.init": ("config", "folder"),
+    "distill.divergence": ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"),
+    "distill.features.kind": ("cosine", "mse"),
+    "schedule": ("cosine", "linear", "constant"),
+    "mixed_precision": ("auto", "no", "bf16", "fp16"),
+}
+POSITIVE = {"steps", "batch_size", "grad_accum", "lr", "log_every", "keep_checkpoints", "chunk_size", "temperature",
+            "max_length", "num_train", "num_test", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "max_new_tokens", "r", "spike_factor",
+            "max_position_embeddings", "reserve_modulus"}
+NON_NEGATIVE = {"weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every", "spike_warmup",
+                "max_spikes", "weight", "dropout", "num_validation", "num_hard"}
+UNIT = {"kd_weight", "fraction", "held_out_fraction", "retention_target", "min_exact_match"}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list | tuple) and all(_type_ok(v, inner) for v in value)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, node: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a plain dict, collecting every problem instead of stopping."""
+    if not isinstance(node, dict):
+        problems.append(f"{path or 'config'}: expected a mapping, got {type(node).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in node:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {path + '.' if path else ''}{near[0]}?" if near else f"; known keys: {', '.join(names)}"
+            problems.append(f"{path + '.' if path else ''}{key}: unknown key{hint}")
+    values = {}
+    for name in names:
+        key = f"{path}.{name}" if path else name
+        tp = hints[name]
+        if name not in node:
+            problems.append(f"{key}: missing; set it in conf/ or on the command line ({key}=...)")
+            values[name] = None
+            continue
+        value = node[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, key, problems)
+        elif not _type_ok(value, tp):
+            problems.append(f"{key}: expected {getattr(tp, '__name__', str(tp))}, got {value!r}")
+            values[name] = value
+        else:
+            values[name] = float(value) if tp is float else value
+    return cls(**values)
+
+
+def _check_ranges(obj: Any, path: str, problems: list[str]) -> None:
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, key, problems)
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            if isinstance(value, str):
+                choices = CHOICES.get(key) or CHOICES.get(f.name)
+                if choices and value not in choices:
+                    problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
+            continue
+        if f.name in POSITIVE and value <= 0:
+            problems.append(f"{key}: must be > 0, got {value}")
+        elif f.name in NON_NEGATIVE and value < 0:
+            problems.append(f"{key}: must be >= 0, got {value}")
+        elif f.name in UNIT and not 0 <= value <= 1:
+            problems.append(f"{key}: must be between 0 and 1, got {value}")
+
+
+def _check_semantics(c: RunConfig, problems: list[str]) -> None:
+    from distill.models import folder_problems
+
+    d = c.data
+    if d.source == "jsonl":
+        for name in ("train_file", "test_file"):
+            if not getattr(d, name):
+                problems.append(f"data.{name}: required when data.source=jsonl")
+        for name in ("train_file", "validation_file", "test_file", "hard_file"):
+            p = getattr(d, name)
+            if p and not Path(p).is_file():
+                problems.append(f"data.{name}: file {p} does not exist")
+    t = c.teacher
+    if t.path is not None:
+        problems += folder_problems(t.path, "teacher.path", allow_pickle=t.allow_pickle)
+    else:
+        b = t.bootstrap
+        if b.num_attention_heads and b.hidden_size % b.num_attention_heads:
+            problems.append(f"teacher.bootstrap.hidden_size={b.hidden_size} is not divisible by num_attention_heads={b.num_attention_heads}")
+        if b.num_key_value_heads and b.num_attention_heads % b.num_key_value_heads:
+            problems.append(f"teacher.bootstrap.num_attention_heads={b.num_attention_heads} is not divisible by num_key_value_heads={b.num_key_value_heads}")
+    s = c.student
+    if s.init == "folder":
+        if not s.path:
+            problems.append("student.path: required when student.init=folder")
+        else:
+            problems += folder_problems(s.path, "student.path", allow_pickle=t.allow_pickle)
+    elif s.init == "config":
+        h, nh, kv = s.hidden_size, s.num_attention_heads, s.num_key_value_heads
+        if h and nh and h % nh:
+            problems.append(f"student.hidden_size={h} is not divisible by student.num_attention_heads={nh}; pick a multiple")
+        if nh and kv and nh % kv:
+            problems.append(f"student.num_attention_heads={nh} is not divisible by student.num_key_value_heads={kv} (grouped-query attention needs whole groups)")
+    fe = c.distill.features
+    for pair in fe.layer_map:
+        if len(pair) != 2 or min(pair) < 0:
+            problems.append(f"distill.features.layer_map: entry {pair} must be [student_layer, teacher_layer] with non-negative indices")
+    if fe.weight > 0 and not fe.layer_map:
+        problems.append("distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair")
+    known_t = t.bootstrap.num_hidden_layers if t.path is None else None
+    known_s = s.num_hidden_layers if s.init == "config" else None
+    for pair in fe.layer_map:
+        if len(pair) == 2 and known_s is not None and pair[0] >= known_s:
+            problems.append(f"distill.features.layer_map: student layer {pair[0]} does not exist (student has {known_s} layers)")
+        if len(pair) == 2 and known_t is not None and pair[1] >= known_t:
+            problems.append(f"distill.features.layer_map: teacher layer {pair[1]} does not exist (teacher has {known_t} layers)")
+
+
+def validate(cfg: Any) -> RunConfig:
+    """Check a composed config (DictConfig or dict) and return the typed ``RunConfig``.
+
+    Raises ``ConfigError`` listing every problem; loads no weights.
+    """
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    problems: list[str] = []
+    rc = _build(RunConfig, cfg, "", problems)
+    structural = bool(problems)
+    if rc is not None:
+        _check_ranges(rc, "", problems)
+    if not structural:  # semantic checks need every key present and typed
+        _check_semantics(rc, problems)
+    if problems:
+        raise ConfigError(problems)
+    return rc
+
+
+def to_dict(rc: RunConfig) -> dict:
+    return dataclasses.asdict(rc)
+
+
+def compose(overrides: list[str] | None = None, config_dir: str | Path | None = None) -> RunConfig:
+    """Compose ``conf/`` with Hydra's compose API (no @hydra.main) and validate it: for notebooks and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    config_dir = Path(config_dir or Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return validate(cfg)
+
+
+__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict", "field"]

@@ -1,0 +1,61 @@
+"""Task data: the built-in car-assistant generator or a user's JSONL files, tokenized with response masks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from distill.data.car_assistant import GeneratorSettings, generate
+from distill.data.jsonl import DataError, read_jsonl
+
+__all__ = ["DataError", "load_records", "data_hash", "encode_records", "generator_settings"]
+
+
+def generator_settings(dc) -> GeneratorSettings:
+    return GeneratorSettings(seed=dc.seed, num_train=dc.num_train, num_validation=dc.num_validation,
+                             num_test=dc.num_test, num_hard=dc.num_hard, held_out_fraction=dc.held_out_fraction,
+                             reserve_modulus=dc.reserve_modulus)
+
+
+def data_hash(dc) -> str:
+    """Version of the data: hash of the generator settings, or of the JSONL files' bytes."""
+    if dc.source == "car_assistant":
+        return generator_settings(dc).data_hash()
+    h = hashlib.sha256()
+    for name in ("train_file", "validation_file", "test_file", "hard_file"):
+        p = getattr(dc, name)
+        h.update(name.encode())
+        if p:
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_records(dc, split: str) -> list[dict]:
+    """Records ``{"messages": [...]}`` of one split (empty list for an absent optional JSONL split)."""
+    if dc.source == "car_assistant":
+        return [e.to_record() for e in generate(split, generator_settings(dc))]
+    path = getattr(dc, f"{split}_file")
+    if split == "validation" and not path:
+        return []
+    if not path:
+        return []
+    return read_jsonl(path, key=f"data.{split}_file")
+
+
+def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "data") -> list[dict]:
+    """Encode records; examples longer than ``max_length`` are one DataError listing them."""
+    from distill.data.tokenize import encode
+
+    out, too_long = [], []
+    for i, r in enumerate(records):
+        ex = encode(tokenizer, r["messages"])
+        if len(ex["input_ids"]) > max_length:
+            too_long.append((i, len(ex["input_ids"])))
+            continue
+        ex["answer"] = r["messages"][-1]["content"]
+        out.append(ex)
+    if too_long:
+        shown = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:5])
+        raise DataError(f"{key}: {len(too_long)} examples are longer than data.max_length={max_length}: {shown}; "
+                        "shorten them or raise data.max_length (up to the model's max_position_embeddings)")
+    return out

@@ -1,0 +1,98 @@
+"""Evaluation: generate -> task metrics, plus teacher-forced perplexity, KL and token agreement.
+
+``evaluate_generations`` takes a *generate function* (prompt token ids -> answer token ids), so the
+teacher, the student and any other runtime are scored by the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from distill import metrics
+from distill.data.tokenize import IGNORE, collate
+
+GenerateFn = Callable[[Sequence[Sequence[int]]], list[list[int]]]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> GenerateFn:
+    """Greedy decoding with HF ``generate`` (KV cache), batched with left padding; eos is stripped."""
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        model.eval()
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            ids, mask = left_pad(chunk, pad)
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            for row in gen[:, ids.shape[1]:].tolist():
+                ans = []
+                for t in row:
+                    if t == eos:
+                        break
+                    ans.append(t)
+                out.append(ans)
+        return out
+
+    return generate
+
+
+def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) -> tuple[dict, list[list[int]]]:
+    """Task metrics of ``generate`` on encoded examples (each with ``input_ids``, ``prompt_len``, ``answer``)."""
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
+    answers = generate(prompts)
+    texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+    return metrics.score(texts, [ex["answer"] for ex in data]), answers
+
+
+@torch.no_grad()
+def teacher_forced(model, data: Sequence[dict], tokenizer, batch_size: int, teacher=None) -> dict[str, float]:
+    """Perplexity on the reference answers; with ``teacher``: mean KL(teacher || model) per answer token
+    and greedy token agreement (share of answer positions where both models' argmax agree)."""
+    vocab = len(tokenizer)
+    device = next(model.parameters()).device
+    model.eval()
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for i in range(0, len(data), batch_size):
+        b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], tokenizer.pad_token_id).items()}
+        sel = b["labels"][:, 1:] != IGNORE
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab][sel].float()
+        nll += float(F.cross_entropy(logits, b["labels"][:, 1:][sel], reduction="sum"))
+        count += int(sel.sum())
+        if teacher is not None:
+            tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab][sel].float()
+            lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
+            kl += float((lt.exp() * (lt - ls)).sum())
+            agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
+    out = {"perplexity": metrics.perplexity(nll, count)}
+    if teacher is not None:
+        out["kl"] = kl / max(count, 1)
+        out["agreement"] = agree / max(count, 1)
+    return out
+
+
+def evaluate_model(model, tokenizer, data: Sequence[dict], *, max_new_tokens: int, batch_size: int,
+                   teacher=None, teacher_answers: list[list[int]] | None = None) -> tuple[dict, list[list[int]]]:
+    """All metrics of one PyTorch model on one split; returns (metrics, greedy answers)."""
+    gen = hf_generate_fn(model, tokenizer, max_new_tokens, batch_size)
+    scores, answers = evaluate_generations(data, gen, tokenizer)
+    scores.update(teacher_forced(model, data, tokenizer, batch_size, teacher))
+    if teacher_answers is not None:
+        scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
+    return scores, answers

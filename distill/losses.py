@@ -1,0 +1,157 @@
+"""Distillation losses as small pure functions, plus the chunked wrapper that never materialises
+full-vocabulary logits of teacher and student for the whole batch.
+
+Every divergence takes ``student_logits`` and ``teacher_logits`` of shape ``(N, V)`` (N tokens,
+V vocabulary) and returns a per-token loss of shape ``(N,)``. With a temperature ``T`` both
+distributions are softened as ``softmax(z / T)`` and the loss is multiplied by ``T**2`` so that its
+gradient keeps the same scale as the cross-entropy term when T changes (Hinton et al. 2015,
+arXiv:1503.02531, section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Divergence = Callable[..., torch.Tensor]
+
+
+def _logp(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def forward_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_teacher || p_student), shape (N,). Mode-covering; the classic KD loss (Hinton 2015)."""
+    ls, lt = _logp(student_logits, temperature), _logp(teacher_logits, temperature)
+    return (lt.exp() * (lt - ls)).sum(-1) * temperature**2
+
+
+def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_student || p_teacher), shape (N,). Mode-seeking (MiniLLM, Gu et al. 2023, arXiv:2306.08543)."""
+    ls, lt = _logp(student_logits, temperature), _logp(teacher_logits, temperature)
+    return (ls.exp() * (ls - lt)).sum(-1) * temperature**2
+
+
+def generalized_jsd(student_logits, teacher_logits, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, arXiv:2306.13649), shape (N,).
+
+    ``M = beta * p_teacher + (1 - beta) * p_student``;
+    ``JSD_beta = beta * KL(p_teacher || M) + (1 - beta) * KL(p_student || M)``.
+    Tends to beta-scaled forward KL as beta -> 0 and reverse KL as beta -> 1 (after rescaling).
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    ls, lt = _logp(student_logits, temperature), _logp(teacher_logits, temperature)
+    lm = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), dim=0)
+    kl_t = (lt.exp() * (lt - lm)).sum(-1)
+    kl_s = (ls.exp() * (ls - lm)).sum(-1)
+    return (beta * kl_t + (1 - beta) * kl_s) * temperature**2
+
+
+def skew_kl(student_logits, teacher_logits, temperature: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
+    """Skew forward KL of DistiLLM (Ko et al. 2024, arXiv:2402.03898), shape (N,).
+
+    ``KL(p_teacher || alpha * p_teacher + (1 - alpha) * p_student)``: bounded and smoother than
+    forward KL when the student puts near-zero mass where the teacher does not. alpha=0 is forward KL.
+    """
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    ls, lt = _logp(student_logits, temperature), _logp(teacher_logits, temperature)
+    if alpha == 0.0:
+        lm = ls
+    else:
+        lm = torch.logsumexp(torch.stack([lt + math.log(alpha), ls + math.log(1 - alpha)]), dim=0)
+    return (lt.exp() * (lt - lm)).sum(-1) * temperature**2
+
+
+def total_variation(student_logits, teacher_logits, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance ``0.5 * sum |p_teacher - p_student|``, shape (N,) (Wen et al. 2023, f-divergence KD)."""
+    ps, pt = _logp(student_logits, temperature).exp(), _logp(teacher_logits, temperature).exp()
+    return 0.5 * (pt - ps).abs().sum(-1) * temperature**2
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "skew_kl": skew_kl,
+    "tv": total_variation,
+}
+
+
+def divergence(name: str, **params) -> Divergence:
+    """The divergence called ``name`` with its extra parameters bound (beta for jsd, alpha for skew_kl)."""
+    fn = DIVERGENCES[name]
+    if name == "jsd":
+        return lambda s, t, temperature=1.0: fn(s, t, temperature, beta=params.get("beta", 0.5))
+    if name == "skew_kl":
+        return lambda s, t, temperature=1.0: fn(s, t, temperature, alpha=params.get("alpha", 0.1))
+    return fn
+
+
+def _chunk_terms(h_s, h_t, target, w_s, w_t, vocab, div, temperature):
+    """(sum of KD, sum of CE) over one chunk of tokens; logits live only inside this call."""
+    logits_s = F.linear(h_s, w_s)[:, :vocab]
+    ce = F.cross_entropy(logits_s.float(), target, reduction="sum")
+    if h_t is None:
+        return torch.zeros((), device=ce.device), ce
+    with torch.no_grad():
+        logits_t = F.linear(h_t, w_t)[:, :vocab]
+    return div(logits_s, logits_t, temperature).sum(), ce
+
+
+def chunked_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.Tensor | None = None,
+    *,
+    vocab_size: int,
+    div: Divergence = forward_kl,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD and CE losses over N response tokens, computed ``chunk_size`` tokens at a time.
+
+    Shapes: ``student_hidden`` (N, Hs), ``student_head`` (Vs, Hs), ``targets`` (N,),
+    ``teacher_hidden`` (N, Ht), ``teacher_head`` (Vt, Ht). Only the first ``vocab_size`` logits
+    are compared, which aligns padded embedding rows of otherwise identical vocabularies.
+
+    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
+    memory holds one chunk of ``(chunk_size, V)`` logits per model instead of ``(N, V)``.
+    Returns ``(kd_sum, ce_sum)``; divide by the token count for means.
+    """
+    kd = student_hidden.new_zeros((), dtype=torch.float32)
+    ce = student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        h_t = None if teacher_hidden is None else teacher_hidden[sl]
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            k, c = checkpoint(
+                _chunk_terms, student_hidden[sl], h_t, targets[sl], student_head, teacher_head,
+                vocab_size, div, temperature, use_reentrant=False,
+            )
+        else:
+            k, c = _chunk_terms(student_hidden[sl], h_t, targets[sl], student_head, teacher_head,
+                                vocab_size, div, temperature)
+        kd = kd + k
+        ce = ce + c
+    return kd, ce
+
+
+def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Per-token feature matching loss, shape (N,), for features of shape (N, H) (already projected).
+
+    ``cosine``: 1 - cos(s, t) (scale free; what Minitron-style depth/width KD uses for hidden states);
+    ``mse``: mean squared error over the hidden dimension.
+    """
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(student_feat.float(), teacher_feat.float(), dim=-1)
+    if kind == "mse":
+        return (student_feat.float() - teacher_feat.float()).pow(2).mean(-1)
+    raise ValueError(f"unknown feature loss {kind!r}; use 'cosine' or 'mse'")

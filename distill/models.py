@@ -1,0 +1,184 @@
+"""Loading and building Hugging Face causal LMs: the teacher (local folder, optional 8-bit / nf4),
+students from a config or a folder, and the checks that must pass before any weights load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_config(folder: str | Path) -> dict:
+    """config.json of an HF folder as a dict, without importing torch."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text())
+
+
+def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) -> list[str]:
+    """What is wrong with ``folder`` as an HF causal-LM folder (empty list when fine). No weights load."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{key}: {folder} is not a folder; give a local Hugging Face model folder (config.json + *.safetensors)"]
+    problems = []
+    if not (folder / "config.json").is_file():
+        return [f"{key}: {folder} has no config.json, so it is not a Hugging Face model folder"]
+    try:
+        cfg = read_config(folder)
+    except json.JSONDecodeError as err:
+        return [f"{key}: {folder}/config.json is not valid JSON ({err})"]
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if cfg.get("auto_map"):
+        problems.append(f"{key}: {folder} needs custom code (auto_map in config.json); this tool never runs trust_remote_code")
+    has_st = any((folder / f).is_file() for f in WEIGHT_FILES)
+    has_pickle = any((folder / f).is_file() for f in PICKLE_FILES)
+    if not has_st and has_pickle and not allow_pickle:
+        problems.append(
+            f"{key}: {folder} holds only pickle weights (pytorch_model.bin), which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle=true if you trust the file"
+        )
+    elif not has_st and not has_pickle:
+        problems.append(f"{key}: {folder} has no model.safetensors (or sharded index)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        problems.append(f"{key}: {folder} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
+    return problems
+
+
+def tokenizer_fingerprint(folder: str | Path) -> str:
+    """Hash of a tokenizer's vocabulary (token -> id), comparable across folders without loading models."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def vocab_problems(teacher_dir: str | Path, student_dir: str | Path, key: str) -> list[str]:
+    """Teacher and student must share a tokenizer; their embedding tables may differ only by padding rows."""
+    from transformers import AutoTokenizer
+
+    t_tok, s_tok = AutoTokenizer.from_pretrained(str(teacher_dir)), AutoTokenizer.from_pretrained(str(student_dir))
+    tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
+    if tv != sv:
+        diff = len(set(tv.items()) ^ set(sv.items()))
+        return [
+            f"{key}: the student's tokenizer ({student_dir}) differs from the teacher's ({teacher_dir}) in {diff} "
+            f"token->id entries ({len(sv)} vs {len(tv)} tokens); logit distillation needs one shared tokenizer"
+        ]
+    problems = []
+    n = len(t_tok)
+    for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
+        rows = read_config(folder).get("vocab_size", 0)
+        if rows < n:
+            problems.append(f"{key}: the {name}'s embedding has {rows} rows but its tokenizer has {n} tokens")
+    return problems
+
+
+def param_count(model) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def load_causal_lm(folder: str | Path, quantization: str = "none", dtype: str = "float32"):
+    """Load an HF causal LM from a local folder; ``quantization`` in none | 8bit | nf4 (bitsandbytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    if quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise RuntimeError("teacher.quantization needs bitsandbytes: pip install bitsandbytes") from err
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
+        else:
+            raise ValueError(f"unknown quantization {quantization!r}")
+    return AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+
+
+def student_config(teacher_config: dict, overrides: dict):
+    """An HF config for a student of the teacher's family: the teacher's config with ``overrides``.
+
+    Keeps vocabulary, special token ids and rope settings; drops fields that no longer fit
+    (``head_dim`` is recomputed unless given).
+    """
+    from transformers import AutoConfig
+
+    base = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    if "hidden_size" in overrides or "num_attention_heads" in overrides:
+        base.pop("head_dim", None)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    model_type = base.pop("model_type")
+    return AutoConfig.for_model(model_type, **base)
+
+
+def build_from_config(config, seed: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_model_atomically(model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename onto ``dest``.
+
+    A crash never leaves a ``dest`` that looks finished. ``extra`` files (name -> JSON-able) are
+    written beside the weights.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("rank %s wrote %s", os.environ.get("RANK", "0"), dest)
+    return dest
+
+
+def folder_hash(folder: str | Path) -> str:
+    """Content hash of a model folder's weight, config and tokenizer files."""
+    h = hashlib.sha256()
+    folder = Path(folder)
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model")):
+            h.update(p.name.encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,178 @@
+"""``run(cfg, run_dir)``: the stages in order, read top to bottom. Hydra-free; callable from notebooks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+from distill.config import ConfigError, RunConfig, to_dict, validate
+
+log = logging.getLogger("distill")
+SPLITS = ("train", "validation", "test", "hard")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "accelerate", "peft", "tokenizers", "bitsandbytes", "onnx", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _stage(name: str):
+    """Log one line when a stage starts and one with its duration when it ends."""
+    class _Timer:
+        def __enter__(self):
+            self.t = time.time()
+            log.info("stage %s: start", name)
+
+        def __exit__(self, *exc):
+            log.info("stage %s: %s in %.1f s", name, "failed" if exc[0] else "done", time.time() - self.t)
+
+    return _Timer()
+
+
+def run(cfg, run_dir: str | Path) -> dict:
+    """Teacher -> student -> distillation -> evaluation; returns the metrics written to metrics.json.
+
+    ``cfg`` is a composed config (DictConfig / dict) or a validated ``RunConfig``.
+    """
+    rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from distill.data import DataError, data_hash, encode_records, load_records
+    from distill.evaluate import evaluate_model
+    from distill.models import (build_from_config, folder_hash, load_causal_lm, param_count, read_config,
+                                save_model_atomically, student_config, vocab_problems)
+    from distill.report import plot_history, render_report, write_json
+    from distill.teacher import bootstrap_teacher
+    from distill.trainer import apply_lora, make_accelerator, merge_lora, train
+
+    acc = make_accelerator(rc.distill.train.mixed_precision, run_dir, log_with="tensorboard")
+    started = time.time()
+    if acc.is_main_process:
+        (run_dir / "config.yaml").write_text(_yaml(to_dict(rc)))
+
+    with _stage("data"):
+        dh = data_hash(rc.data)
+        records = {s: load_records(rc.data, s) for s in SPLITS}
+        for s in ("train", "test"):
+            if not records[s]:
+                raise DataError(f"data: the {s} split is empty")
+        log.info("data %s: %s", dh, ", ".join(f"{s}={len(records[s])}" for s in SPLITS))
+
+    with _stage("teacher"):
+        teacher_dir = Path(rc.teacher.path) if rc.teacher.path else bootstrap_teacher(
+            rc.teacher, records, dh, rc.eval, accelerator=acc, max_length=rc.data.max_length)
+        t_cfg = read_config(teacher_dir)
+        problems = []
+        if rc.student.init == "folder":
+            problems += vocab_problems(teacher_dir, rc.student.path, "student.path")
+        limit = t_cfg.get("max_position_embeddings")
+        if limit and rc.data.max_length > limit:
+            problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
+        if problems:
+            raise ConfigError(problems)
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+        enc = {s: encode_records(tokenizer, records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
+        n_eval = rc.eval.num_test or None
+        enc["test"], enc["hard"] = enc["test"][:n_eval], enc["hard"][:n_eval]
+        teacher = load_causal_lm(teacher_dir, rc.teacher.quantization)
+        t_hash = folder_hash(teacher_dir)
+
+    with _stage("student"):
+        s = rc.student
+        if s.init == "folder":
+            student = load_causal_lm(s.path)
+        else:
+            sizes = {k: getattr(s, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")}
+            student = build_from_config(student_config(t_cfg, sizes), s.seed)
+        student.generation_config.pad_token_id = tokenizer.pad_token_id
+        student.generation_config.eos_token_id = tokenizer.eos_token_id
+        for pair in rc.distill.features.layer_map:
+            n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+            if rc.distill.features.weight > 0 and (pair[0] >= n_s or pair[1] >= n_t):
+                raise ConfigError([f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"])
+        trainable = apply_lora(student, s.lora) if s.lora.enabled else student
+        n_teacher, n_student = param_count(teacher), param_count(student)
+        log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
+
+    with _stage("distill"):
+        acc.init_trackers("tensorboard", config=_flat(to_dict(rc)))
+        result = train(trainable, tokenizer, enc["train"], rc.distill.train, accelerator=acc, teacher=teacher,
+                       dcfg=rc.distill, checkpoint_dir=run_dir / "checkpoints", val_data=enc["validation"] or None,
+                       desc="distill", log_prefix="distill/")
+        student = merge_lora(trainable)
+        if acc.is_main_process:
+            save_model_atomically(student, tokenizer, run_dir / "student",
+                                  {"distill_info.json": {"teacher": str(teacher_dir), "teacher_hash": t_hash,
+                                                         "data_hash": dh, "steps": rc.distill.train.steps}})
+
+    metrics: dict = {}
+    if acc.is_main_process:
+        with _stage("evaluate"), torch.no_grad():
+            ev = dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
+            t_test, t_ans = evaluate_model(teacher, tokenizer, enc["test"], **ev)
+            t_hard, t_hard_ans = evaluate_model(teacher, tokenizer, enc["hard"], **ev) if enc["hard"] else ({}, None)
+            s_test, _ = evaluate_model(student, tokenizer, enc["test"], teacher=teacher, teacher_answers=t_ans, **ev)
+            s_hard, _ = (evaluate_model(student, tokenizer, enc["hard"], teacher=teacher, teacher_answers=t_hard_ans, **ev)
+                         if enc["hard"] else ({}, None))
+        retention = s_test["exact_match"] / max(t_test["exact_match"], 1e-9)
+        metrics = {
+            "name": rc.name, "data_hash": dh, "teacher_dir": str(teacher_dir), "teacher_hash": t_hash,
+            "teacher": {**t_test, "num_params": n_teacher, "hard": t_hard},
+            "student": {**s_test, "num_params": n_student, "hard": s_hard},
+            "retention": {"exact_match": retention, "target": rc.eval.retention_target,
+                          "met": retention >= rc.eval.retention_target, "param_ratio": n_student / n_teacher,
+                          "hard_exact_match": (s_hard.get("exact_match", 0.0) / max(t_hard.get("exact_match", 0.0), 1e-9))
+                          if t_hard else 0.0},
+            "train": {"steps": rc.distill.train.steps, "seconds": result.seconds, "skipped_steps": result.skipped_steps,
+                      "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+                      "final_loss": result.history[-1]["loss"] if result.history else None},
+            "seconds": time.time() - started,
+        }
+        plots = [p.name for p in [plot_history(result.history, run_dir / "loss.png", f"{rc.name}: distillation")] if p]
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "manifest.json", {
+            "name": rc.name, "command": sys.argv, "data_hash": dh, "teacher_dir": str(teacher_dir),
+            "teacher_hash": t_hash, "student_hash": folder_hash(run_dir / "student"), "versions": _versions(),
+            "processes": acc.num_processes, "started": started, "finished": time.time()})
+        (run_dir / "report.md").write_text(render_report(metrics, plots))
+        log.info("student keeps %.1f%% of the teacher's test exact match (%.3f vs %.3f) at %.3fx the parameters; "
+                 "report: %s", 100 * retention, s_test["exact_match"], t_test["exact_match"], n_student / n_teacher,
+                 run_dir / "report.md")
+    acc.end_training()
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, int | float | str | bool):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v)
+    return out
+
+
+def _yaml(d: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(d))

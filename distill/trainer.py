@@ -1,0 +1,414 @@
+"""The accelerate training loop, for distillation (teacher given) and plain fine-tuning (no teacher).
+
+One process or many: the same code runs under ``python -m distill`` and ``accelerate launch`` /
+``torchrun``. Data order is a pure function of (seed, step), every process takes its slice of each
+global batch, and losses are normalised by the *global* number of response tokens, so N processes
+with batch B/N follow the same loss curve as one process with batch B.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.config import DistillConfig, LoraConfig, TrainConfig
+from distill.data.tokenize import IGNORE, collate
+from distill.losses import chunked_kd_loss, divergence, feature_loss
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss stays non-finite or spiking; nothing is saved after it."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per optimizer step (main process)
+    skipped_steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder blocks of a Llama / Qwen / Mistral style HF model (or a peft wrapper of one)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.layers
+
+
+def backbone_and_head(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model, inner.get_output_embeddings()
+
+
+class _Capture:
+    """Forward hooks recording the outputs of chosen decoder layers (and their attention blocks)."""
+
+    def __init__(self, model, layers: Sequence[int], attention: bool):
+        self.out: dict[tuple[str, int], torch.Tensor] = {}
+        self.handles = []
+        blocks = decoder_layers(model)
+        for i in layers:
+            self.handles.append(blocks[i].register_forward_hook(self._hook(("hidden", i))))
+            if attention:
+                self.handles.append(blocks[i].self_attn.register_forward_hook(self._hook(("attn", i))))
+
+    def _hook(self, key):
+        def fn(_module, _inputs, output):
+            self.out[key] = output[0] if isinstance(output, tuple) else output
+
+        return fn
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _select(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) states at positions predicting a response token -> (N, H)."""
+    return x[:, :-1][sel]
+
+
+def teacher_signals(teacher, batch: dict, layer_map: Sequence[Sequence[int]], attention: bool) -> dict:
+    """Teacher final hidden states (N, Ht) at response positions, and mapped layer features."""
+    sel = batch["labels"][:, 1:] != IGNORE
+    cap = _Capture(teacher, [t for _, t in layer_map], attention) if layer_map else None
+    try:
+        with torch.no_grad():
+            body, head = backbone_and_head(teacher)
+            h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    finally:
+        if cap:
+            cap.close()
+    feats = {k: _select(v, sel) for k, v in cap.out.items()} if cap else {}
+    return {"hidden": _select(h, sel), "head": head.weight, "feats": feats}
+
+
+class DistillModule(nn.Module):
+    """Student + feature projections; ``forward`` returns the summed loss terms of one micro-batch.
+
+    Everything trainable lives here so that DDP / FSDP wrap one module and see the whole graph.
+    """
+
+    def __init__(self, student, cfg: DistillConfig | None, teacher_hidden_size: int | None, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.proj = nn.ModuleDict()
+        self.div = divergence(cfg.divergence, beta=cfg.beta, alpha=cfg.skew_alpha) if cfg else None
+        fe = cfg.features if cfg else None
+        self.layer_map = [tuple(p) for p in fe.layer_map] if fe and fe.weight > 0 else []
+        s_width = student.config.hidden_size
+        if self.layer_map and teacher_hidden_size is not None and teacher_hidden_size != s_width:
+            for s, t in self.layer_map:
+                # Learned linear map from student to teacher width (FitNets, Romero et al. 2015).
+                self.proj[f"{s}_{t}"] = nn.Linear(s_width, teacher_hidden_size, bias=False)
+
+    def forward(self, input_ids, attention_mask, labels, teacher: dict | None = None):
+        sel = labels[:, 1:] != IGNORE
+        attention = bool(self.cfg and self.cfg.features.attention)
+        cap = _Capture(self.student, [s for s, _ in self.layer_map], attention) if (self.layer_map and teacher) else None
+        try:
+            body, head = backbone_and_head(self.student)
+            h = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            if cap:
+                cap.close()
+        hs, targets = _select(h, sel), labels[:, 1:][sel]
+        cfg = self.cfg
+        kd, ce = chunked_kd_loss(
+            hs, head.weight, targets,
+            teacher["hidden"] if teacher else None, teacher["head"] if teacher else None,
+            vocab_size=self.vocab_size, div=self.div or divergence("forward_kl"),
+            temperature=cfg.temperature if cfg else 1.0, chunk_size=cfg.chunk_size if cfg else 1024,
+        )
+        feat = hs.new_zeros((), dtype=torch.float32)
+        if cap:
+            for (kind, s_layer), value in cap.out.items():
+                t_layer = dict(self.layer_map)[s_layer]
+                x = _select(value, sel)
+                key = f"{s_layer}_{t_layer}"
+                if key in self.proj:
+                    x = self.proj[key](x)
+                feat = feat + feature_loss(x, teacher["feats"][(kind, t_layer)], cfg.features.kind).sum()
+        return {"kd": kd, "ce": ce, "feat": feat, "tokens": torch.tensor(int(sel.sum()), device=h.device)}
+
+
+def apply_lora(student, cfg: LoraConfig):
+    """Wrap ``student`` with peft LoRA adapters; ``merge_lora`` folds them back before saving."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    pc = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(student, pc)
+
+
+def merge_lora(student):
+    return student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+
+
+class _BatchStream:
+    """Global batch j is a pure function of (seed, j): resumable and identical for any process count."""
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        self.n, self.gb, self.seed = n, global_batch, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            idx = list(range(self.n))
+            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+            self._perms = {epoch: idx}
+        return self._perms[epoch]
+
+    def global_batch(self, j: int) -> list[int]:
+        out = []
+        for pos in range(j * self.gb, (j + 1) * self.gb):
+            out.append(self._perm(pos // self.n)[pos % self.n])
+        return out
+
+
+def _schedule(optimizer, tc: TrainConfig):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.steps)
+
+
+def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | None = None, log_with=None):
+    """One Accelerator per process (accelerate allows only one); bf16 where the hardware has it."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    pc = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
+    return Accelerator(mixed_precision=mixed_precision, project_config=pc, log_with=log_with)
+
+
+def _sample_on_policy(student, batch: dict, tokenizer, cfg, generator: torch.Generator) -> dict:
+    """GKD on-policy batch: the student's own sampled answers to the batch's prompts, labels on them."""
+    from distill.evaluate import left_pad
+
+    prompts = []
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        n = int((labels == IGNORE).long().cumprod(0).sum())  # prompt length = leading IGNOREs
+        prompts.append(ids[:n].tolist())
+    inp, mask = left_pad(prompts, tokenizer.pad_token_id)
+    inp, mask = inp.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        out = student.generate(input_ids=inp, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                               top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    student.train(was_training)
+    feats = []
+    for p, row in zip(prompts, out[:, inp.shape[1]:].tolist(), strict=True):
+        ans = []
+        for t in row:
+            ans.append(t)
+            if t == tokenizer.eos_token_id:
+                break
+        ans = [t for t in ans if t != tokenizer.pad_token_id] or [tokenizer.eos_token_id]
+        feats.append({"input_ids": p + ans, "labels": [IGNORE] * len(p) + ans})
+    return {k: v.to(batch["input_ids"].device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
+
+
+def train(
+    student,
+    tokenizer,
+    train_data: Sequence[dict],
+    tc: TrainConfig,
+    *,
+    accelerator,
+    teacher=None,
+    dcfg: DistillConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    val_data: Sequence[dict] | None = None,
+    desc: str = "train",
+    log_prefix: str = "",
+) -> TrainResult:
+    """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists).
+
+    With ``teacher``: loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss,
+    and a fraction ``on_policy.fraction`` of steps trains on the student's own samples (KD only).
+    Without: plain cross-entropy on response tokens (how the teacher is bootstrapped).
+    Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes.
+    """
+    from tqdm.auto import tqdm
+
+    acc = accelerator
+    acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
+    torch.manual_seed(tc.seed)
+    vocab = len(tokenizer)
+    t_hidden = teacher.config.hidden_size if teacher is not None else None
+    module = DistillModule(student, dcfg if teacher is not None else None, t_hidden, vocab)
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    scheduler = _schedule(optimizer, tc)
+    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if not getattr(teacher, "is_loaded_in_8bit", False) and not getattr(teacher, "is_loaded_in_4bit", False):
+            teacher.to(acc.device)
+
+    world, rank = acc.num_processes, acc.process_index
+    stream = _BatchStream(len(train_data), tc.batch_size * world, tc.seed)
+    result = TrainResult()
+    start_step = 0
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt_root and (ckpt_root / "latest.json").is_file():
+        state = json.loads((ckpt_root / "latest.json").read_text())
+        acc.load_state(str(ckpt_root / state["dir"]))
+        start_step = state["step"]
+        result.history = state.get("history", [])
+        log.info("%s: resumed from %s at step %d", desc, ckpt_root / state["dir"], start_step)
+
+    on_policy = dcfg.on_policy if (dcfg is not None and teacher is not None) else None
+    gen = torch.Generator().manual_seed(tc.seed)
+    ema, spikes_in_row = None, 0
+    t0, tokens_seen = time.time(), 0
+    bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
+    module.train()
+    raw = acc.unwrap_model(module)
+    for step in range(start_step, tc.steps):
+        use_policy = bool(on_policy and on_policy.fraction > 0
+                          and random.Random(tc.seed * 7919 + step).random() < on_policy.fraction)
+        terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
+        any_backward = False
+        for micro in range(tc.grad_accum):
+            j = step * tc.grad_accum + micro
+            idx = stream.global_batch(j)[rank * tc.batch_size:(rank + 1) * tc.batch_size]
+            batch = {k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()}
+            if use_policy:
+                batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy, gen)
+            sig = teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention)) if teacher is not None else None
+            last = micro == tc.grad_accum - 1
+            with (nullcontext() if last or world == 1 else acc.no_sync(module)), acc.autocast():
+                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig)
+                n_global = acc.reduce(out["tokens"].float(), reduction="sum")
+                n_global = max(float(n_global), 1.0)
+                if teacher is None:
+                    w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
+                elif use_policy:
+                    w_kd, w_ce, w_feat = 1.0, 0.0, dcfg.features.weight
+                else:
+                    w_kd, w_ce, w_feat = dcfg.kd_weight, 1.0 - dcfg.kd_weight, dcfg.features.weight
+                loss_sum = w_kd * out["kd"] + w_ce * out["ce"] + w_feat * out["feat"]
+                # DDP averages gradients over processes: scale so the result is the global token mean.
+                loss = loss_sum * world / n_global / tc.grad_accum
+            parts = torch.stack([loss_sum.detach().float(), out["kd"].detach().float(), out["ce"].detach().float(),
+                                 out["feat"].detach().float(), batch["attention_mask"].sum().float()])
+            parts = acc.reduce(parts, reduction="sum")
+            n_tokens_all, parts = int(parts[4]), parts[:4] / n_global
+            value = float(parts[0])
+            bad = not math.isfinite(value) or (ema is not None and step >= tc.spike_warmup and value > tc.spike_factor * ema)
+            if bad:
+                log.warning("%s step %d: loss %.4g is %s (running mean %s); skipping this micro-batch",
+                            desc, step, value, "not finite" if not math.isfinite(value) else "a spike",
+                            f"{ema:.4g}" if ema else "n/a")
+                # keep DDP's gradient sync consistent across processes: a zero-gradient backward
+                zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+                with (nullcontext() if last or world == 1 else acc.no_sync(module)):
+                    acc.backward(zero)
+                continue
+            acc.backward(loss)
+            any_backward = True
+            for k, v in zip(("loss", "kd", "ce", "feat"), parts.tolist(), strict=True):
+                terms[k] += v / tc.grad_accum
+            tokens_seen += n_tokens_all
+        grad_norm = acc.clip_grad_norm_(module.parameters(), tc.max_grad_norm) if any_backward else torch.tensor(float("nan"))
+        if not any_backward or not math.isfinite(float(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            result.skipped_steps += 1
+            spikes_in_row += 1
+            if any_backward:
+                log.warning("%s step %d: gradient norm is not finite; step skipped", desc, step)
+            if spikes_in_row > tc.max_spikes:
+                raise TrainingDiverged(
+                    f"{desc}: {spikes_in_row} steps in a row had non-finite or spiking loss (last step {step}); "
+                    "stopping without saving. Lower the learning rate (distill.train.lr) or raise "
+                    "distill.train.spike_factor / max_spikes if spikes are expected."
+                )
+            scheduler.step()
+            bar.update(1)
+            continue
+        spikes_in_row = 0
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema = terms["loss"] if ema is None else 0.9 * ema + 0.1 * terms["loss"]
+        elapsed = time.time() - t0
+        row = {"step": step + 1, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "on_policy": use_policy}
+        if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
+            row["val_loss"] = validation_loss(raw.student, tokenizer, val_data, tc.batch_size * 4, acc.device)
+            module.train()
+        result.history.append(row)
+        if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
+            acc.log({f"{log_prefix}{k}": v for k, v in row.items() if isinstance(v, int | float) and k != "step"}, step=step + 1)
+            bar.set_postfix(loss=f"{terms['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if ckpt_root and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
+            save_checkpoint(acc, ckpt_root, step + 1, result.history, tc.keep_checkpoints)
+    bar.close()
+    result.tokens = tokens_seen
+    result.seconds = time.time() - t0
+    acc.wait_for_everyone()
+    return result
+
+
+def save_checkpoint(acc, root: Path, step: int, history: list[dict], keep: int) -> None:
+    """accelerate state (model, optimizer, scheduler, RNG) + step, written under a temp name then renamed."""
+    name = f"step-{step:08d}"
+    tmp = root / f".{name}.tmp"
+    acc.save_state(str(tmp))  # every process must call it (FSDP / DeepSpeed shard their state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+        tmp.rename(root / name)
+        info = root / ".latest.json.tmp"
+        info.write_text(json.dumps({"step": step, "dir": name, "history": history}))
+        info.replace(root / "latest.json")
+        kept = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in kept[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, data: Sequence[dict], batch_size: int, device) -> float:
+    """Mean cross-entropy per response token of ``model`` on encoded ``data``."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], tokenizer.pad_token_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, : len(tokenizer)]
+        tgt = b["labels"][:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                       ignore_index=IGNORE, reduction="sum"))
+        count += int((tgt != IGNORE).sum())
+    model.train(was)
+    return total / max(count, 1)

@@ -1,0 +1,1 @@
+"""Structured (width / depth) pruning of Hugging Face causal LMs. Not built yet: see issue 4."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built from config, a tiny trained tokenizer, the smoke config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def car_settings():
+    from distill.data.car_assistant import GeneratorSettings
+
+    return GeneratorSettings(num_train=800, num_validation=40, num_test=60, num_hard=60)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(car_settings):
+    from distill.data.car_assistant import generate
+    from distill.data.tokenize import train_tokenizer
+
+    texts = [t for e in generate("train", car_settings) for t in (e.request, e.answer)]
+    return train_tokenizer(texts, 600)
+
+
+def tiny_config(tokenizer, model_type="qwen2", hidden=64, layers=2, heads=4, kv=2, inter=128, tie=True, vocab=None):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab or len(tokenizer), hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
+        tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer):
+    """A tiny random Qwen2 teacher folder (safetensors + tokenizer)."""
+    from distill.models import build_from_config, save_model_atomically
+
+    model = build_from_config(tiny_config(tokenizer), seed=0)
+    return save_model_atomically(model, tokenizer, tmp_path_factory.mktemp("models") / "teacher")
+
+
+@pytest.fixture()
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def python_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env

@@ -1,0 +1,31 @@
+from distill import metrics
+
+
+def test_parse_and_score():
+    ref = '{"tool":"set_temperature","args":{"zone":"driver","value":22,"unit":"celsius"}}'
+    same_other_order = '{"args":{"unit":"celsius","value":22,"zone":"driver"},"tool":"set_temperature"}'
+    wrong_value = '{"tool":"set_temperature","args":{"zone":"driver","value":23,"unit":"celsius"}}'
+    wrong_tool = '{"tool":"set_fan_speed","args":{"level":2}}'
+    broken = '{"tool":"set_temperature","args":{"zone":"dri'
+    s = metrics.score([ref, same_other_order, wrong_value, wrong_tool, broken], [ref] * 5)
+    assert s["exact_match"] == 2 / 5
+    assert s["tool_accuracy"] == 3 / 5
+    assert s["valid_json"] == 4 / 5
+    # arg F1: 1, 1, 2/3 (2 of 3 pairs), 0, 0
+    assert abs(s["arg_f1"] - (1 + 1 + 2 / 3) / 5) < 1e-9
+
+
+def test_free_text_reference_and_helpers():
+    assert metrics.score(["hello "], ["hello"])["exact_match"] == 1.0
+    assert metrics.parse_tool_call("[1,2]") is None
+    assert metrics.arg_f1({"tool": "refuse", "args": {}}, {"tool": "refuse", "args": {}}) == 1.0
+    assert abs(metrics.perplexity(0.0, 10) - 1.0) < 1e-12
+    assert metrics.sequence_match([[1, 2], [3]], [[1, 2], [4]]) == 0.5
+
+
+def test_metrics_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, distill.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
