@@ -85,6 +85,15 @@ def vocab_problems(teacher_dir: str | Path, student_dir: str | Path, key: str) -
     return problems
 
 
+def config_param_count(config) -> int:
+    """Parameters of a model built from ``config`` (on the meta device: no memory, exact for any dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return param_count(AutoModelForCausalLM.from_config(config))
+
+
 def param_count(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     seen, total = set(), 0
@@ -143,7 +152,8 @@ def build_from_config(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_model_atomically(model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None) -> Path:
+def save_model_atomically(model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None,
+                          state_dict: dict | None = None) -> Path:
     """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename onto ``dest``.
 
     A crash never leaves a ``dest`` that looks finished. ``extra`` files (name -> JSON-able) are
@@ -153,7 +163,7 @@ def save_model_atomically(model, tokenizer, dest: str | Path, extra: dict[str, o
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))

@@ -54,11 +54,11 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     from distill.data import DataError, data_hash, encode_records, load_records
     from distill.evaluate import evaluate_model
-    from distill.models import (build_from_config, folder_hash, load_causal_lm, param_count, read_config,
+    from distill.models import (build_from_config, config_param_count, folder_hash, load_causal_lm, read_config,
                                 save_model_atomically, student_config, vocab_problems)
     from distill.report import plot_history, render_report, write_json
     from distill.teacher import bootstrap_teacher
-    from distill.trainer import apply_lora, make_accelerator, merge_lora, train
+    from distill.trainer import apply_lora, gathered_student_state, make_accelerator, merge_lora, train
 
     acc = make_accelerator(rc.distill.train.mixed_precision, run_dir, log_with="tensorboard")
     started = time.time()
@@ -107,7 +107,7 @@ def run(cfg, run_dir: str | Path) -> dict:
             if rc.distill.features.weight > 0 and (pair[0] >= n_s or pair[1] >= n_t):
                 raise ConfigError([f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"])
         trainable = apply_lora(student, s.lora) if s.lora.enabled else student
-        n_teacher, n_student = param_count(teacher), param_count(student)
+        n_teacher, n_student = config_param_count(teacher.config), config_param_count(student.config)
         log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
 
     with _stage("distill"):
@@ -116,14 +116,20 @@ def run(cfg, run_dir: str | Path) -> dict:
                        dcfg=rc.distill, checkpoint_dir=run_dir / "checkpoints", val_data=enc["validation"] or None,
                        desc="distill", log_prefix="distill/")
         student = merge_lora(trainable)
+        state = gathered_student_state(acc, result.module)
         if acc.is_main_process:
             save_model_atomically(student, tokenizer, run_dir / "student",
                                   {"distill_info.json": {"teacher": str(teacher_dir), "teacher_hash": t_hash,
-                                                         "data_hash": dh, "steps": rc.distill.train.steps}})
+                                                         "data_hash": dh, "steps": rc.distill.train.steps}},
+                                  state_dict=state)
+        acc.wait_for_everyone()
+        del result.module, student, trainable
 
     metrics: dict = {}
     if acc.is_main_process:
         with _stage("evaluate"), torch.no_grad():
+            # score the artifact we ship, exactly as a user would load it
+            student = load_causal_lm(run_dir / "student")
             ev = dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
             t_test, t_ans = evaluate_model(teacher, tokenizer, enc["test"], **ev)
             t_hard, t_hard_ans = evaluate_model(teacher, tokenizer, enc["hard"], **ev) if enc["hard"] else ({}, None)
@@ -154,8 +160,8 @@ def run(cfg, run_dir: str | Path) -> dict:
         log.info("student keeps %.1f%% of the teacher's test exact match (%.3f vs %.3f) at %.3fx the parameters; "
                  "report: %s", 100 * retention, s_test["exact_match"], t_test["exact_match"], n_student / n_teacher,
                  run_dir / "report.md")
-    acc.end_training()
     acc.wait_for_everyone()
+    acc.end_training()  # also tears down the process group: nothing collective after this
     return metrics
 
 

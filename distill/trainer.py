@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -40,6 +41,7 @@ class TrainResult:
     skipped_steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    module: nn.Module | None = None  # the prepared (possibly DDP / FSDP wrapped) DistillModule
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -197,7 +199,15 @@ def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | No
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     pc = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
-    return Accelerator(mixed_precision=mixed_precision, project_config=pc, log_with=log_with)
+    acc = Accelerator(mixed_precision=mixed_precision, project_config=pc, log_with=log_with)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but accelerate runs {acc.num_processes}: each would train alone and "
+            "write the same artifacts. On CPU-only machines set ACCELERATE_USE_CPU=true (torchrun, or "
+            "`accelerate launch --multi_gpu --num_processes N`; accelerate's --cpu flag runs one process)."
+        )
+    return acc
 
 
 def _sample_on_policy(student, batch: dict, tokenizer, cfg, generator: torch.Generator) -> dict:
@@ -263,8 +273,10 @@ def train(
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    module, optimizer = acc.prepare(module, optimizer)
+    # Not passed to accelerate.prepare: its wrapper steps the schedule once per *process* per step, which
+    # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
-    module, optimizer, scheduler = acc.prepare(module, optimizer, scheduler)
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -281,6 +293,8 @@ def train(
         state = json.loads((ckpt_root / "latest.json").read_text())
         acc.load_state(str(ckpt_root / state["dir"]))
         start_step = state["step"]
+        for _ in range(start_step):
+            scheduler.step()
         result.history = state.get("history", [])
         log.info("%s: resumed from %s at step %d", desc, ckpt_root / state["dir"], start_step)
 
@@ -374,8 +388,20 @@ def train(
     bar.close()
     result.tokens = tokens_seen
     result.seconds = time.time() - t0
+    result.module = module
     acc.wait_for_everyone()
     return result
+
+
+def gathered_student_state(acc, module) -> dict | None:
+    """Full student weights on the main process when training sharded them (FSDP / DeepSpeed ZeRO-3);
+    None when the in-memory student already holds them."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    full = acc.get_state_dict(module)  # collective: every process must call it
+    return {k.removeprefix("student."): v for k, v in (full or {}).items() if k.startswith("student.")}
 
 
 def save_checkpoint(acc, root: Path, step: int, history: list[dict], keep: int) -> None:

@@ -58,4 +58,5 @@ def python_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["ACCELERATE_USE_CPU"] = "true"  # torchrun on a CPU machine: without it accelerate runs N lone processes
     return env

@@ -151,3 +151,17 @@ def test_jsonl_reader(tmp_path, tokenizer):
     empty.write_text("\n")
     with pytest.raises(DataError, match="no examples"):
         read_jsonl(empty)
+
+
+def test_autotokenizer_reload_is_faithful(tmp_path, tokenizer, teacher_dir, car_settings):
+    """AutoTokenizer loads Qwen2 folders as Qwen2Tokenizer, which swaps in Qwen's pre-tokenizer regex.
+    Our merges never cross our piece boundaries, so the ids must not change: checked on every split."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(teacher_dir))
+    assert len(reloaded) == len(tokenizer) and reloaded.get_vocab() == tokenizer.get_vocab()
+    for split in ("train", "test", "hard"):
+        for e in generate(split, car_settings)[:300]:
+            for text in (e.request, e.answer):
+                assert reloaded(text, add_special_tokens=False)["input_ids"] == tokenizer(
+                    text, add_special_tokens=False)["input_ids"], text

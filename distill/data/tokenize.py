@@ -9,7 +9,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 IGNORE = -100
-SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+# "<|endoftext|>" is the unknown token: AutoTokenizer loads Qwen2 folders as Qwen2Tokenizer, which
+# otherwise appends it as a new token, growing the vocabulary past the embedding on reload.
+SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"]
 # A deliberately small chat template: the bootstrapped model never sees anything else.
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
@@ -48,6 +50,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         tokenizer_object=tok,
         pad_token="<|pad|>",
         eos_token="<|end|>",
+        unk_token="<|endoftext|>",
         bos_token=None,
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )

@@ -1,0 +1,115 @@
+"""Config composition and validation: every shipped experiment composes; every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from distill.config import ConfigError, compose
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "exp").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_and_documents_its_command(exp):
+    rc = compose([f"+exp={exp}"])
+    assert rc.name == exp
+    text = (ROOT / "conf" / "exp" / f"{exp}.yaml").read_text()
+    assert text.startswith("# @package _global_") and f"+exp={exp}" in text.splitlines()[1]
+
+
+def test_every_knob_in_conf_has_a_comment():
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        if path.parent.name in ("exp", "accelerate"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            s = line.strip()
+            if not s or s.startswith("#") or s.startswith("- ") or s.endswith(":") or s.startswith("defaults"):
+                continue
+            if path.parent.name in ("data", "teacher", "student", "distill", "eval") and path.stem in (
+                    "car_assistant", "bootstrap", "small", "default"):
+                assert "#" in line or s.split(":")[0] in _SELF_EXPLAINING, f"{path}:{n} has no comment: {line}"
+
+
+_SELF_EXPLAINING = {"validation_file", "test_file", "hard_file", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "max_position_embeddings", "tie_word_embeddings", "batch_size", "grad_accum",
+                    "lr", "weight_decay", "warmup_steps", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
+                    "keep_checkpoints", "spike_warmup", "alpha", "dropout", "target_modules", "steps", "log_every",
+                    "spike_factor", "max_spikes", "kind", "temperature", "max_new_tokens", "num_key_value_heads"}
+
+
+def test_all_problems_reported_at_once_before_any_weights_load(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        compose(["+exp=smoke", "distill.train.lr=-1", "distill.train.batch_size=0", "++distill.train.lrr=1",
+                 "++student.hiden_size=3", "distill.divergence=kl", f"teacher.path={tmp_path / 'nope'}",
+                 "student.num_attention_heads=3"])
+    msg = str(err.value)
+    for expected in ("distill.train.lrr: unknown key; did you mean distill.train.lr?",
+                     "student.hiden_size: unknown key; did you mean student.hidden_size?",
+                     "distill.train.lr: must be > 0", "distill.train.batch_size: must be > 0",
+                     "distill.divergence: 'kl' is not one of"):
+        assert expected in msg, msg
+    assert len(err.value.problems) == 5
+
+
+def test_semantic_problems(tmp_path):
+    (tmp_path / "not_hf").mkdir()
+    with pytest.raises(ConfigError) as err:
+        compose(["+exp=smoke", f"teacher.path={tmp_path / 'not_hf'}", "student.num_attention_heads=3",
+                 "distill.features.layer_map=[[5,0]]", "data.source=jsonl"])
+    msg = str(err.value)
+    assert "teacher.path" in msg and "no config.json" in msg
+    assert "student.hidden_size=32 is not divisible by student.num_attention_heads=3" in msg
+    assert "student layer 5 does not exist" in msg
+    assert "data.train_file: required when data.source=jsonl" in msg
+
+
+def test_folder_checks(tmp_path, teacher_dir):
+    import json
+    import shutil
+
+    from distill.models import folder_problems
+
+    assert folder_problems(teacher_dir, "teacher.path") == []
+    pickled = tmp_path / "pickled"
+    shutil.copytree(teacher_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert "pickle" in folder_problems(pickled, "teacher.path")[0]
+    assert folder_problems(pickled, "teacher.path", allow_pickle=True) == []
+    remote = tmp_path / "remote"
+    shutil.copytree(teacher_dir, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    assert "trust_remote_code" in " ".join(folder_problems(remote, "teacher.path"))
+    cfg["model_type"] = "gpt2"
+    (remote / "config.json").write_text(json.dumps(cfg))
+    assert "model_type 'gpt2'" in " ".join(folder_problems(remote, "teacher.path"))
+
+
+def test_tokenizer_mismatch_is_an_error_and_padding_is_not(tmp_path, teacher_dir, tokenizer):
+    import json
+    import shutil
+
+    from distill.data.tokenize import train_tokenizer
+    from distill.models import vocab_problems
+
+    padded = tmp_path / "padded"
+    shutil.copytree(teacher_dir, padded)
+    cfg = json.loads((padded / "config.json").read_text())
+    cfg["vocab_size"] = len(tokenizer) + 64
+    (padded / "config.json").write_text(json.dumps(cfg))
+    assert vocab_problems(teacher_dir, padded, "student.path") == []
+    other = tmp_path / "other"
+    shutil.copytree(teacher_dir, other)
+    train_tokenizer(["completely different words here"] * 50, 300).save_pretrained(str(other))
+    problems = vocab_problems(teacher_dir, other, "student.path")
+    assert len(problems) == 1 and "differs from the teacher's" in problems[0]
+
+
+def test_conf_dir_is_found_from_anywhere(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert compose(["+exp=smoke"]).name == "smoke"
+    assert Path.cwd() == tmp_path

@@ -1,0 +1,210 @@
+"""The training loop: planted-truth losses, spike guard, checkpoint resume, LoRA, on-policy, multi-process."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, python_env, tiny_config
+from distill.config import compose
+from distill.data import encode_records, load_records
+from distill.models import build_from_config, load_causal_lm
+from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, teacher_signals, train
+
+
+@pytest.fixture(scope="module")
+def rc():
+    return compose(["+exp=smoke", "distill.train.steps=6", "distill.train.checkpoint_every=0",
+                    "distill.train.eval_every=0", "distill.train.warmup_steps=0", "distill.train.batch_size=8"])
+
+
+@pytest.fixture(scope="module")
+def data(rc, tokenizer):
+    return encode_records(tokenizer, load_records(rc.data, "train"), 128)
+
+
+@pytest.fixture(scope="module")
+def acc():
+    return make_accelerator("no")
+
+
+def _batch(tokenizer, data, n=4):
+    from distill.data.tokenize import collate
+
+    return collate(data[:n], tokenizer.pad_token_id)
+
+
+def test_student_equal_to_teacher_has_zero_kd_and_feature_loss(rc, tokenizer, data, teacher_dir):
+    """Planted truth: a student that *is* the teacher (with 64 padded vocabulary rows) has zero KD and
+    zero hidden-state loss; only the first len(tokenizer) logits are compared."""
+    teacher = load_causal_lm(teacher_dir)
+    student = copy.deepcopy(teacher)
+    student.resize_token_embeddings(len(tokenizer) + 64, mean_resizing=False)
+    with torch.no_grad():
+        student.get_input_embeddings().weight[len(tokenizer):] = 100.0  # would dominate if compared
+    dc = copy.deepcopy(rc.distill)
+    dc.features.weight, dc.features.layer_map, dc.features.attention = 1.0, [[0, 0], [1, 1]], True
+    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
+    assert len(module.proj) == 0  # same width: no projection
+    b = _batch(tokenizer, data)
+    sig = teacher_signals(teacher, b, module.layer_map, attention=True)
+    out = module(b["input_ids"], b["attention_mask"], b["labels"], sig)
+    assert abs(out["kd"].item()) < 1e-4 and abs(out["feat"].item()) < 1e-4
+    assert float(out["ce"]) > 0 and int(out["tokens"]) == int((b["labels"][:, 1:] != -100).sum())
+
+
+def test_narrow_student_gets_projections_and_learns(rc, tokenizer, data, teacher_dir, acc):
+    teacher = load_causal_lm(teacher_dir)
+    with torch.no_grad():  # a random teacher is near-uniform; sharpen it so there is something to learn
+        teacher.lm_head.weight.mul_(20.0)
+    student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=3)
+    dc = copy.deepcopy(rc.distill)
+    dc.features.weight, dc.features.layer_map, dc.kd_weight = 0.5, [[0, 0], [1, 1]], 1.0
+    tc = copy.deepcopy(dc.train)
+    tc.steps, tc.lr = 25, 1e-2
+    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
+    assert set(module.proj) == {"0_0", "1_1"} and module.proj["0_0"].weight.shape == (64, 32)
+    result = train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=dc)
+    h = result.history
+
+    def mean(key, rows):
+        return sum(r[key] for r in rows) / len(rows)
+
+    assert mean("kd", h[-3:]) < 0.8 * mean("kd", h[:3]) and mean("feat", h[-3:]) < 0.8 * mean("feat", h[:3])
+    assert result.skipped_steps == 0 and result.tokens > 0
+
+
+def _poison(model, bad_calls: set[int] | None):
+    """Make the backbone return non-finite hidden states on the given forward calls (None = always)."""
+    calls = {"n": 0}
+
+    def hook(_m, _i, out):
+        calls["n"] += 1
+        if bad_calls is None or calls["n"] in bad_calls:
+            out.last_hidden_state = out.last_hidden_state * float("inf")
+        return out
+
+    return model.model.register_forward_hook(hook)
+
+
+def test_spike_guard_skips_non_finite_steps(rc, tokenizer, data, acc):
+    student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=4)
+    handle = _poison(student, {3, 4})
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps = 8
+    result = train(student, tokenizer, data, tc, accelerator=acc)
+    handle.remove()
+    assert result.skipped_steps == 2 and len(result.history) == 6
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_repeated_spikes_stop_with_a_clear_error(rc, tokenizer, data, acc):
+    student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=4)
+    _poison(student, None)
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps, tc.max_spikes = 10, 3
+    with pytest.raises(TrainingDiverged, match="4 steps in a row"):
+        train(student, tokenizer, data, tc, accelerator=acc)
+
+
+def test_checkpoint_resume_equals_uninterrupted(rc, tokenizer, data, teacher_dir, acc, tmp_path):
+    teacher = load_causal_lm(teacher_dir)
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps, tc.checkpoint_every = 6, 3
+
+    def fresh():
+        return build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=5)
+
+    straight = fresh()
+    train(straight, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    ck = tmp_path / "ck"
+    first = fresh()
+    train(first, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill, checkpoint_dir=ck)
+    assert json.loads((ck / "latest.json").read_text())["step"] == 3
+    resumed = fresh()  # a new process would start from random init too
+    res = train(resumed, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill, checkpoint_dir=ck)
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_dir, acc, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distill.models import save_model_atomically
+    from distill.trainer import apply_lora, merge_lora
+
+    teacher = load_causal_lm(teacher_dir)
+    student = load_causal_lm(teacher_dir)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    lc = copy.deepcopy(rc.student.lora)
+    lc.r, lc.alpha = 4, 8
+    wrapped = apply_lora(student, lc)
+    n_train = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert 0 < n_train < sum(p.numel() for p in wrapped.parameters()) / 5
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps, tc.lr = 4, 1e-2
+    train(wrapped, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    merged = merge_lora(wrapped)
+    assert not any("lora" in k for k in merged.state_dict())
+    path = save_model_atomically(merged, tokenizer, tmp_path / "lora_student")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(path))
+    changed = [k for k, v in reloaded.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert any("q_proj" in k for k in changed)
+    assert not any("embed" in k or "norm" in k for k in changed)  # only adapted modules change
+
+
+def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data, teacher_dir, acc):
+    from distill.data.tokenize import IGNORE
+    from distill.trainer import _sample_on_policy
+
+    teacher = load_causal_lm(teacher_dir)
+    student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=6)
+    b = _batch(tokenizer, data)
+    sampled = _sample_on_policy(student, b, tokenizer, rc.distill.on_policy, torch.Generator().manual_seed(0))
+    for row in range(b["input_ids"].shape[0]):
+        n_prompt = int((b["labels"][row] == IGNORE).long().cumprod(0).sum())
+        assert torch.equal(sampled["input_ids"][row, :n_prompt], b["input_ids"][row, :n_prompt])
+        assert (sampled["labels"][row, :n_prompt] == IGNORE).all()
+        assert (sampled["labels"][row, n_prompt:] != IGNORE).sum() >= 1
+    dc = copy.deepcopy(rc.distill)
+    dc.on_policy.fraction = 1.0
+    tc = copy.deepcopy(dc.train)
+    tc.steps = 2
+    result = train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=dc)
+    assert all(r["on_policy"] for r in result.history) and result.history[-1]["ce"] == pytest.approx(
+        result.history[-1]["ce"])
+
+
+@pytest.mark.multiproc
+def test_two_processes_follow_one_process_and_only_rank0_writes(tmp_path):
+    """Data parallel on 2 CPU processes (gloo) with batch 4 each == 1 process with batch 8."""
+    env = python_env()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    script = str(ROOT / "tests" / "ddp_train.py")
+    subprocess.run([sys.executable, script, str(one), "8"], check=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           script, str(two), "4"], env=env, timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 wrote" in proc.stderr and "rank 1 wrote" not in proc.stderr
+    h1 = json.loads((one / "history.json").read_text())
+    h2 = json.loads((two / "history.json").read_text())
+    assert len(h1) == len(h2) == 8
+    for a, b in zip(h1, h2, strict=True):
+        # stated tolerance: 1e-4 relative (float summation order differs across the all-reduce)
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4), (a["loss"], b["loss"])
+    r0, r1 = (json.loads((two / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert math.isclose(r0["param_sum"], r1["param_sum"], rel_tol=1e-9)  # replicas stay in sync
+    assert sorted(p.name for p in two.iterdir()) == ["history.json", "rank0.json", "rank1.json", "student"]
+    shutil.rmtree(tmp_path)
