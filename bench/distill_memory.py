@@ -46,9 +46,16 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
     torch.set_num_threads(2)
 
     def cfg(h, layers, heads, kv, inter):
-        return Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq,
-                           tie_word_embeddings=True)
+        return Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=h,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=seq,
+            tie_word_embeddings=True,
+        )
 
     teacher = Qwen2ForCausalLM(cfg(256, 2, 8, 2, 704)).eval()
     student = Qwen2ForCausalLM(cfg(128, 2, 4, 1, 352))
@@ -94,8 +101,14 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
     for _ in range(steps):
         losses.append(step())
     dt = time.perf_counter() - t0
-    return {"mode": mode, "peak_mb_over_baseline": _peak_mb() - base, "baseline_mb": base,
-            "tokens_per_s": batch * seq * steps / dt, "s_per_step": dt / steps, "first_loss": losses[0]}
+    return {
+        "mode": mode,
+        "peak_mb_over_baseline": _peak_mb() - base,
+        "baseline_mb": base,
+        "tokens_per_s": batch * seq * steps / dt,
+        "s_per_step": dt / steps,
+        "first_loss": losses[0],
+    }
 
 
 def main() -> None:
@@ -113,25 +126,44 @@ def main() -> None:
         return
     rows = {}
     for mode in ("reference", "chunked"):
-        cmd = [sys.executable, __file__, "--worker", mode, "--vocab", str(a.vocab), "--seq", str(a.seq),
-               "--batch", str(a.batch), "--steps", str(a.steps), "--chunk", str(a.chunk)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            mode,
+            "--vocab",
+            str(a.vocab),
+            "--seq",
+            str(a.seq),
+            "--batch",
+            str(a.batch),
+            "--steps",
+            str(a.steps),
+            "--chunk",
+            str(a.chunk),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[mode] = json.loads(out)
     ref, ch = rows["reference"], rows["chunked"]
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} 2 threads".strip(),
         "settings": vars(a) | {"worker": None},
-        "reference": ref, "chunked": ch,
+        "reference": ref,
+        "chunked": ch,
         "memory_ratio": ch["peak_mb_over_baseline"] / ref["peak_mb_over_baseline"],
         "throughput_ratio": ch["tokens_per_s"] / ref["tokens_per_s"],
         "same_first_loss": abs(ch["first_loss"] - ref["first_loss"]) < 1e-3 * abs(ref["first_loss"]),
     }
     print(f"{'variant':<10} {'peak MB over baseline':>22} {'tokens/s':>10} {'s/step':>8} {'first loss':>11}")
     for r in (ref, ch):
-        print(f"{r['mode']:<10} {r['peak_mb_over_baseline']:>22.0f} {r['tokens_per_s']:>10.0f} "
-              f"{r['s_per_step']:>8.2f} {r['first_loss']:>11.5f}")
-    print(f"chunked / reference: memory {result['memory_ratio']:.3f}x, throughput {result['throughput_ratio']:.2f}x, "
-          f"same loss: {result['same_first_loss']}")
+        print(
+            f"{r['mode']:<10} {r['peak_mb_over_baseline']:>22.0f} {r['tokens_per_s']:>10.0f} "
+            f"{r['s_per_step']:>8.2f} {r['first_loss']:>11.5f}"
+        )
+    print(
+        f"chunked / reference: memory {result['memory_ratio']:.3f}x, throughput {result['throughput_ratio']:.2f}x, "
+        f"same loss: {result['same_first_loss']}"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))
 

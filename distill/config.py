@@ -96,8 +96,18 @@ class LoraConfig:
 
 
 @dataclass
+class PruneConfig:
+    method: str  # activation | magnitude
+    strategy: str  # width | depth (for budgets)
+    fraction: float | None  # parameter budget as a fraction of the teacher's; null = the student's explicit sizes
+    align: int  # hidden / MLP sizes are multiples of this
+    prune_heads: bool  # budget pruning may remove attention heads (whole KV groups / equal heads per group)
+    calib_examples: int  # training examples whose activations rank channels, heads and layers
+
+
+@dataclass
 class StudentConfig:
-    init: str  # config | folder
+    init: str  # config | folder | prune
     path: str | None  # for init=folder
     hidden_size: int | None
     intermediate_size: int | None
@@ -107,6 +117,7 @@ class StudentConfig:
     tie_word_embeddings: bool | None
     seed: int
     lora: LoraConfig
+    prune: PruneConfig
 
 
 @dataclass
@@ -158,18 +169,51 @@ class RunConfig:
 CHOICES = {
     "data.source": ("car_assistant", "jsonl"),
     "teacher.quantization": ("none", "8bit", "nf4"),
-    "student.init": ("config", "folder"),
+    "student.init": ("config", "folder", "prune"),
+    "student.prune.method": ("activation", "magnitude"),
+    "student.prune.strategy": ("width", "depth"),
     "distill.divergence": ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"),
     "distill.features.kind": ("cosine", "mse"),
     "schedule": ("cosine", "linear", "constant"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
 }
-POSITIVE = {"steps", "batch_size", "grad_accum", "lr", "log_every", "keep_checkpoints", "chunk_size", "temperature",
-            "max_length", "num_train", "num_test", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "vocab_size", "max_new_tokens", "r", "spike_factor",
-            "max_position_embeddings", "reserve_modulus"}
-NON_NEGATIVE = {"weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every", "spike_warmup",
-                "max_spikes", "weight", "dropout", "num_validation", "num_hard"}
+POSITIVE = {
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "log_every",
+    "keep_checkpoints",
+    "chunk_size",
+    "temperature",
+    "max_length",
+    "num_train",
+    "num_test",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_new_tokens",
+    "r",
+    "spike_factor",
+    "max_position_embeddings",
+    "reserve_modulus",
+}
+NON_NEGATIVE = {
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "eval_every",
+    "checkpoint_every",
+    "spike_warmup",
+    "max_spikes",
+    "weight",
+    "dropout",
+    "num_validation",
+    "num_hard",
+}
 UNIT = {"kd_weight", "fraction", "held_out_fraction", "retention_target", "min_exact_match"}
 
 
@@ -201,13 +245,17 @@ def _build(cls: type, node: Any, path: str, problems: list[str]) -> Any:
     for key in node:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {path + '.' if path else ''}{near[0]}?" if near else f"; known keys: {', '.join(names)}"
+            hint = (
+                f"; did you mean {path + '.' if path else ''}{near[0]}?"
+                if near
+                else f"; known keys: {', '.join(names)}"
+            )
             problems.append(f"{path + '.' if path else ''}{key}: unknown key{hint}")
     values = {}
     for name in names:
         key = f"{path}.{name}" if path else name
         tp = hints[name]
-        if name not in node:
+        if name not in node or node[name] == "???":
             problems.append(f"{key}: missing; set it in conf/ or on the command line ({key}=...)")
             values[name] = None
             continue
@@ -260,34 +308,106 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
     else:
         b = t.bootstrap
         if b.num_attention_heads and b.hidden_size % b.num_attention_heads:
-            problems.append(f"teacher.bootstrap.hidden_size={b.hidden_size} is not divisible by num_attention_heads={b.num_attention_heads}")
+            problems.append(
+                f"teacher.bootstrap.hidden_size={b.hidden_size} is not divisible by num_attention_heads={b.num_attention_heads}"
+            )
         if b.num_key_value_heads and b.num_attention_heads % b.num_key_value_heads:
-            problems.append(f"teacher.bootstrap.num_attention_heads={b.num_attention_heads} is not divisible by num_key_value_heads={b.num_key_value_heads}")
+            problems.append(
+                f"teacher.bootstrap.num_attention_heads={b.num_attention_heads} is not divisible by num_key_value_heads={b.num_key_value_heads}"
+            )
     s = c.student
     if s.init == "folder":
         if not s.path:
             problems.append("student.path: required when student.init=folder")
         else:
             problems += folder_problems(s.path, "student.path", allow_pickle=t.allow_pickle)
-    elif s.init == "config":
+    elif s.init == "prune":
+        problems += _prune_problems(c)
+    if s.init == "config":
         h, nh, kv = s.hidden_size, s.num_attention_heads, s.num_key_value_heads
         if h and nh and h % nh:
-            problems.append(f"student.hidden_size={h} is not divisible by student.num_attention_heads={nh}; pick a multiple")
+            problems.append(
+                f"student.hidden_size={h} is not divisible by student.num_attention_heads={nh}; pick a multiple"
+            )
         if nh and kv and nh % kv:
-            problems.append(f"student.num_attention_heads={nh} is not divisible by student.num_key_value_heads={kv} (grouped-query attention needs whole groups)")
+            problems.append(
+                f"student.num_attention_heads={nh} is not divisible by student.num_key_value_heads={kv} (grouped-query attention needs whole groups)"
+            )
     fe = c.distill.features
     for pair in fe.layer_map:
         if len(pair) != 2 or min(pair) < 0:
-            problems.append(f"distill.features.layer_map: entry {pair} must be [student_layer, teacher_layer] with non-negative indices")
+            problems.append(
+                f"distill.features.layer_map: entry {pair} must be [student_layer, teacher_layer] with non-negative indices"
+            )
     if fe.weight > 0 and not fe.layer_map:
-        problems.append("distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair")
+        problems.append(
+            "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
+        )
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
     for pair in fe.layer_map:
         if len(pair) == 2 and known_s is not None and pair[0] >= known_s:
-            problems.append(f"distill.features.layer_map: student layer {pair[0]} does not exist (student has {known_s} layers)")
+            problems.append(
+                f"distill.features.layer_map: student layer {pair[0]} does not exist (student has {known_s} layers)"
+            )
         if len(pair) == 2 and known_t is not None and pair[1] >= known_t:
-            problems.append(f"distill.features.layer_map: teacher layer {pair[1]} does not exist (teacher has {known_t} layers)")
+            problems.append(
+                f"distill.features.layer_map: teacher layer {pair[1]} does not exist (teacher has {known_t} layers)"
+            )
+
+
+def teacher_config_dict(c: RunConfig) -> dict | None:
+    """The teacher's config.json as a dict, known before any weights load (None if unreadable)."""
+    from distill.models import read_config
+
+    t = c.teacher
+    if t.path is not None:
+        try:
+            return read_config(t.path)
+        except (OSError, ValueError):
+            return None
+    b = t.bootstrap
+    return {
+        "model_type": "qwen2",
+        "vocab_size": b.vocab_size,
+        "hidden_size": b.hidden_size,
+        "intermediate_size": b.intermediate_size,
+        "num_hidden_layers": b.num_hidden_layers,
+        "num_attention_heads": b.num_attention_heads,
+        "num_key_value_heads": b.num_key_value_heads,
+        "tie_word_embeddings": b.tie_word_embeddings,
+    }
+
+
+def student_plan(c: RunConfig):
+    """The pruning plan of a student.init=prune config (raises prune.PlanError)."""
+    from prune import make_plan
+
+    s, p = c.student, c.student.prune
+    sizes = {
+        k: getattr(s, k)
+        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    }
+    return make_plan(
+        teacher_config_dict(c),
+        sizes=sizes,
+        fraction=p.fraction,
+        strategy=p.strategy,
+        align=p.align,
+        prune_heads=p.prune_heads,
+    )
+
+
+def _prune_problems(c: RunConfig) -> list[str]:
+    from prune import PlanError
+
+    if teacher_config_dict(c) is None:
+        return []  # the teacher folder's own problems are reported already
+    try:
+        student_plan(c)
+    except PlanError as err:
+        return [f"student (init=prune): {p}" for p in err.problems]
+    return []
 
 
 def validate(cfg: Any) -> RunConfig:

@@ -22,8 +22,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -37,11 +37,17 @@ def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> Ge
         model.eval()
         out: list[list[int]] = []
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
+            chunk = prompts[i : i + batch_size]
             ids, mask = left_pad(chunk, pad)
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-            for row in gen[:, ids.shape[1]:].tolist():
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+            for row in gen[:, ids.shape[1] :].tolist():
                 ans = []
                 for t in row:
                     if t == eos:
@@ -70,13 +76,17 @@ def teacher_forced(model, data: Sequence[dict], tokenizer, batch_size: int, teac
     model.eval()
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for i in range(0, len(data), batch_size):
-        b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], tokenizer.pad_token_id).items()}
+        b = {k: v.to(device) for k, v in collate(data[i : i + batch_size], tokenizer.pad_token_id).items()}
         sel = b["labels"][:, 1:] != IGNORE
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab][sel].float()
         nll += float(F.cross_entropy(logits, b["labels"][:, 1:][sel], reduction="sum"))
         count += int(sel.sum())
         if teacher is not None:
-            tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab][sel].float()
+            tl = (
+                teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                .logits[:, :-1, :vocab][sel]
+                .float()
+            )
             lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
             kl += float((lt.exp() * (lt - ls)).sum())
             agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
@@ -87,8 +97,16 @@ def teacher_forced(model, data: Sequence[dict], tokenizer, batch_size: int, teac
     return out
 
 
-def evaluate_model(model, tokenizer, data: Sequence[dict], *, max_new_tokens: int, batch_size: int,
-                   teacher=None, teacher_answers: list[list[int]] | None = None) -> tuple[dict, list[list[int]]]:
+def evaluate_model(
+    model,
+    tokenizer,
+    data: Sequence[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    teacher=None,
+    teacher_answers: list[list[int]] | None = None,
+) -> tuple[dict, list[list[int]]]:
     """All metrics of one PyTorch model on one split; returns (metrics, greedy answers)."""
     gen = hf_generate_fn(model, tokenizer, max_new_tokens, batch_size)
     scores, answers = evaluate_generations(data, gen, tokenizer)

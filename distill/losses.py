@@ -133,12 +133,21 @@ def chunked_kd_loss(
         h_t = None if teacher_hidden is None else teacher_hidden[sl]
         if torch.is_grad_enabled() and student_hidden.requires_grad:
             k, c = checkpoint(
-                _chunk_terms, student_hidden[sl], h_t, targets[sl], student_head, teacher_head,
-                vocab_size, div, temperature, use_reentrant=False,
+                _chunk_terms,
+                student_hidden[sl],
+                h_t,
+                targets[sl],
+                student_head,
+                teacher_head,
+                vocab_size,
+                div,
+                temperature,
+                use_reentrant=False,
             )
         else:
-            k, c = _chunk_terms(student_hidden[sl], h_t, targets[sl], student_head, teacher_head,
-                                vocab_size, div, temperature)
+            k, c = _chunk_terms(
+                student_hidden[sl], h_t, targets[sl], student_head, teacher_head, vocab_size, div, temperature
+            )
         kd = kd + k
         ce = ce + c
     return kd, ce

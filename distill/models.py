@@ -28,7 +28,9 @@ def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) ->
     """What is wrong with ``folder`` as an HF causal-LM folder (empty list when fine). No weights load."""
     folder = Path(folder)
     if not folder.is_dir():
-        return [f"{key}: {folder} is not a folder; give a local Hugging Face model folder (config.json + *.safetensors)"]
+        return [
+            f"{key}: {folder} is not a folder; give a local Hugging Face model folder (config.json + *.safetensors)"
+        ]
     problems = []
     if not (folder / "config.json").is_file():
         return [f"{key}: {folder} has no config.json, so it is not a Hugging Face model folder"]
@@ -38,9 +40,13 @@ def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) ->
         return [f"{key}: {folder}/config.json is not valid JSON ({err})"]
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        problems.append(f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        problems.append(
+            f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     if cfg.get("auto_map"):
-        problems.append(f"{key}: {folder} needs custom code (auto_map in config.json); this tool never runs trust_remote_code")
+        problems.append(
+            f"{key}: {folder} needs custom code (auto_map in config.json); this tool never runs trust_remote_code"
+        )
     has_st = any((folder / f).is_file() for f in WEIGHT_FILES)
     has_pickle = any((folder / f).is_file() for f in PICKLE_FILES)
     if not has_st and has_pickle and not allow_pickle:
@@ -136,10 +142,21 @@ def student_config(teacher_config: dict, overrides: dict):
     """
     from transformers import AutoConfig
 
-    base = {k: v for k, v in teacher_config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    base = {
+        k: v
+        for k, v in teacher_config.items()
+        if not k.startswith("_") and k not in ("architectures", "transformers_version")
+    }
     if "hidden_size" in overrides or "num_attention_heads" in overrides:
         base.pop("head_dim", None)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    n = base.get("num_hidden_layers")
+    if isinstance(base.get("layer_types"), list) and len(base["layer_types"]) != n:
+        base["layer_types"] = (base["layer_types"] * n)[:n] if len(set(base["layer_types"])) == 1 else None
+        if base["layer_types"] is None:
+            base.pop("layer_types")
+    if isinstance(base.get("max_window_layers"), int):
+        base["max_window_layers"] = min(base["max_window_layers"], n)
     model_type = base.pop("model_type")
     return AutoConfig.for_model(model_type, **base)
 
@@ -152,8 +169,9 @@ def build_from_config(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_model_atomically(model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None,
-                          state_dict: dict | None = None) -> Path:
+def save_model_atomically(
+    model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None, state_dict: dict | None = None
+) -> Path:
     """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename onto ``dest``.
 
     A crash never leaves a ``dest`` that looks finished. ``extra`` files (name -> JSON-able) are

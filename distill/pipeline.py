@@ -29,6 +29,7 @@ def _versions() -> dict[str, str]:
 
 def _stage(name: str):
     """Log one line when a stage starts and one with its duration when it ends."""
+
     class _Timer:
         def __enter__(self):
             self.t = time.time()
@@ -54,8 +55,16 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     from distill.data import DataError, data_hash, encode_records, load_records
     from distill.evaluate import evaluate_model
-    from distill.models import (build_from_config, config_param_count, folder_hash, load_causal_lm, read_config,
-                                save_model_atomically, student_config, vocab_problems)
+    from distill.models import (
+        build_from_config,
+        config_param_count,
+        folder_hash,
+        load_causal_lm,
+        read_config,
+        save_model_atomically,
+        student_config,
+        vocab_problems,
+    )
     from distill.report import plot_history, render_report, write_json
     from distill.teacher import bootstrap_teacher
     from distill.trainer import apply_lora, gathered_student_state, make_accelerator, merge_lora, train
@@ -74,15 +83,20 @@ def run(cfg, run_dir: str | Path) -> dict:
         log.info("data %s: %s", dh, ", ".join(f"{s}={len(records[s])}" for s in SPLITS))
 
     with _stage("teacher"):
-        teacher_dir = Path(rc.teacher.path) if rc.teacher.path else bootstrap_teacher(
-            rc.teacher, records, dh, rc.eval, accelerator=acc, max_length=rc.data.max_length)
+        teacher_dir = (
+            Path(rc.teacher.path)
+            if rc.teacher.path
+            else bootstrap_teacher(rc.teacher, records, dh, rc.eval, accelerator=acc, max_length=rc.data.max_length)
+        )
         t_cfg = read_config(teacher_dir)
         problems = []
         if rc.student.init == "folder":
             problems += vocab_problems(teacher_dir, rc.student.path, "student.path")
         limit = t_cfg.get("max_position_embeddings")
         if limit and rc.data.max_length > limit:
-            problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
+            problems.append(
+                f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}"
+            )
         if problems:
             raise ConfigError(problems)
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
@@ -96,32 +110,65 @@ def run(cfg, run_dir: str | Path) -> dict:
         s = rc.student
         if s.init == "folder":
             student = load_causal_lm(s.path)
+        elif s.init == "prune":
+            student = _prune_teacher(rc, teacher, teacher_dir, tokenizer, records["train"], run_dir, acc)
         else:
-            sizes = {k: getattr(s, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")}
+            sizes = {
+                k: getattr(s, k)
+                for k in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "tie_word_embeddings",
+                )
+            }
             student = build_from_config(student_config(t_cfg, sizes), s.seed)
         student.generation_config.pad_token_id = tokenizer.pad_token_id
         student.generation_config.eos_token_id = tokenizer.eos_token_id
         for pair in rc.distill.features.layer_map:
             n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
             if rc.distill.features.weight > 0 and (pair[0] >= n_s or pair[1] >= n_t):
-                raise ConfigError([f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"])
+                raise ConfigError(
+                    [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
+                )
         trainable = apply_lora(student, s.lora) if s.lora.enabled else student
         n_teacher, n_student = config_param_count(teacher.config), config_param_count(student.config)
         log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
 
     with _stage("distill"):
         acc.init_trackers("tensorboard", config=_flat(to_dict(rc)))
-        result = train(trainable, tokenizer, enc["train"], rc.distill.train, accelerator=acc, teacher=teacher,
-                       dcfg=rc.distill, checkpoint_dir=run_dir / "checkpoints", val_data=enc["validation"] or None,
-                       desc="distill", log_prefix="distill/")
+        result = train(
+            trainable,
+            tokenizer,
+            enc["train"],
+            rc.distill.train,
+            accelerator=acc,
+            teacher=teacher,
+            dcfg=rc.distill,
+            checkpoint_dir=run_dir / "checkpoints",
+            val_data=enc["validation"] or None,
+            desc="distill",
+            log_prefix="distill/",
+        )
         student = merge_lora(trainable)
         state = gathered_student_state(acc, result.module)
         if acc.is_main_process:
-            save_model_atomically(student, tokenizer, run_dir / "student",
-                                  {"distill_info.json": {"teacher": str(teacher_dir), "teacher_hash": t_hash,
-                                                         "data_hash": dh, "steps": rc.distill.train.steps}},
-                                  state_dict=state)
+            save_model_atomically(
+                student,
+                tokenizer,
+                run_dir / "student",
+                {
+                    "distill_info.json": {
+                        "teacher": str(teacher_dir),
+                        "teacher_hash": t_hash,
+                        "data_hash": dh,
+                        "steps": rc.distill.train.steps,
+                    }
+                },
+                state_dict=state,
+            )
         acc.wait_for_everyone()
         del result.module, student, trainable
 
@@ -134,35 +181,94 @@ def run(cfg, run_dir: str | Path) -> dict:
             t_test, t_ans = evaluate_model(teacher, tokenizer, enc["test"], **ev)
             t_hard, t_hard_ans = evaluate_model(teacher, tokenizer, enc["hard"], **ev) if enc["hard"] else ({}, None)
             s_test, _ = evaluate_model(student, tokenizer, enc["test"], teacher=teacher, teacher_answers=t_ans, **ev)
-            s_hard, _ = (evaluate_model(student, tokenizer, enc["hard"], teacher=teacher, teacher_answers=t_hard_ans, **ev)
-                         if enc["hard"] else ({}, None))
+            s_hard, _ = (
+                evaluate_model(student, tokenizer, enc["hard"], teacher=teacher, teacher_answers=t_hard_ans, **ev)
+                if enc["hard"]
+                else ({}, None)
+            )
         retention = s_test["exact_match"] / max(t_test["exact_match"], 1e-9)
         metrics = {
-            "name": rc.name, "data_hash": dh, "teacher_dir": str(teacher_dir), "teacher_hash": t_hash,
+            "name": rc.name,
+            "data_hash": dh,
+            "teacher_dir": str(teacher_dir),
+            "teacher_hash": t_hash,
             "teacher": {**t_test, "num_params": n_teacher, "hard": t_hard},
             "student": {**s_test, "num_params": n_student, "hard": s_hard},
-            "retention": {"exact_match": retention, "target": rc.eval.retention_target,
-                          "met": retention >= rc.eval.retention_target, "param_ratio": n_student / n_teacher,
-                          "hard_exact_match": (s_hard.get("exact_match", 0.0) / max(t_hard.get("exact_match", 0.0), 1e-9))
-                          if t_hard else 0.0},
-            "train": {"steps": rc.distill.train.steps, "seconds": result.seconds, "skipped_steps": result.skipped_steps,
-                      "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
-                      "final_loss": result.history[-1]["loss"] if result.history else None},
+            "retention": {
+                "exact_match": retention,
+                "target": rc.eval.retention_target,
+                "met": retention >= rc.eval.retention_target,
+                "param_ratio": n_student / n_teacher,
+                "hard_exact_match": (s_hard.get("exact_match", 0.0) / max(t_hard.get("exact_match", 0.0), 1e-9))
+                if t_hard
+                else 0.0,
+            },
+            "train": {
+                "steps": rc.distill.train.steps,
+                "seconds": result.seconds,
+                "skipped_steps": result.skipped_steps,
+                "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+            },
             "seconds": time.time() - started,
         }
         plots = [p.name for p in [plot_history(result.history, run_dir / "loss.png", f"{rc.name}: distillation")] if p]
         write_json(run_dir / "metrics.json", metrics)
-        write_json(run_dir / "manifest.json", {
-            "name": rc.name, "command": sys.argv, "data_hash": dh, "teacher_dir": str(teacher_dir),
-            "teacher_hash": t_hash, "student_hash": folder_hash(run_dir / "student"), "versions": _versions(),
-            "processes": acc.num_processes, "started": started, "finished": time.time()})
+        write_json(
+            run_dir / "manifest.json",
+            {
+                "name": rc.name,
+                "command": sys.argv,
+                "data_hash": dh,
+                "teacher_dir": str(teacher_dir),
+                "teacher_hash": t_hash,
+                "student_hash": folder_hash(run_dir / "student"),
+                "versions": _versions(),
+                "processes": acc.num_processes,
+                "started": started,
+                "finished": time.time(),
+            },
+        )
         (run_dir / "report.md").write_text(render_report(metrics, plots))
-        log.info("student keeps %.1f%% of the teacher's test exact match (%.3f vs %.3f) at %.3fx the parameters; "
-                 "report: %s", 100 * retention, s_test["exact_match"], t_test["exact_match"], n_student / n_teacher,
-                 run_dir / "report.md")
+        log.info(
+            "student keeps %.1f%% of the teacher's test exact match (%.3f vs %.3f) at %.3fx the parameters; report: %s",
+            100 * retention,
+            s_test["exact_match"],
+            t_test["exact_match"],
+            n_student / n_teacher,
+            run_dir / "report.md",
+        )
     acc.wait_for_everyone()
     acc.end_training()  # also tears down the process group: nothing collective after this
     return metrics
+
+
+def _prune_teacher(rc: RunConfig, teacher, teacher_dir: Path, tokenizer, train_records, run_dir: Path, acc):
+    """Prune the teacher to the student's plan (importance from training examples); the pruned model is
+    also saved as ``DIR/pruned/`` (a plain HF folder) before recovery distillation."""
+    from distill.config import student_plan
+    from distill.models import load_causal_lm, save_model_atomically
+    from prune import prune_model
+    from prune.__main__ import calibration_batches
+
+    p = rc.student.prune
+    plan = student_plan(rc)
+    for r in plan.reasons:
+        log.info("prune plan: %s", r)
+    source = teacher if rc.teacher.quantization == "none" else load_causal_lm(teacher_dir)  # full precision
+    batches = calibration_batches(tokenizer, train_records, p.calib_examples, max_length=rc.data.max_length)
+    pruned, report = prune_model(
+        source,
+        batches if p.method == "activation" else None,
+        method=p.method,
+        sizes=plan.shape.as_dict(),
+        align=p.align,
+    )
+    report["reasons"] = plan.reasons
+    if acc.is_main_process:
+        save_model_atomically(pruned, tokenizer, run_dir / "pruned", {"prune_report.json": report})
+    acc.wait_for_everyone()
+    return pruned
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -57,10 +57,16 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
 
 def render_report(metrics: dict, plots: list[str]) -> str:
     t, s = metrics["teacher"], metrics["student"]
-    lines = [f"# Distillation report: {metrics['name']}", "",
-             f"Data `{metrics['data_hash']}`, teacher `{metrics['teacher_hash']}` ({metrics['teacher_dir']}).", ""]
-    lines += ["| model | split | params | " + " | ".join(COLUMNS) + " | agreement | KL |",
-              "|---|---|---:|" + "---:|" * (len(COLUMNS) + 2)]
+    lines = [
+        f"# Distillation report: {metrics['name']}",
+        "",
+        f"Data `{metrics['data_hash']}`, teacher `{metrics['teacher_hash']}` ({metrics['teacher_dir']}).",
+        "",
+    ]
+    lines += [
+        "| model | split | params | " + " | ".join(COLUMNS) + " | agreement | KL |",
+        "|---|---|---:|" + "---:|" * (len(COLUMNS) + 2),
+    ]
     for name, m in (("teacher", t), ("student", s)):
         for split, row in (("test", m), ("hard", m.get("hard", {}))):
             if not row:
@@ -68,11 +74,15 @@ def render_report(metrics: dict, plots: list[str]) -> str:
             cells = [_fmt(row.get(c)) for c in COLUMNS] + [_fmt(row.get("agreement")), _fmt(row.get("kl"))]
             lines.append(f"| {name} | {split} | {_fmt(m['num_params'])} | " + " | ".join(cells) + " |")
     r = metrics["retention"]
-    lines += ["", f"- Student size: **{r['param_ratio']:.3f}x** the teacher's parameters.",
-              f"- Test exact-match retention: **{r['exact_match']:.3f}** of the teacher "
-              f"(target {r['target']:.2f}: {'met' if r['met'] else 'NOT met'}); hard split: {r['hard_exact_match']:.3f}.",
-              f"- Training: {metrics['train']['steps']} steps, {metrics['train']['seconds']:.0f} s, "
-              f"{metrics['train']['tokens_per_s']:.0f} tokens/s, {metrics['train']['skipped_steps']} skipped steps.", ""]
+    lines += [
+        "",
+        f"- Student size: **{r['param_ratio']:.3f}x** the teacher's parameters.",
+        f"- Test exact-match retention: **{r['exact_match']:.3f}** of the teacher "
+        f"(target {r['target']:.2f}: {'met' if r['met'] else 'NOT met'}); hard split: {r['hard_exact_match']:.3f}.",
+        f"- Training: {metrics['train']['steps']} steps, {metrics['train']['seconds']:.0f} s, "
+        f"{metrics['train']['tokens_per_s']:.0f} tokens/s, {metrics['train']['skipped_steps']} skipped steps.",
+        "",
+    ]
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)

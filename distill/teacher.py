@@ -25,8 +25,9 @@ def cache_root(tc: TeacherConfig) -> Path:
     return Path(os.path.expanduser(tc.cache_dir))
 
 
-def bootstrap_teacher(tc: TeacherConfig, data: dict[str, list[dict]], data_hash: str, ec: EvalConfig, *,
-                      accelerator, max_length: int) -> Path:
+def bootstrap_teacher(
+    tc: TeacherConfig, data: dict[str, list[dict]], data_hash: str, ec: EvalConfig, *, accelerator, max_length: int
+) -> Path:
     """Path of the cached bootstrapped teacher, training it first when the cache has none.
 
     Trains a byte-level BPE tokenizer on the training split, then a Qwen2 model with grouped-query
@@ -53,32 +54,55 @@ def bootstrap_teacher(tc: TeacherConfig, data: dict[str, list[dict]], data_hash:
     from transformers import Qwen2Config
 
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
-        num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
-        num_key_value_heads=b.num_key_value_heads, max_position_embeddings=b.max_position_embeddings,
-        tie_word_embeddings=b.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, rope_theta=10000.0,
+        vocab_size=len(tokenizer),
+        hidden_size=b.hidden_size,
+        intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_hidden_layers,
+        num_attention_heads=b.num_attention_heads,
+        num_key_value_heads=b.num_key_value_heads,
+        max_position_embeddings=b.max_position_embeddings,
+        tie_word_embeddings=b.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        rope_theta=10000.0,
     )
     model = build_from_config(config, b.train.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     train_enc = encode_records(tokenizer, data["train"], max_length, "data.train")
-    result = train(model, tokenizer, train_enc, b.train, accelerator=acc, desc="teacher bootstrap",
-                   log_prefix="teacher/")
+    result = train(
+        model, tokenizer, train_enc, b.train, accelerator=acc, desc="teacher bootstrap", log_prefix="teacher/"
+    )
     model = acc.unwrap_model(model)
-    info = {"key": bootstrap_key(b, data_hash), "data_hash": data_hash, "settings": dataclasses.asdict(b),
-            "num_params": param_count(model), "train_seconds": result.seconds,
-            "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
+    info = {
+        "key": bootstrap_key(b, data_hash),
+        "data_hash": data_hash,
+        "settings": dataclasses.asdict(b),
+        "num_params": param_count(model),
+        "train_seconds": result.seconds,
+        "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+    }
     if acc.is_main_process:
         test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test")
         with torch.no_grad():
-            scores, _ = evaluate_model(model, tokenizer, test, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size)
+            scores, _ = evaluate_model(
+                model, tokenizer, test, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size
+            )
         info["test"] = scores
-        log.info("teacher: bootstrapped %d params in %.0f s; test exact match %.3f", info["num_params"],
-                 result.seconds, scores["exact_match"])
+        log.info(
+            "teacher: bootstrapped %d params in %.0f s; test exact match %.3f",
+            info["num_params"],
+            result.seconds,
+            scores["exact_match"],
+        )
         if scores["exact_match"] < b.min_exact_match:
-            log.warning("teacher: bootstrapped teacher reaches only %.3f exact match on test (wanted %.2f); "
-                        "raise teacher.bootstrap.train.steps", scores["exact_match"], b.min_exact_match)
+            log.warning(
+                "teacher: bootstrapped teacher reaches only %.3f exact match on test (wanted %.2f); "
+                "raise teacher.bootstrap.train.steps",
+                scores["exact_match"],
+                b.min_exact_match,
+            )
         save_model_atomically(model, tokenizer, dest, {"bootstrap.json": info})
     acc.wait_for_everyone()
     return dest

@@ -122,7 +122,9 @@ class DistillModule(nn.Module):
     def forward(self, input_ids, attention_mask, labels, teacher: dict | None = None):
         sel = labels[:, 1:] != IGNORE
         attention = bool(self.cfg and self.cfg.features.attention)
-        cap = _Capture(self.student, [s for s, _ in self.layer_map], attention) if (self.layer_map and teacher) else None
+        cap = (
+            _Capture(self.student, [s for s, _ in self.layer_map], attention) if (self.layer_map and teacher) else None
+        )
         try:
             body, head = backbone_and_head(self.student)
             h = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -132,10 +134,15 @@ class DistillModule(nn.Module):
         hs, targets = _select(h, sel), labels[:, 1:][sel]
         cfg = self.cfg
         kd, ce = chunked_kd_loss(
-            hs, head.weight, targets,
-            teacher["hidden"] if teacher else None, teacher["head"] if teacher else None,
-            vocab_size=self.vocab_size, div=self.div or divergence("forward_kl"),
-            temperature=cfg.temperature if cfg else 1.0, chunk_size=cfg.chunk_size if cfg else 1024,
+            hs,
+            head.weight,
+            targets,
+            teacher["hidden"] if teacher else None,
+            teacher["head"] if teacher else None,
+            vocab_size=self.vocab_size,
+            div=self.div or divergence("forward_kl"),
+            temperature=cfg.temperature if cfg else 1.0,
+            chunk_size=cfg.chunk_size if cfg else 1024,
         )
         feat = hs.new_zeros((), dtype=torch.float32)
         if cap:
@@ -154,8 +161,13 @@ def apply_lora(student, cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    pc = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    pc = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(student, pc)
 
 
@@ -223,12 +235,19 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg, generator: torch.Gen
     was_training = student.training
     student.eval()
     with torch.no_grad():
-        out = student.generate(input_ids=inp, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
-                               top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
+        out = student.generate(
+            input_ids=inp,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_k=0,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     student.train(was_training)
     feats = []
-    for p, row in zip(prompts, out[:, inp.shape[1]:].tolist(), strict=True):
+    for p, row in zip(prompts, out[:, inp.shape[1] :].tolist(), strict=True):
         ans = []
         for t in row:
             ans.append(t)
@@ -271,8 +290,11 @@ def train(
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.95),
+    )
     module, optimizer = acc.prepare(module, optimizer)
     # Not passed to accelerate.prepare: its wrapper steps the schedule once per *process* per step, which
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
@@ -306,22 +328,34 @@ def train(
     module.train()
     raw = acc.unwrap_model(module)
     for step in range(start_step, tc.steps):
-        use_policy = bool(on_policy and on_policy.fraction > 0
-                          and random.Random(tc.seed * 7919 + step).random() < on_policy.fraction)
+        use_policy = bool(
+            on_policy and on_policy.fraction > 0 and random.Random(tc.seed * 7919 + step).random() < on_policy.fraction
+        )
         terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
         any_backward = False
+        micro_batches = []
         for micro in range(tc.grad_accum):
             j = step * tc.grad_accum + micro
-            idx = stream.global_batch(j)[rank * tc.batch_size:(rank + 1) * tc.batch_size]
-            batch = {k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()}
+            idx = stream.global_batch(j)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
+            batch = {
+                k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()
+            }
             if use_policy:
                 batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy, gen)
-            sig = teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention)) if teacher is not None else None
+            micro_batches.append(batch)
+        # Response tokens of the whole optimizer step, over all micro-batches and processes: every loss is
+        # divided by it, so accumulation and data parallelism give exactly the large-batch token mean.
+        local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        n_step = max(float(acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum")), 1.0)
+        for micro, batch in enumerate(micro_batches):
+            sig = (
+                teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention))
+                if teacher is not None
+                else None
+            )
             last = micro == tc.grad_accum - 1
-            with (nullcontext() if last or world == 1 else acc.no_sync(module)), acc.autocast():
+            with nullcontext() if last or world == 1 else acc.no_sync(module), acc.autocast():
                 out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig)
-                n_global = acc.reduce(out["tokens"].float(), reduction="sum")
-                n_global = max(float(n_global), 1.0)
                 if teacher is None:
                     w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
                 elif use_policy:
@@ -330,28 +364,46 @@ def train(
                     w_kd, w_ce, w_feat = dcfg.kd_weight, 1.0 - dcfg.kd_weight, dcfg.features.weight
                 loss_sum = w_kd * out["kd"] + w_ce * out["ce"] + w_feat * out["feat"]
                 # DDP averages gradients over processes: scale so the result is the global token mean.
-                loss = loss_sum * world / n_global / tc.grad_accum
-            parts = torch.stack([loss_sum.detach().float(), out["kd"].detach().float(), out["ce"].detach().float(),
-                                 out["feat"].detach().float(), batch["attention_mask"].sum().float()])
+                loss = loss_sum * world / n_step
+            parts = torch.stack(
+                [
+                    loss_sum.detach().float(),
+                    out["kd"].detach().float(),
+                    out["ce"].detach().float(),
+                    out["feat"].detach().float(),
+                    batch["attention_mask"].sum().float(),
+                    out["tokens"].float(),
+                ]
+            )
             parts = acc.reduce(parts, reduction="sum")
-            n_tokens_all, parts = int(parts[4]), parts[:4] / n_global
-            value = float(parts[0])
-            bad = not math.isfinite(value) or (ema is not None and step >= tc.spike_warmup and value > tc.spike_factor * ema)
+            n_tokens_all, n_micro = int(parts[4]), max(float(parts[5]), 1.0)
+            value = float(parts[0]) / n_micro  # this micro-batch's mean loss, for the spike guard
+            parts = parts[:4] / n_step
+            bad = not math.isfinite(value) or (
+                ema is not None and step >= tc.spike_warmup and value > tc.spike_factor * ema
+            )
             if bad:
-                log.warning("%s step %d: loss %.4g is %s (running mean %s); skipping this micro-batch",
-                            desc, step, value, "not finite" if not math.isfinite(value) else "a spike",
-                            f"{ema:.4g}" if ema else "n/a")
+                log.warning(
+                    "%s step %d: loss %.4g is %s (running mean %s); skipping this micro-batch",
+                    desc,
+                    step,
+                    value,
+                    "not finite" if not math.isfinite(value) else "a spike",
+                    f"{ema:.4g}" if ema else "n/a",
+                )
                 # keep DDP's gradient sync consistent across processes: a zero-gradient backward
                 zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
-                with (nullcontext() if last or world == 1 else acc.no_sync(module)):
+                with nullcontext() if last or world == 1 else acc.no_sync(module):
                     acc.backward(zero)
                 continue
             acc.backward(loss)
             any_backward = True
             for k, v in zip(("loss", "kd", "ce", "feat"), parts.tolist(), strict=True):
-                terms[k] += v / tc.grad_accum
+                terms[k] += v
             tokens_seen += n_tokens_all
-        grad_norm = acc.clip_grad_norm_(module.parameters(), tc.max_grad_norm) if any_backward else torch.tensor(float("nan"))
+        grad_norm = (
+            acc.clip_grad_norm_(module.parameters(), tc.max_grad_norm) if any_backward else torch.tensor(float("nan"))
+        )
         if not any_backward or not math.isfinite(float(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             result.skipped_steps += 1
@@ -373,14 +425,23 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         ema = terms["loss"] if ema is None else 0.9 * ema + 0.1 * terms["loss"]
         elapsed = time.time() - t0
-        row = {"step": step + 1, **terms, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "on_policy": use_policy}
+        row = {
+            "step": step + 1,
+            **terms,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "on_policy": use_policy,
+        }
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
             row["val_loss"] = validation_loss(raw.student, tokenizer, val_data, tc.batch_size * 4, acc.device)
             module.train()
         result.history.append(row)
         if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
-            acc.log({f"{log_prefix}{k}": v for k, v in row.items() if isinstance(v, int | float) and k != "step"}, step=step + 1)
+            acc.log(
+                {f"{log_prefix}{k}": v for k, v in row.items() if isinstance(v, int | float) and k != "step"},
+                step=step + 1,
+            )
             bar.set_postfix(loss=f"{terms['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if ckpt_root and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
@@ -430,11 +491,14 @@ def validation_loss(model, tokenizer, data: Sequence[dict], batch_size: int, dev
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        b = {k: v.to(device) for k, v in collate(data[i:i + batch_size], tokenizer.pad_token_id).items()}
+        b = {k: v.to(device) for k, v in collate(data[i : i + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, : len(tokenizer)]
         tgt = b["labels"][:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum"))
+        total += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
+        )
         count += int((tgt != IGNORE).sum())
     model.train(was)
     return total / max(count, 1)

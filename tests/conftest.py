@@ -32,9 +32,17 @@ def tiny_config(tokenizer, model_type="qwen2", hidden=64, layers=2, heads=4, kv=
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
-        model_type, vocab_size=vocab or len(tokenizer), hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=256,
-        tie_word_embeddings=tie, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        model_type,
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
 

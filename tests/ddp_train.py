@@ -24,9 +24,17 @@ from distill.trainer import gathered_student_state, make_accelerator, train  # n
 def main(out: Path, batch_size: int) -> None:
     from conftest import tiny_config
 
-    rc = compose(["+exp=smoke", f"distill.train.batch_size={batch_size}", "distill.train.steps=8",
-                  "distill.train.checkpoint_every=0", "distill.train.eval_every=0", "distill.train.warmup_steps=0",
-                  "distill.train.lr=1e-2"])
+    rc = compose(
+        [
+            "+exp=smoke",
+            f"distill.train.batch_size={batch_size}",
+            "distill.train.steps=8",
+            "distill.train.checkpoint_every=0",
+            "distill.train.eval_every=0",
+            "distill.train.warmup_steps=0",
+            "distill.train.lr=1e-2",
+        ]
+    )
     acc = make_accelerator("no")
     recs = load_records(rc.data, "train")
     tok = train_tokenizer([m["content"] for r in recs for m in r["messages"]], 400)
@@ -40,9 +48,15 @@ def main(out: Path, batch_size: int) -> None:
         (out / "history.json").write_text(json.dumps(result.history))
     # every rank reports what it holds; only rank 0 may have written the student
     local = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in student.state_dict().items()}
-    (out / f"rank{acc.process_index}.json").write_text(json.dumps(
-        {"world": acc.num_processes, "distributed_type": str(acc.distributed_type),
-         "param_sum": float(sum(v.double().sum() for v in local.values()))}))
+    (out / f"rank{acc.process_index}.json").write_text(
+        json.dumps(
+            {
+                "world": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
+                "param_sum": float(sum(v.double().sum() for v in local.values())),
+            }
+        )
+    )
     acc.wait_for_everyone()
 
 

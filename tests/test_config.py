@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from distill.config import ConfigError, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "exp").glob("*.yaml"))
@@ -29,27 +29,70 @@ def test_every_knob_in_conf_has_a_comment():
             if not s or s.startswith("#") or s.startswith("- ") or s.endswith(":") or s.startswith("defaults"):
                 continue
             if path.parent.name in ("data", "teacher", "student", "distill", "eval") and path.stem in (
-                    "car_assistant", "bootstrap", "small", "default"):
+                "car_assistant",
+                "bootstrap",
+                "small",
+                "default",
+            ):
                 assert "#" in line or s.split(":")[0] in _SELF_EXPLAINING, f"{path}:{n} has no comment: {line}"
 
 
-_SELF_EXPLAINING = {"validation_file", "test_file", "hard_file", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_position_embeddings", "tie_word_embeddings", "batch_size", "grad_accum",
-                    "lr", "weight_decay", "warmup_steps", "max_grad_norm", "seed", "eval_every", "checkpoint_every",
-                    "keep_checkpoints", "spike_warmup", "alpha", "dropout", "target_modules", "steps", "log_every",
-                    "spike_factor", "max_spikes", "kind", "temperature", "max_new_tokens", "num_key_value_heads"}
+_SELF_EXPLAINING = {
+    "validation_file",
+    "test_file",
+    "hard_file",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "seed",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "spike_warmup",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "steps",
+    "log_every",
+    "spike_factor",
+    "max_spikes",
+    "kind",
+    "temperature",
+    "max_new_tokens",
+    "num_key_value_heads",
+}
 
 
 def test_all_problems_reported_at_once_before_any_weights_load(tmp_path):
     with pytest.raises(ConfigError) as err:
-        compose(["+exp=smoke", "distill.train.lr=-1", "distill.train.batch_size=0", "++distill.train.lrr=1",
-                 "++student.hiden_size=3", "distill.divergence=kl", f"teacher.path={tmp_path / 'nope'}",
-                 "student.num_attention_heads=3"])
+        compose(
+            [
+                "+exp=smoke",
+                "distill.train.lr=-1",
+                "distill.train.batch_size=0",
+                "++distill.train.lrr=1",
+                "++student.hiden_size=3",
+                "distill.divergence=kl",
+                f"teacher.path={tmp_path / 'nope'}",
+                "student.num_attention_heads=3",
+            ]
+        )
     msg = str(err.value)
-    for expected in ("distill.train.lrr: unknown key; did you mean distill.train.lr?",
-                     "student.hiden_size: unknown key; did you mean student.hidden_size?",
-                     "distill.train.lr: must be > 0", "distill.train.batch_size: must be > 0",
-                     "distill.divergence: 'kl' is not one of"):
+    for expected in (
+        "distill.train.lrr: unknown key; did you mean distill.train.lr?",
+        "student.hiden_size: unknown key; did you mean student.hidden_size?",
+        "distill.train.lr: must be > 0",
+        "distill.train.batch_size: must be > 0",
+        "distill.divergence: 'kl' is not one of",
+    ):
         assert expected in msg, msg
     assert len(err.value.problems) == 5
 
@@ -57,8 +100,15 @@ def test_all_problems_reported_at_once_before_any_weights_load(tmp_path):
 def test_semantic_problems(tmp_path):
     (tmp_path / "not_hf").mkdir()
     with pytest.raises(ConfigError) as err:
-        compose(["+exp=smoke", f"teacher.path={tmp_path / 'not_hf'}", "student.num_attention_heads=3",
-                 "distill.features.layer_map=[[5,0]]", "data.source=jsonl"])
+        compose(
+            [
+                "+exp=smoke",
+                f"teacher.path={tmp_path / 'not_hf'}",
+                "student.num_attention_heads=3",
+                "distill.features.layer_map=[[5,0]]",
+                "data.source=jsonl",
+            ]
+        )
     msg = str(err.value)
     assert "teacher.path" in msg and "no config.json" in msg
     assert "student.hidden_size=32 is not divisible by student.num_attention_heads=3" in msg
@@ -113,3 +163,15 @@ def test_conf_dir_is_found_from_anywhere(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert compose(["+exp=smoke"]).name == "smoke"
     assert Path.cwd() == tmp_path
+
+
+def test_student_config_of_another_depth(teacher_dir):
+    """A student with fewer layers than the teacher: per-layer config lists follow the new depth."""
+    from distill.models import build_from_config, read_config, student_config
+
+    cfg = student_config(
+        read_config(teacher_dir),
+        {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1},
+    )
+    assert cfg.num_hidden_layers == 1 and len(cfg.layer_types) == 1 and cfg.hidden_size == 32
+    assert build_from_config(cfg, seed=0).model.layers[0].self_attn.head_dim == 16

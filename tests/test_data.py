@@ -25,8 +25,8 @@ def test_answers_are_compact_tool_calls(car_settings):
             call = json.loads(e.answer)
             assert set(call) == {"tool", "args"} and isinstance(call["args"], dict)
             assert " " not in e.answer.replace(call["args"].get("text", ""), "").replace(
-                call["args"].get("name", ""), "").replace(call["args"].get("destination", ""), "").replace(
-                call["args"].get("artist", ""), "")
+                call["args"].get("name", ""), ""
+            ).replace(call["args"].get("destination", ""), "").replace(call["args"].get("artist", ""), "")
 
 
 def test_bilingual_and_every_domain(car_settings):
@@ -94,7 +94,7 @@ def test_tokenizer_makes_values_copyable(tokenizer, car_settings):
     for e in generate("hard", car_settings)[:40]:
         enc = encode(tokenizer, e.to_record()["messages"])
         prompt = enc["input_ids"][: enc["prompt_len"]]
-        answer = enc["input_ids"][enc["prompt_len"]:]
+        answer = enc["input_ids"][enc["prompt_len"] :]
         for key in ("name", "destination", "artist"):
             v = e.call["args"].get(key)
             if not v:
@@ -108,7 +108,7 @@ def test_tokenizer_makes_values_copyable(tokenizer, car_settings):
 
 
 def _contains(seq, sub) -> bool:
-    return any(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
 
 def test_labels_cover_only_the_answer(tokenizer, car_settings):
@@ -128,10 +128,20 @@ def test_jsonl_reader(tmp_path, tokenizer):
 
     good = tmp_path / "good.jsonl"
     good.write_text(
-        json.dumps({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": "hello"}]}) + "\n\n"
-        + json.dumps({"prompt": "open window", "completion": '{"tool":"open_window","args":{}}'}) + "\n",
-        encoding="utf-8")
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        )
+        + "\n\n"
+        + json.dumps({"prompt": "open window", "completion": '{"tool":"open_window","args":{}}'})
+        + "\n",
+        encoding="utf-8",
+    )
     recs = read_jsonl(good)
     assert len(recs) == 2 and recs[1]["messages"][0]["role"] == "user"
     enc = encode_records(tokenizer, recs, 128)
@@ -163,5 +173,7 @@ def test_autotokenizer_reload_is_faithful(tmp_path, tokenizer, teacher_dir, car_
     for split in ("train", "test", "hard"):
         for e in generate(split, car_settings)[:300]:
             for text in (e.request, e.answer):
-                assert reloaded(text, add_special_tokens=False)["input_ids"] == tokenizer(
-                    text, add_special_tokens=False)["input_ids"], text
+                assert (
+                    reloaded(text, add_special_tokens=False)["input_ids"]
+                    == tokenizer(text, add_special_tokens=False)["input_ids"]
+                ), text

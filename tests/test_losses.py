@@ -70,8 +70,9 @@ def test_chunked_equals_unchunked_value_and_gradient(name, chunk):
     ref = div(ls, lt, 2.0).sum() + 0.5 * F.cross_entropy(ls, tgt, reduction="sum")
     g_ref = torch.autograd.grad(ref, [h_s, w_s])
 
-    kd, ce = losses.chunked_kd_loss(h_s, w_s, tgt, h_t, w_t, vocab_size=v_real, div=div, temperature=2.0,
-                                    chunk_size=chunk)
+    kd, ce = losses.chunked_kd_loss(
+        h_s, w_s, tgt, h_t, w_t, vocab_size=v_real, div=div, temperature=2.0, chunk_size=chunk
+    )
     got = kd + 0.5 * ce
     g_got = torch.autograd.grad(got, [h_s, w_s])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

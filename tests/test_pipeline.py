@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import ROOT, python_env
 
 REQUIRED = ("exact_match", "tool_accuracy", "arg_f1", "valid_json", "perplexity", "num_params")
@@ -33,8 +32,16 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
     run_dir, _, proc = smoke_run
-    for name in ("config.yaml", "metrics.json", "manifest.json", "report.md", "loss.png", "student/config.json",
-                 "student/model.safetensors", "student/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "manifest.json",
+        "report.md",
+        "loss.png",
+        "student/config.json",
+        "student/model.safetensors",
+        "student/tokenizer.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -60,8 +67,8 @@ def test_student_reloads_without_this_project(smoke_run):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained({str(run_dir / 'student')!r})
-        model = AutoModelForCausalLM.from_pretrained({str(run_dir / 'student')!r})
+        tok = AutoTokenizer.from_pretrained({str(run_dir / "student")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(run_dir / "student")!r})
         ids = tok.apply_chat_template([{{"role": "user", "content": "Call Alice Smith"}}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
@@ -69,8 +76,14 @@ def test_student_reloads_without_this_project(smoke_run):
         assert "distill" not in sys.modules
         print("OK", type(model).__name__)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd="/", env={**env, "PYTHONPATH": ""}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd="/",
+        env={**env, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "OK Qwen2ForCausalLM" in proc.stdout, proc.log[-3000:]
 
 
@@ -83,8 +96,15 @@ def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
 
 def test_bad_config_fails_fast_with_every_problem(tmp_path):
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
-    proc = _run(["+exp=smoke", f"hydra.run.dir={tmp_path / 'bad'}", "distill.train.lr=0",
-                 f"teacher.path={tmp_path / 'missing'}"], env)
+    proc = _run(
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={tmp_path / 'bad'}",
+            "distill.train.lr=0",
+            f"teacher.path={tmp_path / 'missing'}",
+        ],
+        env,
+    )
     assert proc.returncode == 2
     assert "distill.train.lr: must be > 0" in proc.log and "teacher.path" in proc.log
     assert not (tmp_path / "bad" / "student").exists() and not (tmp_path / "cache").exists()
@@ -94,8 +114,11 @@ def test_bad_config_fails_fast_with_every_problem(tmp_path):
 def test_pipeline_under_two_processes(tmp_path):
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
     run_dir = tmp_path / "ddp"
-    proc = _run(["+exp=smoke", f"hydra.run.dir={run_dir}", "eval.num_test=8"], env,
-                launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    proc = _run(
+        ["+exp=smoke", f"hydra.run.dir={run_dir}", "eval.num_test=8"],
+        env,
+        launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )
     assert proc.returncode == 0, proc.log[-4000:]
     assert json.loads((run_dir / "manifest.json").read_text())["processes"] == 2
     assert "rank 0 wrote" in proc.log and "rank 1 wrote" not in proc.log

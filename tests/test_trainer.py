@@ -8,12 +8,11 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, python_env, tiny_config
+
 from distill.config import compose
 from distill.data import encode_records, load_records
 from distill.models import build_from_config, load_causal_lm
@@ -22,8 +21,16 @@ from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, t
 
 @pytest.fixture(scope="module")
 def rc():
-    return compose(["+exp=smoke", "distill.train.steps=6", "distill.train.checkpoint_every=0",
-                    "distill.train.eval_every=0", "distill.train.warmup_steps=0", "distill.train.batch_size=8"])
+    return compose(
+        [
+            "+exp=smoke",
+            "distill.train.steps=6",
+            "distill.train.checkpoint_every=0",
+            "distill.train.eval_every=0",
+            "distill.train.warmup_steps=0",
+            "distill.train.batch_size=8",
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,7 @@ def test_student_equal_to_teacher_has_zero_kd_and_feature_loss(rc, tokenizer, da
     student = copy.deepcopy(teacher)
     student.resize_token_embeddings(len(tokenizer) + 64, mean_resizing=False)
     with torch.no_grad():
-        student.get_input_embeddings().weight[len(tokenizer):] = 100.0  # would dominate if compared
+        student.get_input_embeddings().weight[len(tokenizer) :] = 100.0  # would dominate if compared
     dc = copy.deepcopy(rc.distill)
     dc.features.weight, dc.features.layer_map, dc.features.attention = 1.0, [[0, 0], [1, 1]], True
     module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
@@ -181,7 +188,8 @@ def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data
     tc.steps = 2
     result = train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=dc)
     assert all(r["on_policy"] for r in result.history) and result.history[-1]["ce"] == pytest.approx(
-        result.history[-1]["ce"])
+        result.history[-1]["ce"]
+    )
 
 
 @pytest.mark.multiproc
@@ -193,8 +201,13 @@ def test_two_processes_follow_one_process_and_only_rank0_writes(tmp_path):
     two.mkdir()
     script = str(ROOT / "tests" / "ddp_train.py")
     subprocess.run([sys.executable, script, str(one), "8"], check=True, env=env, timeout=600)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           script, str(two), "4"], env=env, timeout=600, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(two), "4"],
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 wrote" in proc.stderr and "rank 1 wrote" not in proc.stderr
     h1 = json.loads((one / "history.json").read_text())
@@ -208,3 +221,33 @@ def test_two_processes_follow_one_process_and_only_rank0_writes(tmp_path):
     assert math.isclose(r0["param_sum"], r1["param_sum"], rel_tol=1e-9)  # replicas stay in sync
     assert sorted(p.name for p in two.iterdir()) == ["history.json", "rank0.json", "rank1.json", "student"]
     shutil.rmtree(tmp_path)
+
+
+def test_gradient_accumulation_equals_the_large_batch(rc, tokenizer, data, teacher_dir, acc):
+    """batch 4 x 2 accumulation steps == batch 8: the loss is the token mean over the whole step."""
+    teacher = load_causal_lm(teacher_dir)
+    runs = []
+    for bs, accum in ((8, 1), (4, 2)):
+        student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=7)
+        tc = copy.deepcopy(rc.distill.train)
+        tc.steps, tc.batch_size, tc.grad_accum = 4, bs, accum
+        runs.append((train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill), student))
+    (a, sa), (b, sb) = runs
+    for x, y in zip(a.history, b.history, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5)
+    for p, q in zip(sa.parameters(), sb.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["8bit", "nf4"])
+def test_low_precision_teacher_gives_close_signals(quant, teacher_dir, tokenizer, data):
+    pytest.importorskip("bitsandbytes")
+    full = load_causal_lm(teacher_dir)
+    low = load_causal_lm(teacher_dir, quant)
+    assert sum(p.numel() * p.element_size() for p in low.parameters()) < sum(
+        p.numel() * p.element_size() for p in full.parameters()
+    )
+    b = _batch(tokenizer, data)
+    a, q = teacher_signals(full, b, [], False), teacher_signals(low, b, [], False)
+    rel = (a["hidden"] - q["hidden"]).norm() / a["hidden"].norm()
+    assert rel < (0.05 if quant == "8bit" else 0.25), float(rel)

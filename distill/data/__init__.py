@@ -12,9 +12,15 @@ __all__ = ["DataError", "load_records", "data_hash", "encode_records", "generato
 
 
 def generator_settings(dc) -> GeneratorSettings:
-    return GeneratorSettings(seed=dc.seed, num_train=dc.num_train, num_validation=dc.num_validation,
-                             num_test=dc.num_test, num_hard=dc.num_hard, held_out_fraction=dc.held_out_fraction,
-                             reserve_modulus=dc.reserve_modulus)
+    return GeneratorSettings(
+        seed=dc.seed,
+        num_train=dc.num_train,
+        num_validation=dc.num_validation,
+        num_test=dc.num_test,
+        num_hard=dc.num_hard,
+        held_out_fraction=dc.held_out_fraction,
+        reserve_modulus=dc.reserve_modulus,
+    )
 
 
 def data_hash(dc) -> str:
@@ -56,6 +62,8 @@ def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "
         out.append(ex)
     if too_long:
         shown = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:5])
-        raise DataError(f"{key}: {len(too_long)} examples are longer than data.max_length={max_length}: {shown}; "
-                        "shorten them or raise data.max_length (up to the model's max_position_embeddings)")
+        raise DataError(
+            f"{key}: {len(too_long)} examples are longer than data.max_length={max_length}: {shown}; "
+            "shorten them or raise data.max_length (up to the model's max_position_embeddings)"
+        )
     return out

@@ -99,7 +99,9 @@ ZH_PLACE_HEAD = (
     "和平 建设 新华 光明 东方 金桥 滨江 世纪 阳光 清华 江南 湖滨 南山 西湖 虹桥 浦东 朝阳 海淀 "
     "龙华 天河 高新 科技"
 ).split()
-ZH_PLACE_TAIL = "路 大街 公园 机场 火车站 医院 图书馆 体育馆 广场 博物馆 酒店 学校 市场 大桥 中心 商场 南站 北站 东站 西站".split()
+ZH_PLACE_TAIL = (
+    "路 大街 公园 机场 火车站 医院 图书馆 体育馆 广场 博物馆 酒店 学校 市场 大桥 中心 商场 南站 北站 东站 西站".split()
+)
 
 EN_BAND_ADJ = (
     "Silver Golden Black White Electric Velvet Crimson Midnight Neon Wild Lonely Happy Broken Frozen "
@@ -111,7 +113,9 @@ EN_BAND_NOUN = (
     "Echoes Shadows Waves Stones Rockets Pilots Sailors Giants Angels Monkeys Bandits Drifters "
     "Engines Lanterns Mountains Oceans Rebels Robots Tides Voices Wheels"
 ).split()
-ZH_BAND_HEAD = "五月 蓝色 青春 星空 夏日 北方 南方 红色 银色 梦想 自由 城市 海边 月光 晚风 远方 黎明 天空 白日 春天".split()
+ZH_BAND_HEAD = (
+    "五月 蓝色 青春 星空 夏日 北方 南方 红色 银色 梦想 自由 城市 海边 月光 晚风 远方 黎明 天空 白日 春天".split()
+)
 ZH_BAND_TAIL = "乐队 组合 少年 乐团 之声 合唱团 兄弟 姐妹".split()
 
 EN_MSG = [
@@ -194,7 +198,10 @@ WINDOWS = [
     (["rear right", "back right"], ["右后", "后排右侧"], "rear_right"),
     (["all", "every"], ["所有", "全部"], "all"),
 ]
-SEATS = [(["driver", "driver's"], ["主驾", "驾驶"], "driver"), (["passenger", "co-driver"], ["副驾", "乘客"], "passenger")]
+SEATS = [
+    (["driver", "driver's"], ["主驾", "驾驶"], "driver"),
+    (["passenger", "co-driver"], ["副驾", "乘客"], "passenger"),
+]
 LIGHTS = [
     (["headlights", "main lights"], ["大灯", "前大灯"], "headlights"),
     (["fog lights", "fog lamps"], ["雾灯", "前雾灯"], "fog_lights"),
@@ -225,16 +232,44 @@ INFO = [
 ON_OFF = [(["on", "on"], ["打开", "开启"], "on"), (["off", "off"], ["关闭", "关掉"], "off")]
 
 REFUSALS_EN = [
-    "order me a pizza", "book a flight to Paris", "what is the stock price of Tesla", "fly the car",
-    "write my homework", "transfer money to my bank account", "make the car invisible",
-    "change the engine oil for me", "cook dinner", "wash the car", "drive to the moon",
-    "buy a lottery ticket", "fix the flat tyre", "print this document", "feed my dog",
-    "make the car go 300 miles an hour", "teach me to swim", "turn the car into a boat",
+    "order me a pizza",
+    "book a flight to Paris",
+    "what is the stock price of Tesla",
+    "fly the car",
+    "write my homework",
+    "transfer money to my bank account",
+    "make the car invisible",
+    "change the engine oil for me",
+    "cook dinner",
+    "wash the car",
+    "drive to the moon",
+    "buy a lottery ticket",
+    "fix the flat tyre",
+    "print this document",
+    "feed my dog",
+    "make the car go 300 miles an hour",
+    "teach me to swim",
+    "turn the car into a boat",
 ]
 REFUSALS_ZH = [
-    "帮我点个外卖", "订一张去巴黎的机票", "特斯拉股价是多少", "让车飞起来", "帮我写作业", "给我银行账户转账",
-    "让车隐形", "帮我换机油", "帮我做晚饭", "帮我洗车", "开到月球上去", "帮我买彩票", "帮我修爆胎",
-    "打印这个文件", "帮我喂狗", "把车速开到三百公里", "教我游泳", "把车变成船",
+    "帮我点个外卖",
+    "订一张去巴黎的机票",
+    "特斯拉股价是多少",
+    "让车飞起来",
+    "帮我写作业",
+    "给我银行账户转账",
+    "让车隐形",
+    "帮我换机油",
+    "帮我做晚饭",
+    "帮我洗车",
+    "开到月球上去",
+    "帮我买彩票",
+    "帮我修爆胎",
+    "打印这个文件",
+    "帮我喂狗",
+    "把车速开到三百公里",
+    "教我游泳",
+    "把车变成船",
 ]
 
 # Politeness wrappers: they multiply phrasings without new content words.
@@ -363,82 +398,188 @@ class Intent:
 
 
 INTENTS: tuple[Intent, ...] = (
-    Intent("set_temperature", _temp,
-           ("set the {zone} temperature to {deg}", "make it {deg} for the {zone}",
-            "{zone} temperature {deg}", "change the {zone} climate to {deg}",
-            "I want the {zone} temperature at {deg}"),
-           ("把{zone}温度调到{deg}", "{zone}温度设为{deg}", "{zone}调到{deg}", "将{zone}空调温度改成{deg}",
-            "我想要{zone}是{deg}"),
-           "value"),
-    Intent("set_fan_speed", _fan,
-           ("set the fan speed to {level}", "fan to level {level}", "change the fan to {level}",
-            "make the fan level {level}"),
-           ("把风量调到{level}档", "风速设为{level}档", "风量改成{level}档", "我想要风量{level}档"),
-           "level"),
-    Intent("climate_control", _climate_toggle,
-           ("turn {state} the {feature}", "switch the {feature} {state}", "{feature} {state}",
-            "I want the {feature} {state}"),
-           ("{state}{feature}", "把{feature}{state}", "{feature}{state}", "我想要{state}{feature}"),
-           "feature"),
-    Intent("navigate_to", _navigate,
-           ("navigate to {place}", "take me to {place}", "drive to {place}", "set the destination to {place}",
-            "I want to go to {place}"),
-           ("导航到{place}", "带我去{place}", "开车去{place}", "把目的地设为{place}", "我想要去{place}"),
-           "destination"),
-    Intent("find_nearby", _nearby,
-           ("find a {poi} nearby", "where is the nearest {poi}", "search for a {poi} near me",
-            "I want to find the nearest {poi}"),
-           ("找一下附近的{poi}", "最近的{poi}在哪里", "搜索附近的{poi}", "我想要找最近的{poi}"),
-           "category"),
-    Intent("play_music", _play,
-           ("play some {artist}", "play music by {artist}", "put on {artist}", "I want to hear {artist}",
-            "I want to hear music by {artist}"),
-           ("播放{artist}的歌", "来点{artist}的音乐", "放一首{artist}的歌", "我想听{artist}", "我想要放{artist}的歌"),
-           "artist"),
-    Intent("set_volume", _volume,
-           ("set the volume to {level}", "volume {level}", "change the volume to {level}",
-            "make the volume {level}"),
-           ("把音量调到{level}", "音量设为{level}", "音量改成{level}", "我想要音量{level}"),
-           "level"),
-    Intent("tune_radio", _radio,
-           ("tune the radio to {freq}", "play radio {freq}", "switch to {freq} FM", "I want to hear radio {freq}"),
-           ("收音机调到{freq}", "播放电台{freq}", "切换到调频{freq}", "我想听电台{freq}"),
-           "frequency"),
-    Intent("call_contact", _call,
-           ("call {name}", "phone {name}", "dial {name}", "make a call to {name}", "I want to call {name}"),
-           ("打电话给{name}", "给{name}打电话", "呼叫{name}", "拨打{name}的电话", "我想要给{name}打个电话"),
-           "name"),
-    Intent("send_message", _message,
-           ("send a message to {name} saying {text}", "text {name} {text}", "message {name}: {text}",
-            "tell {name} that {text}", "I want to send {name} a message saying {text}"),
-           ("给{name}发消息说{text}", "发短信给{name}：{text}", "告诉{name}{text}", "给{name}发信息{text}",
-            "我想要给{name}发个消息说{text}"),
-           "name"),
-    Intent("open_window", _window,
-           ("open the {window} window to {pct} percent", "set the {window} window to {pct} percent",
-            "{window} window {pct} percent", "I want the {window} window at {pct} percent"),
-           ("把{window}车窗打开到百分之{pct}", "{window}车窗开到{pct}%", "{window}窗户调到百分之{pct}",
-            "我想要{window}车窗开{pct}%"),
-           "percent"),
-    Intent("set_seat_heating", _seat_heat,
-           ("set the {seat} seat heating to level {level}", "{seat} seat heater {level}",
-            "turn the {seat} seat heating to {level}", "I want the {seat} seat heating at level {level}"),
-           ("把{seat}座椅加热调到{level}档", "{seat}座椅加热{level}档", "{seat}座椅加热设为{level}档",
-            "我想要{seat}座椅加热{level}档"),
-           "level"),
-    Intent("set_lights", _lights,
-           ("turn {state} the {light}", "switch the {light} {state}", "{light} {state}", "I want the {light} {state}"),
-           ("{state}{light}", "把{light}{state}", "{light}{state}", "我想要{state}{light}"),
-           "light"),
-    Intent("get_vehicle_info", _info,
-           ("what is the {item}", "check the {item}", "tell me the {item}", "show me the {item}",
-            "I want to check the {item}"),
-           ("{item}是多少", "查一下{item}", "告诉我{item}", "显示{item}", "我想要查{item}"),
-           "item"),
-    Intent("refuse", _refuse,
-           ("{req}", "{req} for me", "I want you to {req}"),
-           ("{req}", "现在{req}", "我想要你{req}"),
-           None),
+    Intent(
+        "set_temperature",
+        _temp,
+        (
+            "set the {zone} temperature to {deg}",
+            "make it {deg} for the {zone}",
+            "{zone} temperature {deg}",
+            "change the {zone} climate to {deg}",
+            "I want the {zone} temperature at {deg}",
+        ),
+        (
+            "把{zone}温度调到{deg}",
+            "{zone}温度设为{deg}",
+            "{zone}调到{deg}",
+            "将{zone}空调温度改成{deg}",
+            "我想要{zone}是{deg}",
+        ),
+        "value",
+    ),
+    Intent(
+        "set_fan_speed",
+        _fan,
+        (
+            "set the fan speed to {level}",
+            "fan to level {level}",
+            "change the fan to {level}",
+            "make the fan level {level}",
+        ),
+        ("把风量调到{level}档", "风速设为{level}档", "风量改成{level}档", "我想要风量{level}档"),
+        "level",
+    ),
+    Intent(
+        "climate_control",
+        _climate_toggle,
+        (
+            "turn {state} the {feature}",
+            "switch the {feature} {state}",
+            "{feature} {state}",
+            "I want the {feature} {state}",
+        ),
+        ("{state}{feature}", "把{feature}{state}", "{feature}{state}", "我想要{state}{feature}"),
+        "feature",
+    ),
+    Intent(
+        "navigate_to",
+        _navigate,
+        (
+            "navigate to {place}",
+            "take me to {place}",
+            "drive to {place}",
+            "set the destination to {place}",
+            "I want to go to {place}",
+        ),
+        ("导航到{place}", "带我去{place}", "开车去{place}", "把目的地设为{place}", "我想要去{place}"),
+        "destination",
+    ),
+    Intent(
+        "find_nearby",
+        _nearby,
+        (
+            "find a {poi} nearby",
+            "where is the nearest {poi}",
+            "search for a {poi} near me",
+            "I want to find the nearest {poi}",
+        ),
+        ("找一下附近的{poi}", "最近的{poi}在哪里", "搜索附近的{poi}", "我想要找最近的{poi}"),
+        "category",
+    ),
+    Intent(
+        "play_music",
+        _play,
+        (
+            "play some {artist}",
+            "play music by {artist}",
+            "put on {artist}",
+            "I want to hear {artist}",
+            "I want to hear music by {artist}",
+        ),
+        ("播放{artist}的歌", "来点{artist}的音乐", "放一首{artist}的歌", "我想听{artist}", "我想要放{artist}的歌"),
+        "artist",
+    ),
+    Intent(
+        "set_volume",
+        _volume,
+        ("set the volume to {level}", "volume {level}", "change the volume to {level}", "make the volume {level}"),
+        ("把音量调到{level}", "音量设为{level}", "音量改成{level}", "我想要音量{level}"),
+        "level",
+    ),
+    Intent(
+        "tune_radio",
+        _radio,
+        ("tune the radio to {freq}", "play radio {freq}", "switch to {freq} FM", "I want to hear radio {freq}"),
+        ("收音机调到{freq}", "播放电台{freq}", "切换到调频{freq}", "我想听电台{freq}"),
+        "frequency",
+    ),
+    Intent(
+        "call_contact",
+        _call,
+        ("call {name}", "phone {name}", "dial {name}", "make a call to {name}", "I want to call {name}"),
+        ("打电话给{name}", "给{name}打电话", "呼叫{name}", "拨打{name}的电话", "我想要给{name}打个电话"),
+        "name",
+    ),
+    Intent(
+        "send_message",
+        _message,
+        (
+            "send a message to {name} saying {text}",
+            "text {name} {text}",
+            "message {name}: {text}",
+            "tell {name} that {text}",
+            "I want to send {name} a message saying {text}",
+        ),
+        (
+            "给{name}发消息说{text}",
+            "发短信给{name}：{text}",
+            "告诉{name}{text}",
+            "给{name}发信息{text}",
+            "我想要给{name}发个消息说{text}",
+        ),
+        "name",
+    ),
+    Intent(
+        "open_window",
+        _window,
+        (
+            "open the {window} window to {pct} percent",
+            "set the {window} window to {pct} percent",
+            "{window} window {pct} percent",
+            "I want the {window} window at {pct} percent",
+        ),
+        (
+            "把{window}车窗打开到百分之{pct}",
+            "{window}车窗开到{pct}%",
+            "{window}窗户调到百分之{pct}",
+            "我想要{window}车窗开{pct}%",
+        ),
+        "percent",
+    ),
+    Intent(
+        "set_seat_heating",
+        _seat_heat,
+        (
+            "set the {seat} seat heating to level {level}",
+            "{seat} seat heater {level}",
+            "turn the {seat} seat heating to {level}",
+            "I want the {seat} seat heating at level {level}",
+        ),
+        (
+            "把{seat}座椅加热调到{level}档",
+            "{seat}座椅加热{level}档",
+            "{seat}座椅加热设为{level}档",
+            "我想要{seat}座椅加热{level}档",
+        ),
+        "level",
+    ),
+    Intent(
+        "set_lights",
+        _lights,
+        ("turn {state} the {light}", "switch the {light} {state}", "{light} {state}", "I want the {light} {state}"),
+        ("{state}{light}", "把{light}{state}", "{light}{state}", "我想要{state}{light}"),
+        "light",
+    ),
+    Intent(
+        "get_vehicle_info",
+        _info,
+        (
+            "what is the {item}",
+            "check the {item}",
+            "tell me the {item}",
+            "show me the {item}",
+            "I want to check the {item}",
+        ),
+        ("{item}是多少", "查一下{item}", "告诉我{item}", "显示{item}", "我想要查{item}"),
+        "item",
+    ),
+    Intent(
+        "refuse",
+        _refuse,
+        ("{req}", "{req} for me", "I want you to {req}"),
+        ("{req}", "现在{req}", "我想要你{req}"),
+        None,
+    ),
 )
 INTENT_BY_NAME = {i.name: i for i in INTENTS}
 

@@ -36,9 +36,12 @@ def read_jsonl(path: str | Path, key: str = "data") -> list[dict]:
             if len(problems) >= 10:
                 break
     if problems:
-        raise DataError(f"{key}: bad lines in {path}:\n" + "\n".join(f"  - {p}" for p in problems)
-                        + '\nEach line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", '
-                          '"content": ...}]} or {"prompt": ..., "completion": ...}.')
+        raise DataError(
+            f"{key}: bad lines in {path}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + '\nEach line must be {"messages": [{"role": "user", "content": ...}, {"role": "assistant", '
+            '"content": ...}]} or {"prompt": ..., "completion": ...}.'
+        )
     if not records:
         raise DataError(f"{key}: {path} holds no examples")
     return records
@@ -60,6 +63,10 @@ def _to_messages(obj) -> tuple[dict | None, str | None]:
     if "prompt" in obj and "completion" in obj:
         if not isinstance(obj["prompt"], str) or not isinstance(obj["completion"], str):
             return None, "'prompt' and 'completion' must be strings"
-        return {"messages": [{"role": "user", "content": obj["prompt"]},
-                             {"role": "assistant", "content": obj["completion"]}]}, None
+        return {
+            "messages": [
+                {"role": "user", "content": obj["prompt"]},
+                {"role": "assistant", "content": obj["completion"]},
+            ]
+        }, None
     return None, f"needs 'messages' or 'prompt'+'completion', found keys {sorted(obj)}"

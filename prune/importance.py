@@ -1,0 +1,127 @@
+"""Importance estimators for structured pruning. Each returns an ``Importance``; higher = keep.
+
+Activation-based scores follow Minitron (Muralidharan et al. 2024, arXiv:2407.14679, section 2.2):
+computed from forward passes over a few calibration batches, no gradients:
+
+- MLP channel j of layer l: mean |a_j| of the down-projection input ``act(gate(x)) * up(x)``.
+- Attention head h of layer l: mean L2 norm of that head's output (the o_proj input slice).
+- Hidden (embedding) channel c: mean |x_c| of the outputs of every RMSNorm (both norms of every layer
+  and the final norm), i.e. how much each residual channel feeds the computation.
+- Layer l (depth): "block influence", 1 - cos(input, output) of the block on the residual stream
+  (ShortGPT, Men et al. 2024, arXiv:2403.03853): a block that barely changes the stream is redundant.
+
+``magnitude_importance`` is the cheap alternative from weights alone (no data).
+Shapes: ``mlp`` (L, I), ``heads`` (L, n_heads), ``hidden`` (H,), ``layers`` (L,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Importance:
+    mlp: torch.Tensor  # (L, I)
+    heads: torch.Tensor  # (L, n_heads)
+    hidden: torch.Tensor  # (H,)
+    layers: torch.Tensor  # (L,)
+    method: str
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def _head_dim(model) -> int:
+    c = model.config
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+@torch.no_grad()
+def activation_importance(model, batches: Iterable[dict]) -> Importance:
+    """Minitron-style activation importance over calibration ``batches`` (dicts with input_ids, attention_mask)."""
+    layers = _layers(model)
+    L, cfg = len(layers), model.config
+    nh, hd = cfg.num_attention_heads, _head_dim(model)
+    mlp = torch.zeros(L, cfg.intermediate_size, dtype=torch.float64)
+    heads = torch.zeros(L, nh, dtype=torch.float64)
+    hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+    influence = torch.zeros(L, dtype=torch.float64)
+    state = {"mask": None, "tokens": 0}
+    handles = []
+
+    def tokens(x):  # (B, T, D) -> (N, D) over real (non-padding) tokens
+        m = state["mask"]
+        return x.reshape(-1, x.shape[-1]) if m is None else x[m.bool()]
+
+    def mlp_hook(i):
+        def fn(_m, args):
+            mlp[i] += tokens(args[0]).abs().double().sum(0)
+
+        return fn
+
+    def head_hook(i):
+        def fn(_m, args):
+            x = tokens(args[0]).double()
+            heads[i] += x.view(x.shape[0], nh, hd).norm(dim=-1).sum(0)
+
+        return fn
+
+    def norm_hook(_m, _args, out):
+        hidden.add_(tokens(out).abs().double().sum(0))
+
+    def block_hook(i):
+        def fn(_m, args, kwargs, out):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = out[0] if isinstance(out, tuple) else out
+            cos = F.cosine_similarity(tokens(x_in).double(), tokens(x_out).double(), dim=-1)
+            influence[i] += (1 - cos).sum()
+
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+        handles.append(layer.input_layernorm.register_forward_hook(norm_hook))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook))
+        handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
+    handles.append(model.model.norm.register_forward_hook(norm_hook))
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            state["mask"] = b.get("attention_mask")
+            state["tokens"] += int(state["mask"].sum()) if state["mask"] is not None else b["input_ids"].numel()
+            model.model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    n = max(state["tokens"], 1)
+    return Importance(mlp / n, heads / n, hidden / (n * (2 * L + 1)), influence / n, "activation")
+
+
+@torch.no_grad()
+def magnitude_importance(model) -> Importance:
+    """Weight-magnitude importance, no data: L2 norms of the weights each unit reads and writes."""
+    layers = _layers(model)
+    cfg = model.config
+    nh, hd = cfg.num_attention_heads, _head_dim(model)
+    mlp, heads, layer_score = [], [], []
+    for layer in layers:
+        m, a = layer.mlp, layer.self_attn
+        mlp.append(
+            (m.down_proj.weight.norm(dim=0) * (m.up_proj.weight.norm(dim=1) + m.gate_proj.weight.norm(dim=1))).double()
+        )
+        heads.append(a.o_proj.weight.view(cfg.hidden_size, nh, hd).norm(dim=(0, 2)).double())
+        layer_score.append(float(a.o_proj.weight.norm() + m.down_proj.weight.norm()))
+    hidden = model.get_input_embeddings().weight.norm(dim=0).double()
+    for layer in layers:
+        hidden += layer.input_layernorm.weight.abs().double() + layer.post_attention_layernorm.weight.abs().double()
+    return Importance(
+        torch.stack(mlp), torch.stack(heads), hidden, torch.tensor(layer_score, dtype=torch.float64), "magnitude"
+    )

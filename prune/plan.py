@@ -1,0 +1,242 @@
+"""Budget -> target shapes. Pure Python on config dicts (no weights, no torch), so ``validate`` can call it.
+
+Pruning is uniform across layers (Minitron, Model Optimizer): every layer keeps the same number of MLP
+channels, query heads and KV heads, and all layers share one hidden size, so the result is an
+ordinary config of the same family.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class PlanError(ValueError):
+    """Impossible pruning targets, each named with the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("impossible pruning target:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class Shape:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in SIZE_KEYS}
+
+
+@dataclass
+class Plan:
+    shape: Shape
+    params: int
+    teacher_params: int
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.params / self.teacher_params
+
+
+def head_dim(cfg: dict) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def teacher_shape(cfg: dict) -> Shape:
+    return Shape(
+        **{k: cfg[k] if k != "num_key_value_heads" else cfg.get(k) or cfg["num_attention_heads"] for k in SIZE_KEYS}
+    )
+
+
+def count_params(cfg: dict, shape: Shape | None = None) -> int:
+    """Parameters of the family's decoder with ``shape`` (default: the config's own), counted analytically."""
+    s = shape or teacher_shape(cfg)
+    mt = cfg["model_type"]
+    h, i, nh, kv, n = (
+        s.hidden_size,
+        s.intermediate_size,
+        s.num_attention_heads,
+        s.num_key_value_heads,
+        s.num_hidden_layers,
+    )
+    hd = head_dim(cfg)
+    v = cfg["vocab_size"]
+    attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
+    if mt == "qwen2" or cfg.get("attention_bias"):
+        attn += nh * hd + 2 * kv * hd + (h if cfg.get("attention_bias") and mt != "qwen2" else 0)
+    if mt == "qwen3":
+        attn += 2 * hd  # q_norm, k_norm
+    mlp = 3 * h * i + (2 * i + h if cfg.get("mlp_bias") else 0)
+    layer = attn + mlp + 2 * h
+    emb = v * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
+    return emb + n * layer + h
+
+
+def _align_down(x: float, a: int) -> int:
+    return max(a, int(x // a) * a)
+
+
+def check_shape(cfg: dict, s: Shape, align: int) -> list[str]:
+    """Problems with shape ``s`` as a pruned version of the teacher ``cfg``."""
+    t = teacher_shape(cfg)
+    out = []
+    if cfg.get("model_type") not in SUPPORTED:
+        out.append(
+            f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {', '.join(SUPPORTED)}"
+        )
+    for k in SIZE_KEYS:
+        new, old = getattr(s, k), getattr(t, k)
+        if new < 1:
+            out.append(f"{k}={new}: must be at least 1")
+        elif new > old:
+            out.append(f"{k}={new}: larger than the teacher's {old}; pruning only removes")
+    if s.num_key_value_heads and s.num_attention_heads % s.num_key_value_heads:
+        out.append(
+            f"num_attention_heads={s.num_attention_heads} is not divisible by num_key_value_heads="
+            f"{s.num_key_value_heads}; grouped-query attention needs the same number of query heads per KV head"
+        )
+    g_t = t.num_attention_heads // t.num_key_value_heads
+    if s.num_key_value_heads and s.num_attention_heads // max(s.num_key_value_heads, 1) > g_t:
+        out.append(
+            f"{s.num_attention_heads} query heads over {s.num_key_value_heads} KV heads is "
+            f"{s.num_attention_heads // s.num_key_value_heads} per group, more than the teacher's {g_t}; "
+            "keep at least num_attention_heads / group size KV heads"
+        )
+    if cfg.get("model_type") == "llama" and s.num_attention_heads and s.hidden_size % s.num_attention_heads:
+        out.append(
+            f"hidden_size={s.hidden_size} is not a multiple of num_attention_heads={s.num_attention_heads}: "
+            "transformers' LlamaConfig refuses that shape"
+        )
+    for k in ("hidden_size", "intermediate_size"):
+        v = getattr(s, k)
+        if v != getattr(t, k) and v % align:
+            out.append(f"{k}={v} is not a multiple of align={align}; use {_align_down(v, align)} or set align")
+    return out
+
+
+def plan_explicit(cfg: dict, sizes: dict, align: int = 8) -> Plan:
+    """Shape from explicit sizes (missing ones keep the teacher's); PlanError lists every problem."""
+    t = teacher_shape(cfg)
+    unknown = set(sizes) - set(SIZE_KEYS)
+    if unknown:
+        raise PlanError([f"unknown size key(s) {sorted(unknown)}; use {', '.join(SIZE_KEYS)}"])
+    s = Shape(**{k: sizes.get(k) if sizes.get(k) is not None else getattr(t, k) for k in SIZE_KEYS})
+    problems = check_shape(cfg, s, align)
+    if problems:
+        raise PlanError(problems)
+    return Plan(s, count_params(cfg, s), count_params(cfg), ["explicit sizes"])
+
+
+def _heads_for(t: Shape, scale: float) -> tuple[int, int]:
+    """(query heads, KV heads) at about ``scale`` of the teacher's, keeping whole, equal groups."""
+    g = t.num_attention_heads // t.num_key_value_heads
+    want = max(1, round(t.num_attention_heads * scale))
+    best = None
+    for kv in range(1, t.num_key_value_heads + 1):
+        for per in range(1, g + 1):
+            nh = kv * per
+            # prefer the head count nearest the target, then more KV heads (GQA quality), then fewer query heads
+            key = (abs(nh - want), -kv, nh)
+            if best is None or key < best[0]:
+                best = (key, nh, kv)
+    return best[1], best[2]
+
+
+def plan_budget(
+    cfg: dict,
+    *,
+    params: int | None = None,
+    fraction: float | None = None,
+    bytes_: int | None = None,
+    bytes_per_param: float = 4.0,
+    strategy: str = "width",
+    align: int = 8,
+    prune_heads: bool = True,
+) -> Plan:
+    """The largest uniform shape whose parameter count fits the budget.
+
+    ``strategy="width"`` scales hidden, MLP and (if ``prune_heads``) attention heads by one factor
+    (Minitron: width pruning retains more accuracy than depth pruning at the same size);
+    ``"depth"`` drops whole layers and keeps widths. Exactly one of params / fraction / bytes_.
+    """
+    given = [x is not None for x in (params, fraction, bytes_)]
+    if sum(given) != 1:
+        raise PlanError(["give exactly one budget: params, fraction or bytes"])
+    teacher_params = count_params(cfg)
+    budget = (
+        params
+        if params is not None
+        else (int(fraction * teacher_params) if fraction is not None else int(bytes_ / bytes_per_param))
+    )
+    t = teacher_shape(cfg)
+    if strategy not in ("width", "depth"):
+        raise PlanError([f"strategy {strategy!r}: use width or depth"])
+    if cfg.get("model_type") not in SUPPORTED:
+        raise PlanError(
+            [f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {', '.join(SUPPORTED)}"]
+        )
+    if budget >= teacher_params:
+        return Plan(
+            t, teacher_params, teacher_params, [f"budget {budget:,} >= teacher {teacher_params:,}: nothing to prune"]
+        )
+    best: Plan | None = None
+    if strategy == "depth":
+        for n in range(t.num_hidden_layers, 0, -1):
+            s = Shape(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, n)
+            p = count_params(cfg, s)
+            if p <= budget:
+                best = Plan(
+                    s, p, teacher_params, [f"depth: keep {n} of {t.num_hidden_layers} layers, widths unchanged"]
+                )
+                break
+    else:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # bisection on the width factor
+            mid = (lo + hi) / 2
+            nh, kv = _heads_for(t, mid) if prune_heads else (t.num_attention_heads, t.num_key_value_heads)
+            h_align = math.lcm(align, nh) if cfg.get("model_type") == "llama" else align
+            s = Shape(
+                _align_down(t.hidden_size * mid, h_align),
+                _align_down(t.intermediate_size * mid, align),
+                nh,
+                kv,
+                t.num_hidden_layers,
+            )
+            p = count_params(cfg, s)
+            if p <= budget:
+                lo = mid
+                if best is None or p > best.params:
+                    best = Plan(
+                        s,
+                        p,
+                        teacher_params,
+                        [
+                            f"width: hidden, MLP{' and heads' if prune_heads else ''} scaled by "
+                            f"{mid:.3f}, aligned to multiples of {align}; depth unchanged"
+                        ],
+                    )
+            else:
+                hi = mid
+    if best is None:
+        raise PlanError(
+            [
+                f"no {strategy} shape of this {cfg['model_type']} model fits {budget:,} parameters "
+                f"(embeddings alone take {cfg['vocab_size'] * align:,} at the narrowest width); "
+                "raise the budget or use another strategy"
+            ]
+        )
+    best.reasons.append(
+        f"{best.params:,} parameters = {best.fraction:.3f} of the teacher's {teacher_params:,} "
+        f"(budget {budget:,}, {budget / teacher_params:.3f})"
+    )
+    if not math.isclose(best.fraction, budget / teacher_params, rel_tol=0.05):
+        best.reasons.append("alignment and whole heads keep the shape below the budget")
+    return best

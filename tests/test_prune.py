@@ -1,0 +1,218 @@
+"""Structured pruning against planted truths: units made exactly inert must be the ones removed, and
+removing them must leave the logits unchanged; every family, tied and untied, GQA ratios 1, 2, 4."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from prune import PlanError, count_params, make_plan, prune_model
+from prune.plan import Shape
+
+FAMILIES = [  # (model_type, tie_word_embeddings, query heads, KV heads): GQA ratios 1, 2, 4, 4
+    ("llama", False, 4, 4),
+    ("qwen2", True, 4, 2),
+    ("qwen3", False, 8, 2),
+    ("mistral", True, 8, 2),
+]
+
+
+def build(model_type, tie, nh, kv, hidden=64, inter=96, layers=3, vocab=97, seed=0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=nh,
+        num_key_value_heads=kv,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # larger weights than HF's 0.02 init so that wrong pruning is visible
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
+def batches(vocab=97, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(2, vocab, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, 9:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def plant(model, *, mlp=(), groups=(), hidden=(), layer=None):
+    """Make units exactly inert: MLP channels (gate/up rows and down columns zero), KV groups (v rows zero,
+    so every query head of the group outputs zero), residual channels (never written), whole layers
+    (attention and MLP write nothing)."""
+    cfg = model.config
+    hd = cfg.head_dim
+    with torch.no_grad():
+        for i, lay in enumerate(model.model.layers):
+            shift = i  # different channels in every layer
+            for j in mlp:
+                c = (j + shift * 5) % cfg.intermediate_size
+                lay.mlp.gate_proj.weight[c] = 0
+                lay.mlp.up_proj.weight[c] = 0
+            for k in groups:
+                lay.self_attn.v_proj.weight[k * hd : (k + 1) * hd] = 0
+                if lay.self_attn.v_proj.bias is not None:
+                    lay.self_attn.v_proj.bias[k * hd : (k + 1) * hd] = 0
+            for c in hidden:
+                lay.self_attn.o_proj.weight[c] = 0
+                lay.mlp.down_proj.weight[c] = 0
+            if i == layer:
+                lay.self_attn.o_proj.weight.zero_()
+                lay.mlp.down_proj.weight.zero_()
+        for c in hidden:
+            model.model.embed_tokens.weight[:, c] = 0
+
+
+def logits(model, b):
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return out[b["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("model_type,tie,nh,kv", FAMILIES)
+def test_planted_inert_units_are_pruned_and_logits_do_not_change(model_type, tie, nh, kv):
+    model = build(model_type, tie, nh, kv)
+    mlp_dead, hid_dead, dead_layer = [3, 10, 50, 77], [5, 6, 20, 41, 63, 0, 33, 12], 1
+    dead_group = [kv - 1] if kv > 1 else []
+    if kv == nh:  # GQA ratio 1: a "group" is one head (two, so that LlamaConfig's hidden % heads holds)
+        dead_group = [1, 2]
+    plant(model, mlp=mlp_dead, groups=dead_group, hidden=hid_dead, layer=dead_layer)
+    g = nh // kv
+    sizes = {
+        "intermediate_size": 96 - len(mlp_dead),
+        "hidden_size": 64 - len(hid_dead),
+        "num_hidden_layers": 2,
+        "num_key_value_heads": kv - len(dead_group),
+        "num_attention_heads": nh - g * len(dead_group),
+    }
+    cal = batches()
+    pruned, report = prune_model(model, cal, method="activation", sizes=sizes, align=4)
+    assert report["kept_layers"] == [0, 2]
+    for b in batches(seed=7):
+        torch.testing.assert_close(logits(pruned, b), logits(model, b), rtol=1e-4, atol=1e-4)
+    # the config carries the new sizes in the family's own field names
+    c = pruned.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (56, 92, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        sizes["num_attention_heads"],
+        sizes["num_key_value_heads"],
+        16,
+    )
+    assert sum(p.numel() for p in pruned.parameters()) == count_params(c.to_dict())
+
+    # control: pruning one more (live) MLP channel does change the logits
+    sizes["intermediate_size"] = 96 - len(mlp_dead) - 4
+    worse, _ = prune_model(model, cal, method="activation", sizes=sizes, align=4)
+    b = batches(seed=7)[0]
+    assert (logits(worse, b) - logits(model, b)).abs().max() > 1e-2
+
+
+def test_query_heads_inside_groups_with_magnitude_importance():
+    model = build("qwen3", False, 8, 2)
+    with torch.no_grad():  # one query head per KV group writes nothing
+        for lay in model.model.layers:
+            for h in (1, 6):
+                lay.self_attn.o_proj.weight[:, h * 16 : (h + 1) * 16] = 0
+    pruned, _ = prune_model(model, method="magnitude", sizes={"num_attention_heads": 6, "num_key_value_heads": 2})
+    assert pruned.config.num_attention_heads == 6 and pruned.config.num_key_value_heads == 2
+    b = batches()[0]
+    torch.testing.assert_close(logits(pruned, b), logits(model, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,tie,nh,kv", FAMILIES)
+def test_count_params_matches_the_real_model(model_type, tie, nh, kv):
+    model = build(model_type, tie, nh, kv)
+    assert count_params(model.config.to_dict()) == sum(p.numel() for p in model.parameters())
+
+
+def test_budget_plans_fit_and_explain():
+    cfg = build("qwen2", True, 8, 2, hidden=128, inter=352, layers=4, vocab=500).config.to_dict()
+    for strategy in ("width", "depth"):
+        plan = make_plan(cfg, fraction=0.5, strategy=strategy)
+        assert plan.params <= 0.5 * plan.teacher_params and plan.fraction > 0.3
+        assert plan.reasons and strategy in plan.reasons[0]
+        s = plan.shape
+        assert s.num_attention_heads % s.num_key_value_heads == 0 and s.hidden_size % 8 == 0
+    assert make_plan(cfg, fraction=0.5, strategy="depth").shape.num_hidden_layers < 4
+    width = make_plan(cfg, fraction=0.5, strategy="width").shape
+    assert width.num_hidden_layers == 4 and width.hidden_size < 128
+
+
+def test_impossible_targets_are_clear_errors_before_weights():
+    cfg = build("llama", False, 4, 2).config.to_dict()
+    with pytest.raises(PlanError) as err:
+        make_plan(cfg, sizes={"num_attention_heads": 8, "num_key_value_heads": 3, "hidden_size": 60})
+    msg = str(err.value)
+    assert "larger than the teacher's 4" in msg and "not divisible by num_key_value_heads=3" in msg
+    assert "hidden_size=60 is not a multiple of align=8" in msg
+    with pytest.raises(PlanError, match="no width shape"):
+        make_plan(cfg, fraction=0.001)
+    cfg["model_type"] = "gpt2"
+    with pytest.raises(PlanError, match="'gpt2' is not supported"):
+        make_plan(cfg, fraction=0.5)
+    assert Shape(1, 1, 1, 1, 1).as_dict()["hidden_size"] == 1
+
+
+@pytest.mark.parametrize("model_type,tie,nh,kv", FAMILIES)
+def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, tmp_path, tokenizer):
+    from distill.models import save_model_atomically
+    from prune.__main__ import prune_folder
+
+    model = build(model_type, tie, nh, kv, vocab=len(tokenizer))
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    src = save_model_atomically(model, tokenizer, tmp_path / "teacher")
+    dest = tmp_path / "pruned"
+    report = prune_folder(src, dest, fraction=0.5, method="activation", calib_examples=16)
+    assert report["fraction"] <= 0.5 and (dest / "prune_report.json").is_file()
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("distill", "prune", "quantize", "export"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(dest)!r})
+        t = AutoTokenizer.from_pretrained({str(dest)!r})
+        ids = t("Call Alice Smith", return_tensors="pt")
+        out = m.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=t.pad_token_id)
+        assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == t.eos_token_id
+        print("OK", m.config.hidden_size, m.config.num_key_value_heads)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr[-2000:]
