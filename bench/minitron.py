@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_minitron")
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="abcd")
+    ap.add_argument("--depth-fraction", type=float, default=0.4, help="budget for the depth-vs-width pair (d)")
     a = ap.parse_args()
 
     import logging
@@ -46,14 +47,25 @@ def main() -> None:
         "distill.train.eval_every=0",
         f"student.prune.fraction={a.fraction}",
     ]
+    # Depth pruning cannot reach 25% of this teacher (one layer plus embeddings is ~37%), so (d) compares
+    # depth and width at the depth plan's own parameter count.
+    from distill.config import student_plan
+
+    probe = compose(common + ["student=pruned", "student.prune.strategy=depth", f"student.prune.fraction={a.depth_fraction}"])
+    teacher_dir = _teacher_dir(probe)
+    depth_plan = student_plan(probe, read_config(teacher_dir))
+    same = depth_plan.params / depth_plan.teacher_params
     variants = {
         "a": ("pruned (width) + distill", common + ["student=pruned"]),
         "c": ("pruned (width) + fine-tune (CE only)", common + ["student=pruned", "distill.kd_weight=0.0"]),
-        "d": ("pruned (depth) + distill", common + ["student=pruned", "student.prune.strategy=depth"]),
+        "d_depth": ("pruned (depth) + distill", common + ["student=pruned", "student.prune.strategy=depth",
+                                                           f"student.prune.fraction={a.depth_fraction}"]),
+        "d_width": ("pruned (width, same params as d_depth) + distill",
+                    common + ["student=pruned", f"student.prune.fraction={same + 1e-6}"]),
     }
     results = {}
-    for key in "acd":
-        if key not in a.only:
+    for key in ("a", "c", "d_depth", "d_width"):
+        if key[0] not in a.only:
             continue
         name, overrides = variants[key]
         t0 = time.time()
@@ -75,7 +87,7 @@ def main() -> None:
         m = run(compose(common + ["student=folder", f"student.path={rnd}"]), work / "b")
         results["b"] = _row("random init (same shape) + distill", m, time.time() - t0, None)
     out = {"steps": a.steps, "fraction": a.fraction, "results": dict(sorted(results.items()))}
-    print(f"{'':3} {'variant':40} {'params':>9} {'test EM':>8} {'hard EM':>8} {'ppl':>7} {'KL':>7} {'s':>6}")
+    print(f"{'':9} {'variant':48} {'params':>9} {'test EM':>8} {'hard EM':>8} {'ppl':>7} {'KL':>7} {'s':>6}")
     for k, r in sorted(results.items()):
         print(
             f"({k}) {r['name']:40} {r['params']:>9,} {r['test_em']:>8.3f} {r['hard_em']:>8.3f} {r['ppl']:>7.3f} "
@@ -83,6 +95,19 @@ def main() -> None:
         )
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2))
+
+
+def _teacher_dir(rc):
+    """The cached bootstrapped teacher (bootstrapping it if needed), as the pipeline would find it."""
+    from distill.data import data_hash, load_records
+    from distill.teacher import bootstrap_teacher
+    from distill.trainer import make_accelerator
+
+    if rc.teacher.path:
+        return Path(rc.teacher.path)
+    records = {s: load_records(rc.data, s) for s in ("train", "test")}
+    return bootstrap_teacher(rc.teacher, records, data_hash(rc.data), rc.eval, accelerator=make_accelerator("no"),
+                             max_length=rc.data.max_length)
 
 
 def _row(name, m, seconds, report):

@@ -379,8 +379,11 @@ def teacher_config_dict(c: RunConfig) -> dict | None:
     }
 
 
-def student_plan(c: RunConfig):
-    """The pruning plan of a student.init=prune config (raises prune.PlanError)."""
+def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
+    """The pruning plan of a student.init=prune config (raises prune.PlanError).
+
+    Before bootstrapping, the teacher's vocabulary size is the configured upper bound; pass the real
+    ``teacher_cfg`` once the teacher folder exists."""
     from prune import make_plan
 
     s, p = c.student, c.student.prune
@@ -389,7 +392,7 @@ def student_plan(c: RunConfig):
         for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
     }
     return make_plan(
-        teacher_config_dict(c),
+        teacher_cfg or teacher_config_dict(c),
         sizes=sizes,
         fraction=p.fraction,
         strategy=p.strategy,

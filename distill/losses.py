@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 Divergence = Callable[..., torch.Tensor]
 
@@ -93,15 +92,54 @@ def divergence(name: str, **params) -> Divergence:
     return fn
 
 
-def _chunk_terms(h_s, h_t, target, w_s, w_t, vocab, div, temperature):
-    """(sum of KD, sum of CE) over one chunk of tokens; logits live only inside this call."""
-    logits_s = F.linear(h_s, w_s)[:, :vocab]
-    ce = F.cross_entropy(logits_s.float(), target, reduction="sum")
-    if h_t is None:
-        return torch.zeros((), device=ce.device), ce
-    with torch.no_grad():
-        logits_t = F.linear(h_t, w_t)[:, :vocab]
-    return div(logits_s, logits_t, temperature).sum(), ce
+class _FusedChunkedKD(torch.autograd.Function):
+    """Forward computes the loss *and* its gradients chunk by chunk; backward only scales them.
+
+    The same idea as fused linear cross-entropy kernels (Liger-Kernel): the (chunk, V) logits live only
+    inside one loop iteration, each chunk costs one forward and one backward matmul pair (no
+    recomputation), and every iteration allocates same-sized buffers, which the allocator reuses.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, targets, h_t, w_t, vocab, div, temperature, chunk_size, kd_weight, ce_weight):
+        need_h, need_w = h_s.requires_grad, w_s.requires_grad
+        hs_all = h_s.detach()
+        w = w_s.detach()[:vocab].requires_grad_(need_w)
+        wt = None if w_t is None else w_t.detach()[:vocab]
+        grad_h = torch.zeros_like(hs_all) if need_h else None
+        grad_w = torch.zeros_like(w_s) if need_w else None
+        kd_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        for start in range(0, hs_all.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            h = hs_all[sl].requires_grad_(need_h)
+            with torch.enable_grad():
+                logits = F.linear(h, w)
+                ce = F.cross_entropy(logits.float(), targets[sl], reduction="sum")
+                kd = torch.zeros((), device=h.device)
+                if h_t is not None:
+                    with torch.no_grad():
+                        logits_t = F.linear(h_t[sl], wt)
+                    kd = div(logits, logits_t, temperature).sum()
+                total = kd_weight * kd + ce_weight * ce
+            inputs = [x for x, need in ((h, need_h), (w, need_w)) if need]
+            if inputs:
+                grads = torch.autograd.grad(total, inputs)
+                if need_h:
+                    grad_h[sl] = grads[0]
+                if need_w:
+                    grad_w[:vocab] += grads[-1]
+            kd_total += kd.detach().float()
+            ce_total += ce.detach().float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(kd_total, ce_total)
+        return kd_weight * kd_total + ce_weight * ce_total, kd_total, ce_total
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_kd, _g_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * g_loss, None if grad_w is None else grad_w * g_loss,
+                None, None, None, None, None, None, None, None, None)
 
 
 def chunked_kd_loss(
@@ -115,42 +153,22 @@ def chunked_kd_loss(
     div: Divergence = forward_kl,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KD and CE losses over N response tokens, computed ``chunk_size`` tokens at a time.
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``kd_weight * KD + ce_weight * CE`` summed over N response tokens, ``chunk_size`` tokens at a time.
 
     Shapes: ``student_hidden`` (N, Hs), ``student_head`` (Vs, Hs), ``targets`` (N,),
     ``teacher_hidden`` (N, Ht), ``teacher_head`` (Vt, Ht). Only the first ``vocab_size`` logits
-    are compared, which aligns padded embedding rows of otherwise identical vocabularies.
+    are compared, which aligns padded embedding rows of otherwise identical vocabularies (padded rows
+    get zero gradient).
 
-    Each chunk's logits are recomputed in the backward pass (activation checkpointing), so peak
-    memory holds one chunk of ``(chunk_size, V)`` logits per model instead of ``(N, V)``.
-    Returns ``(kd_sum, ce_sum)``; divide by the token count for means.
+    Full-vocabulary logits of teacher and student are never held for more than one chunk: peak memory
+    is O(chunk_size x V) instead of O(N x V). Returns ``(loss, kd_sum, ce_sum)``: ``loss`` carries the
+    gradient; the two sums are detached, for logging. Divide by the token count for means.
     """
-    kd = student_hidden.new_zeros((), dtype=torch.float32)
-    ce = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        h_t = None if teacher_hidden is None else teacher_hidden[sl]
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            k, c = checkpoint(
-                _chunk_terms,
-                student_hidden[sl],
-                h_t,
-                targets[sl],
-                student_head,
-                teacher_head,
-                vocab_size,
-                div,
-                temperature,
-                use_reentrant=False,
-            )
-        else:
-            k, c = _chunk_terms(
-                student_hidden[sl], h_t, targets[sl], student_head, teacher_head, vocab_size, div, temperature
-            )
-        kd = kd + k
-        ce = ce + c
-    return kd, ce
+    return _FusedChunkedKD.apply(student_hidden, student_head, targets, teacher_hidden, teacher_head, vocab_size, div,
+                                 temperature, chunk_size, kd_weight, ce_weight)
 
 
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -252,7 +252,7 @@ def _prune_teacher(rc: RunConfig, teacher, teacher_dir: Path, tokenizer, train_r
     from prune.__main__ import calibration_batches
 
     p = rc.student.prune
-    plan = student_plan(rc)
+    plan = student_plan(rc, teacher.config.to_dict())
     for r in plan.reasons:
         log.info("prune plan: %s", r)
     source = teacher if rc.teacher.quantization == "none" else load_causal_lm(teacher_dir)  # full precision

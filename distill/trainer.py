@@ -119,7 +119,10 @@ class DistillModule(nn.Module):
                 # Learned linear map from student to teacher width (FitNets, Romero et al. 2015).
                 self.proj[f"{s}_{t}"] = nn.Linear(s_width, teacher_hidden_size, bias=False)
 
-    def forward(self, input_ids, attention_mask, labels, teacher: dict | None = None):
+    def forward(self, input_ids, attention_mask, labels, teacher: dict | None = None, kd_weight: float = 1.0,
+                ce_weight: float = 1.0):
+        """Summed losses of one micro-batch: ``logit`` = kd_weight * KD + ce_weight * CE (differentiable),
+        ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``."""
         sel = labels[:, 1:] != IGNORE
         attention = bool(self.cfg and self.cfg.features.attention)
         cap = (
@@ -133,7 +136,7 @@ class DistillModule(nn.Module):
                 cap.close()
         hs, targets = _select(h, sel), labels[:, 1:][sel]
         cfg = self.cfg
-        kd, ce = chunked_kd_loss(
+        logit, kd, ce = chunked_kd_loss(
             hs,
             head.weight,
             targets,
@@ -143,6 +146,8 @@ class DistillModule(nn.Module):
             div=self.div or divergence("forward_kl"),
             temperature=cfg.temperature if cfg else 1.0,
             chunk_size=cfg.chunk_size if cfg else 1024,
+            kd_weight=kd_weight if teacher else 0.0,
+            ce_weight=ce_weight,
         )
         feat = hs.new_zeros((), dtype=torch.float32)
         if cap:
@@ -153,7 +158,8 @@ class DistillModule(nn.Module):
                 if key in self.proj:
                     x = self.proj[key](x)
                 feat = feat + feature_loss(x, teacher["feats"][(kind, t_layer)], cfg.features.kind).sum()
-        return {"kd": kd, "ce": ce, "feat": feat, "tokens": torch.tensor(int(sel.sum()), device=h.device)}
+        tokens = torch.tensor(int(sel.sum()), device=h.device)
+        return {"logit": logit, "kd": kd, "ce": ce, "feat": feat, "tokens": tokens}
 
 
 def apply_lora(student, cfg: LoraConfig):
@@ -354,15 +360,15 @@ def train(
                 else None
             )
             last = micro == tc.grad_accum - 1
+            if teacher is None:
+                w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
+            elif use_policy:
+                w_kd, w_ce, w_feat = 1.0, 0.0, dcfg.features.weight
+            else:
+                w_kd, w_ce, w_feat = dcfg.kd_weight, 1.0 - dcfg.kd_weight, dcfg.features.weight
             with nullcontext() if last or world == 1 else acc.no_sync(module), acc.autocast():
-                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig)
-                if teacher is None:
-                    w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
-                elif use_policy:
-                    w_kd, w_ce, w_feat = 1.0, 0.0, dcfg.features.weight
-                else:
-                    w_kd, w_ce, w_feat = dcfg.kd_weight, 1.0 - dcfg.kd_weight, dcfg.features.weight
-                loss_sum = w_kd * out["kd"] + w_ce * out["ce"] + w_feat * out["feat"]
+                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce)
+                loss_sum = out["logit"] + w_feat * out["feat"]
                 # DDP averages gradients over processes: scale so the result is the global token mean.
                 loss = loss_sum * world / n_step
             parts = torch.stack(

@@ -226,11 +226,15 @@ def plan_budget(
             else:
                 hi = mid
     if best is None:
+        if strategy == "depth":
+            narrow = Shape(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, 1)
+        else:
+            narrow = Shape(align, align, 1, 1, t.num_hidden_layers)
         raise PlanError(
             [
                 f"no {strategy} shape of this {cfg['model_type']} model fits {budget:,} parameters "
-                f"(embeddings alone take {cfg['vocab_size'] * align:,} at the narrowest width); "
-                "raise the budget or use another strategy"
+                f"({budget / teacher_params:.3f} of {teacher_params:,}); the smallest {strategy} shape has "
+                f"{count_params(cfg, narrow):,}; raise the budget or use another strategy"
             ]
         )
     best.reasons.append(

@@ -70,12 +70,15 @@ def test_chunked_equals_unchunked_value_and_gradient(name, chunk):
     ref = div(ls, lt, 2.0).sum() + 0.5 * F.cross_entropy(ls, tgt, reduction="sum")
     g_ref = torch.autograd.grad(ref, [h_s, w_s])
 
-    kd, ce = losses.chunked_kd_loss(
-        h_s, w_s, tgt, h_t, w_t, vocab_size=v_real, div=div, temperature=2.0, chunk_size=chunk
+    got, kd, ce = losses.chunked_kd_loss(
+        h_s, w_s, tgt, h_t, w_t, vocab_size=v_real, div=div, temperature=2.0, chunk_size=chunk, kd_weight=1.0,
+        ce_weight=0.5,
     )
-    got = kd + 0.5 * ce
-    g_got = torch.autograd.grad(got, [h_s, w_s])
+    g_got = torch.autograd.grad(got * 3.0, [h_s, w_s])  # an upstream factor scales the stored gradients
+    g_ref = [g * 3.0 for g in g_ref]
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kd + 0.5 * ce, ref, rtol=1e-5, atol=1e-4)
+    assert not kd.requires_grad and not ce.requires_grad
     for a, b in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert torch.all(g_got[1][v_real:] == 0)  # padded vocabulary rows get no signal
@@ -84,9 +87,10 @@ def test_chunked_equals_unchunked_value_and_gradient(name, chunk):
 def test_chunked_without_teacher_is_cross_entropy():
     h, w = torch.randn(9, 8), torch.randn(20, 8)
     tgt = torch.randint(0, 20, (9,))
-    kd, ce = losses.chunked_kd_loss(h, w, tgt, vocab_size=20, chunk_size=4)
+    loss, kd, ce = losses.chunked_kd_loss(h, w, tgt, vocab_size=20, chunk_size=4)
     assert kd == 0
     torch.testing.assert_close(ce, F.cross_entropy(h @ w.T, tgt, reduction="sum"))
+    torch.testing.assert_close(loss, ce)
 
 
 def test_feature_loss():
