@@ -51,17 +51,23 @@ def main() -> None:
     # depth and width at the depth plan's own parameter count.
     from distill.config import student_plan
 
-    probe = compose(common + ["student=pruned", "student.prune.strategy=depth", f"student.prune.fraction={a.depth_fraction}"])
+    probe = compose(
+        common + ["student=pruned", "student.prune.strategy=depth", f"student.prune.fraction={a.depth_fraction}"]
+    )
     teacher_dir = _teacher_dir(probe)
     depth_plan = student_plan(probe, read_config(teacher_dir))
     same = depth_plan.params / depth_plan.teacher_params
     variants = {
         "a": ("pruned (width) + distill", common + ["student=pruned"]),
         "c": ("pruned (width) + fine-tune (CE only)", common + ["student=pruned", "distill.kd_weight=0.0"]),
-        "d_depth": ("pruned (depth) + distill", common + ["student=pruned", "student.prune.strategy=depth",
-                                                           f"student.prune.fraction={a.depth_fraction}"]),
-        "d_width": ("pruned (width, same params as d_depth) + distill",
-                    common + ["student=pruned", f"student.prune.fraction={same + 1e-6}"]),
+        "d_depth": (
+            "pruned (depth) + distill",
+            common + ["student=pruned", "student.prune.strategy=depth", f"student.prune.fraction={a.depth_fraction}"],
+        ),
+        "d_width": (
+            "pruned (width, same params as d_depth) + distill",
+            common + ["student=pruned", f"student.prune.fraction={same + 1e-6}"],
+        ),
     }
     results = {}
     for key in ("a", "c", "d_depth", "d_width"):
@@ -106,8 +112,14 @@ def _teacher_dir(rc):
     if rc.teacher.path:
         return Path(rc.teacher.path)
     records = {s: load_records(rc.data, s) for s in ("train", "test")}
-    return bootstrap_teacher(rc.teacher, records, data_hash(rc.data), rc.eval, accelerator=make_accelerator("no"),
-                             max_length=rc.data.max_length)
+    return bootstrap_teacher(
+        rc.teacher,
+        records,
+        data_hash(rc.data),
+        rc.eval,
+        accelerator=make_accelerator("no"),
+        max_length=rc.data.max_length,
+    )
 
 
 def _row(name, m, seconds, report):

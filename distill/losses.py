@@ -138,8 +138,19 @@ class _FusedChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_kd, _g_ce):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * g_loss, None if grad_w is None else grad_w * g_loss,
-                None, None, None, None, None, None, None, None, None)
+        return (
+            None if grad_h is None else grad_h * g_loss,
+            None if grad_w is None else grad_w * g_loss,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_kd_loss(
@@ -167,8 +178,19 @@ def chunked_kd_loss(
     is O(chunk_size x V) instead of O(N x V). Returns ``(loss, kd_sum, ce_sum)``: ``loss`` carries the
     gradient; the two sums are detached, for logging. Divide by the token count for means.
     """
-    return _FusedChunkedKD.apply(student_hidden, student_head, targets, teacher_hidden, teacher_head, vocab_size, div,
-                                 temperature, chunk_size, kd_weight, ce_weight)
+    return _FusedChunkedKD.apply(
+        student_hidden,
+        student_head,
+        targets,
+        teacher_hidden,
+        teacher_head,
+        vocab_size,
+        div,
+        temperature,
+        chunk_size,
+        kd_weight,
+        ce_weight,
+    )
 
 
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -36,10 +36,17 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in history]
-    for key in ("loss", "kd", "ce", "feat"):
+    for i, key in enumerate(("loss", "kd", "ce", "feat")):
         ys = [r.get(key, 0.0) for r in history]
-        if any(ys):
-            ax.plot(steps, ys, label=key, linewidth=1)
+        if not any(ys):
+            continue
+        color = f"C{i}"
+        ax.plot(steps, ys, color=color, alpha=0.2, linewidth=0.6)
+        smooth, acc = [], None
+        for y in ys:  # exponential moving average: the trend through per-step noise
+            acc = y if acc is None else 0.95 * acc + 0.05 * y
+            smooth.append(acc)
+        ax.plot(steps, smooth, color=color, label=f"{key} (EMA)", linewidth=1.5)
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="validation CE", linewidth=1.5)

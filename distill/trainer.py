@@ -119,8 +119,15 @@ class DistillModule(nn.Module):
                 # Learned linear map from student to teacher width (FitNets, Romero et al. 2015).
                 self.proj[f"{s}_{t}"] = nn.Linear(s_width, teacher_hidden_size, bias=False)
 
-    def forward(self, input_ids, attention_mask, labels, teacher: dict | None = None, kd_weight: float = 1.0,
-                ce_weight: float = 1.0):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        teacher: dict | None = None,
+        kd_weight: float = 1.0,
+        ce_weight: float = 1.0,
+    ):
         """Summed losses of one micro-batch: ``logit`` = kd_weight * KD + ce_weight * CE (differentiable),
         ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``."""
         sel = labels[:, 1:] != IGNORE

@@ -71,7 +71,16 @@ def test_chunked_equals_unchunked_value_and_gradient(name, chunk):
     g_ref = torch.autograd.grad(ref, [h_s, w_s])
 
     got, kd, ce = losses.chunked_kd_loss(
-        h_s, w_s, tgt, h_t, w_t, vocab_size=v_real, div=div, temperature=2.0, chunk_size=chunk, kd_weight=1.0,
+        h_s,
+        w_s,
+        tgt,
+        h_t,
+        w_t,
+        vocab_size=v_real,
+        div=div,
+        temperature=2.0,
+        chunk_size=chunk,
+        kd_weight=1.0,
         ce_weight=0.5,
     )
     g_got = torch.autograd.grad(got * 3.0, [h_s, w_s])  # an upstream factor scales the stored gradients

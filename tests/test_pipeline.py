@@ -129,8 +129,17 @@ def test_pruned_student_pipeline(smoke_run, tmp_path):
     """teacher -> prune (budget) -> recovery distillation; the pruned model is kept as DIR/pruned."""
     _, env, _ = smoke_run
     run_dir = tmp_path / "pruned_run"
-    proc = _run(["+exp=smoke", f"hydra.run.dir={run_dir}", "student=pruned", "student.prune.fraction=0.5",
-                 "distill.features.layer_map=[[0,0],[1,1]]", "eval.num_test=8"], env)
+    proc = _run(
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={run_dir}",
+            "student=pruned",
+            "student.prune.fraction=0.5",
+            "distill.features.layer_map=[[0,0],[1,1]]",
+            "eval.num_test=8",
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.log[-3000:]
     report = json.loads((run_dir / "pruned" / "prune_report.json").read_text())
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -144,8 +153,23 @@ def test_prune_cli_refuses_impossible_targets(smoke_run, tmp_path):
     _, env, _ = smoke_run
     cache = Path(env["DISTILL_CACHE"]) / "teachers"
     teacher = next(cache.iterdir())
-    proc = subprocess.run([sys.executable, "-m", "prune", str(teacher), str(tmp_path / "out"), "--num-attention-heads",
-                           "16", "--hidden-size", "60"], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prune",
+            str(teacher),
+            str(tmp_path / "out"),
+            "--num-attention-heads",
+            "16",
+            "--hidden-size",
+            "60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "larger than the teacher's 4" in proc.stderr and "not a multiple of align=8" in proc.stderr
     assert not (tmp_path / "out").exists()
