@@ -235,7 +235,7 @@ def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | No
     return acc
 
 
-def _sample_on_policy(student, batch: dict, tokenizer, cfg, generator: torch.Generator) -> dict:
+def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
     """GKD on-policy batch: the student's own sampled answers to the batch's prompts, labels on them."""
     from distill.evaluate import left_pad
 
@@ -334,7 +334,6 @@ def train(
         log.info("%s: resumed from %s at step %d", desc, ckpt_root / state["dir"], start_step)
 
     on_policy = dcfg.on_policy if (dcfg is not None and teacher is not None) else None
-    gen = torch.Generator().manual_seed(tc.seed)
     ema, spikes_in_row = None, 0
     t0, tokens_seen = time.time(), 0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
@@ -354,7 +353,7 @@ def train(
                 k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()
             }
             if use_policy:
-                batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy, gen)
+                batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy)
             micro_batches.append(batch)
         # Response tokens of the whole optimizer step, over all micro-batches and processes: every loss is
         # divided by it, so accumulation and data parallelism give exactly the large-batch token mean.
