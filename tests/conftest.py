@@ -68,3 +68,13 @@ def python_env():
     env.setdefault("OMP_NUM_THREADS", "1")
     env["ACCELERATE_USE_CPU"] = "true"  # torchrun on a CPU machine: without it accelerate runs N lone processes
     return env
+
+
+# Prepended to subprocess code that must prove an artifact loads without this project installed.
+BLOCK_PROJECT_IMPORTS = """import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("distill", "prune", "quantize", "export"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""

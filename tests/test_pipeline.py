@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, python_env
+from conftest import BLOCK_PROJECT_IMPORTS, ROOT, python_env
 
 REQUIRED = ("exact_match", "tool_accuracy", "arg_f1", "valid_json", "perplexity", "num_params")
 
@@ -60,13 +60,7 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
 
 def test_student_reloads_without_this_project(smoke_run):
     run_dir, env, _ = smoke_run
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("distill", "prune", "quantize", "export"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(run_dir / "student")!r})
         model = AutoModelForCausalLM.from_pretrained({str(run_dir / "student")!r})

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import BLOCK_PROJECT_IMPORTS
 
 from prune import PlanError, count_params, make_plan, prune_model
 from prune.plan import Shape
@@ -191,13 +192,7 @@ def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, 
     dest = tmp_path / "pruned"
     report = prune_folder(src, dest, fraction=0.5, method="activation", calib_examples=16)
     assert report["fraction"] <= 0.5 and (dest / "prune_report.json").is_file()
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("distill", "prune", "quantize", "export"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         m = AutoModelForCausalLM.from_pretrained({str(dest)!r})
