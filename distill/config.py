@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -453,4 +453,4 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     return validate(cfg)
 
 
-__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict", "field"]
+__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict"]

@@ -61,15 +61,6 @@ def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) ->
     return problems
 
 
-def tokenizer_fingerprint(folder: str | Path) -> str:
-    """Hash of a tokenizer's vocabulary (token -> id), comparable across folders without loading models."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
 def vocab_problems(teacher_dir: str | Path, student_dir: str | Path, key: str) -> list[str]:
     """Teacher and student must share a tokenizer; their embedding tables may differ only by padding rows."""
     from transformers import AutoTokenizer

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 GENERATOR_VERSION = "car_assistant/1"
 SPLITS = ("train", "validation", "test", "hard")
-SYSTEM_PROMPT = None  # the bootstrapped chat template has no system turn by default
 
 
 @dataclass(frozen=True)
