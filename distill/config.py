@@ -157,6 +157,58 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool  # false stops the pipeline after the PyTorch evaluation (no ONNX, no gate)
+    opset: int
+    fp16: bool  # also write onnx/fp16
+    verify_atol: float  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
+    openvino: bool | str  # auto | true | false: also run the ONNX files under OpenVINO and report agreement
+    latency_prompts: int  # test prompts timed at batch 1 for prefill and per-token decode latency
+    latency_tokens: int  # tokens generated per timed prompt
+
+
+@dataclass
+class Int8Config:
+    per_channel: bool
+    embedding: bool
+
+
+@dataclass
+class Int8StaticConfig:
+    per_channel: bool
+    calib_examples: int
+
+
+@dataclass
+class Int4Config:
+    block_size: int
+    algorithm: str  # rtn | hqq | gptq
+    symmetric: bool
+    accuracy_level: int | None
+    embedding: bool
+    calib_examples: int
+
+
+@dataclass
+class QuantizeConfig:
+    variants: list[str]  # int8 | int8_static | int4
+    int8: Int8Config
+    int8_static: Int8StaticConfig
+    int4: Int4Config
+
+
+@dataclass
+class GateConfig:
+    variants: list[str]  # the shipped artifacts, judged: fp32 | fp16 | int8 | int8_static | int4
+    min_exact_match_retention: float | None
+    min_tool_accuracy_retention: float | None
+    min_arg_f1_retention: float | None
+    min_valid_json: float | None
+    min_agreement: float | None
+    max_kl: float | None
+
+
+@dataclass
 class RunConfig:
     name: str
     data: DataConfig
@@ -164,6 +216,9 @@ class RunConfig:
     student: StudentConfig
     distill: DistillConfig
     eval: EvalConfig
+    export: ExportConfig
+    quantize: QuantizeConfig
+    gate: GateConfig
 
 
 CHOICES = {
@@ -176,7 +231,10 @@ CHOICES = {
     "distill.features.kind": ("cosine", "mse"),
     "schedule": ("cosine", "linear", "constant"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "export.openvino": ("auto",),
+    "quantize.int4.algorithm": ("rtn", "hqq", "gptq"),
 }
+ONNX_VARIANTS = ("fp32", "fp16", "int8", "int8_static", "int4")
 POSITIVE = {
     "steps",
     "batch_size",
@@ -200,6 +258,12 @@ POSITIVE = {
     "spike_factor",
     "max_position_embeddings",
     "reserve_modulus",
+    "opset",
+    "verify_atol",
+    "latency_prompts",
+    "latency_tokens",
+    "block_size",
+    "calib_examples",
 }
 NON_NEGATIVE = {
     "weight_decay",
@@ -214,7 +278,16 @@ NON_NEGATIVE = {
     "num_validation",
     "num_hard",
 }
-UNIT = {"kd_weight", "fraction", "held_out_fraction", "retention_target", "min_exact_match"}
+UNIT = {
+    "kd_weight",
+    "fraction",
+    "held_out_fraction",
+    "retention_target",
+    "min_exact_match",
+    "min_valid_json",
+    "min_agreement",
+}
+NON_NEGATIVE |= {"max_kl", "min_exact_match_retention", "min_tool_accuracy_retention", "min_arg_f1_retention"}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -343,6 +416,7 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
         problems.append(
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
+    _check_onnx(c, problems)
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
     for pair in fe.layer_map:
@@ -354,6 +428,37 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             problems.append(
                 f"distill.features.layer_map: teacher layer {pair[1]} does not exist (teacher has {known_t} layers)"
             )
+
+
+def _check_onnx(c: RunConfig, problems: list[str]) -> None:
+    q, g = c.quantize, c.gate
+    for v in q.variants:
+        if v not in ("int8", "int8_static", "int4"):
+            problems.append(f"quantize.variants: {v!r} is not one of int8, int8_static, int4")
+    built = {"fp32", *(["fp16"] if c.export.fp16 else []), *q.variants}
+    for v in g.variants:
+        if v not in ONNX_VARIANTS:
+            problems.append(f"gate.variants: {v!r} is not one of {', '.join(ONNX_VARIANTS)}")
+        elif v not in built:
+            problems.append(
+                f"gate.variants: {v!r} is gated but not built; add it to quantize.variants (or export.fp16=true)"
+            )
+    if c.export.enabled and not g.variants:
+        problems.append("gate.variants: empty; name the artifact that ships (e.g. [int8]) so the gate can judge it")
+    b = q.int4.block_size
+    if b >= 16 and b & (b - 1):
+        problems.append(f"quantize.int4.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
+    elif b < 16:
+        problems.append(f"quantize.int4.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
+    if q.int4.embedding and q.int4.algorithm != "rtn":
+        problems.append("quantize.int4.embedding: true needs quantize.int4.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)")
+    if q.int4.accuracy_level is not None and q.int4.accuracy_level not in (0, 1, 2, 3, 4):
+        problems.append(f"quantize.int4.accuracy_level: {q.int4.accuracy_level} must be 0-4 or null")
+    if c.export.openvino is True:
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            problems.append("export.openvino: true but openvino is not installed; pip install 'car-distill[openvino]' or set auto")
 
 
 def teacher_config_dict(c: RunConfig) -> dict | None:

@@ -67,26 +67,34 @@ def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) 
     return metrics.score(texts, [ex["answer"] for ex in data]), answers
 
 
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> (B, T, V)
+
+
+def model_logits_fn(model) -> LogitsFn:
+    device = next(model.parameters()).device
+    return lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+
+
 @torch.no_grad()
 def teacher_forced(model, data: Sequence[dict], tokenizer, batch_size: int, teacher=None) -> dict[str, float]:
     """Perplexity on the reference answers; with ``teacher``: mean KL(teacher || model) per answer token
-    and greedy token agreement (share of answer positions where both models' argmax agree)."""
+    and greedy token agreement (share of answer positions where both models' argmax agree).
+
+    ``model`` is a PyTorch model or a ``LogitsFn`` (so an ONNX runtime is scored by the same code)."""
+    logits_of = model if not isinstance(model, torch.nn.Module) else model_logits_fn(model)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    teacher_of = model_logits_fn(teacher) if teacher is not None else None
     vocab = len(tokenizer)
-    device = next(model.parameters()).device
-    model.eval()
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for i in range(0, len(data), batch_size):
-        b = {k: v.to(device) for k, v in collate(data[i : i + batch_size], tokenizer.pad_token_id).items()}
+        b = collate(data[i : i + batch_size], tokenizer.pad_token_id)
         sel = b["labels"][:, 1:] != IGNORE
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, :vocab][sel].float()
+        logits = logits_of(b["input_ids"], b["attention_mask"])[:, :-1, :vocab].cpu()[sel].float()
         nll += float(F.cross_entropy(logits, b["labels"][:, 1:][sel], reduction="sum"))
         count += int(sel.sum())
-        if teacher is not None:
-            tl = (
-                teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                .logits[:, :-1, :vocab][sel]
-                .float()
-            )
+        if teacher_of is not None:
+            tl = teacher_of(b["input_ids"], b["attention_mask"])[:, :-1, :vocab].cpu()[sel].float()
             lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
             kl += float((lt.exp() * (lt - ls)).sum())
             agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
@@ -114,3 +122,73 @@ def evaluate_model(
     if teacher_answers is not None:
         scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
     return scores, answers
+
+
+def onnx_logits_fn(runner) -> LogitsFn:
+    """Teacher-forced logits of an ``export.runtime.OnnxCausalLM`` as a torch tensor."""
+    return lambda ids, mask: torch.from_numpy(runner.forward(ids.numpy(), mask.numpy())[0])
+
+
+def evaluate_onnx(
+    runner,
+    tokenizer,
+    data: Sequence[dict],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    teacher=None,
+    teacher_answers: list[list[int]] | None = None,
+) -> tuple[dict, list[list[int]]]:
+    """All metrics of one ONNX artifact (through ``export.runtime``) on one split, as for a PyTorch model."""
+    gen = lambda prompts: runner.generate(prompts, max_new_tokens, batch_size=batch_size)  # noqa: E731
+    scores, answers = evaluate_generations(data, gen, tokenizer)
+    scores.update(teacher_forced(onnx_logits_fn(runner), data, tokenizer, batch_size, teacher))
+    if teacher_answers is not None:
+        scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
+    return scores, answers
+
+
+def latency(generate_n: Callable[[Sequence[int], int], object], prompts: Sequence[Sequence[int]], n_tokens: int) -> dict:
+    """Batch-1 latency: ``prefill_ms`` = time to the first token, ``ms_per_token`` = (time for ``n_tokens``
+    minus time for 1) / (``n_tokens`` - 1). ``generate_n(prompt, n)`` must produce exactly ``n`` tokens.
+    The same method for every runtime, so the numbers compare; each is the median over ``prompts``
+    after one warm-up call."""
+    import statistics
+    import time
+
+    generate_n(prompts[0], 2)  # warm-up: allocations, kernel selection
+    firsts, per_token = [], []
+    for p in prompts:
+        t = time.perf_counter()
+        generate_n(p, 1)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        generate_n(p, n_tokens)
+        tn = time.perf_counter() - t
+        firsts.append(t1)
+        per_token.append(max(tn - t1, 0.0) / max(n_tokens - 1, 1))
+    return {"prefill_ms": 1000 * statistics.median(firsts), "ms_per_token": 1000 * statistics.median(per_token)}
+
+
+def hf_generate_n(model, pad_id: int):
+    """``generate_n`` for ``latency``: HF ``generate`` with KV cache, greedy, exactly ``n`` new tokens."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def run(prompt: Sequence[int], n: int):
+        ids = torch.tensor([list(prompt)], device=device)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=pad_id,
+        )
+
+    return run
+
+
+def onnx_generate_n(runner):
+    """``generate_n`` for ``latency``: the ONNX runner, greedy, exactly ``n`` new tokens."""
+    return lambda prompt, n: runner.generate([prompt], n, min_new_tokens=n)

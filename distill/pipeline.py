@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, to_dict, validate
+from export.gate import THRESHOLDS as THRESHOLD_KEYS
+from export.onnx import onnx_bytes
 
 log = logging.getLogger("distill")
 SPLITS = ("train", "validation", "test", "hard")
@@ -65,7 +67,7 @@ def run(cfg, run_dir: str | Path) -> dict:
         student_config,
         vocab_problems,
     )
-    from distill.report import plot_history, render_report, write_json
+    from distill.report import plot_history, plot_variants, render_report, write_json
     from distill.teacher import bootstrap_teacher
     from distill.trainer import apply_lora, gathered_student_state, make_accelerator, merge_lora, train
 
@@ -212,7 +214,14 @@ def run(cfg, run_dir: str | Path) -> dict:
             },
             "seconds": time.time() - started,
         }
+        if rc.export.enabled:
+            shipped = ship(rc, run_dir, teacher, teacher_dir, tokenizer, enc, t_test, t_ans, records["train"])
+            for who in ("teacher", "student"):
+                metrics[who].update(shipped.pop(who))  # bytes on disk and PyTorch latency
+            metrics.update(shipped)
         plots = [p.name for p in [plot_history(result.history, run_dir / "loss.png", f"{rc.name}: distillation")] if p]
+        if rc.export.enabled:
+            plots += [p.name for p in [plot_variants(metrics, run_dir / "variants.png")] if p]
         write_json(run_dir / "metrics.json", metrics)
         write_json(
             run_dir / "manifest.json",
@@ -230,6 +239,8 @@ def run(cfg, run_dir: str | Path) -> dict:
             },
         )
         (run_dir / "report.md").write_text(render_report(metrics, plots))
+        if "gate" in metrics:
+            (log.info if metrics["gate"]["passed"] else log.error)("%s", metrics["gate"]["summary"])
         log.info(
             "student keeps %.1f%% of the teacher's test exact match (%.3f vs %.3f) at %.3fx the parameters; report: %s",
             100 * retention,
@@ -241,6 +252,126 @@ def run(cfg, run_dir: str | Path) -> dict:
     acc.wait_for_everyone()
     acc.end_training()  # also tears down the process group: nothing collective after this
     return metrics
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def build_onnx_variants(rc: RunConfig, student_dir: Path, onnx_dir: Path, calibration: list[list[int]]) -> dict[str, Path]:
+    """Export the student (fp32, optionally fp16) and quantize it: variant name -> folder under ``onnx_dir``."""
+    from export.onnx import export_onnx, to_float16
+    from quantize import quantize_int4, quantize_int8_dynamic, quantize_int8_static
+
+    q = rc.quantize
+    out = {}
+    with _stage("export"):
+        out["fp32"] = export_onnx(student_dir, onnx_dir / "fp32", opset=rc.export.opset, verify_atol=rc.export.verify_atol)
+        if rc.export.fp16:
+            out["fp16"] = to_float16(out["fp32"], onnx_dir / "fp16")
+    with _stage("quantize"):
+        for v in q.variants:
+            dest = onnx_dir / v
+            if v == "int8":
+                out[v] = quantize_int8_dynamic(out["fp32"], dest, per_channel=q.int8.per_channel, embedding=q.int8.embedding)
+            elif v == "int8_static":
+                out[v] = quantize_int8_static(
+                    out["fp32"], dest, calibration[: q.int8_static.calib_examples], per_channel=q.int8_static.per_channel
+                )
+            elif v == "int4":
+                c = q.int4
+                out[v] = quantize_int4(
+                    out["fp32"],
+                    dest,
+                    block_size=c.block_size,
+                    algorithm=c.algorithm,
+                    symmetric=c.symmetric,
+                    accuracy_level=c.accuracy_level,
+                    embedding=c.embedding,
+                    calibration=calibration[: c.calib_examples],
+                )
+    return out
+
+
+def ship(rc: RunConfig, run_dir: Path, teacher, teacher_dir: Path, tokenizer, enc: dict, t_test: dict, t_ans, train_records) -> dict:
+    """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
+
+    Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
+    ``bytes``, ``ms_per_token``, ``prefill_ms``, quantization settings, OpenVINO agreement), latency of the
+    PyTorch teacher and student, and ``gate``."""
+    import importlib.util
+
+    import torch
+
+    from distill.evaluate import evaluate_onnx, hf_generate_n, latency, onnx_generate_n
+    from distill.models import load_causal_lm
+    from export.gate import evaluate_gate
+    from export.runtime import OnnxCausalLM
+
+    ev = dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
+    calibration = [ex["input_ids"] for ex in _calibration_examples(rc, tokenizer, train_records)]
+    variants = build_onnx_variants(rc, run_dir / "student", run_dir / "onnx", calibration)
+    timed = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
+    n_tok = rc.export.latency_tokens
+    use_ov = rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino"))
+    out: dict = {}
+    with _stage("evaluate onnx"), torch.no_grad():
+        student = load_causal_lm(run_dir / "student")
+        for who, model, folder in (("teacher", teacher, teacher_dir), ("student", student, run_dir / "student")):
+            out[who] = {"bytes": safetensors_bytes(folder), **latency(hf_generate_n(model, tokenizer.pad_token_id), timed, n_tok)}
+        for v, folder in variants.items():
+            runner = OnnxCausalLM(folder)
+            scores, answers = evaluate_onnx(runner, tokenizer, enc["test"], teacher=teacher, teacher_answers=t_ans, **ev)
+            scores.update(latency(onnx_generate_n(runner), timed, n_tok))
+            scores["bytes"] = onnx_bytes(folder)
+            qinfo = folder / "quantization.json"
+            if qinfo.is_file():
+                scores["quantization"] = json.loads(qinfo.read_text())["settings"]
+            if use_ov:
+                scores["openvino"] = cross_runtime(folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size)
+            out[f"onnx_{v}"] = scores
+            log.info(
+                "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
+                v, scores["exact_match"], scores["agreement"], scores["kl"], scores["bytes"], scores["ms_per_token"],
+            )
+    with _stage("gate"):
+        g = rc.gate
+        thresholds = {k: getattr(g, k) for k in THRESHOLD_KEYS}
+        result = evaluate_gate(t_test, {f"onnx_{v}": out[f"onnx_{v}"] for v in g.variants}, thresholds)
+        out["gate"] = {**result.to_dict(), "summary": result.describe()}
+    return out
+
+
+def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+    """The same ONNX file under OpenVINO (CPU, f32 precision hint): share of greedy answers identical to
+    ONNX Runtime's, argmax agreement and largest logit difference on the reference sequences."""
+    import numpy as np
+
+    from export.runtime import OnnxCausalLM
+
+    try:
+        ov = OnnxCausalLM(folder, backend="openvino")
+    except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
+        log.warning("openvino could not load %s: %s", folder, err)
+        return {"error": str(err).splitlines()[0][:300]}
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
+    ov_answers = ov.generate(prompts, max_new_tokens, batch_size=batch_size)
+    seqs = [ex["input_ids"] for ex in data]
+    a, b = runner.sequence_logits(seqs, batch_size), ov.sequence_logits(seqs, batch_size)
+    agree = np.mean(np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b, strict=True)]))
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    return {
+        "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
+        "argmax_agreement": float(agree),
+        "max_logit_diff": diff,
+    }
+
+
+def _calibration_examples(rc: RunConfig, tokenizer, train_records) -> list[dict]:
+    from distill.data import encode_records
+
+    n = max(rc.quantize.int8_static.calib_examples, rc.quantize.int4.calib_examples)
+    return encode_records(tokenizer, train_records[:n], rc.data.max_length, "data.train")
 
 
 def _prune_teacher(rc: RunConfig, teacher, teacher_dir: Path, tokenizer, train_records, run_dir: Path, acc):

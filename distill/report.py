@@ -90,6 +90,95 @@ def render_report(metrics: dict, plots: list[str]) -> str:
         f"{metrics['train']['tokens_per_s']:.0f} tokens/s, {metrics['train']['skipped_steps']} skipped steps.",
         "",
     ]
+    if "gate" in metrics:
+        lines += release_table(metrics)
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)
+
+
+def onnx_variants(metrics: dict) -> list[str]:
+    return [k for k in metrics if k.startswith("onnx_")]
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 1e6:.2f}"
+
+
+def release_table(metrics: dict) -> list[str]:
+    """One table: the teacher, the PyTorch student and every ONNX variant, with the gate's verdict."""
+    gate = metrics["gate"]
+    gated = {c["variant"] for c in gate["checks"]}
+    failed = {c["variant"] for c in gate["checks"] if not c["passed"]}
+    lines = [
+        "## Release: the shipped artifact under ONNX Runtime vs the teacher (test split)",
+        "",
+        "| model | runtime | size MB | decode ms/token | prefill ms | exact match | agreement | KL | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    rows = [("teacher", "PyTorch", metrics["teacher"]), ("student", "PyTorch", metrics["student"])]
+    rows += [(f"student {k[5:]}", "ONNX Runtime", metrics[k]) for k in onnx_variants(metrics)]
+    for name, runtime, m in rows:
+        key = "onnx_" + name.split(" ", 1)[1] if name.startswith("student ") else name
+        verdict = ("**FAIL**" if key in failed else "pass") if key in gated else ""
+        lines.append(
+            f"| {name} | {runtime} | {_mb(m.get('bytes'))} | {_fmt(m.get('ms_per_token'))} | {_fmt(m.get('prefill_ms'))} "
+            f"| {_fmt(m.get('exact_match'))} | {_fmt(m.get('agreement'))} | {_fmt(m.get('kl'))} | {verdict} |"
+        )
+    lines += ["", f"**Release gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
+    lines += [f"- {c}" for c in _check_lines(gate)]
+    ov = [(k, metrics[k]["openvino"]) for k in onnx_variants(metrics) if "openvino" in metrics[k]]
+    if ov:
+        lines += ["", "Cross-runtime (same ONNX file under OpenVINO CPU vs ONNX Runtime):", ""]
+        lines += ["| variant | identical greedy answers | argmax agreement | max logit diff |", "|---|---:|---:|---:|"]
+        for k, o in ov:
+            if "error" in o:
+                lines.append(f"| {k[5:]} | OpenVINO could not run it: {o['error']} | | |")
+            else:
+                lines.append(
+                    f"| {k[5:]} | {o['generation_match']:.3f} | {o['argmax_agreement']:.4f} | {o['max_logit_diff']:.2e} |"
+                )
+    return lines + [""]
+
+
+def _check_lines(gate: dict) -> list[str]:
+    out = []
+    for c in gate["checks"]:
+        what = f"{c['metric']} / teacher's" if c["relative"] else c["metric"]
+        status = "ok" if c["passed"] else f"**missed by {abs(c['margin']):.4f}**"
+        out.append(f"{c['variant']}: {what} = {c['value']:.4f} (needs {c['op']} {c['threshold']:.4f}): {status}")
+    return out
+
+
+def plot_variants(metrics: dict, path: str | Path) -> Path | None:
+    """Size on disk and decode latency of each artifact against its exact match: what quantization buys."""
+    names = ["teacher", "student"] + onnx_variants(metrics)
+    rows = [(n, metrics[n]) for n in names if metrics.get(n, {}).get("bytes")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "bytes", "size on disk (MB)"), (axes[1], "ms_per_token", "decode ms / token (batch 1)")):
+        for i, (n, m) in enumerate(rows):
+            x = m[key] / 1e6 if key == "bytes" else m[key]
+            ax.scatter(x, m["exact_match"], color=f"C{i}", s=60, label=n.replace("onnx_", "onnx "))
+            ax.annotate(n.replace("onnx_", ""), (x, m["exact_match"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test exact match")
+        ax.grid(alpha=0.3)
+    t_em = metrics["teacher"]["exact_match"]
+    for g in metrics.get("gate", {}).get("checks", []):
+        if g["metric"] == "exact_match" and g["relative"]:
+            for ax in axes:
+                ax.axhline(g["threshold"] * t_em, color="red", linestyle="--", linewidth=1, label="gate")
+            break
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{metrics['name']}: size and latency vs accuracy (gate: {'passed' if metrics.get('gate', {}).get('passed') else 'FAILED'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

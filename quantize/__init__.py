@@ -1,1 +1,258 @@
-"""ONNX Runtime quantization (int8 dynamic / static, int4 MatMulNBits). Not built yet: see issue 5."""
+"""ONNX Runtime quantization of an exported decoder folder (``export.onnx``): each writes a new folder.
+
+- ``quantize_int8_dynamic``: int8 weights (per output channel), activations quantized on the fly.
+- ``quantize_int8_static``: int8 weights and activations in QDQ format, activation ranges calibrated on
+  task sequences.
+- ``quantize_int4``: int4 weight-only ``MatMulNBits`` with a block size and an algorithm: ``rtn``
+  (round to nearest, ORT's default quantizer), ``hqq`` (half-quadratic, data-free), ``gptq``
+  (calibrated on task sequences).
+
+All of them cover every MatMul with a constant weight, the LM head included (tied heads are exported
+as their own transposed initializer), and optionally the embedding (``Gather``). Each folder gets
+``quantization.json``: scheme, settings, which ops were quantized how, and bytes on disk.
+
+bitsandbytes remains the tool for low-precision weights during training (``teacher.quantization``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from export.onnx import ONNX_FILE, TWO_GB, copy_runtime_files, finish_folder, onnx_bytes, temp_folder
+
+log = logging.getLogger(__name__)
+logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
+
+
+def _op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def _const_matmuls(path: Path) -> list[str]:
+    """MatMul nodes whose second input is an initializer: the weight matmuls (LM head included)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+
+
+class SequenceReader:
+    """ONNX Runtime ``CalibrationDataReader`` over token sequences (prompt + answer), fed one at a time
+    as full prefill steps with an empty KV cache."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], meta: dict):
+        self.sequences = [list(s) for s in sequences]
+        self.meta = meta
+        self._it = None
+
+    def _feeds(self) -> Iterable[dict]:
+        import numpy as np
+
+        n, kv, hd = self.meta["num_hidden_layers"], self.meta["num_key_value_heads"], self.meta["head_dim"]
+        for s in self.sequences:
+            ids = np.array([s], dtype=np.int64)
+            feed = {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "position_ids": np.arange(len(s), dtype=np.int64)[None],
+            }
+            for i in range(n):
+                for k in ("key", "value"):
+                    feed[f"past_key_values.{i}.{k}"] = np.zeros((1, kv, 0, hd), dtype=np.float32)
+            yield feed
+
+    def get_next(self):
+        if self._it is None:
+            self._it = iter(self._feeds())
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = None
+
+    def __iter__(self):
+        return iter(self._feeds())
+
+    def __deepcopy__(self, memo):  # ORT's GPTQ path deep-copies the reader
+        return SequenceReader(self.sequences, self.meta)
+
+
+def _meta(src: Path) -> dict:
+    return json.loads((src / "onnx_config.json").read_text())
+
+
+def _finish(src: Path, tmp: Path, dest: Path, scheme: str, settings: dict) -> Path:
+    copy_runtime_files(src, tmp)
+    weights, left = _const_matmuls(src / ONNX_FILE), _const_matmuls(tmp / ONNX_FILE)
+    info = {
+        "scheme": scheme,
+        "settings": settings,
+        "source": str(src),
+        "quantized": {
+            "weight_matmuls": len(weights) - len(left),
+            "weight_matmuls_left_float": left,
+            "lm_head": any("lm_head" in n for n in weights) and not any("lm_head" in n for n in left),
+            "embedding": bool(settings.get("embedding")),
+        },
+        "ops_before": _op_counts(src / ONNX_FILE),
+        "ops_after": _op_counts(tmp / ONNX_FILE),
+        "bytes": onnx_bytes(tmp),
+        "source_bytes": onnx_bytes(src),
+    }
+    (tmp / "quantization.json").write_text(json.dumps(info, indent=2))
+    log.info("quantize %s: %s -> %s bytes (%.2fx)", scheme, info["source_bytes"], info["bytes"], info["bytes"] / info["source_bytes"])
+    return finish_folder(tmp, dest)
+
+
+def _guard(dest: Path, build) -> Path:
+    """Build into a temporary sibling folder, renamed onto ``dest`` when complete; ORT's quantizers log
+    every node on the root logger at INFO, so that is quietened meanwhile."""
+    tmp = temp_folder(dest)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        return build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8_dynamic(src: str | Path, dest: str | Path, *, per_channel: bool = True, embedding: bool = False) -> Path:
+    """int8 weights per output channel (symmetric), activations quantized per call (ORT dynamic)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dest = Path(src), Path(dest)
+
+    def build(tmp: Path) -> Path:
+        quantize_dynamic(
+            str(src / ONNX_FILE),
+            str(tmp / ONNX_FILE),
+            op_types_to_quantize=["MatMul"] + (["Gather"] if embedding else []),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=onnx_bytes(src) >= TWO_GB,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        settings = {"per_channel": per_channel, "weight_type": "int8", "embedding": embedding}
+        return _finish(src, tmp, dest, "int8_dynamic", settings)
+
+    return _guard(dest, build)
+
+
+def quantize_int8_static(
+    src: str | Path, dest: str | Path, calibration: Sequence[Sequence[int]], *, per_channel: bool = True
+) -> Path:
+    """int8 QDQ: weights per channel, activation ranges from MinMax calibration on ``calibration`` sequences."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    src, dest = Path(src), Path(dest)
+    if not calibration:
+        raise ValueError("static int8 quantization needs calibration sequences")
+
+    def build(tmp: Path) -> Path:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre = tmp / "pre.onnx"  # ONNX Runtime's recommended pre-processing: graph optimisation + shapes
+        quant_pre_process(str(src / ONNX_FILE), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre),
+            str(tmp / ONNX_FILE),
+            SequenceReader(calibration, _meta(src)),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=onnx_bytes(src) >= TWO_GB,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        pre.unlink()
+        settings = {"per_channel": per_channel, "calibration_sequences": len(calibration), "calibrate": "minmax"}
+        return _finish(src, tmp, dest, "int8_static_qdq", settings)
+
+    return _guard(dest, build)
+
+
+def quantize_int4(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    block_size: int = 32,
+    algorithm: str = "rtn",
+    symmetric: bool = True,
+    accuracy_level: int | None = 4,
+    embedding: bool = False,
+    calibration: Sequence[Sequence[int]] | None = None,
+) -> Path:
+    """int4 weight-only ``MatMulNBits`` (blocks of ``block_size`` along the input dimension).
+
+    ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel compute with int8 activations (fastest on x86);
+    ``embedding`` also stores the embedding table as ``GatherBlockQuantized`` (rtn only).
+    """
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    src, dest = Path(src), Path(dest)
+    if algorithm not in INT4_ALGORITHMS:
+        raise ValueError(f"int4 algorithm must be one of {', '.join(INT4_ALGORITHMS)}, got {algorithm!r}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"int4 block_size must be a power of two >= 16, got {block_size}")
+    if embedding and algorithm != "rtn":
+        raise ValueError("int4 embedding quantization is available with algorithm=rtn only (ONNX Runtime)")
+    if algorithm == "gptq" and not calibration:
+        raise ValueError("int4 algorithm=gptq needs calibration sequences")
+    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
+    if algorithm == "rtn":
+        algo = mnb.DefaultWeightOnlyQuantConfig(
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            op_types_to_quantize=ops,
+            quant_axes=(("MatMul", 0), ("Gather", 1)),
+        )
+    elif algorithm == "hqq":
+        algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
+    else:
+        algo = mnb.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=SequenceReader(calibration, _meta(src)), block_size=block_size, op_types_to_quantize=ops
+        )
+
+    def build(tmp: Path) -> Path:
+        import onnx
+
+        model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
+        q = mnb.MatMulNBitsQuantizer(
+            model,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level,
+            op_types_to_quantize=ops,
+            algo_config=algo,
+        )
+        q.process()
+        q.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=onnx_bytes(src) >= TWO_GB)
+        settings = {
+            "bits": 4,
+            "block_size": block_size,
+            "algorithm": algorithm,
+            "symmetric": symmetric,
+            "accuracy_level": accuracy_level,
+            "embedding": embedding,
+        }
+        if calibration and algorithm == "gptq":
+            settings["calibration_sequences"] = len(calibration)
+        return _finish(src, tmp, dest, "int4_weight_only", settings)
+
+    return _guard(dest, build)

@@ -1,0 +1,93 @@
+"""The release gate: thresholds against numbers measured on the shipped artifact -> a verdict with reasons.
+
+Pure Python (no torch, no onnxruntime): it only compares numbers, so a nightly job or a notebook can
+re-judge a ``metrics.json`` with other thresholds.
+
+Each check compares one number of a variant (e.g. ``onnx_int8``) with its threshold. ``relative``
+checks divide the variant's number by the teacher's own (PyTorch) number first: "keep at least 97% of
+the teacher's exact match" is ``exact_match`` relative, at least 0.97.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Check:
+    variant: str
+    metric: str  # e.g. exact_match, agreement, kl
+    value: float  # what was measured (relative to the teacher where ``relative``)
+    threshold: float
+    op: str  # ">=" or "<="
+    relative: bool
+    passed: bool
+
+    @property
+    def margin(self) -> float:
+        """How far inside (positive) or outside (negative) the threshold the value is."""
+        return self.value - self.threshold if self.op == ">=" else self.threshold - self.value
+
+    def describe(self) -> str:
+        what = f"{self.metric} / teacher's" if self.relative else self.metric
+        verdict = "ok" if self.passed else f"FAILED, {'short' if self.op == '>=' else 'over'} by {abs(self.margin):.4f}"
+        return f"{self.variant}: {what} = {self.value:.4f} (needs {self.op} {self.threshold:.4f}): {verdict}"
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": self.passed,
+            "checks": [{**asdict(c), "margin": c.margin} for c in self.checks],
+            "failed": [c.describe() for c in self.failures],
+        }
+
+    def describe(self) -> str:
+        head = "release gate PASSED" if self.passed else f"release gate FAILED ({len(self.failures)} of {len(self.checks)} checks)"
+        return "\n".join([head, *(f"  - {c.describe()}" for c in self.checks)])
+
+
+# (metric, op, relative to the teacher) for each threshold name in conf/gate/
+THRESHOLDS = {
+    "min_exact_match_retention": ("exact_match", ">=", True),
+    "min_tool_accuracy_retention": ("tool_accuracy", ">=", True),
+    "min_arg_f1_retention": ("arg_f1", ">=", True),
+    "min_valid_json": ("valid_json", ">=", False),
+    "min_agreement": ("agreement", ">=", False),
+    "max_kl": ("kl", "<=", False),
+}
+
+
+def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str, float | None]) -> GateResult:
+    """Judge each variant in ``measured`` (name -> metrics) against ``thresholds`` (name -> value or
+    None to skip). A metric the variant does not have fails its check (a gate must not pass on a
+    number nobody measured)."""
+    unknown = set(thresholds) - set(THRESHOLDS)
+    if unknown:
+        raise ValueError(f"unknown gate thresholds {sorted(unknown)}; known: {sorted(THRESHOLDS)}")
+    if not measured:
+        raise ValueError("the gate needs at least one measured variant")
+    checks = []
+    for variant, m in measured.items():
+        for name, threshold in thresholds.items():
+            if threshold is None:
+                continue
+            metric, op, relative = THRESHOLDS[name]
+            value = m.get(metric)
+            if value is None:
+                checks.append(Check(variant, metric, float("nan"), threshold, op, relative, False))
+                continue
+            if relative:
+                t = teacher[metric]
+                value = value / t if t > 0 else (1.0 if value >= t else 0.0)  # a teacher at 0 keeps nothing to lose
+            ok = value >= threshold if op == ">=" else value <= threshold
+            checks.append(Check(variant, metric, float(value), float(threshold), op, relative, bool(ok)))
+    return GateResult(all(c.passed for c in checks), checks)

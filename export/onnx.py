@@ -1,0 +1,305 @@
+"""torch -> ONNX with KV cache: one graph with past inputs, dynamic batch / sequence / past length.
+
+The graph (inputs and outputs by name) is what ``export.runtime`` and any ONNX Runtime application use:
+
+    inputs   input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
+             past_key_values.{i}.key / .value (B, kv_heads, P, head_dim) for each layer i
+    outputs  logits (B, S, V), present.{i}.key / .value (B, kv_heads, P+S, head_dim)
+
+Prefill is the same graph with P = 0 (empty past tensors); decode feeds S = 1 and the presents back.
+The folder also holds the tokenizer files and ``onnx_config.json`` (shapes, names, special ids), so it
+runs without this project and without torch.
+
+Export goes through ``torch.onnx.export``'s TorchScript path (``dynamo=False``): a small wrapper rebuilds
+the HF ``DynamicCache`` from the flat past inputs, and eager attention keeps every mask explicit. The
+dynamo exporter (transformers 5, torch 2.13) needs ``dynamic_shapes`` rewritten per model family and
+adds onnxscript; the TorchScript path exports Llama, Qwen2, Qwen3 and Mistral unchanged (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+CONFIG_FILE = "onnx_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TWO_GB = 2**31  # protobuf's hard limit for one message
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or does not reproduce the PyTorch model."""
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _wrapper(model):
+    """An ``nn.Module`` with flat tensor inputs and outputs around an HF decoder."""
+    import torch
+    from transformers import DynamicCache
+
+    n = model.config.num_hidden_layers
+
+    class FlatKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.model.config)
+            for i in range(n):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            flat = []
+            for layer in out.past_key_values.layers[:n]:
+                flat += [layer.keys, layer.values]
+            return (out.logits, *flat)
+
+    return FlatKV().eval()
+
+
+def _example_inputs(config, batch: int = 2, seq: int = 3, past: int = 2):
+    import torch
+
+    kv, hd = config.num_key_value_heads, _head_dim(config)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq).expand(batch, seq)
+    pkv = [torch.zeros(batch, kv, past, hd) for _ in range(2 * config.num_hidden_layers)]
+    return (ids, mask, pos, *pkv)
+
+
+def onnx_bytes(folder: str | Path) -> int:
+    """Bytes on disk of the ONNX graph and its external data (what ships to the car)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(ONNX_FILE))
+
+
+def save_onnx(model_proto, dest_dir: Path, external_data_threshold: int = TWO_GB) -> None:
+    """Write ``model.onnx``; weights go to ``model.onnx.data`` when they exceed the threshold."""
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model_proto.graph.initializer)
+    external = size >= external_data_threshold
+    onnx.save_model(
+        model_proto,
+        str(dest_dir / ONNX_FILE),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_FILE,
+        size_threshold=1024,
+    )
+    onnx.checker.check_model(str(dest_dir / ONNX_FILE))  # by path: works past 2 GB
+
+
+def finish_folder(tmp: Path, dest: Path) -> Path:
+    """Rename a completed temporary folder onto ``dest`` (replacing an older one)."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
+def temp_folder(dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+
+def copy_runtime_files(src: Path, dst: Path) -> None:
+    """Tokenizer files and ``onnx_config.json`` from one ONNX (or HF) folder to another."""
+    for name in (*TOKENIZER_FILES, CONFIG_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def export_onnx(
+    model_dir: str | Path,
+    dest: str | Path,
+    *,
+    dtype: str = "float32",
+    opset: int = 18,
+    external_data_threshold: int = TWO_GB,
+    verify: bool = True,
+    verify_atol: float = 1e-3,
+) -> Path:
+    """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (+ tokenizer, ``onnx_config.json``).
+
+    ``dtype``: ``float32`` or ``float16`` (converted from the fp32 graph with ONNX Runtime's converter,
+    inputs and outputs included). With ``verify``, the fp32 graph is run once under ONNX Runtime on a
+    prefill and a decode step with padding and compared with PyTorch; a mismatch raises ``ExportError``.
+    The folder is written under a temporary name and renamed when complete.
+    """
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"export dtype must be float32 or float16, got {dtype!r}")
+    model_dir, dest = Path(model_dir), Path(dest)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    config = model.config
+    n = config.num_hidden_layers
+    inputs = ["input_ids", "attention_mask", "position_ids", *past_names(n)]
+    outputs = ["logits", *present_names(n)]
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    axes.update({k: {0: "batch", 2: "past_sequence"} for k in past_names(n)})
+    axes.update({k: {0: "batch", 2: "total_sequence"} for k in present_names(n)})
+
+    tmp = temp_folder(dest)
+    try:
+        raw = tmp / "raw"
+        raw.mkdir()
+        wrapper = _wrapper(model)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript tracer warnings about python branches on shapes
+            torch.onnx.export(
+                wrapper,
+                _example_inputs(config),
+                str(raw / ONNX_FILE),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
+        proto.producer_name = "car-distill"
+        save_onnx(proto, tmp, external_data_threshold)
+        shutil.rmtree(raw)
+        meta = {
+            "model_type": config.model_type,
+            "num_hidden_layers": n,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": _head_dim(config),
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "eos_token_id": _ids(model.generation_config.eos_token_id or config.eos_token_id),
+            "pad_token_id": model.generation_config.pad_token_id
+            if model.generation_config.pad_token_id is not None
+            else config.pad_token_id,
+            "dtype": "float32",
+            "inputs": inputs,
+            "outputs": outputs,
+            "opset": opset,
+            "source": str(model_dir),
+            "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        if verify:
+            err = verify_against_torch(tmp, model, verify_atol)
+            log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
+        if dtype == "float16":
+            _half_in_place(tmp, tmp, external_data_threshold)
+        return finish_folder(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _ids(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in (x if isinstance(x, list | tuple) else [x])]
+
+
+def to_float16(src: str | Path, dest: str | Path, external_data_threshold: int = TWO_GB) -> Path:
+    """A new folder with fp16 weights and activations (KV cache and logits included), converted with
+    ONNX Runtime's float16 converter (its block list keeps range-sensitive ops in fp32 behind casts)."""
+    src, dest = Path(src), Path(dest)
+    tmp = temp_folder(dest)
+    try:
+        copy_runtime_files(src, tmp)
+        _half_in_place(src, tmp, external_data_threshold)
+        return finish_folder(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _half_in_place(src: Path, dest: Path, external_data_threshold: int) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(src / ONNX_FILE), load_external_data=True)
+    half = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True)
+    for p in dest.glob(ONNX_FILE + "*"):
+        p.unlink()
+    save_onnx(half, dest, external_data_threshold)
+    meta = json.loads((dest / CONFIG_FILE).read_text())
+    meta["dtype"] = "float16"
+    (dest / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def verify_against_torch(folder: str | Path, model, atol: float = 1e-3) -> float:
+    """Run a padded prefill and one decode step through ONNX Runtime and PyTorch; return the largest
+    absolute logit difference (on real tokens), raising ``ExportError`` above ``atol``."""
+    import numpy as np
+    import torch
+
+    from export.runtime import OnnxCausalLM
+
+    config = model.config
+    rt = OnnxCausalLM(folder)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    nxt = torch.randint(0, config.vocab_size, (2, 1), generator=g)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        ref2 = model(
+            input_ids=nxt,
+            attention_mask=mask2,
+            position_ids=(mask2.cumsum(-1) - 1)[:, -1:],
+            past_key_values=ref.past_key_values,
+        )
+    logits, past = rt.forward(ids.numpy(), mask.numpy())
+    logits2, _ = rt.forward(nxt.numpy(), mask2.numpy(), past)
+    real = mask.numpy().astype(bool)
+    err = max(
+        float(np.abs(logits[real] - ref.logits.numpy()[real]).max()),
+        float(np.abs(logits2 - ref2.logits.numpy()).max()),
+    )
+    if not err <= atol:
+        raise ExportError(f"ONNX Runtime logits differ from PyTorch by {err:.3g} (> {atol}) in {folder}")
+    return err

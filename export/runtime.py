@@ -1,0 +1,266 @@
+"""Generation with ONNX Runtime, numpy and the tokenizer only: what an in-car application embeds.
+
+This module never imports torch (a test enforces it). It reads a folder written by ``export.onnx``
+(``model.onnx``, ``onnx_config.json``, ``tokenizer.json``, the chat template) and offers:
+
+- ``OnnxCausalLM.forward``: one step of the graph with an explicit KV cache;
+- ``OnnxCausalLM.generate``: greedy or sampled decoding with KV cache, left-padded batches, stop on
+  end-of-sequence, prefill and per-token decode timings;
+- ``OnnxCausalLM.sequence_logits``: teacher-forced logits of whole sequences (for agreement and KL);
+- ``ChatTokenizer``: the model's chat template and tokenizer without transformers.
+
+``backend="openvino"`` runs the same ONNX file under OpenVINO on CPU (optional extra), for
+cross-runtime checks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ONNX_FILE = "model.onnx"
+CONFIG_FILE = "onnx_config.json"
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class Timings:
+    """Wall time spent in the graph: prefill calls, and decode steps with how many tokens each produced."""
+
+    prefill_s: list[float] = field(default_factory=list)
+    prefill_tokens: list[int] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "prefill_ms": 1000 * float(np.mean(self.prefill_s)) if self.prefill_s else float("nan"),
+            "ms_per_token": 1000 * float(np.mean(self.decode_s)) if self.decode_s else float("nan"),
+        }
+
+
+class _OrtSession:
+    def __init__(self, path: Path, threads: int | None, providers: Sequence[str] | None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(path), sess_options=so, providers=list(providers or ["CPUExecutionProvider"])
+        )
+        self.input_types = {i.name: _NP_TYPES.get(i.type) for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.output_names, feed)
+
+
+class _OpenVinoSession:
+    def __init__(self, path: Path, threads: int | None):
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise RuntimeError("backend='openvino' needs the openvino package: pip install 'car-distill[openvino]'") from err
+        core = ov.Core()
+        model = core.read_model(str(path))
+        props = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 would otherwise compute in bf16
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(model, "CPU", props)
+        self.request = self.compiled.create_infer_request()
+        types = {"f32": np.float32, "f16": np.float16}
+        self.input_types = {p.any_name: types.get(p.element_type.get_type_name()) for p in self.compiled.inputs}
+        self.output_names = [p.any_name for p in self.compiled.outputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        res = self.request.infer(feed, share_inputs=False)
+        return [np.array(res[self.compiled.output(name)]) for name in self.output_names]
+
+
+class OnnxCausalLM:
+    """A decoder exported by ``export.onnx``, run with ONNX Runtime (or OpenVINO) and numpy."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        backend: str = "onnxruntime",
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ):
+        self.folder = Path(folder)
+        meta_path = self.folder / CONFIG_FILE
+        if not meta_path.is_file() or not (self.folder / ONNX_FILE).is_file():
+            raise FileNotFoundError(f"{self.folder} is not an exported model folder (needs {ONNX_FILE} and {CONFIG_FILE})")
+        self.meta = json.loads(meta_path.read_text())
+        self.num_layers = self.meta["num_hidden_layers"]
+        self.kv_heads, self.head_dim = self.meta["num_key_value_heads"], self.meta["head_dim"]
+        self.eos_ids = set(self.meta["eos_token_id"])
+        self.pad_id = self.meta["pad_token_id"] if self.meta["pad_token_id"] is not None else 0
+        if backend == "onnxruntime":
+            self.session = _OrtSession(self.folder / ONNX_FILE, threads, providers)
+        elif backend == "openvino":
+            self.session = _OpenVinoSession(self.folder / ONNX_FILE, threads)
+        else:
+            raise ValueError(f"backend must be onnxruntime or openvino, got {backend!r}")
+        self.backend = backend
+        self.kv_dtype = self.session.input_types.get("past_key_values.0.key") or np.float32
+        self.timings = Timings()
+
+    # one graph call -------------------------------------------------------------------------------
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Logits (B, S, V) as float32 and the new KV cache. ``attention_mask`` covers past + new tokens
+        (0 on left padding); positions are derived from it, so padded rows decode like unpadded ones."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        b, s = input_ids.shape
+        past = past if past is not None else self.empty_past(b)
+        position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, -s:]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for i in range(self.num_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        out = self.session.run(feed)
+        return out[0].astype(np.float32, copy=False), out[1:]
+
+    # generation -----------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+        batch_size: int = 16,
+    ) -> list[list[int]]:
+        """Answer token ids for each prompt (end-of-sequence stripped). Greedy unless ``do_sample``."""
+        rng = np.random.default_rng(seed)
+        out: list[list[int]] = []
+        for i in range(0, len(prompts), batch_size):
+            out += self._generate_batch(
+                prompts[i : i + batch_size], max_new_tokens, do_sample, temperature, top_k, top_p, rng, min_new_tokens
+            )
+        return out
+
+    def _generate_batch(self, prompts, max_new_tokens, do_sample, temperature, top_k, top_p, rng, min_new_tokens):
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = np.full((b, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, width), dtype=np.int64)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p) :] = p
+            mask[r, width - len(p) :] = 1
+        answers: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, dtype=bool)
+        t = time.perf_counter()
+        logits, past = self.forward(ids, mask)
+        self.timings.prefill_s.append(time.perf_counter() - t)
+        self.timings.prefill_tokens.append(int(mask.sum()))
+        for step in range(max_new_tokens):
+            scores = logits[:, -1, :]
+            if step < min_new_tokens and self.eos_ids:
+                scores = scores.copy()
+                scores[:, sorted(self.eos_ids)] = -np.inf
+            nxt = _sample(scores, temperature, top_k, top_p, rng) if do_sample else scores.argmax(-1)
+            for r in range(b):
+                if done[r]:
+                    continue
+                if int(nxt[r]) in self.eos_ids:
+                    done[r] = True
+                else:
+                    answers[r].append(int(nxt[r]))
+            if done.all() or step == max_new_tokens - 1:
+                break
+            nxt = np.where(done, self.pad_id, nxt).astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            t = time.perf_counter()
+            logits, past = self.forward(nxt, mask, past)
+            self.timings.decode_s.append(time.perf_counter() - t)
+        return answers
+
+    # teacher-forced --------------------------------------------------------------------------------
+    def sequence_logits(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[np.ndarray]:
+        """Logits (len, V) of each whole sequence in one pass each (right-padded batches, empty cache)."""
+        out: list[np.ndarray] = []
+        for i in range(0, len(sequences), batch_size):
+            chunk = sequences[i : i + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(chunk), width), dtype=np.int64)
+            for r, s in enumerate(chunk):
+                ids[r, : len(s)] = s
+                mask[r, : len(s)] = 1
+            logits, _ = self.forward(ids, mask)
+            out += [logits[r, : len(s)] for r, s in enumerate(chunk)]
+        return out
+
+
+def _sample(scores: np.ndarray, temperature: float, top_k: int, top_p: float, rng) -> np.ndarray:
+    """One token per row from softmax(scores / temperature), restricted to top-k and nucleus top-p."""
+    x = scores.astype(np.float64) / max(temperature, 1e-6)
+    if top_k and top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k, axis=-1)[:, -top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the most likely token
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+class ChatTokenizer:
+    """The exported folder's tokenizer (``tokenizers``) and chat template (jinja2), without transformers."""
+
+    def __init__(self, folder: str | Path):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        self.template = template
+        self.special = {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    def prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if not self.template:
+            return "".join(m["content"] for m in messages)
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special
+        )
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        return self.encode(self.prompt(messages))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,314 @@
+"""ONNX export with KV cache, the torch-free runner, quantization and the release gate, on tiny models.
+
+References: PyTorch's own logits and greedy generations (fp32 must reproduce them), and planted
+truths (a stop token placed where greedy decoding will produce it; corrupted weights that must fail
+the gate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from distill.models import build_from_config, save_model_atomically
+from export.onnx import EXTERNAL_DATA_FILE, ONNX_FILE, export_onnx, to_float16
+from export.runtime import ChatTokenizer, OnnxCausalLM, _sample
+
+FAMILIES = [  # (model_type, tied embeddings, query heads, kv heads): GQA ratios 1, 2 and 4
+    ("qwen2", True, 4, 2),
+    ("llama", False, 4, 4),
+    ("qwen3", True, 4, 1),
+    ("mistral", False, 4, 2),
+]
+
+
+def _prompts(tokenizer, car_settings, n=6):
+    from distill.data.car_assistant import generate
+    from distill.data.tokenize import encode
+
+    exs = [encode(tokenizer, e.to_record()["messages"]) for e in generate("test", car_settings)[:n]]
+    return [ex["input_ids"][: ex["prompt_len"]] for ex in exs], [ex["input_ids"] for ex in exs]
+
+
+def _model(tokenizer, family, seed=0):
+    mt, tie, nh, kv = family
+    cfg = tiny_config(tokenizer, model_type=mt, heads=nh, kv=kv, tie=tie)
+    if mt == "qwen3":
+        cfg.head_dim = 16
+    model = build_from_config(cfg, seed).eval()
+    with torch.no_grad():  # sharper logits than the default init: greedy paths are not near-ties
+        model.lm_head.weight.mul_(4.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen_onnx(tmp_path_factory, tokenizer):
+    base = tmp_path_factory.mktemp("qwen_onnx")
+    model = _model(tokenizer, FAMILIES[0])
+    hf = save_model_atomically(model, tokenizer, base / "hf")
+    return model, hf, export_onnx(hf, base / "fp32")
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f"{f[0]}-tied{int(f[1])}-gqa{f[2] // f[3]}" for f in FAMILIES])
+def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family):
+    model = _model(tokenizer, family)
+    hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
+    folder = export_onnx(hf, tmp_path / "onnx")
+    import onnx
+
+    onnx.checker.check_model(str(folder / ONNX_FILE))
+    meta = json.loads((folder / "onnx_config.json").read_text())
+    assert meta["num_key_value_heads"] == family[3] and meta["eos_token_id"] == [tokenizer.eos_token_id]
+    rt = OnnxCausalLM(folder)
+    prompts, seqs = _prompts(tokenizer, car_settings)
+    # logits of whole sequences (batched, right-padded) within 1e-4 of PyTorch's
+    for seq, got in zip(seqs, rt.sequence_logits(seqs, batch_size=4), strict=True):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([seq])).logits[0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    # greedy generation through the KV cache, left-padded batches, identical token for token
+    ours = rt.generate(prompts, 12, batch_size=4)
+    for p, answer in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)
+        ref = out[0, len(p) :].tolist()
+        if tokenizer.eos_token_id in ref:
+            ref = ref[: ref.index(tokenizer.eos_token_id)]
+        assert answer == ref
+
+
+def test_generation_stops_on_end_of_sequence_per_row(qwen_onnx, tokenizer, car_settings):
+    _, _, folder = qwen_onnx
+    rt = OnnxCausalLM(folder)
+    prompts, _ = _prompts(tokenizer, car_settings, n=3)
+    free = rt.generate(prompts, 10)
+    stop = free[0][4]  # plant the stop token where row 0 will produce it
+    rt.eos_ids = {stop}
+    stopped = rt.generate(prompts, 10)
+    for full, cut in zip(free, stopped, strict=True):
+        expect = full[: full.index(stop)] if stop in full else full
+        assert cut == expect
+    assert len(stopped[0]) == free[0].index(stop) <= 4
+
+
+def test_sampling_is_seeded_and_follows_the_distribution(qwen_onnx, tokenizer, car_settings):
+    _, _, folder = qwen_onnx
+    rt = OnnxCausalLM(folder)
+    prompts, _ = _prompts(tokenizer, car_settings, n=3)
+    a = rt.generate(prompts, 8, do_sample=True, temperature=1.5, seed=7)
+    assert a == rt.generate(prompts, 8, do_sample=True, temperature=1.5, seed=7)
+    assert rt.generate(prompts, 8, do_sample=True, top_k=1, seed=3) == rt.generate(prompts, 8)
+    # the sampler itself against a planted distribution
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    draws = np.array([_sample(logits, 1.0, 0, 1.0, rng)[0] for _ in range(4000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    kept = {_sample(logits, 1.0, 0, 0.7, rng)[0] for _ in range(300)}  # nucleus 0.7: the top two
+    assert kept == {0, 1}
+    assert {_sample(logits, 1.0, 3, 1.0, rng)[0] for _ in range(300)} == {0, 1, 2}
+
+
+def test_chat_tokenizer_matches_transformers(qwen_onnx, tokenizer, car_settings):
+    from distill.data.car_assistant import generate
+    from distill.data.tokenize import prompt_text
+
+    _, hf, folder = qwen_onnx
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(hf))
+    ours = ChatTokenizer(folder)
+    for e in generate("test", car_settings)[:20]:
+        msgs = e.to_record()["messages"]
+        assert ours.prompt(msgs[:-1]) == prompt_text(reloaded, msgs)
+        assert ours.encode_chat(msgs[:-1]) == reloaded(prompt_text(reloaded, msgs), add_special_tokens=False)["input_ids"]
+        ids = ours.encode(msgs[-1]["content"])
+        assert ours.decode(ids) == msgs[-1]["content"]
+
+
+def test_fp16_and_external_data(qwen_onnx, tmp_path, tokenizer, car_settings):
+    model, hf, fp32 = qwen_onnx
+    _, seqs = _prompts(tokenizer, car_settings, n=4)
+    ref = OnnxCausalLM(fp32).sequence_logits(seqs)
+    half = to_float16(fp32, tmp_path / "fp16")
+    rt16 = OnnxCausalLM(half)
+    assert rt16.kv_dtype == np.float16 and json.loads((half / "onnx_config.json").read_text())["dtype"] == "float16"
+    for a, b in zip(rt16.sequence_logits(seqs), ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=0.05)
+    ext = export_onnx(hf, tmp_path / "ext", external_data_threshold=0)  # force the > 2 GB layout
+    assert (ext / EXTERNAL_DATA_FILE).stat().st_size > 0.9 * sum(p.numel() * 4 for p in model.parameters())
+    for a, b in zip(OnnxCausalLM(ext).sequence_logits(seqs), ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_refuses_a_graph_that_does_not_match(qwen_onnx, tmp_path):
+    from export.onnx import ExportError, verify_against_torch
+
+    model, _, folder = qwen_onnx
+    wrong = _model_like(model, seed=1)
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        verify_against_torch(folder, wrong)
+
+
+def _model_like(model, seed):
+    other = build_from_config(model.config, seed).eval()
+    return other
+
+
+def test_quantized_variants(qwen_onnx, tmp_path, tokenizer, car_settings):
+    from quantize import quantize_int4, quantize_int8_dynamic, quantize_int8_static
+
+    _, _, fp32 = qwen_onnx
+    _, seqs = _prompts(tokenizer, car_settings, n=6)
+    ref = OnnxCausalLM(fp32).sequence_logits(seqs)
+    scale = float(np.mean([np.abs(r).mean() for r in ref]))
+    built = {
+        "int8": quantize_int8_dynamic(fp32, tmp_path / "int8"),
+        "int8_embedding": quantize_int8_dynamic(fp32, tmp_path / "int8e", embedding=True),
+        "int8_static": quantize_int8_static(fp32, tmp_path / "int8s", seqs),
+        "int4_rtn": quantize_int4(fp32, tmp_path / "int4", block_size=16),
+        "int4_embedding": quantize_int4(fp32, tmp_path / "int4e", block_size=16, embedding=True),
+        "int4_hqq": quantize_int4(fp32, tmp_path / "int4h", block_size=16, algorithm="hqq"),
+        "int4_gptq": quantize_int4(fp32, tmp_path / "int4g", block_size=16, algorithm="gptq", calibration=seqs),
+    }
+    fp32_bytes = sum(p.stat().st_size for p in fp32.glob("model.onnx*"))
+    sizes = {}
+    for name, folder in built.items():
+        info = json.loads((folder / "quantization.json").read_text())
+        q = info["quantized"]
+        assert q["weight_matmuls"] == 15 and q["weight_matmuls_left_float"] == [] and q["lm_head"], name
+        assert info["bytes"] < fp32_bytes, name
+        sizes[name] = info["bytes"]
+        ops = info["ops_after"]
+        if name.startswith("int4"):
+            assert ops["MatMulNBits"] == 15
+        got = OnnxCausalLM(folder).sequence_logits(seqs)
+        err = max(float(np.abs(a - b).mean()) for a, b in zip(got, ref, strict=True))
+        assert err < 0.15 * scale, (name, err, scale)  # close to fp32, not equal to it
+        assert err > 0, name
+    assert "GatherBlockQuantized" in json.loads((built["int4_embedding"] / "quantization.json").read_text())["ops_after"]
+    assert sizes["int4_rtn"] < sizes["int8"] and sizes["int8_embedding"] < sizes["int8"]
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_int4(fp32, tmp_path / "bad", block_size=24)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_runner_cross_checks_under_openvino(qwen_onnx, tokenizer, car_settings):
+    pytest.importorskip("openvino")
+    _, _, folder = qwen_onnx
+    prompts, seqs = _prompts(tokenizer, car_settings, n=4)
+    ort_rt, ov_rt = OnnxCausalLM(folder), OnnxCausalLM(folder, backend="openvino")
+    for a, b in zip(ort_rt.sequence_logits(seqs), ov_rt.sequence_logits(seqs), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3)
+    assert ort_rt.generate(prompts, 10) == ov_rt.generate(prompts, 10)
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+def test_gate_judges_planted_numbers():
+    from export.gate import evaluate_gate
+
+    teacher = {"exact_match": 0.8, "tool_accuracy": 1.0}
+    ok = {"exact_match": 0.79, "tool_accuracy": 1.0, "agreement": 0.99, "kl": 0.01}
+    bad = {"exact_match": 0.70, "tool_accuracy": 1.0, "agreement": 0.99, "kl": 0.2}
+    th = {"min_exact_match_retention": 0.97, "min_agreement": 0.98, "max_kl": 0.05, "min_valid_json": None}
+    r = evaluate_gate(teacher, {"onnx_int8": ok}, th)
+    assert r.passed and len(r.checks) == 3
+    em = next(c for c in r.checks if c.metric == "exact_match")
+    assert em.value == pytest.approx(0.79 / 0.8) and em.margin == pytest.approx(0.79 / 0.8 - 0.97)
+    r = evaluate_gate(teacher, {"onnx_int8": ok, "onnx_int4": bad}, th)
+    assert not r.passed and {(c.variant, c.metric) for c in r.failures} == {("onnx_int4", "exact_match"), ("onnx_int4", "kl")}
+    text = r.describe()
+    assert "FAILED" in text and "kl = 0.2000 (needs <= 0.0500): FAILED, over by 0.1500" in text
+    assert "exact_match / teacher's = 0.8750 (needs >= 0.9700): FAILED, short by 0.0950" in text
+    # a number nobody measured fails its check rather than passing silently
+    r = evaluate_gate(teacher, {"onnx_fp32": {"exact_match": 0.8}}, {"max_kl": 0.1})
+    assert not r.passed and np.isnan(r.checks[0].value)
+    with pytest.raises(ValueError, match="unknown gate thresholds"):
+        evaluate_gate(teacher, {"x": ok}, {"min_accuracy": 0.5})
+
+
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory, tokenizer, car_settings):
+    """A tiny Qwen2 trained for a few hundred steps on the task (so greedy answers are real) and its ONNX."""
+    from distill.data.car_assistant import generate
+    from distill.data.tokenize import collate, encode
+
+    base = tmp_path_factory.mktemp("trained")
+    model = build_from_config(tiny_config(tokenizer), seed=0)
+    data = [encode(tokenizer, e.to_record()["messages"]) for e in generate("train", car_settings)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        idx = torch.randint(0, len(data), (16,), generator=g).tolist()
+        b = collate([data[i] for i in idx], tokenizer.pad_token_id)
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    hf = save_model_atomically(model, tokenizer, base / "hf")
+    test = []
+    for e in generate("test", car_settings)[:24]:
+        ex = encode(tokenizer, e.to_record()["messages"])
+        ex["answer"] = e.answer
+        test.append(ex)
+    return model, export_onnx(hf, base / "fp32"), test
+
+
+def _corrupt(src, dest, scale=1.0, seed=0):
+    """Copy of an ONNX folder whose weight matrices carry Gaussian noise of ``scale`` x their std."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    shutil.copytree(src, dest)
+    m = onnx.load(str(dest / ONNX_FILE))
+    rng = np.random.default_rng(seed)
+    for init in m.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim == 2 and w.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array((w + scale * w.std() * rng.standard_normal(w.shape)).astype(np.float32), init.name))
+    onnx.save(m, str(dest / ONNX_FILE))
+    return dest
+
+
+def test_gate_passes_a_good_artifact_and_fails_a_broken_one(trained_pair, tmp_path, tokenizer):
+    from distill.evaluate import evaluate_model, evaluate_onnx
+    from export.gate import evaluate_gate
+    from quantize import quantize_int8_dynamic
+
+    model, fp32, test = trained_pair
+    ev = dict(max_new_tokens=40, batch_size=8)
+    with torch.no_grad():
+        t_scores, t_ans = evaluate_model(model, tokenizer, test, **ev)
+    assert t_scores["valid_json"] > 0.5  # the planted reference model really answers
+    th = {"min_exact_match_retention": 0.97, "min_valid_json": 0.5, "min_agreement": 0.97, "max_kl": 0.02}
+    measured = {}
+    for name, folder in (
+        ("onnx_fp32", fp32),
+        ("onnx_int8", quantize_int8_dynamic(fp32, tmp_path / "int8")),
+        ("onnx_broken", _corrupt(fp32, tmp_path / "broken")),
+    ):
+        with torch.no_grad():
+            measured[name], _ = evaluate_onnx(OnnxCausalLM(folder), tokenizer, test, teacher=model, teacher_answers=t_ans, **ev)
+    # the exported reference itself: identical answers, KL ~ 0
+    assert measured["onnx_fp32"]["generation_match"] == 1.0 and measured["onnx_fp32"]["kl"] < 1e-6
+    assert evaluate_gate(t_scores, {"onnx_fp32": measured["onnx_fp32"]}, th).passed
+    # int8 moves logits a little: close to the teacher token by token (exact match over 24 examples of a
+    # barely trained model is too coarse a number to gate here)
+    near = {"min_agreement": 0.95, "max_kl": 0.02}
+    assert evaluate_gate(t_scores, {"onnx_int8": measured["onnx_int8"]}, near).passed
+    broken = evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, th)
+    assert not broken.passed
+    assert {"agreement", "kl"} <= {c.metric for c in broken.failures}
+    assert not evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, near).passed
