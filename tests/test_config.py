@@ -28,7 +28,7 @@ def test_every_knob_in_conf_has_a_comment():
             s = line.strip()
             if not s or s.startswith("#") or s.startswith("- ") or s.endswith(":") or s.startswith("defaults"):
                 continue
-            if path.parent.name in ("data", "teacher", "student", "distill", "eval") and path.stem in (
+            if path.parent.name in ("data", "teacher", "student", "distill", "eval", "export", "quantize", "gate") and path.stem in (
                 "car_assistant",
                 "bootstrap",
                 "small",
@@ -175,3 +175,33 @@ def test_student_config_of_another_depth(teacher_dir):
     )
     assert cfg.num_hidden_layers == 1 and len(cfg.layer_types) == 1 and cfg.hidden_size == 32
     assert build_from_config(cfg, seed=0).model.layers[0].self_attn.head_dim == 16
+
+
+def test_onnx_quantize_and_gate_problems():
+    with pytest.raises(ConfigError) as err:
+        compose(
+            [
+                "+exp=smoke",
+                "quantize.variants=[int8,int3]",
+                "gate.variants=[int8_static,fp64]",
+                "quantize.int4.block_size=24",
+                "quantize.int4.algorithm=awq",
+                "quantize.int4.embedding=true",
+                "gate.min_agreement=1.5",
+                "gate.max_kl=-1",
+            ]
+        )
+    msg = str(err.value)
+    for expected in (
+        "quantize.variants: 'int3' is not one of int8, int8_static, int4",
+        "gate.variants: 'int8_static' is gated but not built; add it to quantize.variants",
+        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int4",
+        "quantize.int4.block_size: 24 must be a power of two >= 16",
+        "quantize.int4.algorithm: 'awq' is not one of rtn, hqq, gptq",
+        "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn",
+        "gate.min_agreement: must be between 0 and 1, got 1.5",
+        "gate.max_kl: must be >= 0, got -1",
+    ):
+        assert expected in msg, msg
+    rc = compose(["+exp=smoke", "gate.variants=[fp16,int4]", "export.fp16=true", "gate.max_kl=null"])
+    assert rc.gate.variants == ["fp16", "int4"] and rc.gate.max_kl is None

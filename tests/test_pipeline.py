@@ -56,6 +56,69 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
     assert manifest["data_hash"] == m["data_hash"] and manifest["versions"]["torch"].startswith("2.13")
     assert "stage distill: done" in proc.log and "tok_s=" in proc.log  # progress with tokens/s
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]  # no temp leftovers
+    # quantize -> export -> gate: one object per ONNX variant, measured under ONNX Runtime
+    for v in ("fp32", "int8", "int4"):
+        assert (run_dir / "onnx" / v / "model.onnx").is_file() and (run_dir / "onnx" / v / "tokenizer.json").is_file()
+        o = m[f"onnx_{v}"]
+        for key in (*REQUIRED[:-1], "agreement", "kl", "generation_match", "bytes", "ms_per_token", "prefill_ms"):
+            assert key in o, (v, key)
+        assert o["bytes"] == sum(p.stat().st_size for p in (run_dir / "onnx" / v).glob("model.onnx*"))
+    # fp32 ONNX is the PyTorch student: same answers, same numbers
+    assert m["onnx_fp32"]["generation_match"] == m["student"]["generation_match"]
+    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
+    assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
+    assert m["onnx_int4"]["bytes"] < m["onnx_int8"]["bytes"] < m["onnx_fp32"]["bytes"]
+    assert m["onnx_int8"]["quantization"]["per_channel"] is True and m["onnx_int4"]["quantization"]["bits"] == 4
+    assert m["gate"]["passed"] is True and {c["variant"] for c in m["gate"]["checks"]} == {"onnx_int8"}
+    for who in ("teacher", "student"):
+        assert m[who]["bytes"] > 0 and m[who]["ms_per_token"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "Release gate: PASSED" in report and "| student int8 | ONNX Runtime |" in report
+    assert (run_dir / "variants.png").is_file() and "release gate PASSED" in proc.log
+
+
+def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
+    """What the car embeds: the int8 folder and ``export/runtime.py`` copied on its own, with onnxruntime,
+    numpy and tokenizers; torch, transformers and this project cannot be imported."""
+    import shutil
+
+    run_dir, env, _ = smoke_run
+    folder = run_dir / "onnx" / "int8"
+    shutil.copy(ROOT / "export" / "runtime.py", tmp_path / "car_runtime.py")
+    code = BLOCK_PROJECT_IMPORTS.replace('("distill", "prune", "quantize", "export")', '("distill", "prune", "quantize", "export", "torch", "transformers")')
+    code += textwrap.dedent(f"""
+        from car_runtime import ChatTokenizer, OnnxCausalLM
+        tok = ChatTokenizer({str(folder)!r})
+        lm = OnnxCausalLM({str(folder)!r})
+        ids = tok.encode_chat([{{"role": "user", "content": "Set the driver temperature to 22 degrees"}}])
+        greedy = lm.generate([ids], 24)
+        sampled = lm.generate([ids], 24, do_sample=True, temperature=0.8, top_p=0.9, seed=1)
+        assert greedy[0] and sampled[0]
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print("OK", repr(tok.decode(greedy[0])))
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd="/", env={**env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_failed_gate_fails_the_command(smoke_run, tmp_path):
+    """A threshold no artifact can meet: exit code 3, the missed number in the log, report and metrics.json."""
+    _, env, _ = smoke_run
+    run_dir = tmp_path / "strict"
+    proc = _run(
+        ["+exp=smoke", f"hydra.run.dir={run_dir}", "distill.train.steps=2", "eval.num_test=8", "gate.max_kl=0.0", "quantize.variants=[int8]"],
+        env,
+    )
+    assert proc.returncode == 3, proc.log[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["gate"]["passed"] is False
+    (kl,) = [c for c in m["gate"]["checks"] if c["metric"] == "kl"]
+    assert not kl["passed"] and kl["threshold"] == 0.0 and kl["margin"] < 0
+    assert "the release gate failed: onnx_int8: kl = " in proc.log and "FAILED, over by" in proc.log
+    assert "Release gate: FAILED" in (run_dir / "report.md").read_text()
+    assert (run_dir / "onnx" / "int8" / "model.onnx").is_file()  # the evidence stays for inspection
 
 
 def test_student_reloads_without_this_project(smoke_run):
@@ -84,7 +147,7 @@ def test_student_reloads_without_this_project(smoke_run):
 
 def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
     _, env, _ = smoke_run
-    proc = _run(["+exp=smoke", f"hydra.run.dir={tmp_path / 'again'}", "distill.train.steps=2", "eval.num_test=4"], env)
+    proc = _run(["+exp=smoke", f"hydra.run.dir={tmp_path / 'again'}", "distill.train.steps=2", "eval.num_test=4", "export.enabled=false"], env)
     assert proc.returncode == 0, proc.log[-3000:]
     assert "reusing cached bootstrap" in proc.log and "bootstrapping one" not in proc.log
 
@@ -131,6 +194,7 @@ def test_pruned_student_pipeline(smoke_run, tmp_path):
             "student.prune.fraction=0.5",
             "distill.features.layer_map=[[0,0],[1,1]]",
             "eval.num_test=8",
+            "export.enabled=false",
         ],
         env,
     )
