@@ -24,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LARGE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4)
+LARGE = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4
+)
 
 
 def bandwidth_gbs(threads: int = 2, gib: float = 1.0) -> float:
@@ -72,7 +74,9 @@ def weight_bytes_read_torch(model) -> int:
     return total
 
 
-def bench_model(name: str, hf_dir: Path, work: Path, prompts: list[list[int]], tokens: int, bw: float, threads: int) -> list[dict]:
+def bench_model(
+    name: str, hf_dir: Path, work: Path, prompts: list[list[int]], tokens: int, bw: float, threads: int
+) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 

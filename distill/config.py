@@ -451,14 +451,18 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
     elif b < 16:
         problems.append(f"quantize.int4.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
     if q.int4.embedding and q.int4.algorithm != "rtn":
-        problems.append("quantize.int4.embedding: true needs quantize.int4.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)")
+        problems.append(
+            "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)"
+        )
     if q.int4.accuracy_level is not None and q.int4.accuracy_level not in (0, 1, 2, 3, 4):
         problems.append(f"quantize.int4.accuracy_level: {q.int4.accuracy_level} must be 0-4 or null")
     if c.export.openvino is True:
         import importlib.util
 
         if importlib.util.find_spec("openvino") is None:
-            problems.append("export.openvino: true but openvino is not installed; pip install 'car-distill[openvino]' or set auto")
+            problems.append(
+                "export.openvino: true but openvino is not installed; pip install 'car-distill[openvino]' or set auto"
+            )
 
 
 def teacher_config_dict(c: RunConfig) -> dict | None:

@@ -148,7 +148,9 @@ def evaluate_onnx(
     return scores, answers
 
 
-def latency(generate_n: Callable[[Sequence[int], int], object], prompts: Sequence[Sequence[int]], n_tokens: int) -> dict:
+def latency(
+    generate_n: Callable[[Sequence[int], int], object], prompts: Sequence[Sequence[int]], n_tokens: int
+) -> dict:
     """Batch-1 latency: ``prefill_ms`` = time to the first token, ``ms_per_token`` = (time for ``n_tokens``
     minus time for 1) / (``n_tokens`` - 1). ``generate_n(prompt, n)`` must produce exactly ``n`` tokens.
     The same method for every runtime, so the numbers compare; each is the median over ``prompts``

@@ -258,7 +258,9 @@ def safetensors_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def build_onnx_variants(rc: RunConfig, student_dir: Path, onnx_dir: Path, calibration: list[list[int]]) -> dict[str, Path]:
+def build_onnx_variants(
+    rc: RunConfig, student_dir: Path, onnx_dir: Path, calibration: list[list[int]]
+) -> dict[str, Path]:
     """Export the student (fp32, optionally fp16) and quantize it: variant name -> folder under ``onnx_dir``."""
     from export.onnx import export_onnx, to_float16
     from quantize import quantize_int4, quantize_int8_dynamic, quantize_int8_static
@@ -266,17 +268,24 @@ def build_onnx_variants(rc: RunConfig, student_dir: Path, onnx_dir: Path, calibr
     q = rc.quantize
     out = {}
     with _stage("export"):
-        out["fp32"] = export_onnx(student_dir, onnx_dir / "fp32", opset=rc.export.opset, verify_atol=rc.export.verify_atol)
+        out["fp32"] = export_onnx(
+            student_dir, onnx_dir / "fp32", opset=rc.export.opset, verify_atol=rc.export.verify_atol
+        )
         if rc.export.fp16:
             out["fp16"] = to_float16(out["fp32"], onnx_dir / "fp16")
     with _stage("quantize"):
         for v in q.variants:
             dest = onnx_dir / v
             if v == "int8":
-                out[v] = quantize_int8_dynamic(out["fp32"], dest, per_channel=q.int8.per_channel, embedding=q.int8.embedding)
+                out[v] = quantize_int8_dynamic(
+                    out["fp32"], dest, per_channel=q.int8.per_channel, embedding=q.int8.embedding
+                )
             elif v == "int8_static":
                 out[v] = quantize_int8_static(
-                    out["fp32"], dest, calibration[: q.int8_static.calib_examples], per_channel=q.int8_static.per_channel
+                    out["fp32"],
+                    dest,
+                    calibration[: q.int8_static.calib_examples],
+                    per_channel=q.int8_static.per_channel,
                 )
             elif v == "int4":
                 c = q.int4
@@ -293,7 +302,9 @@ def build_onnx_variants(rc: RunConfig, student_dir: Path, onnx_dir: Path, calibr
     return out
 
 
-def ship(rc: RunConfig, run_dir: Path, teacher, teacher_dir: Path, tokenizer, enc: dict, t_test: dict, t_ans, train_records) -> dict:
+def ship(
+    rc: RunConfig, run_dir: Path, teacher, teacher_dir: Path, tokenizer, enc: dict, t_test: dict, t_ans, train_records
+) -> dict:
     """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
 
     Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
@@ -318,21 +329,33 @@ def ship(rc: RunConfig, run_dir: Path, teacher, teacher_dir: Path, tokenizer, en
     with _stage("evaluate onnx"), torch.no_grad():
         student = load_causal_lm(run_dir / "student")
         for who, model, folder in (("teacher", teacher, teacher_dir), ("student", student, run_dir / "student")):
-            out[who] = {"bytes": safetensors_bytes(folder), **latency(hf_generate_n(model, tokenizer.pad_token_id), timed, n_tok)}
+            out[who] = {
+                "bytes": safetensors_bytes(folder),
+                **latency(hf_generate_n(model, tokenizer.pad_token_id), timed, n_tok),
+            }
         for v, folder in variants.items():
             runner = OnnxCausalLM(folder)
-            scores, answers = evaluate_onnx(runner, tokenizer, enc["test"], teacher=teacher, teacher_answers=t_ans, **ev)
+            scores, answers = evaluate_onnx(
+                runner, tokenizer, enc["test"], teacher=teacher, teacher_answers=t_ans, **ev
+            )
             scores.update(latency(onnx_generate_n(runner), timed, n_tok))
             scores["bytes"] = onnx_bytes(folder)
             qinfo = folder / "quantization.json"
             if qinfo.is_file():
                 scores["quantization"] = json.loads(qinfo.read_text())["settings"]
             if use_ov:
-                scores["openvino"] = cross_runtime(folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size)
+                scores["openvino"] = cross_runtime(
+                    folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size
+                )
             out[f"onnx_{v}"] = scores
             log.info(
                 "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
-                v, scores["exact_match"], scores["agreement"], scores["kl"], scores["bytes"], scores["ms_per_token"],
+                v,
+                scores["exact_match"],
+                scores["agreement"],
+                scores["kl"],
+                scores["bytes"],
+                scores["ms_per_token"],
             )
     with _stage("gate"):
         g = rc.gate

@@ -162,11 +162,16 @@ def plot_variants(metrics: dict, path: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "bytes", "size on disk (MB)"), (axes[1], "ms_per_token", "decode ms / token (batch 1)")):
+    for ax, key, label in (
+        (axes[0], "bytes", "size on disk (MB)"),
+        (axes[1], "ms_per_token", "decode ms / token (batch 1)"),
+    ):
         for i, (n, m) in enumerate(rows):
             x = m[key] / 1e6 if key == "bytes" else m[key]
             ax.scatter(x, m["exact_match"], color=f"C{i}", s=60, label=n.replace("onnx_", "onnx "))
-            ax.annotate(n.replace("onnx_", ""), (x, m["exact_match"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(
+                n.replace("onnx_", ""), (x, m["exact_match"]), textcoords="offset points", xytext=(5, 5), fontsize=8
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("test exact match")
         ax.grid(alpha=0.3)
@@ -177,7 +182,9 @@ def plot_variants(metrics: dict, path: str | Path) -> Path | None:
                 ax.axhline(g["threshold"] * t_em, color="red", linestyle="--", linewidth=1, label="gate")
             break
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{metrics['name']}: size and latency vs accuracy (gate: {'passed' if metrics.get('gate', {}).get('passed') else 'FAILED'})")
+    fig.suptitle(
+        f"{metrics['name']}: size and latency vs accuracy (gate: {'passed' if metrics.get('gate', {}).get('passed') else 'FAILED'})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,7 +51,11 @@ class GateResult:
         }
 
     def describe(self) -> str:
-        head = "release gate PASSED" if self.passed else f"release gate FAILED ({len(self.failures)} of {len(self.checks)} checks)"
+        head = (
+            "release gate PASSED"
+            if self.passed
+            else f"release gate FAILED ({len(self.failures)} of {len(self.checks)} checks)"
+        )
         return "\n".join([head, *(f"  - {c.describe()}" for c in self.checks)])
 
 
@@ -91,3 +95,41 @@ def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str
             ok = value >= threshold if op == ">=" else value <= threshold
             checks.append(Check(variant, metric, float(value), float(threshold), op, relative, bool(ok)))
     return GateResult(all(c.passed for c in checks), checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.gate DIR/metrics.json --max-kl 0.02 ...``: judge a finished run again with other
+    thresholds (those not given come from the run's own gate); exit 0 passed, 3 failed."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m export.gate", description=main.__doc__)
+    ap.add_argument("metrics", help="a run's metrics.json")
+    ap.add_argument("--variants", nargs="+", help="variants to judge, e.g. onnx_int8 onnx_int4")
+    for name in THRESHOLDS:
+        ap.add_argument("--" + name.replace("_", "-"), type=float, dest=name)
+    a = ap.parse_args(argv)
+    m = json.loads(open(a.metrics).read())
+    previous = {c["metric"]: c for c in m.get("gate", {}).get("checks", [])}
+    thresholds = {}
+    for name, (metric, _, _) in THRESHOLDS.items():
+        given = getattr(a, name)
+        thresholds[name] = (
+            given if given is not None else (previous[metric]["threshold"] if metric in previous else None)
+        )
+    variants = (
+        a.variants
+        or sorted({c["variant"] for c in m.get("gate", {}).get("checks", [])})
+        or [k for k in m if k.startswith("onnx_")]
+    )
+    missing = [v for v in variants if v not in m]
+    if missing:
+        print(f"{a.metrics} has no {', '.join(missing)}; it has {', '.join(k for k in m if k.startswith('onnx_'))}")
+        return 2
+    result = evaluate_gate(m["teacher"], {v: m[v] for v in variants}, thresholds)
+    print(result.describe())
+    return 0 if result.passed else 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

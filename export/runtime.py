@@ -67,7 +67,9 @@ class _OpenVinoSession:
         try:
             import openvino as ov
         except ImportError as err:
-            raise RuntimeError("backend='openvino' needs the openvino package: pip install 'car-distill[openvino]'") from err
+            raise RuntimeError(
+                "backend='openvino' needs the openvino package: pip install 'car-distill[openvino]'"
+            ) from err
         core = ov.Core()
         model = core.read_model(str(path))
         props = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 would otherwise compute in bf16
@@ -98,7 +100,9 @@ class OnnxCausalLM:
         self.folder = Path(folder)
         meta_path = self.folder / CONFIG_FILE
         if not meta_path.is_file() or not (self.folder / ONNX_FILE).is_file():
-            raise FileNotFoundError(f"{self.folder} is not an exported model folder (needs {ONNX_FILE} and {CONFIG_FILE})")
+            raise FileNotFoundError(
+                f"{self.folder} is not an exported model folder (needs {ONNX_FILE} and {CONFIG_FILE})"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.num_layers = self.meta["num_hidden_layers"]
         self.kv_heads, self.head_dim = self.meta["num_key_value_heads"], self.meta["head_dim"]

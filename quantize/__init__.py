@@ -109,7 +109,13 @@ def _finish(src: Path, tmp: Path, dest: Path, scheme: str, settings: dict) -> Pa
         "source_bytes": onnx_bytes(src),
     }
     (tmp / "quantization.json").write_text(json.dumps(info, indent=2))
-    log.info("quantize %s: %s -> %s bytes (%.2fx)", scheme, info["source_bytes"], info["bytes"], info["bytes"] / info["source_bytes"])
+    log.info(
+        "quantize %s: %s -> %s bytes (%.2fx)",
+        scheme,
+        info["source_bytes"],
+        info["bytes"],
+        info["bytes"] / info["source_bytes"],
+    )
     return finish_folder(tmp, dest)
 
 
@@ -129,7 +135,9 @@ def _guard(dest: Path, build) -> Path:
         root.setLevel(level)
 
 
-def quantize_int8_dynamic(src: str | Path, dest: str | Path, *, per_channel: bool = True, embedding: bool = False) -> Path:
+def quantize_int8_dynamic(
+    src: str | Path, dest: str | Path, *, per_channel: bool = True, embedding: bool = False
+) -> Path:
     """int8 weights per output channel (symmetric), activations quantized per call (ORT dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -226,7 +234,9 @@ def quantize_int4(
         algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
     else:
         algo = mnb.GPTQWeightOnlyQuantConfig(
-            calibration_data_reader=SequenceReader(calibration, _meta(src)), block_size=block_size, op_types_to_quantize=ops
+            calibration_data_reader=SequenceReader(calibration, _meta(src)),
+            block_size=block_size,
+            op_types_to_quantize=ops,
         )
 
     def build(tmp: Path) -> Path:

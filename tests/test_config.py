@@ -28,7 +28,16 @@ def test_every_knob_in_conf_has_a_comment():
             s = line.strip()
             if not s or s.startswith("#") or s.startswith("- ") or s.endswith(":") or s.startswith("defaults"):
                 continue
-            if path.parent.name in ("data", "teacher", "student", "distill", "eval", "export", "quantize", "gate") and path.stem in (
+            if path.parent.name in (
+                "data",
+                "teacher",
+                "student",
+                "distill",
+                "eval",
+                "export",
+                "quantize",
+                "gate",
+            ) and path.stem in (
                 "car_assistant",
                 "bootstrap",
                 "small",

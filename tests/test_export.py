@@ -125,7 +125,9 @@ def test_chat_tokenizer_matches_transformers(qwen_onnx, tokenizer, car_settings)
     for e in generate("test", car_settings)[:20]:
         msgs = e.to_record()["messages"]
         assert ours.prompt(msgs[:-1]) == prompt_text(reloaded, msgs)
-        assert ours.encode_chat(msgs[:-1]) == reloaded(prompt_text(reloaded, msgs), add_special_tokens=False)["input_ids"]
+        assert (
+            ours.encode_chat(msgs[:-1]) == reloaded(prompt_text(reloaded, msgs), add_special_tokens=False)["input_ids"]
+        )
         ids = ours.encode(msgs[-1]["content"])
         assert ours.decode(ids) == msgs[-1]["content"]
 
@@ -190,7 +192,9 @@ def test_quantized_variants(qwen_onnx, tmp_path, tokenizer, car_settings):
         err = max(float(np.abs(a - b).mean()) for a, b in zip(got, ref, strict=True))
         assert err < 0.15 * scale, (name, err, scale)  # close to fp32, not equal to it
         assert err > 0, name
-    assert "GatherBlockQuantized" in json.loads((built["int4_embedding"] / "quantization.json").read_text())["ops_after"]
+    assert (
+        "GatherBlockQuantized" in json.loads((built["int4_embedding"] / "quantization.json").read_text())["ops_after"]
+    )
     assert sizes["int4_rtn"] < sizes["int8"] and sizes["int8_embedding"] < sizes["int8"]
     with pytest.raises(ValueError, match="power of two"):
         quantize_int4(fp32, tmp_path / "bad", block_size=24)
@@ -222,7 +226,10 @@ def test_gate_judges_planted_numbers():
     em = next(c for c in r.checks if c.metric == "exact_match")
     assert em.value == pytest.approx(0.79 / 0.8) and em.margin == pytest.approx(0.79 / 0.8 - 0.97)
     r = evaluate_gate(teacher, {"onnx_int8": ok, "onnx_int4": bad}, th)
-    assert not r.passed and {(c.variant, c.metric) for c in r.failures} == {("onnx_int4", "exact_match"), ("onnx_int4", "kl")}
+    assert not r.passed and {(c.variant, c.metric) for c in r.failures} == {
+        ("onnx_int4", "exact_match"),
+        ("onnx_int4", "kl"),
+    }
     text = r.describe()
     assert "FAILED" in text and "kl = 0.2000 (needs <= 0.0500): FAILED, over by 0.1500" in text
     assert "exact_match / teacher's = 0.8750 (needs >= 0.9700): FAILED, short by 0.0950" in text
@@ -277,7 +284,11 @@ def _corrupt(src, dest, scale=1.0, seed=0):
     for init in m.graph.initializer:
         w = numpy_helper.to_array(init)
         if w.ndim == 2 and w.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array((w + scale * w.std() * rng.standard_normal(w.shape)).astype(np.float32), init.name))
+            init.CopyFrom(
+                numpy_helper.from_array(
+                    (w + scale * w.std() * rng.standard_normal(w.shape)).astype(np.float32), init.name
+                )
+            )
     onnx.save(m, str(dest / ONNX_FILE))
     return dest
 
@@ -300,7 +311,9 @@ def test_gate_passes_a_good_artifact_and_fails_a_broken_one(trained_pair, tmp_pa
         ("onnx_broken", _corrupt(fp32, tmp_path / "broken")),
     ):
         with torch.no_grad():
-            measured[name], _ = evaluate_onnx(OnnxCausalLM(folder), tokenizer, test, teacher=model, teacher_answers=t_ans, **ev)
+            measured[name], _ = evaluate_onnx(
+                OnnxCausalLM(folder), tokenizer, test, teacher=model, teacher_answers=t_ans, **ev
+            )
     # the exported reference itself: identical answers, KL ~ 0
     assert measured["onnx_fp32"]["generation_match"] == 1.0 and measured["onnx_fp32"]["kl"] < 1e-6
     assert evaluate_gate(t_scores, {"onnx_fp32": measured["onnx_fp32"]}, th).passed
@@ -312,3 +325,30 @@ def test_gate_passes_a_good_artifact_and_fails_a_broken_one(trained_pair, tmp_pa
     assert not broken.passed
     assert {"agreement", "kl"} <= {c.metric for c in broken.failures}
     assert not evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, near).passed
+
+
+def test_gate_cli_rejudges_a_finished_run(tmp_path, capsys):
+    from export.gate import main
+
+    m = {
+        "teacher": {"exact_match": 0.9},
+        "onnx_int8": {"exact_match": 0.89, "agreement": 0.99, "kl": 0.03},
+        "gate": {"checks": [{"variant": "onnx_int8", "metric": "kl", "threshold": 0.05}]},
+    }
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(m))
+    assert main([str(path)]) == 0  # the run's own threshold
+    assert main([str(path), "--max-kl", "0.01"]) == 3
+    assert "kl = 0.0300 (needs <= 0.0100): FAILED, over by 0.0200" in capsys.readouterr().out
+    assert main([str(path), "--min-exact-match-retention", "0.98"]) == 0  # 0.89 / 0.9 = 0.989
+    assert main([str(path), "--min-exact-match-retention", "0.99"]) == 3
+    assert main([str(path), "--variants", "onnx_int4"]) == 2
+
+
+def test_export_cli_refuses_bad_input_before_loading(tmp_path, capsys):
+    from export.__main__ import main
+
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--block-size", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "--block-size 24: must be a power of two" in err
+    assert not (tmp_path / "out").exists()

@@ -85,7 +85,10 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
     run_dir, env, _ = smoke_run
     folder = run_dir / "onnx" / "int8"
     shutil.copy(ROOT / "export" / "runtime.py", tmp_path / "car_runtime.py")
-    code = BLOCK_PROJECT_IMPORTS.replace('("distill", "prune", "quantize", "export")', '("distill", "prune", "quantize", "export", "torch", "transformers")')
+    code = BLOCK_PROJECT_IMPORTS.replace(
+        '("distill", "prune", "quantize", "export")',
+        '("distill", "prune", "quantize", "export", "torch", "transformers")',
+    )
     code += textwrap.dedent(f"""
         from car_runtime import ChatTokenizer, OnnxCausalLM
         tok = ChatTokenizer({str(folder)!r})
@@ -98,7 +101,12 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
         print("OK", repr(tok.decode(greedy[0])))
     """)
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd="/", env={**env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        cwd="/",
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
@@ -108,7 +116,14 @@ def test_failed_gate_fails_the_command(smoke_run, tmp_path):
     _, env, _ = smoke_run
     run_dir = tmp_path / "strict"
     proc = _run(
-        ["+exp=smoke", f"hydra.run.dir={run_dir}", "distill.train.steps=2", "eval.num_test=8", "gate.max_kl=0.0", "quantize.variants=[int8]"],
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={run_dir}",
+            "distill.train.steps=2",
+            "eval.num_test=8",
+            "gate.max_kl=0.0",
+            "quantize.variants=[int8]",
+        ],
         env,
     )
     assert proc.returncode == 3, proc.log[-3000:]
@@ -147,7 +162,16 @@ def test_student_reloads_without_this_project(smoke_run):
 
 def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
     _, env, _ = smoke_run
-    proc = _run(["+exp=smoke", f"hydra.run.dir={tmp_path / 'again'}", "distill.train.steps=2", "eval.num_test=4", "export.enabled=false"], env)
+    proc = _run(
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={tmp_path / 'again'}",
+            "distill.train.steps=2",
+            "eval.num_test=4",
+            "export.enabled=false",
+        ],
+        env,
+    )
     assert proc.returncode == 0, proc.log[-3000:]
     assert "reusing cached bootstrap" in proc.log and "bootstrapping one" not in proc.log
 
