@@ -5,7 +5,7 @@ This module never imports torch (a test enforces it). It reads a folder written 
 
 - ``OnnxCausalLM.forward``: one step of the graph with an explicit KV cache;
 - ``OnnxCausalLM.generate``: greedy or sampled decoding with KV cache, left-padded batches, stop on
-  end-of-sequence, prefill and per-token decode timings;
+  end-of-sequence;
 - ``OnnxCausalLM.sequence_logits``: teacher-forced logits of whole sequences (for agreement and KL);
 - ``ChatTokenizer``: the model's chat template and tokenizer without transformers.
 
@@ -16,9 +16,7 @@ cross-runtime checks.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +24,6 @@ import numpy as np
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "onnx_config.json"
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-@dataclass
-class Timings:
-    """Wall time spent in the graph: prefill calls, and decode steps with how many tokens each produced."""
-
-    prefill_s: list[float] = field(default_factory=list)
-    prefill_tokens: list[int] = field(default_factory=list)
-    decode_s: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "prefill_ms": 1000 * float(np.mean(self.prefill_s)) if self.prefill_s else float("nan"),
-            "ms_per_token": 1000 * float(np.mean(self.decode_s)) if self.decode_s else float("nan"),
-        }
 
 
 class _OrtSession:
@@ -116,7 +99,6 @@ class OnnxCausalLM:
             raise ValueError(f"backend must be onnxruntime or openvino, got {backend!r}")
         self.backend = backend
         self.kv_dtype = self.session.input_types.get("past_key_values.0.key") or np.float32
-        self.timings = Timings()
 
     # one graph call -------------------------------------------------------------------------------
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -172,10 +154,7 @@ class OnnxCausalLM:
             mask[r, width - len(p) :] = 1
         answers: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, dtype=bool)
-        t = time.perf_counter()
         logits, past = self.forward(ids, mask)
-        self.timings.prefill_s.append(time.perf_counter() - t)
-        self.timings.prefill_tokens.append(int(mask.sum()))
         for step in range(max_new_tokens):
             scores = logits[:, -1, :]
             if step < min_new_tokens and self.eos_ids:
@@ -193,9 +172,7 @@ class OnnxCausalLM:
                 break
             nxt = np.where(done, self.pad_id, nxt).astype(np.int64)[:, None]
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            t = time.perf_counter()
             logits, past = self.forward(nxt, mask, past)
-            self.timings.decode_s.append(time.perf_counter() - t)
         return answers
 
     # teacher-forced --------------------------------------------------------------------------------

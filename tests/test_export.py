@@ -151,14 +151,9 @@ def test_export_refuses_a_graph_that_does_not_match(qwen_onnx, tmp_path):
     from export.onnx import ExportError, verify_against_torch
 
     model, _, folder = qwen_onnx
-    wrong = _model_like(model, seed=1)
+    wrong = build_from_config(model.config, seed=1).eval()  # same shapes, other weights
     with pytest.raises(ExportError, match="differ from PyTorch"):
         verify_against_torch(folder, wrong)
-
-
-def _model_like(model, seed):
-    other = build_from_config(model.config, seed).eval()
-    return other
 
 
 def test_quantized_variants(qwen_onnx, tmp_path, tokenizer, car_settings):
