@@ -316,6 +316,7 @@ def ship(
 
     from distill.evaluate import evaluate_onnx, hf_generate_n, latency, onnx_generate_n
     from distill.models import load_causal_lm
+    from distill.report import write_json
     from export.gate import evaluate_gate
     from export.runtime import OnnxCausalLM
 
@@ -348,6 +349,7 @@ def ship(
                     folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size
                 )
             out[f"onnx_{v}"] = scores
+            write_json(folder / "metrics.json", scores)  # the artifact carries its own numbers
             log.info(
                 "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
                 v,

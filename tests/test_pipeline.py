@@ -63,6 +63,7 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
         for key in (*REQUIRED[:-1], "agreement", "kl", "generation_match", "bytes", "ms_per_token", "prefill_ms"):
             assert key in o, (v, key)
         assert o["bytes"] == sum(p.stat().st_size for p in (run_dir / "onnx" / v).glob("model.onnx*"))
+        assert json.loads((run_dir / "onnx" / v / "metrics.json").read_text())["exact_match"] == o["exact_match"]
     # fp32 ONNX is the PyTorch student: same answers, same numbers
     assert m["onnx_fp32"]["generation_match"] == m["student"]["generation_match"]
     assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
