@@ -10,7 +10,8 @@ Models: the default experiment's student (``--student DIR``, e.g. runs/.../stude
 built from config (Qwen2, 768 wide, 12 layers, GQA 12/4, ~105M parameters with the default tokenizer),
 whose weights do not fit the L3 cache, so every decode step streams them from memory.
 
-Run:  python bench/onnx_latency.py --student runs/base/student --out bench/results/onnx_latency.json
+Run:  python bench/onnx_latency.py --student runs/default/student --out bench/results/onnx_latency.json
+      (--exporter torchscript for the legacy exporter's graphs)
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def weight_bytes_read_torch(model) -> int:
 
 
 def bench_model(
-    name: str, hf_dir: Path, work: Path, prompts: list[list[int]], tokens: int, bw: float, threads: int
+    name: str, hf_dir: Path, work: Path, prompts: list[list[int]], tokens: int, bw: float, threads: int, exporter: str
 ) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -96,11 +97,11 @@ def bench_model(
     rows.append({"model": name, "params": n_params, "variant": "pytorch eager", "weight_bytes_read": read, **lat})
     print(rows[-1], flush=True)
     del model
-    fp32 = export_onnx(hf_dir, work / f"{name}_fp32")
+    fp32 = export_onnx(hf_dir, work / f"{name}_{exporter}_fp32", exporter=exporter)
     variants = {
         "onnx fp32": fp32,
-        "onnx int8": quantize_int8_dynamic(fp32, work / f"{name}_int8"),
-        "onnx int4": quantize_int4(fp32, work / f"{name}_int4", block_size=32),
+        "onnx int8": quantize_int8_dynamic(fp32, work / f"{name}_{exporter}_int8"),
+        "onnx int4": quantize_int4(fp32, work / f"{name}_{exporter}_int4", block_size=32),
     }
     for v, folder in variants.items():
         rt = OnnxCausalLM(folder, threads=threads)
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_onnx")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--large-layers", type=int, default=LARGE["num_hidden_layers"])
+    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     a = ap.parse_args()
 
     import logging
@@ -143,13 +145,15 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     bw = bandwidth_gbs(a.threads)
     print(f"memory read bandwidth, {a.threads} threads: {bw:.1f} GB/s", flush=True)
-    results = {"bandwidth_gbs": bw, "threads": a.threads, "tokens": a.tokens, "rows": []}
+    results = {"bandwidth_gbs": bw, "threads": a.threads, "tokens": a.tokens, "exporter": a.exporter, "rows": []}
     if a.student:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(a.student))
         prompts = _prompts(tok, a.prompts)
-        results["rows"] += bench_model("default student", a.student, a.work, prompts, a.tokens, bw, a.threads)
+        results["rows"] += bench_model(
+            "default student", a.student, a.work, prompts, a.tokens, bw, a.threads, a.exporter
+        )
         large_dir = a.work / "large_hf"
         if not (large_dir / "config.json").is_file():
             cfg = student_config(read_config(a.student), {**LARGE, "num_hidden_layers": a.large_layers, "head_dim": 64})
@@ -158,7 +162,7 @@ def main() -> None:
             model.generation_config.eos_token_id = tok.eos_token_id
             save_model_atomically(model, tok, large_dir)
             del model
-        results["rows"] += bench_model("large student", large_dir, a.work, prompts, a.tokens, bw, a.threads)
+        results["rows"] += bench_model("large student", large_dir, a.work, prompts, a.tokens, bw, a.threads, a.exporter)
     print()
     print(table(results))
     if a.out:

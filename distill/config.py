@@ -159,6 +159,7 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     enabled: bool  # false stops the pipeline after the PyTorch evaluation (no ONNX, no gate)
+    exporter: str  # dynamo | torchscript
     opset: int
     fp16: bool  # also write onnx/fp16
     verify_atol: float  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
@@ -232,6 +233,7 @@ CHOICES = {
     "schedule": ("cosine", "linear", "constant"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "export.openvino": ("auto",),
+    "export.exporter": ("dynamo", "torchscript"),
     "quantize.int4.algorithm": ("rtn", "hqq", "gptq"),
 }
 ONNX_VARIANTS = ("fp32", "fp16", "int8", "int8_static", "int4")

@@ -269,7 +269,11 @@ def build_onnx_variants(
     out = {}
     with _stage("export"):
         out["fp32"] = export_onnx(
-            student_dir, onnx_dir / "fp32", opset=rc.export.opset, verify_atol=rc.export.verify_atol
+            student_dir,
+            onnx_dir / "fp32",
+            opset=rc.export.opset,
+            verify_atol=rc.export.verify_atol,
+            exporter=rc.export.exporter,
         )
         if rc.export.fp16:
             out["fp16"] = to_float16(out["fp32"], onnx_dir / "fp16")

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16)")
     ap.add_argument("--algorithm", default="rtn", choices=["rtn", "hqq", "gptq"], help="int4 algorithm")
     ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize import quantize_int4, quantize_int8_dynamic
 
     try:
-        fp32 = export_onnx(a.src, a.dest / "fp32", opset=a.opset)
+        fp32 = export_onnx(a.src, a.dest / "fp32", opset=a.opset, exporter=a.exporter)
     except ExportError as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 3

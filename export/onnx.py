@@ -10,10 +10,14 @@ Prefill is the same graph with P = 0 (empty past tensors); decode feeds S = 1 an
 The folder also holds the tokenizer files and ``onnx_config.json`` (shapes, names, special ids), so it
 runs without this project and without torch.
 
-Export goes through ``torch.onnx.export``'s TorchScript path (``dynamo=False``): a small wrapper rebuilds
-the HF ``DynamicCache`` from the flat past inputs, and eager attention keeps every mask explicit. The
-dynamo exporter (transformers 5, torch 2.13) needs ``dynamic_shapes`` rewritten per model family and
-adds onnxscript; the TorchScript path exports Llama, Qwen2, Qwen3 and Mistral unchanged (tested).
+A small wrapper rebuilds the HF ``DynamicCache`` from the flat past inputs, and eager attention keeps
+every mask explicit. Two exporters, both tested on Llama, Qwen2, Qwen3 and Mistral:
+
+- ``dynamo`` (default): ``torch.export`` with symbolic batch / sequence / past dimensions, then
+  onnxscript's optimizer. Shape arithmetic is folded, so the graph has a fraction of the nodes and
+  decodes faster (bench/onnx_latency.py); export takes seconds longer.
+- ``torchscript``: the legacy tracer (``dynamo=False``), quick to export but every ``view`` leaves
+  Shape/Gather/Concat glue in the graph. Deprecated by PyTorch; kept as a fallback.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "onnx_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TWO_GB = 2**31  # protobuf's hard limit for one message
+EXPORTERS = ("dynamo", "torchscript")
 
 
 class ExportError(RuntimeError):
@@ -149,6 +154,7 @@ def export_onnx(
     external_data_threshold: int = TWO_GB,
     verify: bool = True,
     verify_atol: float = 1e-3,
+    exporter: str = "dynamo",
 ) -> Path:
     """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (+ tokenizer, ``onnx_config.json``).
 
@@ -163,6 +169,8 @@ def export_onnx(
 
     if dtype not in ("float32", "float16"):
         raise ValueError(f"export dtype must be float32 or float16, got {dtype!r}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     model_dir, dest = Path(model_dir), Path(dest)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
@@ -185,20 +193,38 @@ def export_onnx(
         raw.mkdir()
         wrapper = _wrapper(model)
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript tracer warnings about python branches on shapes
-            torch.onnx.export(
-                wrapper,
-                _example_inputs(config),
-                str(raw / ONNX_FILE),
-                input_names=inputs,
-                output_names=outputs,
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes, axis renames
+            if exporter == "dynamo":
+                from torch.export import Dim
+
+                b, q, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+                shapes = ({0: b, 1: q}, {0: b, 1: t}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in range(2 * n)))
+                torch.onnx.export(
+                    wrapper,
+                    _example_inputs(config),
+                    str(raw / ONNX_FILE),
+                    input_names=inputs,
+                    output_names=outputs,
+                    dynamic_shapes=shapes,
+                    opset_version=opset,
+                    dynamo=True,
+                    optimize=True,
+                )
+            else:
+                torch.onnx.export(
+                    wrapper,
+                    _example_inputs(config),
+                    str(raw / ONNX_FILE),
+                    input_names=inputs,
+                    output_names=outputs,
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
         proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
         proto.producer_name = "car-distill"
+        fold_transposed_weights(proto)
         save_onnx(proto, tmp, external_data_threshold)
         shutil.rmtree(raw)
         meta = {
@@ -218,7 +244,7 @@ def export_onnx(
             "outputs": outputs,
             "opset": opset,
             "source": str(model_dir),
-            "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
+            "exporter": f"torch.onnx.export ({exporter}) torch {torch.__version__}",
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         for name in TOKENIZER_FILES:
@@ -233,6 +259,43 @@ def export_onnx(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fold_transposed_weights(proto) -> None:
+    """Replace ``MatMul(x, Transpose(W))`` by ``MatMul(x, W.T)`` with ``W.T`` a new initializer, and name
+    the matmul that produces the logits ``lm_head/MatMul``.
+
+    The dynamo exporter keeps a tied LM head as a Transpose of the embedding table; ONNX Runtime's
+    quantizers only quantize matmuls whose weight is an initializer, so without this the LM head (the
+    largest matrix of a small-vocabulary-heavy model) would stay in float.
+    """
+    from onnx import numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    drop = []
+    for n in g.node:
+        if n.op_type != "Transpose" or len(n.input) != 1 or n.input[0] not in inits:
+            continue
+        users = consumers.get(n.output[0], [])
+        if not users or any(u.op_type != "MatMul" or u.input[1] != n.output[0] for u in users):
+            continue
+        w = numpy_helper.to_array(inits[n.input[0]])
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        new_name = n.input[0] + ".T"
+        g.initializer.append(numpy_helper.from_array(w.transpose(perm).copy(), new_name))
+        for u in users:
+            u.input[1] = new_name
+        drop.append(n)
+    for n in drop:
+        g.node.remove(n)
+    for n in g.node:
+        if n.op_type == "MatMul" and "logits" in n.output and "lm_head" not in n.name:
+            n.name = "lm_head/MatMul"
 
 
 def _ids(x) -> list[int]:

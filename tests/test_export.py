@@ -54,16 +54,26 @@ def qwen_onnx(tmp_path_factory, tokenizer):
     return model, hf, export_onnx(hf, base / "fp32")
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=[f"{f[0]}-tied{int(f[1])}-gqa{f[2] // f[3]}" for f in FAMILIES])
-def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family):
+CASES = [(f, "dynamo") for f in FAMILIES] + [(FAMILIES[0], "torchscript"), (FAMILIES[1], "torchscript")]
+
+
+@pytest.mark.parametrize(
+    "family,exporter", CASES, ids=[f"{f[0]}-tied{int(f[1])}-gqa{f[2] // f[3]}-{e}" for f, e in CASES]
+)
+def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family, exporter):
     model = _model(tokenizer, family)
     hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
-    folder = export_onnx(hf, tmp_path / "onnx")
+    folder = export_onnx(hf, tmp_path / "onnx", exporter=exporter)
     import onnx
 
     onnx.checker.check_model(str(folder / ONNX_FILE))
     meta = json.loads((folder / "onnx_config.json").read_text())
     assert meta["num_key_value_heads"] == family[3] and meta["eos_token_id"] == [tokenizer.eos_token_id]
+    # the LM head is a plain weight matmul (tied heads included), so quantizers can reach it
+    graph = onnx.load(str(folder / ONNX_FILE))
+    inits = {i.name for i in graph.graph.initializer}
+    (head,) = [n for n in graph.graph.node if "logits" in n.output]
+    assert head.op_type == "MatMul" and head.input[1] in inits
     rt = OnnxCausalLM(folder)
     prompts, seqs = _prompts(tokenizer, car_settings)
     # logits of whole sequences (batched, right-padded) within 1e-4 of PyTorch's
