@@ -120,12 +120,13 @@ def _finish(src: Path, tmp: Path, dest: Path, scheme: str, settings: dict) -> Pa
 
 
 def _guard(dest: Path, build) -> Path:
-    """Build into a temporary sibling folder, renamed onto ``dest`` when complete; ORT's quantizers log
-    every node on the root logger at INFO, so that is quietened meanwhile."""
+    """Build into a temporary sibling folder, renamed onto ``dest`` when complete. ORT's quantizers log
+    every node on the root logger at INFO, and advise pre-processing on every call at WARNING (we
+    pre-process where it matters: static int8), so the root logger is quietened meanwhile."""
     tmp = temp_folder(dest)
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))
     try:
         return build(tmp)
     except BaseException:
