@@ -199,17 +199,27 @@ def export_onnx(
 
                 b, q, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
                 shapes = ({0: b, 1: q}, {0: b, 1: t}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in range(2 * n)))
-                torch.onnx.export(
-                    wrapper,
-                    _example_inputs(config),
-                    str(raw / ONNX_FILE),
-                    input_names=inputs,
-                    output_names=outputs,
-                    dynamic_shapes=shapes,
-                    opset_version=opset,
-                    dynamo=True,
-                    optimize=True,
-                )
+                # onnx_ir logs every folded initializer at INFO; torch.onnx warns that torchvision is absent
+                quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+                levels = [q.level for q in quiet]
+                for q in quiet:
+                    q.setLevel(logging.ERROR)
+                try:
+                    torch.onnx.export(
+                        wrapper,
+                        _example_inputs(config),
+                        str(raw / ONNX_FILE),
+                        input_names=inputs,
+                        output_names=outputs,
+                        dynamic_shapes=shapes,
+                        opset_version=opset,
+                        dynamo=True,
+                        optimize=True,
+                        verbose=False,
+                    )
+                finally:
+                    for q, level in zip(quiet, levels, strict=True):
+                        q.setLevel(level)
             else:
                 torch.onnx.export(
                     wrapper,
