@@ -29,12 +29,10 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
     """Loss terms (and validation loss) against step, as a PNG."""
     if not history:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     steps = [r["step"] for r in history]
     for i, key in enumerate(("loss", "kd", "ce", "feat")):
         ys = [r.get(key, 0.0) for r in history]
@@ -58,7 +56,6 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -156,12 +153,10 @@ def plot_variants(metrics: dict, path: str | Path) -> Path | None:
     rows = [(n, metrics[n]) for n in names if metrics.get(n, {}).get("bytes")]
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, label in (
         (axes[0], "bytes", "size on disk (MB)"),
         (axes[1], "ms_per_token", "decode ms / token (batch 1)"),
@@ -187,5 +182,4 @@ def plot_variants(metrics: dict, path: str | Path) -> Path | None:
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
