@@ -117,8 +117,12 @@ def evaluate_model(
 ) -> tuple[dict, list[list[int]]]:
     """All metrics of one PyTorch model on one split; returns (metrics, greedy answers)."""
     gen = hf_generate_fn(model, tokenizer, max_new_tokens, batch_size)
+    return _evaluate(gen, model, tokenizer, data, batch_size, teacher, teacher_answers)
+
+
+def _evaluate(gen: GenerateFn, logits_of, tokenizer, data, batch_size, teacher, teacher_answers):
     scores, answers = evaluate_generations(data, gen, tokenizer)
-    scores.update(teacher_forced(model, data, tokenizer, batch_size, teacher))
+    scores.update(teacher_forced(logits_of, data, tokenizer, batch_size, teacher))
     if teacher_answers is not None:
         scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
     return scores, answers
@@ -141,11 +145,7 @@ def evaluate_onnx(
 ) -> tuple[dict, list[list[int]]]:
     """All metrics of one ONNX artifact (through ``export.runtime``) on one split, as for a PyTorch model."""
     gen = lambda prompts: runner.generate(prompts, max_new_tokens, batch_size=batch_size)  # noqa: E731
-    scores, answers = evaluate_generations(data, gen, tokenizer)
-    scores.update(teacher_forced(onnx_logits_fn(runner), data, tokenizer, batch_size, teacher))
-    if teacher_answers is not None:
-        scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
-    return scores, answers
+    return _evaluate(gen, onnx_logits_fn(runner), tokenizer, data, batch_size, teacher, teacher_answers)
 
 
 def latency(

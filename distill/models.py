@@ -160,6 +160,24 @@ def build_from_config(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
+def temp_folder(dest: Path) -> Path:
+    """A new hidden sibling of ``dest`` to build into (same filesystem, so the final rename is atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+
+def finish_folder(tmp: Path, dest: Path) -> Path:
+    """Rename a completed temporary folder onto ``dest``, replacing an older one."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dest)
+    return dest
+
+
 def save_model_atomically(
     model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None, state_dict: dict | None = None
 ) -> Path:
@@ -169,20 +187,13 @@ def save_model_atomically(
     written beside the weights.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = temp_folder(dest)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
+        finish_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
+
+from distill.models import finish_folder, temp_folder
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +121,6 @@ def save_onnx(model_proto, dest_dir: Path, external_data_threshold: int = TWO_GB
     onnx.checker.check_model(str(dest_dir / ONNX_FILE))  # by path: works past 2 GB
 
 
-def finish_folder(tmp: Path, dest: Path) -> Path:
-    """Rename a completed temporary folder onto ``dest`` (replacing an older one)."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    return dest
-
-
-def temp_folder(dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-
-
 def copy_runtime_files(src: Path, dst: Path) -> None:
     """Tokenizer files and ``onnx_config.json`` from one ONNX (or HF) folder to another."""
     for name in (*TOKENIZER_FILES, CONFIG_FILE):
@@ -178,15 +161,6 @@ def export_onnx(
     n = config.num_hidden_layers
     inputs = ["input_ids", "attention_mask", "position_ids", *past_names(n)]
     outputs = ["logits", *present_names(n)]
-    axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
-    }
-    axes.update({k: {0: "batch", 2: "past_sequence"} for k in past_names(n)})
-    axes.update({k: {0: "batch", 2: "total_sequence"} for k in present_names(n)})
-
     tmp = temp_folder(dest)
     try:
         raw = tmp / "raw"
@@ -194,6 +168,7 @@ def export_onnx(
         wrapper = _wrapper(model)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes, axis renames
+            common = dict(input_names=inputs, output_names=outputs, opset_version=opset)
             if exporter == "dynamo":
                 from torch.export import Dim
 
@@ -209,28 +184,32 @@ def export_onnx(
                         wrapper,
                         _example_inputs(config),
                         str(raw / ONNX_FILE),
-                        input_names=inputs,
-                        output_names=outputs,
                         dynamic_shapes=shapes,
-                        opset_version=opset,
                         dynamo=True,
                         optimize=True,
                         verbose=False,
+                        **common,
                     )
                 finally:
                     for q, level in zip(quiet, levels, strict=True):
                         q.setLevel(level)
             else:
+                axes = {
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "total_sequence"},
+                    "position_ids": {0: "batch", 1: "sequence"},
+                    "logits": {0: "batch", 1: "sequence"},
+                }
+                axes.update({k: {0: "batch", 2: "past_sequence"} for k in past_names(n)})
+                axes.update({k: {0: "batch", 2: "total_sequence"} for k in present_names(n)})
                 torch.onnx.export(
                     wrapper,
                     _example_inputs(config),
                     str(raw / ONNX_FILE),
-                    input_names=inputs,
-                    output_names=outputs,
                     dynamic_axes=axes,
-                    opset_version=opset,
                     do_constant_folding=True,
                     dynamo=False,
+                    **common,
                 )
         proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
         proto.producer_name = "car-distill"

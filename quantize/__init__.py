@@ -23,7 +23,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from export.onnx import ONNX_FILE, TWO_GB, copy_runtime_files, finish_folder, onnx_bytes, temp_folder
+from distill.models import finish_folder, temp_folder
+from export.onnx import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
 
 log = logging.getLogger(__name__)
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
