@@ -214,6 +214,8 @@ def export_onnx(
         proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
         proto.producer_name = "car-distill"
         fold_transposed_weights(proto)
+        for node in proto.graph.node:  # the dynamo exporter's per-node debug records (FX nodes, stacks)
+            del node.metadata_props[:]
         save_onnx(proto, tmp, external_data_threshold)
         shutil.rmtree(raw)
         meta = {

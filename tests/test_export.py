@@ -74,6 +74,7 @@ def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family,
     inits = {i.name for i in graph.graph.initializer}
     (head,) = [n for n in graph.graph.node if "logits" in n.output]
     assert head.op_type == "MatMul" and head.input[1] in inits
+    assert not any(n.metadata_props for n in graph.graph.node)  # no exporter debug records shipped
     rt = OnnxCausalLM(folder)
     prompts, seqs = _prompts(tokenizer, car_settings)
     # logits of whole sequences (batched, right-padded) within 1e-4 of PyTorch's
