@@ -367,7 +367,7 @@ def ship(
         g = rc.gate
         thresholds = {k: getattr(g, k) for k in THRESHOLD_KEYS}
         result = evaluate_gate(t_test, {f"onnx_{v}": out[f"onnx_{v}"] for v in g.variants}, thresholds)
-        out["gate"] = {**result.to_dict(), "summary": result.describe()}
+        out["gate"] = result.to_dict()
     return out
 
 

@@ -48,6 +48,7 @@ class GateResult:
             "passed": self.passed,
             "checks": [{**asdict(c), "margin": c.margin} for c in self.checks],
             "failed": [c.describe() for c in self.failures],
+            "summary": self.describe(),
         }
 
     def describe(self) -> str:
