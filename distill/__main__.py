@@ -1,7 +1,12 @@
 """``python -m distill +exp=car_assistant``: Hydra at the edge, a plain ``run(cfg)`` inside.
 
 Exit codes: 0 done and the release gate passed; 2 bad config or data (nothing ran); 3 the release gate
-failed (or the export did not reproduce the model): the run folder still holds every artifact and the report.
+failed (or the export did not reproduce the model): the run folder still holds every artifact and the
+report; 4 the run folder or disk cannot be used (another experiment's folder, not writable, disk full):
+finished stages are kept, and the same command resumes once it is fixed.
+
+Under ``-m`` (Hydra multirun) a job's failure is logged and the sweep goes on; the sweep's summary
+(``distill.sweep``) marks it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger("distill")
@@ -21,20 +27,32 @@ def main(cfg: DictConfig) -> None:
     from distill.config import ConfigError
     from distill.data import DataError
     from distill.pipeline import run
+    from distill.stages import RunFolderError
     from distill.trainer import TrainingDiverged
     from export.onnx import ExportError
 
+    hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
+    code = 0
     try:
-        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = run(cfg, hc.runtime.output_dir)
     except (ConfigError, DataError, TrainingDiverged) as err:
         log.error("%s", err)
-        sys.exit(2)
+        code = 2
     except ExportError as err:
         log.error("%s", err)
-        sys.exit(3)
-    if metrics.get("gate", {}).get("passed") is False:
-        log.error("the release gate failed: %s", "; ".join(metrics["gate"]["failed"]))
-        sys.exit(3)
+        code = 3
+    except RunFolderError as err:
+        log.error("%s", err)
+        code = 4
+    else:
+        if metrics.get("gate", {}).get("passed") is False:
+            log.error("the release gate failed: %s", "; ".join(metrics["gate"]["failed"]))
+            code = 3
+    if code and sweeping:
+        log.error("job %s (%s) failed with exit code %d; the sweep goes on", hc.job.num, hc.job.override_dirname, code)
+    elif code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

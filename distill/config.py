@@ -82,6 +82,7 @@ class TeacherConfig:
     path: str | None  # local HF folder; null bootstraps (and caches) a small teacher
     quantization: str  # none | 8bit | nf4 (bitsandbytes; loading only, the teacher is frozen)
     allow_pickle: bool
+    trust_remote_code: bool  # run the model folder's own Python code (auto_map); false refuses such folders
     cache_dir: str
     bootstrap: BootstrapConfig
 
@@ -143,6 +144,8 @@ class DistillConfig:
     beta: float  # jsd
     skew_alpha: float  # skew_kl
     chunk_size: int  # tokens per logit chunk; bounds memory at chunk_size x vocab per model
+    signals: str  # live | topk: teacher logits computed every step, or its top-k cached on disk once
+    topk: int  # tokens kept per position by signals=topk
     features: FeatureConfig
     on_policy: OnPolicyConfig
     train: TrainConfig
@@ -212,6 +215,8 @@ class GateConfig:
 @dataclass
 class RunConfig:
     name: str
+    force: list[str]  # stages to rerun even when their finished output matches (or [all])
+    trackers: list[str]  # tensorboard | mlflow
     data: DataConfig
     teacher: TeacherConfig
     student: StudentConfig
@@ -229,6 +234,7 @@ CHOICES = {
     "student.prune.method": ("activation", "magnitude"),
     "student.prune.strategy": ("width", "depth"),
     "distill.divergence": ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"),
+    "distill.signals": ("live", "topk"),
     "distill.features.kind": ("cosine", "mse"),
     "schedule": ("cosine", "linear", "constant"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
@@ -266,6 +272,7 @@ POSITIVE = {
     "latency_tokens",
     "block_size",
     "calib_examples",
+    "topk",
 }
 NON_NEGATIVE = {
     "weight_decay",
@@ -379,7 +386,9 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
                 problems.append(f"data.{name}: file {p} does not exist")
     t = c.teacher
     if t.path is not None:
-        problems += folder_problems(t.path, "teacher.path", allow_pickle=t.allow_pickle)
+        problems += folder_problems(
+            t.path, "teacher.path", allow_pickle=t.allow_pickle, trust_remote_code=t.trust_remote_code
+        )
     else:
         b = t.bootstrap
         if b.num_attention_heads and b.hidden_size % b.num_attention_heads:
@@ -419,6 +428,7 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
     _check_onnx(c, problems)
+    _check_run(c, problems)
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
     for pair in fe.layer_map:
@@ -429,6 +439,37 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
         if len(pair) == 2 and known_t is not None and pair[1] >= known_t:
             problems.append(
                 f"distill.features.layer_map: teacher layer {pair[1]} does not exist (teacher has {known_t} layers)"
+            )
+
+
+def _check_run(c: RunConfig, problems: list[str]) -> None:
+    import importlib.util
+
+    from distill.stages import STAGES
+
+    for name in c.force:
+        if name not in (*STAGES, "all"):
+            near = difflib.get_close_matches(name, STAGES, n=1)
+            problems.append(
+                f"force: {name!r} is not a stage"
+                + (f"; did you mean {near[0]}?" if near else f"; stages: {', '.join(STAGES)}, or all")
+            )
+    for t in c.trackers:
+        if t not in ("tensorboard", "mlflow"):
+            problems.append(f"trackers: {t!r} is not one of tensorboard, mlflow")
+        elif t == "mlflow" and importlib.util.find_spec("mlflow") is None:
+            problems.append("trackers: mlflow is not installed; pip install mlflow, or drop it from trackers")
+    d = c.distill
+    if d.signals == "topk":
+        if d.features.weight > 0:
+            problems.append(
+                "distill.signals=topk caches only the teacher's logits; feature distillation "
+                "(distill.features.weight > 0) needs the live teacher: set distill.signals=live or features.weight=0"
+            )
+        if d.on_policy.fraction > 0:
+            problems.append(
+                "distill.signals=topk cannot score the student's own samples (distill.on_policy.fraction > 0); "
+                "set distill.signals=live or on_policy.fraction=0"
             )
 
 

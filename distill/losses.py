@@ -101,7 +101,7 @@ class _FusedChunkedKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, targets, h_t, w_t, vocab, div, temperature, chunk_size, kd_weight, ce_weight):
+    def forward(ctx, h_s, w_s, targets, h_t, w_t, vocab, div, temperature, chunk_size, kd_weight, ce_weight, topk):
         need_h, need_w = h_s.requires_grad, w_s.requires_grad
         hs_all = h_s.detach()
         w = w_s.detach()[:vocab].requires_grad_(need_w)
@@ -121,6 +121,8 @@ class _FusedChunkedKD(torch.autograd.Function):
                     with torch.no_grad():
                         logits_t = F.linear(h_t[sl], wt)
                     kd = div(logits, logits_t, temperature).sum()
+                elif topk is not None:
+                    kd = topk_divergence(logits, *(x[sl] for x in topk), div=div, temperature=temperature).sum()
                 total = kd_weight * kd + ce_weight * ce
             inputs = [x for x, need in ((h, need_h), (w, need_w)) if need]
             if inputs:
@@ -150,6 +152,7 @@ class _FusedChunkedKD(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -166,6 +169,7 @@ def chunked_kd_loss(
     chunk_size: int = 1024,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
+    teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` summed over N response tokens, ``chunk_size`` tokens at a time.
 
@@ -177,6 +181,9 @@ def chunked_kd_loss(
     Full-vocabulary logits of teacher and student are never held for more than one chunk: peak memory
     is O(chunk_size x V) instead of O(N x V). Returns ``(loss, kd_sum, ce_sum)``: ``loss`` carries the
     gradient; the two sums are detached, for logging. Divide by the token count for means.
+
+    ``teacher_topk`` = ``(indices (N, k), log-probs (N, k), tail log-mass (N,))`` replaces the live teacher
+    with cached top-k signals (``topk_divergence``).
     """
     return _FusedChunkedKD.apply(
         student_hidden,
@@ -190,7 +197,42 @@ def chunked_kd_loss(
         chunk_size,
         kd_weight,
         ce_weight,
+        teacher_topk,
     )
+
+
+TAIL_FLOOR = -80.0  # log-mass below this is treated as exp(-80) ~ 2e-35: keeps an empty tail finite
+
+
+def topk_buckets(
+    student_logits: torch.Tensor, idx: torch.Tensor, t_logp: torch.Tensor, t_tail: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher distributions over k + 1 buckets: the teacher's top-k tokens and the rest.
+
+    ``t_logp`` are the teacher's top-k log-probabilities at ``temperature`` (over the full vocabulary) and
+    ``t_tail`` the log of its remaining mass; the student's buckets are taken from its full softmax at the
+    same temperature. Returns log-probabilities of shape (N, k + 1) for both.
+    """
+    ls = _logp(student_logits, temperature)
+    idx = idx.long()
+    s_k = ls.gather(-1, idx)
+    s_tail = ls.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+    s = torch.cat([s_k, s_tail.clamp(min=TAIL_FLOOR)], -1)
+    t = torch.cat([t_logp.float(), t_tail.float().unsqueeze(-1).clamp(min=TAIL_FLOOR)], -1)
+    return s, t
+
+
+def topk_divergence(student_logits, idx, t_logp, t_tail, *, div: Divergence = forward_kl, temperature: float = 1.0):
+    """``div`` between the k + 1 bucket distributions of ``topk_buckets``, times ``T**2``; shape (N,).
+
+    The approximation (DistillKit-style cached top-k logits): merging the teacher's tail tokens into one
+    bucket can only lose information, so for every f-divergence (forward / reverse KL, JSD, TV) the result is
+    a lower bound of the full-vocabulary divergence (data-processing inequality). For forward KL the gap
+    is exactly ``p_tail * KL(p_teacher(.|tail) || p_student(.|tail))``: zero when k covers the
+    vocabulary, small when the teacher's tail mass is small. ``tests/test_signals.py`` checks both.
+    """
+    s, t = topk_buckets(student_logits, idx, t_logp, t_tail, temperature)
+    return div(s, t, 1.0) * temperature**2
 
 
 def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

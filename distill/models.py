@@ -24,8 +24,11 @@ def read_config(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) -> list[str]:
-    """What is wrong with ``folder`` as an HF causal-LM folder (empty list when fine). No weights load."""
+def folder_problems(
+    folder: str | Path, key: str, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> list[str]:
+    """What is wrong with ``folder`` as an HF causal-LM folder (empty list when fine). No weights load:
+    safetensors files are checked from their headers and sizes, the tokenizer against the embedding."""
     folder = Path(folder)
     if not folder.is_dir():
         return [
@@ -39,13 +42,14 @@ def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) ->
     except json.JSONDecodeError as err:
         return [f"{key}: {folder}/config.json is not valid JSON ({err})"]
     mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
+    if cfg.get("auto_map") and not trust_remote_code:
+        problems.append(
+            f"{key}: {folder} needs its own Python code (auto_map in config.json), which runs on load; "
+            "refused. Set teacher.trust_remote_code=true only if you trust that code"
+        )
+    if mt not in SUPPORTED_MODEL_TYPES and not (cfg.get("auto_map") and trust_remote_code):
         problems.append(
             f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if cfg.get("auto_map"):
-        problems.append(
-            f"{key}: {folder} needs custom code (auto_map in config.json); this tool never runs trust_remote_code"
         )
     has_st = any((folder / f).is_file() for f in WEIGHT_FILES)
     has_pickle = any((folder / f).is_file() for f in PICKLE_FILES)
@@ -56,8 +60,69 @@ def folder_problems(folder: str | Path, key: str, allow_pickle: bool = False) ->
         )
     elif not has_st and not has_pickle:
         problems.append(f"{key}: {folder} has no model.safetensors (or sharded index)")
+    if has_st:
+        problems += safetensors_problems(folder, key)
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         problems.append(f"{key}: {folder} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
+    elif isinstance(cfg.get("vocab_size"), int):
+        n = tokenizer_size(folder)
+        if n is not None and n > cfg["vocab_size"]:
+            problems.append(
+                f"{key}: the tokenizer in {folder} has {n} tokens but config.json's vocab_size is {cfg['vocab_size']}: "
+                "ids past the embedding would crash; the tokenizer does not belong to this model (or resize the "
+                "embeddings and save again)"
+            )
+    return problems
+
+
+def tokenizer_size(folder: Path) -> int | None:
+    """Number of tokens of the folder's tokenizer (added tokens included), without loading weights."""
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(str(folder)))
+    except Exception:  # an unreadable tokenizer is reported when the run loads it, with its own message
+        return None
+
+
+def safetensors_problems(folder: Path, key: str) -> list[str]:
+    """Truncated or corrupt safetensors files, found from each file's header and size alone."""
+    import struct
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            return [f"{key}: {index} is not a valid safetensors index ({err})"]
+    else:
+        files = ["model.safetensors"]
+    problems = []
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{key}: {path} is listed in the index but missing; copy the complete model folder")
+            continue
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in {size} bytes")
+                header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError) as err:
+            problems.append(
+                f"{key}: {path} is not a readable safetensors file ({err}); it is corrupt or not safetensors: "
+                "copy or save it again"
+            )
+            continue
+        if 8 + n + end != size:
+            problems.append(
+                f"{key}: {path} is truncated or corrupt: its header describes {8 + n + end} bytes but the file has "
+                f"{size}; copy or save it again"
+            )
     return problems
 
 
@@ -101,12 +166,14 @@ def param_count(model) -> int:
     return total
 
 
-def load_causal_lm(folder: str | Path, quantization: str = "none", dtype: str = "float32"):
+def load_causal_lm(
+    folder: str | Path, quantization: str = "none", dtype: str = "float32", trust_remote_code: bool = False
+):
     """Load an HF causal LM from a local folder; ``quantization`` in none | 8bit | nf4 (bitsandbytes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": getattr(torch, dtype)}
+    kwargs: dict = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if quantization != "none":
         try:
             import bitsandbytes  # noqa: F401
@@ -206,7 +273,7 @@ def folder_hash(folder: str | Path) -> str:
     h = hashlib.sha256()
     folder = Path(folder)
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model")):
+        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model")) and p.name != "stage.json":
             h.update(p.name.encode())
             with p.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -25,8 +25,20 @@ def cache_root(tc: TeacherConfig) -> Path:
     return Path(os.path.expanduser(tc.cache_dir))
 
 
+def bootstrap_dir(tc: TeacherConfig, data_hash: str) -> Path:
+    """Where the teacher bootstrapped with these settings on this data is cached."""
+    return cache_root(tc) / "teachers" / bootstrap_key(tc.bootstrap, data_hash)
+
+
 def bootstrap_teacher(
-    tc: TeacherConfig, data: dict[str, list[dict]], data_hash: str, ec: EvalConfig, *, accelerator, max_length: int
+    tc: TeacherConfig,
+    data: dict[str, list[dict]],
+    data_hash: str,
+    ec: EvalConfig,
+    *,
+    accelerator,
+    max_length: int,
+    force: bool = False,
 ) -> Path:
     """Path of the cached bootstrapped teacher, training it first when the cache has none.
 
@@ -43,8 +55,8 @@ def bootstrap_teacher(
     from distill.trainer import train
 
     b = tc.bootstrap
-    dest = cache_root(tc) / "teachers" / bootstrap_key(b, data_hash)
-    if (dest / "config.json").is_file():
+    dest = bootstrap_dir(tc, data_hash)
+    if (dest / "config.json").is_file() and not force:
         log.info("teacher: reusing cached bootstrap %s", dest)
         return dest
     acc = accelerator

@@ -129,7 +129,10 @@ class DistillModule(nn.Module):
         ce_weight: float = 1.0,
     ):
         """Summed losses of one micro-batch: ``logit`` = kd_weight * KD + ce_weight * CE (differentiable),
-        ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``."""
+        ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``.
+
+        ``teacher``: live signals from ``teacher_signals`` or ``{"topk": (indices, logp, tail)}`` read from
+        the cache (``distill.signals``)."""
         sel = labels[:, 1:] != IGNORE
         attention = bool(self.cfg and self.cfg.features.attention)
         cap = (
@@ -147,14 +150,15 @@ class DistillModule(nn.Module):
             hs,
             head.weight,
             targets,
-            teacher["hidden"] if teacher else None,
-            teacher["head"] if teacher else None,
+            teacher.get("hidden") if teacher else None,
+            teacher.get("head") if teacher else None,
             vocab_size=self.vocab_size,
             div=self.div or divergence("forward_kl"),
             temperature=cfg.temperature if cfg else 1.0,
             chunk_size=cfg.chunk_size if cfg else 1024,
             kd_weight=kd_weight if teacher else 0.0,
             ce_weight=ce_weight,
+            teacher_topk=teacher.get("topk") if teacher else None,
         )
         feat = hs.new_zeros((), dtype=torch.float32)
         if cap:
@@ -284,13 +288,21 @@ def train(
     val_data: Sequence[dict] | None = None,
     desc: str = "train",
     log_prefix: str = "",
+    signals=None,
+    checkpoint_key: str | None = None,
 ) -> TrainResult:
     """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists).
 
     With ``teacher``: loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss,
     and a fraction ``on_policy.fraction`` of steps trains on the student's own samples (KD only).
-    Without: plain cross-entropy on response tokens (how the teacher is bootstrapped).
+    With ``signals`` (``distill.signals.TopKSignals``) instead of a teacher: the KD term uses the cached
+    top-k teacher log-probabilities of each example (no teacher forward passes).
+    Without either: plain cross-entropy on response tokens (how the teacher is bootstrapped).
     Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes.
+
+    Checkpoints (model, optimizer, scheduler, RNG states, step = data position, history) go to
+    ``checkpoint_dir`` every ``tc.checkpoint_every`` steps; a later call with the same directory and
+    ``checkpoint_key`` resumes from the newest one. Checkpoints of another key are discarded.
     """
     from tqdm.auto import tqdm
 
@@ -298,8 +310,9 @@ def train(
     acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
     torch.manual_seed(tc.seed)
     vocab = len(tokenizer)
+    distilling = teacher is not None or signals is not None
     t_hidden = teacher.config.hidden_size if teacher is not None else None
-    module = DistillModule(student, dcfg if teacher is not None else None, t_hidden, vocab)
+    module = DistillModule(student, dcfg if distilling else None, t_hidden, vocab)
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -326,6 +339,22 @@ def train(
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt_root and (ckpt_root / "latest.json").is_file():
         state = json.loads((ckpt_root / "latest.json").read_text())
+        if state.get("key") != checkpoint_key:
+            log.warning(
+                "%s: checkpoints in %s belong to another configuration (key %s, now %s); starting from step 0",
+                desc,
+                ckpt_root,
+                state.get("key"),
+                checkpoint_key,
+            )
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(ckpt_root, ignore_errors=True)
+            acc.wait_for_everyone()
+            state = None
+    else:
+        state = None
+    if state is not None:
         acc.load_state(str(ckpt_root / state["dir"]))
         start_step = state["step"]
         for _ in range(start_step):
@@ -334,7 +363,10 @@ def train(
         log.info("%s: resumed from %s at step %d", desc, ckpt_root / state["dir"], start_step)
 
     on_policy = dcfg.on_policy if (dcfg is not None and teacher is not None) else None
-    ema, spikes_in_row = None, 0
+    proc = _process()
+    guard = (state or {}).get("guard", {})
+    ema, spikes_in_row = guard.get("ema"), guard.get("spikes_in_row", 0)
+    result.skipped_steps = guard.get("skipped_steps", 0)
     t0, tokens_seen = time.time(), 0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
     module.train()
@@ -345,7 +377,7 @@ def train(
         )
         terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
         any_backward = False
-        micro_batches = []
+        micro_batches, micro_idx = [], []
         for micro in range(tc.grad_accum):
             j = step * tc.grad_accum + micro
             idx = stream.global_batch(j)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
@@ -355,18 +387,20 @@ def train(
             if use_policy:
                 batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy)
             micro_batches.append(batch)
+            micro_idx.append(idx)
         # Response tokens of the whole optimizer step, over all micro-batches and processes: every loss is
         # divided by it, so accumulation and data parallelism give exactly the large-batch token mean.
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         n_step = max(float(acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum")), 1.0)
         for micro, batch in enumerate(micro_batches):
-            sig = (
-                teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention))
-                if teacher is not None
-                else None
-            )
+            if signals is not None and not use_policy:
+                sig = {"topk": signals.batch(micro_idx[micro], acc.device)}
+            elif teacher is not None:
+                sig = teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention))
+            else:
+                sig = None
             last = micro == tc.grad_accum - 1
-            if teacher is None:
+            if not distilling:
                 w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
             elif use_policy:
                 w_kd, w_ce, w_feat = 1.0, 0.0, dcfg.features.weight
@@ -443,6 +477,7 @@ def train(
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
             "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "memory_mb": _memory_mb(proc, acc.device),
             "on_policy": use_policy,
         }
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
@@ -457,7 +492,15 @@ def train(
             bar.set_postfix(loss=f"{terms['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if ckpt_root and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-            save_checkpoint(acc, ckpt_root, step + 1, result.history, tc.keep_checkpoints)
+            save_checkpoint(
+                acc,
+                ckpt_root,
+                step + 1,
+                result.history,
+                tc.keep_checkpoints,
+                checkpoint_key,
+                {"ema": ema, "spikes_in_row": spikes_in_row, "skipped_steps": result.skipped_steps},
+            )
     bar.close()
     result.tokens = tokens_seen
     result.seconds = time.time() - t0
@@ -477,7 +520,25 @@ def gathered_student_state(acc, module) -> dict | None:
     return {k.removeprefix("student."): v for k, v in (full or {}).items() if k.startswith("student.")}
 
 
-def save_checkpoint(acc, root: Path, step: int, history: list[dict], keep: int) -> None:
+def _process():
+    try:
+        import psutil
+
+        return psutil.Process()
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        return None
+
+
+def _memory_mb(proc, device) -> float:
+    """Peak accelerator memory on GPU; resident memory of this process on CPU."""
+    if getattr(device, "type", "cpu") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return proc.memory_info().rss / 2**20 if proc is not None else float("nan")
+
+
+def save_checkpoint(
+    acc, root: Path, step: int, history: list[dict], keep: int, key: str | None = None, guard: dict | None = None
+) -> None:
     """accelerate state (model, optimizer, scheduler, RNG) + step, written under a temp name then renamed."""
     name = f"step-{step:08d}"
     tmp = root / f".{name}.tmp"
@@ -488,7 +549,7 @@ def save_checkpoint(acc, root: Path, step: int, history: list[dict], keep: int) 
             shutil.rmtree(root / name)
         tmp.rename(root / name)
         info = root / ".latest.json.tmp"
-        info.write_text(json.dumps({"step": step, "dir": name, "history": history}))
+        info.write_text(json.dumps({"step": step, "dir": name, "key": key, "guard": guard or {}, "history": history}))
         info.replace(root / "latest.json")
         kept = sorted(p for p in root.glob("step-*") if p.is_dir())
         for old in kept[:-keep]:

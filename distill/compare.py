@@ -1,0 +1,203 @@
+"""``python -m distill.compare RUN_A RUN_B``: what changed between two runs, and whether B regressed.
+
+Prints the config keys that differ, the data / teacher / student hashes and library versions, then every
+metric of the student and its ONNX variants side by side (A, B, change), sizes and latency, and the gate.
+Exit code 1 when a metric of B is worse than A's by more than its tolerance (or B's gate failed where A's
+passed), 0 otherwise, 2 when a run folder cannot be read. For use after a nightly run::
+
+    python -m distill.compare outputs/car_assistant/2026-11-22 outputs/car_assistant/2026-11-23
+
+Tolerances (``--tolerance NAME=VALUE``, repeatable): absolute drops for accuracy-like metrics, relative
+increases for costs. Latency is measured on shared machines: its default tolerance is loose (25%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# metric -> (direction, kind, default tolerance): "up" = higher is better; "abs" / "rel" tolerance
+RULES: dict[str, tuple[str, str, float]] = {
+    "exact_match": ("up", "abs", 0.01),
+    "tool_accuracy": ("up", "abs", 0.01),
+    "arg_f1": ("up", "abs", 0.01),
+    "valid_json": ("up", "abs", 0.01),
+    "agreement": ("up", "abs", 0.01),
+    "kl": ("down", "rel", 0.25),
+    "perplexity": ("down", "rel", 0.05),
+    "bytes": ("down", "rel", 0.05),
+    "ms_per_token": ("down", "rel", 0.25),
+    "prefill_ms": ("down", "rel", 0.25),
+}
+# Below these absolute changes a relative increase is noise (KL of a near-perfect student, a few bytes).
+FLOORS = {"kl": 0.002, "perplexity": 0.01, "bytes": 4096, "ms_per_token": 0.05, "prefill_ms": 0.2}
+
+
+class RunError(ValueError):
+    pass
+
+
+def load_run(folder: str | Path) -> dict:
+    import yaml
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"{folder} is not a folder; give two run folders (hydra.run.dir of each run)")
+    mf = folder / "metrics.json"
+    if not mf.is_file():
+        raise RunError(f"{folder} has no metrics.json: the run did not finish (rerun it, it resumes) or is not a run")
+    try:
+        metrics = json.loads(mf.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{mf} is not valid JSON ({err})") from err
+    cfg_path, man_path = folder / "config.yaml", folder / "manifest.json"
+    return {
+        "folder": folder,
+        "metrics": metrics,
+        "config": yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {},
+        "manifest": json.loads(man_path.read_text()) if man_path.is_file() else {},
+    }
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def artifacts(metrics: dict) -> list[str]:
+    return ["student"] + [k for k in metrics if k.startswith("onnx_")]
+
+
+def judge(metric: str, a: float, b: float, tolerance: float) -> str:
+    """``regressed`` / ``improved`` / ``same`` for one metric of B against A."""
+    direction, kind, _ = RULES[metric]
+    worse = (a - b) if direction == "up" else (b - a)  # positive = B is worse
+    if kind == "abs":
+        limit = tolerance
+    else:
+        limit = max(tolerance * abs(a), FLOORS.get(metric, 0.0))
+    if worse > limit:
+        return "regressed"
+    if -worse > limit:
+        return "improved"
+    return "same"
+
+
+def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dict:
+    tol = {k: r[2] for k, r in RULES.items()} | (tolerances or {})
+    ca, cb = _flat(a["config"]), _flat(b["config"])
+    config = [(k, ca.get(k), cb.get(k)) for k in sorted(ca.keys() | cb.keys()) if ca.get(k) != cb.get(k)]
+    ma, mb = a["metrics"], b["metrics"]
+    inputs = [
+        (k, ma.get(k), mb.get(k)) for k in ("data_hash", "teacher_hash", "student_hash") if ma.get(k) != mb.get(k)
+    ]
+    va, vb = a["manifest"].get("versions", {}), b["manifest"].get("versions", {})
+    versions = [(k, va.get(k), vb.get(k)) for k in sorted(va.keys() | vb.keys()) if va.get(k) != vb.get(k)]
+    rows = []
+    for who in ["teacher", *artifacts(mb)]:
+        if who not in ma or who not in mb:
+            if who != "teacher":
+                rows.append({"artifact": who, "metric": "-", "a": None, "b": None, "verdict": "only in B"})
+            continue
+        for metric in RULES:
+            x, y = ma[who].get(metric), mb[who].get(metric)
+            if not isinstance(x, int | float) or not isinstance(y, int | float):
+                continue
+            verdict = judge(metric, x, y, tol[metric]) if who != "teacher" else "reference"
+            rows.append({"artifact": who, "metric": metric, "a": x, "b": y, "verdict": verdict})
+    ga, gb = ma.get("gate", {}).get("passed"), mb.get("gate", {}).get("passed")
+    regressions = [
+        f"{r['artifact']}.{r['metric']}: {r['a']:.4g} -> {r['b']:.4g}" for r in rows if r["verdict"] == "regressed"
+    ]
+    if ga is True and gb is False:
+        regressions.append("gate: passed -> FAILED (" + "; ".join(mb["gate"].get("failed", [])) + ")")
+    return {
+        "a": str(a["folder"]),
+        "b": str(b["folder"]),
+        "config": config,
+        "inputs": inputs,
+        "versions": versions,
+        "rows": rows,
+        "gate": (ga, gb),
+        "regressions": regressions,
+    }
+
+
+def _v(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def render(c: dict) -> str:
+    out = [f"A: {c['a']}", f"B: {c['b']}", ""]
+    out.append(f"config: {len(c['config'])} keys differ" + (":" if c["config"] else ""))
+    out += [f"  {k}: {_v(x)} -> {_v(y)}" for k, x, y in c["config"]]
+    out.append("inputs: " + ("unchanged" if not c["inputs"] else ""))
+    out += [f"  {k}: {x} -> {y}" for k, x, y in c["inputs"]]
+    out.append("versions: " + ("unchanged" if not c["versions"] else ""))
+    out += [f"  {k}: {x} -> {y}" for k, x, y in c["versions"]]
+    out += ["", f"{'artifact':<14} {'metric':<14} {'A':>12} {'B':>12} {'change':>10}  verdict"]
+    for r in c["rows"]:
+        a, b = r["a"], r["b"]
+        change = ""
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            change = f"{(b - a) / abs(a) * 100:+.1f}%" if RULES[r["metric"]][1] == "rel" and a else f"{b - a:+.4f}"
+        out.append(f"{r['artifact']:<14} {r['metric']:<14} {_v(a):>12} {_v(b):>12} {change:>10}  {r['verdict']}")
+    ga, gb = c["gate"]
+    fmt = {True: "passed", False: "FAILED", None: "-"}
+    out += ["", f"gate: {fmt[ga]} -> {fmt[gb]}", ""]
+    if c["regressions"]:
+        out.append(f"REGRESSED ({len(c['regressions'])}):")
+        out += [f"  - {r}" for r in c["regressions"]]
+    else:
+        out.append("no regression beyond tolerance")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m distill.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_a", help="the reference run folder (e.g. last night's)")
+    ap.add_argument("run_b", help="the new run folder")
+    ap.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="allowed worsening: absolute for accuracy metrics, relative for kl, perplexity, bytes, latency; "
+        f"defaults: {', '.join(f'{k}={v[2]}' for k, v in RULES.items())}",
+    )
+    ap.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    args = ap.parse_args(argv)
+    tolerances = {}
+    for item in args.tolerance:
+        name, _, value = item.partition("=")
+        if name not in RULES:
+            print(f"error: --tolerance {item}: unknown metric {name!r}; known: {', '.join(RULES)}", file=sys.stderr)
+            return 2
+        try:
+            tolerances[name] = float(value)
+        except ValueError:
+            print(f"error: --tolerance {item}: {value!r} is not a number", file=sys.stderr)
+            return 2
+    try:
+        a, b = load_run(args.run_a), load_run(args.run_b)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    c = compare(a, b, tolerances)
+    print(json.dumps(c, indent=2, default=str) if args.json else render(c))
+    return 1 if c["regressions"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
