@@ -135,7 +135,10 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(first, env, tmp
         assert abs(a["student"][key] - b["student"][key]) < 1e-5, key
     from safetensors.torch import load_file
 
-    wa, wb = load_file(str(straight / "student" / "model.safetensors")), load_file(str(killed / "student" / "model.safetensors"))
+    wa, wb = (
+        load_file(str(straight / "student" / "model.safetensors")),
+        load_file(str(killed / "student" / "model.safetensors")),
+    )
     import torch
 
     for name in wa:
