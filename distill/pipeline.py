@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, to_dict, validate
-from distill.stages import MANIFEST, RunFolderError, Stages, claim_run_dir, digest, stage_error, write_json_atomic
+from distill.stages import RunFolderError, Stages, claim_run_dir, digest, stage_error, write_json_atomic
 from export.gate import THRESHOLDS as THRESHOLD_KEYS
 from export.onnx import onnx_bytes
 
@@ -82,7 +82,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
 
     from distill.data import DataError, data_hash, encode_records, load_records
     from distill.models import folder_hash, read_config, vocab_problems
-    from distill.report import plot_history, plot_variants, render_report, write_json
+    from distill.report import plot_history, plot_training, plot_variants, render_report, write_json
     from distill.teacher import bootstrap_teacher, cache_root
     from distill.trainer import make_accelerator
 
@@ -129,7 +129,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
             )
             if not st.skipped and main:
                 stages.finish(st)
-        acc.wait_for_everyone()
+        _sync(acc, st, stages)
     t_cfg = read_config(teacher_dir)
     problems = []
     if rc.student.init == "folder":
@@ -166,7 +166,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
                 _prune_teacher(rc, teacher.get(), teacher_dir, tokenizer, records["train"], run_dir, acc)
                 if main:
                     stages.finish(st)
-        _sync(acc, st)
+        _sync(acc, st, stages)
         init_input["pruned_hash"] = st.output_hash
     elif rc.student.init == "folder":
         init_input["student_hash"] = folder_hash(rc.student.path)
@@ -199,7 +199,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
                 import shutil
 
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed to resume
-    _sync(acc, st)
+    _sync(acc, st, stages)
     s_hash = st.output_hash
     info = json.loads((run_dir / "student" / "distill_info.json").read_text())
 
@@ -232,9 +232,13 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
         }
         if rc.export.enabled:
             metrics.update(ship(rc, stages, run_dir, teacher, tokenizer, enc, records["train"], t_test, dh))
+        history = info.get("history", [])
         plots = [
             p.name
-            for p in [plot_history(info.get("history", []), run_dir / "loss.png", f"{rc.name}: distillation")]
+            for p in (
+                plot_history(history, run_dir / "loss.png", f"{rc.name}: distillation"),
+                plot_training(history, run_dir / "training.png", f"{rc.name}: training health"),
+            )
             if p
         ]
         if rc.export.enabled:
@@ -288,11 +292,10 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _sync(acc, st) -> None:
+def _sync(acc, st, stages: Stages) -> None:
     """After a stage that the main process finished: every process sees its manifest."""
     acc.wait_for_everyone()
-    if not st.manifest:
-        st.manifest = json.loads((st.folder / MANIFEST).read_text())
+    stages.adopt(st)
 
 
 class _LazyTeacher:
@@ -375,7 +378,7 @@ def _signals_stage(rc, stages, acc, teacher, tokenizer, train_enc, t_hash, dh, c
                 save_signals(tensors, tmp, key)
                 finish_folder(tmp, folder)
                 stages.finish(st, {"tokens": int(tensors["offsets"][-1]), "examples": len(train_enc)})
-        _sync(acc, st)
+        _sync(acc, st, stages)
     signals = TopKSignals(folder)
     signals.key = st.output_hash
     if len(signals) != len(train_enc):

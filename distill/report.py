@@ -59,6 +59,36 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
     return Path(path)
 
 
+def plot_training(history: list[dict], path: str | Path, title: str) -> Path | None:
+    """Learning rate, gradient norm, throughput and memory against step: is the run healthy?"""
+    panels = [
+        ("lr", "learning rate"),
+        ("grad_norm", "gradient norm (before clipping)"),
+        ("tokens_per_s", "tokens / s"),
+        ("memory_mb", "memory MB (RSS on CPU, peak on GPU)"),
+    ]
+    panels = [(k, label) for k, label in panels if any(k in r for r in history)]
+    if not history or not panels:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6))
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), int | float)]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), linewidth=1)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
+
+
 def render_report(metrics: dict, plots: list[str]) -> str:
     t, s = metrics["teacher"], metrics["student"]
     lines = [
@@ -89,6 +119,12 @@ def render_report(metrics: dict, plots: list[str]) -> str:
     ]
     if "gate" in metrics:
         lines += release_table(metrics)
+    if metrics.get("stages"):
+        lines += ["## Stages", "", "| stage | this run | seconds | output hash |", "|---|---|---:|---|"]
+        for name, r in metrics["stages"].items():
+            secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
+            lines.append(f"| {name} | {r.get('status')} | {secs} | `{r.get('output_hash') or r.get('hash', '')}` |")
+        lines.append("")
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)

@@ -215,6 +215,16 @@ class Stages:
         }
         return st
 
+    def adopt(self, st: Stage) -> Stage:
+        """On a process that did not write the stage: read the manifest the main process wrote."""
+        if not st.manifest:
+            st.manifest = json.loads((st.folder / MANIFEST).read_text())
+        self.record.setdefault(
+            st.name,
+            {"status": "ran", "key": st.key, "output_hash": st.manifest["output_hash"], "folder": str(st.folder)},
+        )
+        return st
+
 
 def stage_error(name: str, folder: Path, err: BaseException) -> RunFolderError | None:
     """A clear error for a disk-full or permission failure inside a stage (None for other errors)."""
@@ -260,6 +270,8 @@ def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> dict | None
             "with hydra.run.dir=DIR"
         ) from err
     previous = None
+    if not is_main:  # the main process checks and claims; the others would race with its writes
+        return None
     mf = run_dir / RUN_MANIFEST
     if mf.is_file():
         try:
@@ -283,20 +295,19 @@ def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> dict | None
                 f"hydra.run.dir: {run_dir} already holds files that are not a run of this tool "
                 f"({', '.join(sorted(foreign)[:5])}); choose an empty or new folder with hydra.run.dir=DIR"
             )
-    if is_main:
-        for stale in [*run_dir.glob(".*.tmp-*"), *run_dir.glob("*/.*.tmp-*")]:
-            log.info("removing %s, left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        write_json_atomic(
-            mf,
-            {
-                **(previous or {}),
-                "name": name,
-                "status": "running",
-                "command": sys.argv,
-                "started": time.time(),
-            },
-        )
+    for stale in [*run_dir.glob(".*.tmp-*"), *run_dir.glob("*/.*.tmp-*")]:
+        log.info("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    write_json_atomic(
+        mf,
+        {
+            **(previous or {}),
+            "name": name,
+            "status": "running",
+            "command": sys.argv,
+            "started": time.time(),
+        },
+    )
     return previous
 
 

@@ -174,7 +174,7 @@ def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
         env,
     )
     assert proc.returncode == 0, proc.log[-3000:]
-    assert "reusing cached bootstrap" in proc.log and "bootstrapping one" not in proc.log
+    assert "stage teacher: skipped" in proc.log and "bootstrapping one" not in proc.log
 
 
 def test_bad_config_fails_fast_with_every_problem(tmp_path):
