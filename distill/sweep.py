@@ -53,7 +53,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 
     sweep_dir = Path(sweep_dir)
     rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+    # job folders are named by their overrides; a path-valued override nests them, hence rglob
+    for job in sorted(p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()):
         label = _overrides(job)
         mf = job / "metrics.json"
         if not mf.is_file():

@@ -214,3 +214,37 @@ def test_onnx_quantize_and_gate_problems():
         assert expected in msg, msg
     rc = compose(["+exp=smoke", "gate.variants=[fp16,int4]", "export.fp16=true", "gate.max_kl=null"])
     assert rc.gate.variants == ["fp16", "int4"] and rc.gate.max_kl is None
+
+
+def test_nightly_knobs_are_checked():
+    import importlib.util
+
+    with pytest.raises(ConfigError) as err:
+        compose(
+            [
+                "+exp=smoke",
+                "force=[distil,gate]",
+                "trackers=[tensorboard,wandb]",
+                "distill.signals=topk",
+                "distill.features.weight=0.1",
+                "distill.on_policy.fraction=0.5",
+                "distill.topk=0",
+            ]
+        )
+    msg = str(err.value)
+    for expected in (
+        "force: 'distil' is not a stage; did you mean distill?",
+        "trackers: 'wandb' is not one of tensorboard, mlflow",
+        "distill.signals=topk caches only the teacher's logits; feature distillation",
+        "distill.signals=topk cannot score the student's own samples",
+        "distill.topk: must be > 0, got 0",
+    ):
+        assert expected in msg, msg
+    assert "'gate' is not a stage" not in msg
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(ConfigError, match="trackers: mlflow is not installed; pip install mlflow"):
+            compose(["+exp=smoke", "trackers=[mlflow]"])
+    else:
+        assert compose(["+exp=smoke", "trackers=[mlflow]"]).trackers == ["mlflow"]
+    rc = compose(["+exp=smoke", "force=[all]", "distill.signals=topk", "distill.features.weight=0"])
+    assert rc.force == ["all"] and rc.distill.signals == "topk"
