@@ -145,12 +145,14 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     enc["test"], enc["hard"] = enc["test"][:n_eval], enc["hard"][:n_eval]
     t_hash = folder_hash(teacher_dir)
     stages.record["teacher"]["hash"] = t_hash
+    # what the teacher *computes*: its weights, and how they are loaded (8bit / nf4 change its logits)
+    t_id = t_hash if rc.teacher.quantization == "none" else f"{t_hash}+{rc.teacher.quantization}"
     teacher = _LazyTeacher(teacher_dir, rc)
 
     # ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
     signals = None
     if rc.distill.signals == "topk":
-        signals = _signals_stage(rc, stages, acc, teacher, tokenizer, enc["train"], t_hash, dh, cache_root(rc.teacher))
+        signals = _signals_stage(rc, stages, acc, teacher, tokenizer, enc["train"], t_id, dh, cache_root(rc.teacher))
 
     # ---- prune (student.init=prune) ----
     init_input: dict = {"init": rc.student.init}
@@ -185,7 +187,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
             "processes": acc.num_processes,
         },
         {
-            "teacher_hash": t_hash,
+            "teacher_hash": t_id,
             "data_hash": dh,
             **init_input,
             **({"signals": signals.key} if signals else {}),
@@ -206,7 +208,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     metrics: dict = {}
     if main:
         with torch.no_grad():
-            scores = _evaluate_stage(rc, stages, run_dir, teacher, tokenizer, enc, t_hash, s_hash, dh)
+            scores = _evaluate_stage(rc, stages, run_dir, teacher, tokenizer, enc, t_id, s_hash, dh)
         t_test, s_test = scores["teacher"], scores["student"]
         retention = s_test["exact_match"] / max(t_test["exact_match"], 1e-9)
         t_hard, s_hard = t_test.get("hard", {}), s_test.get("hard", {})
@@ -231,7 +233,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
             "train": {k: v for k, v in info.items() if k != "history"},
         }
         if rc.export.enabled:
-            metrics.update(ship(rc, stages, run_dir, teacher, tokenizer, enc, records["train"], t_test, dh))
+            metrics.update(ship(rc, stages, run_dir, teacher, tokenizer, enc, records["train"], t_test, dh, t_id))
         history = info.get("history", [])
         plots = [
             p.name
@@ -635,7 +637,16 @@ def build_onnx_variants(
 
 
 def ship(
-    rc: RunConfig, stages: Stages, run_dir: Path, teacher, tokenizer, enc: dict, train_records, t_test: dict, dh: str
+    rc: RunConfig,
+    stages: Stages,
+    run_dir: Path,
+    teacher,
+    tokenizer,
+    enc: dict,
+    train_records,
+    t_test: dict,
+    dh: str,
+    t_id: str,
 ) -> dict:
     """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
 
@@ -671,7 +682,7 @@ def ship(
             {"eval": dataclasses.asdict(rc.eval), "latency": [rc.export.latency_prompts, n_tok], "openvino": use_ov},
             {
                 "model_hash": stages.record[_producer(v)]["output_hash"],
-                "teacher_hash": stages.record["teacher"].get("hash") or stages.record["teacher"].get("output_hash"),
+                "teacher_hash": t_id,
                 "teacher_answers": digest(t_ans),
                 "data_hash": dh,
             },
