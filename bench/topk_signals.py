@@ -39,6 +39,7 @@ def main() -> None:
     from distill.config import compose
     from distill.data import data_hash, encode_records, load_records
     from distill.models import build_from_config, load_causal_lm, read_config, student_config
+    from distill.pipeline import _student_sizes
     from distill.signals import TopKSignals, compute_topk, save_signals
     from distill.teacher import bootstrap_dir
     from distill.trainer import make_accelerator, train
@@ -64,19 +65,7 @@ def main() -> None:
     tc = rc.distill.train
     tc.steps, tc.checkpoint_every, tc.eval_every, tc.warmup_steps = args.steps, 0, 0, 5
     acc = make_accelerator("no")
-    cfg = student_config(
-        read_config(tdir),
-        {
-            k: getattr(rc.student, k)
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-            )
-        },
-    )
+    cfg = student_config(read_config(tdir), _student_sizes(rc))
     timings = {}
     for mode in ("live", "topk", "live"):  # live twice: the first warms caches; the second is reported
         student = build_from_config(cfg, rc.student.seed)
