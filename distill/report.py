@@ -120,9 +120,16 @@ def render_report(metrics: dict, plots: list[str]) -> str:
     if "gate" in metrics:
         lines += release_table(metrics)
     if metrics.get("stages"):
-        lines += ["## Stages", "", "| stage | this run | seconds | output hash |", "|---|---|---:|---|"]
+        lines += [
+            "## Stages",
+            "",
+            "| stage | this run | seconds (reused: when it ran) | output hash |",
+            "|---|---|---:|---|",
+        ]
         for name, r in metrics["stages"].items():
-            secs = f"{r['seconds']:.1f}" if "seconds" in r else ""
+            secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else ""
+            if r.get("ran_seconds") is not None:
+                secs = f"({r['ran_seconds']:.1f})"
             lines.append(f"| {name} | {r.get('status')} | {secs} | `{r.get('output_hash') or r.get('hash', '')}` |")
         lines.append("")
     for p in plots:

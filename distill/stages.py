@@ -153,7 +153,14 @@ class Stages:
             st.skipped = True
             st.manifest = json.loads((folder / MANIFEST).read_text())
             log.info("stage %s: skipped, %s is finished with the same config, inputs and versions", name, folder)
-            self.record[name] = {"status": "skipped", "key": key, "output_hash": st.output_hash, "folder": str(folder)}
+            self.record[name] = {
+                "status": "skipped",
+                "key": key,
+                "output_hash": st.output_hash,
+                "folder": str(folder),
+                "ran_seconds": st.manifest.get("seconds"),  # what reusing it saved
+                "ran_at": st.manifest.get("finished"),
+            }
         else:
             log.info("stage %s: start (%s)", name, why)
         return st
