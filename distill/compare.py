@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from distill.stages import flatten
+
 # metric -> (direction, kind, default tolerance): "up" = higher is better; "abs" / "rel" tolerance
 RULES: dict[str, tuple[str, str, float]] = {
     "exact_match": ("up", "abs", 0.01),
@@ -61,16 +63,6 @@ def load_run(folder: str | Path) -> dict:
     }
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def artifacts(metrics: dict) -> list[str]:
     return ["student"] + [k for k in metrics if k.startswith("onnx_")]
 
@@ -92,7 +84,7 @@ def judge(metric: str, a: float, b: float, tolerance: float) -> str:
 
 def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dict:
     tol = {k: r[2] for k, r in RULES.items()} | (tolerances or {})
-    ca, cb = _flat(a["config"]), _flat(b["config"])
+    ca, cb = flatten(a["config"]), flatten(b["config"])
     config = [(k, ca.get(k), cb.get(k)) for k in sorted(ca.keys() | cb.keys()) if ca.get(k) != cb.get(k)]
     ma, mb = a["metrics"], b["metrics"]
     inputs = [

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,20 @@ def finish_folder(tmp: Path, dest: Path) -> Path:
     return dest
 
 
+@contextmanager
+def building(dest: str | Path):
+    """Build a folder under a temporary sibling name; on success it is renamed onto ``dest`` (replacing an
+    older one), on any error it is removed: ``dest`` never looks finished while it is not."""
+    dest = Path(dest)
+    tmp = temp_folder(dest)
+    try:
+        yield tmp
+        finish_folder(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model_atomically(
     model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None, state_dict: dict | None = None
 ) -> Path:
@@ -254,16 +269,11 @@ def save_model_atomically(
     written beside the weights.
     """
     dest = Path(dest)
-    tmp = temp_folder(dest)
-    try:
+    with building(dest) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-        finish_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("rank %s wrote %s", os.environ.get("RANK", "0"), dest)
     return dest
 

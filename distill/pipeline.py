@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from distill.config import ConfigError, RunConfig, to_dict, validate
-from distill.stages import RunFolderError, Stages, claim_run_dir, digest, stage_error, write_json_atomic
+from distill.report import write_json
+from distill.stages import Stages, claim_run_dir, digest, guard
 from export.gate import THRESHOLDS as THRESHOLD_KEYS
 from export.onnx import onnx_bytes
 
@@ -50,23 +51,6 @@ def _stage(name: str):
     return _Timer()
 
 
-class _Guard:
-    """Turns a disk-full or permission error inside a stage into one clear ``RunFolderError``."""
-
-    def __init__(self, name: str, folder: Path):
-        self.name, self.folder = name, folder
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, tp, err, tb):
-        if err is not None and not isinstance(err, RunFolderError):
-            clear = stage_error(self.name, self.folder, err)
-            if clear is not None:
-                raise clear from err
-        return False
-
-
 def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = None) -> dict:
     """Data -> teacher -> [signals] -> [prune] -> distill -> evaluate -> export -> quantize -> evaluate ONNX
     -> gate -> report; returns the metrics written to metrics.json.
@@ -82,7 +66,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
 
     from distill.data import DataError, data_hash, encode_records, load_records
     from distill.models import folder_hash, read_config, vocab_problems
-    from distill.report import plot_history, plot_training, plot_variants, render_report, write_json
+    from distill.report import plot_history, plot_training, plot_variants, render_report
     from distill.teacher import bootstrap_teacher, cache_root
     from distill.trainer import make_accelerator
 
@@ -113,7 +97,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
 
         dest = bootstrap_dir(rc.teacher, dh)
         st = stages.begin("teacher", dest, dataclasses.asdict(rc.teacher.bootstrap), {"data_hash": dh})
-        with _Guard("teacher", dest):
+        with guard("teacher", dest):
             teacher_dir = (
                 dest
                 if st.skipped
@@ -164,7 +148,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
             {"teacher_hash": t_hash, "data_hash": dh, "max_length": rc.data.max_length},
         )
         if not st.skipped:
-            with _Guard("prune", st.folder):
+            with guard("prune", st.folder):
                 _prune_teacher(rc, teacher.get(), teacher_dir, tokenizer, records["train"], run_dir, acc)
                 if main:
                     stages.finish(st)
@@ -194,7 +178,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
         },
     )
     if not st.skipped:
-        with _Guard("distill", st.folder):
+        with guard("distill", st.folder):
             _distill(rc, acc, st, teacher, teacher_dir, tokenizer, enc, run_dir, t_hash, dh, signals)
             if main:
                 stages.finish(st)
@@ -233,7 +217,9 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
             "train": {k: v for k, v in info.items() if k != "history"},
         }
         if rc.export.enabled:
-            metrics.update(ship(rc, stages, run_dir, teacher, tokenizer, enc, records["train"], t_test, dh, t_id))
+            metrics.update(
+                ship(rc, stages, run_dir, teacher, tokenizer, enc, t_test, scores["teacher_answers"], s_hash, dh, t_id)
+            )
         history = info.get("history", [])
         plots = [
             p.name
@@ -249,7 +235,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
         metrics["seconds"] = time.time() - started
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / "report.md").write_text(render_report(metrics, plots))
-        write_json_atomic(
+        write_json(
             run_dir / "manifest.json",
             {
                 "name": rc.name,
@@ -363,7 +349,7 @@ def _check_space(rc: RunConfig, run_dir: Path) -> None:
 
 
 def _signals_stage(rc, stages, acc, teacher, tokenizer, train_enc, t_hash, dh, cache: Path):
-    from distill.models import finish_folder, temp_folder
+    from distill.models import building
     from distill.signals import TopKSignals, compute_topk, save_signals, signals_key
 
     d = rc.distill
@@ -372,13 +358,12 @@ def _signals_stage(rc, stages, acc, teacher, tokenizer, train_enc, t_hash, dh, c
     st = stages.begin("signals", folder, {"k": d.topk, "temperature": d.temperature}, key)
     if not st.skipped:
         if acc.is_main_process:
-            with _Guard("signals", folder):
+            with guard("signals", folder):
                 tensors = compute_topk(
                     teacher.get(), train_enc, tokenizer.pad_token_id, len(tokenizer), d.topk, d.temperature
                 )
-                tmp = temp_folder(folder)
-                save_signals(tensors, tmp, key)
-                finish_folder(tmp, folder)
+                with building(folder) as tmp:
+                    save_signals(tensors, tmp, key)
                 stages.finish(st, {"tokens": int(tensors["offsets"][-1]), "examples": len(train_enc)})
         _sync(acc, st, stages)
     signals = TopKSignals(folder)
@@ -390,6 +375,8 @@ def _signals_stage(rc, stages, acc, teacher, tokenizer, train_enc, t_hash, dh, c
 
 
 def _distill(rc, acc, st, teacher, teacher_dir, tokenizer, enc, run_dir, t_hash, dh, signals) -> None:
+    from transformers import AutoConfig
+
     from distill.models import (
         build_from_config,
         config_param_count,
@@ -419,10 +406,10 @@ def _distill(rc, acc, st, teacher, teacher_dir, tokenizer, enc, run_dir, t_hash,
                     [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
                 )
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
-    n_teacher = config_param_count(_hf_config(teacher_dir))
+    n_teacher = config_param_count(AutoConfig.from_pretrained(str(teacher_dir)))
     n_student = config_param_count(student.config)
     log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
-    if "tensorboard" in rc.trackers or "mlflow" in rc.trackers:
+    if rc.trackers:
         # "tensorboard" names the folder under the run folder (and MLflow's experiment); the run is rc.name
         acc.init_trackers("tensorboard", config=_flat(to_dict(rc)), init_kwargs={"mlflow": {"run_name": rc.name}})
     result = train(
@@ -466,17 +453,11 @@ def _distill(rc, acc, st, teacher, teacher_dir, tokenizer, enc, run_dir, t_hash,
     acc.wait_for_everyone()
 
 
-def _hf_config(folder: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(str(folder))
-
-
 def _teacher_eval(rc, teacher, tokenizer, enc, t_hash, dh) -> dict:
     """The teacher's test / hard scores and greedy answers, cached per (teacher, data, eval settings):
     every student of a sweep is compared with the same answers without regenerating them."""
     from distill.evaluate import evaluate_model
-    from distill.models import config_param_count, finish_folder, temp_folder
+    from distill.models import building, config_param_count
     from distill.teacher import cache_root
 
     ev = dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
@@ -495,17 +476,16 @@ def _teacher_eval(rc, teacher, tokenizer, enc, t_hash, dh) -> dict:
         "answers": t_ans,
         "hard_answers": t_hard_ans,
     }
-    with _Guard("evaluate", folder):
-        tmp = temp_folder(folder)
-        write_json_atomic(tmp / "scores.json", out)
-        finish_folder(tmp, folder)
+    with guard("evaluate", folder):
+        with building(folder) as tmp:
+            write_json(tmp / "scores.json", out)
     return out
 
 
 def _evaluate_stage(rc, stages, run_dir, teacher, tokenizer, enc, t_hash, s_hash, dh) -> dict:
     """Teacher and student scores on test / hard (and PyTorch bytes and latency when exporting)."""
     from distill.evaluate import evaluate_model, hf_generate_n, latency
-    from distill.models import config_param_count, finish_folder, load_causal_lm, temp_folder
+    from distill.models import building, config_param_count, load_causal_lm
 
     e = rc.export
     st = stages.begin(
@@ -544,10 +524,9 @@ def _evaluate_stage(rc, stages, run_dir, teacher, tokenizer, enc, t_hash, s_hash
                     **latency(hf_generate_n(m, tokenizer.pad_token_id), timed, e.latency_tokens),
                 }
             )
-    with _Guard("evaluate", st.folder):
-        tmp = temp_folder(st.folder)
-        write_json_atomic(tmp / "scores.json", scores)
-        finish_folder(tmp, st.folder)
+    with guard("evaluate", st.folder):
+        with building(st.folder) as tmp:
+            write_json(tmp / "scores.json", scores)
         stages.finish(st)
     return scores
 
@@ -570,25 +549,22 @@ def build_onnx_variants(
     student_dir: Path,
     onnx_dir: Path,
     calibration: list[list[int]],
-    stages: Stages | None = None,
-    inputs: dict | None = None,
-) -> dict[str, Path]:
-    """Export the student (fp32, optionally fp16) and quantize it: variant name -> folder under ``onnx_dir``.
-
-    With ``stages``, each folder is a stage (``export``, ``export:fp16``, ``quantize:<variant>``) that is
-    skipped when its manifest matches."""
+    stages: Stages,
+    inputs: dict,
+) -> dict:
+    """Export the student (fp32, optionally fp16) and quantize it: variant name -> its finished ``Stage``
+    (folder ``onnx_dir/<variant>``, ``output_hash``). Each folder is a stage (``export``, ``export:fp16``,
+    ``quantize:<variant>``), skipped when its manifest matches; ``inputs`` identify the student."""
     from export.onnx import export_onnx, to_float16
     from quantize import quantize_int4, quantize_int8_dynamic, quantize_int8_static
 
-    stages = stages or Stages(force=["all"])
-    inputs = inputs or {}
     q, e = rc.quantize, rc.export
     out = {}
 
     def step(name, folder, config, inp, make):
         st = stages.begin(name, folder, config, inp)
         if not st.skipped:
-            with _Guard(name, folder):
+            with guard(name, folder):
                 make()
                 stages.finish(st)
         return st
@@ -602,22 +578,22 @@ def build_onnx_variants(
             student_dir, onnx_dir / "fp32", opset=e.opset, verify_atol=e.verify_atol, exporter=e.exporter
         ),
     )
-    out["fp32"] = fp32.folder
+    out["fp32"] = fp32
     src = {"fp32_hash": fp32.output_hash}
     if e.fp16:
         out["fp16"] = step(
-            "export:fp16", onnx_dir / "fp16", {}, src, lambda: to_float16(out["fp32"], onnx_dir / "fp16")
-        ).folder
+            "export:fp16", onnx_dir / "fp16", {}, src, lambda: to_float16(fp32.folder, onnx_dir / "fp16")
+        )
 
     def quantize(v: str, dest: Path) -> Path:
         if v == "int8":
-            return quantize_int8_dynamic(out["fp32"], dest, per_channel=q.int8.per_channel, embedding=q.int8.embedding)
+            return quantize_int8_dynamic(fp32.folder, dest, per_channel=q.int8.per_channel, embedding=q.int8.embedding)
         if v == "int8_static":
             c = q.int8_static
-            return quantize_int8_static(out["fp32"], dest, calibration[: c.calib_examples], per_channel=c.per_channel)
+            return quantize_int8_static(fp32.folder, dest, calibration[: c.calib_examples], per_channel=c.per_channel)
         c = q.int4
         return quantize_int4(
-            out["fp32"],
+            fp32.folder,
             dest,
             block_size=c.block_size,
             algorithm=c.algorithm,
@@ -632,7 +608,7 @@ def build_onnx_variants(
         cfg = _variant_settings(rc, v)
         calibrated = v == "int8_static" or (v == "int4" and q.int4.algorithm == "gptq")
         inp = {**src, **({"calibration": digest(calibration[: cfg["calib_examples"]])} if calibrated else {})}
-        out[v] = step(f"quantize:{v}", dest, cfg, inp, lambda v=v, dest=dest: quantize(v, dest)).folder
+        out[v] = step(f"quantize:{v}", dest, cfg, inp, lambda v=v, dest=dest: quantize(v, dest))
     return out
 
 
@@ -643,8 +619,9 @@ def ship(
     teacher,
     tokenizer,
     enc: dict,
-    train_records,
     t_test: dict,
+    t_ans: list,
+    s_hash: str,
     dh: str,
     t_id: str,
 ) -> dict:
@@ -657,31 +634,28 @@ def ship(
     import torch
 
     from distill.evaluate import evaluate_onnx, latency, onnx_generate_n
-    from distill.models import finish_folder, temp_folder
-    from distill.report import write_json
+    from distill.models import building
     from export.gate import evaluate_gate
     from export.runtime import OnnxCausalLM
 
     ev = dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
-    calibration = [ex["input_ids"] for ex in _calibration_examples(rc, tokenizer, train_records)]
-    s_hash = stages.record["distill"]["output_hash"]
+    n_calib = max(rc.quantize.int8_static.calib_examples, rc.quantize.int4.calib_examples)
+    calibration = [ex["input_ids"] for ex in enc["train"][:n_calib]]
     variants = build_onnx_variants(
         rc, run_dir / "student", run_dir / "onnx", calibration, stages, {"student_hash": s_hash}
     )
-    pt = json.loads((run_dir / "eval" / "pytorch" / "scores.json").read_text())
-    t_ans = pt["teacher_answers"]
     timed = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
     n_tok = rc.export.latency_tokens
     use_ov = bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))
     out: dict = {}
-    for v, folder in variants.items():
-        name = f"onnx_{v}"
+    for v, made in variants.items():
+        name, folder = f"onnx_{v}", made.folder
         st = stages.begin(
             f"evaluate:{name}",
             run_dir / "eval" / name,
             {"eval": dataclasses.asdict(rc.eval), "latency": [rc.export.latency_prompts, n_tok], "openvino": use_ov},
             {
-                "model_hash": stages.record[_producer(v)]["output_hash"],
+                "model_hash": made.output_hash,
                 "teacher_hash": t_id,
                 "teacher_answers": digest(t_ans),
                 "data_hash": dh,
@@ -704,10 +678,9 @@ def ship(
             scores["openvino"] = cross_runtime(
                 folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size
             )
-        with _Guard(st.name, st.folder):
-            tmp = temp_folder(st.folder)
-            write_json_atomic(tmp / "scores.json", scores)
-            finish_folder(tmp, st.folder)
+        with guard(st.name, st.folder):
+            with building(st.folder) as tmp:
+                write_json(tmp / "scores.json", scores)
             write_json(folder / "metrics.json", scores)  # the artifact carries its own numbers
             stages.finish(st)
         out[name] = scores
@@ -733,16 +706,11 @@ def ship(
         out["gate"] = json.loads((st.folder / "gate.json").read_text())
     else:
         out["gate"] = evaluate_gate(t_test, judged, thresholds).to_dict()
-        with _Guard("gate", st.folder):
-            tmp = temp_folder(st.folder)
-            write_json_atomic(tmp / "gate.json", out["gate"])
-            finish_folder(tmp, st.folder)
+        with guard("gate", st.folder):
+            with building(st.folder) as tmp:
+                write_json(tmp / "gate.json", out["gate"])
             stages.finish(st)
     return out
-
-
-def _producer(variant: str) -> str:
-    return {"fp32": "export", "fp16": "export:fp16"}.get(variant, f"quantize:{variant}")
 
 
 def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int) -> dict:
@@ -768,13 +736,6 @@ def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_token
         "argmax_agreement": float(agree),
         "max_logit_diff": diff,
     }
-
-
-def _calibration_examples(rc: RunConfig, tokenizer, train_records) -> list[dict]:
-    from distill.data import encode_records
-
-    n = max(rc.quantize.int8_static.calib_examples, rc.quantize.int4.calib_examples)
-    return encode_records(tokenizer, train_records[:n], rc.data.max_length, "data.train")
 
 
 def _prune_teacher(rc: RunConfig, teacher, teacher_dir: Path, tokenizer, train_records, run_dir: Path, acc):

@@ -21,8 +21,11 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from distill.report import write_json
 
 log = logging.getLogger("distill")
 
@@ -83,25 +86,17 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _flat(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    for k, v in (d or {}).items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = flatten(old), flatten(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-    tmp.replace(path)
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -148,10 +143,10 @@ class Stages:
         folder = Path(folder)
         key = digest({"stage": name, "config": config, "inputs": inputs, "versions": self.versions})
         st = Stage(name, folder, key, config, inputs, skipped=False, started=time.time())
-        why = self._why_rerun(st)
+        why, old = self._why_rerun(st)
         if why is None:
             st.skipped = True
-            st.manifest = json.loads((folder / MANIFEST).read_text())
+            st.manifest = old
             log.info("stage %s: skipped, %s is finished with the same config, inputs and versions", name, folder)
             self.record[name] = {
                 "status": "skipped",
@@ -165,33 +160,33 @@ class Stages:
             log.info("stage %s: start (%s)", name, why)
         return st
 
-    def _why_rerun(self, st: Stage) -> str | None:
+    def _why_rerun(self, st: Stage) -> tuple[str | None, dict]:
+        """Why ``st`` must run (None: it need not), and the manifest of its finished output."""
         base = st.name.split(":")[0]
         if "all" in self.force or base in self.force or st.name in self.force:
-            return "forced"
+            return "forced", {}
         path = st.folder / MANIFEST
         if not path.is_file():
-            return "no finished output yet"
+            return "no finished output yet", {}
         try:
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            return f"{path} is unreadable"
+            return f"{path} is unreadable", {}
         if old.get("key") != st.key:
             diff = (
                 [f"config.{k}" for k in changed_keys(old.get("config", {}), st.config)]
                 + [f"inputs.{k}" for k in changed_keys(old.get("inputs", {}), st.inputs)]
                 + [f"versions.{k}" for k in changed_keys(old.get("versions", {}), self.versions)]
             )
-            return "changed: " + (", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "key")
+            return "changed: " + (", ".join(diff[:8]) + (" ..." if len(diff) > 8 else "") if diff else "key"), old
         try:
             now = file_hashes(st.folder)
         except OSError as err:
-            return f"outputs unreadable ({err})"
-        recorded = old.get("outputs", {})
-        if any(now.get(f) != h for f, h in recorded.items()):
-            bad = [f for f, h in recorded.items() if now.get(f) != h]
-            return f"outputs changed on disk since they were written ({', '.join(bad[:3])})"
-        return None
+            return f"outputs unreadable ({err})", old
+        bad = [f for f, h in old.get("outputs", {}).items() if now.get(f) != h]
+        if bad:
+            return f"outputs changed on disk since they were written ({', '.join(bad[:3])})", old
+        return None, old
 
     def finish(self, st: Stage, extra: dict | None = None) -> Stage:
         """Hash the finished folder and write its manifest last (atomically). Call on the main process."""
@@ -211,7 +206,7 @@ class Stages:
             **(extra or {}),
         }
         if self.is_main:
-            write_json_atomic(st.folder / MANIFEST, st.manifest)
+            write_json(st.folder / MANIFEST, st.manifest)
         log.info("stage %s: done in %.1f s", st.name, st.manifest["seconds"])
         self.record[st.name] = {
             "status": "ran",
@@ -233,7 +228,21 @@ class Stages:
         return st
 
 
-def stage_error(name: str, folder: Path, err: BaseException) -> RunFolderError | None:
+@contextmanager
+def guard(name: str, folder: Path):
+    """Inside a stage: a disk-full or permission error becomes one clear ``RunFolderError``."""
+    try:
+        yield
+    except RunFolderError:
+        raise
+    except BaseException as err:
+        clear = _stage_error(name, folder, err)
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def _stage_error(name: str, folder: Path, err: BaseException) -> RunFolderError | None:
     """A clear error for a disk-full or permission failure inside a stage (None for other errors)."""
     folder = Path(folder)
     if is_disk_full(err):
@@ -251,19 +260,21 @@ def stage_error(name: str, folder: Path, err: BaseException) -> RunFolderError |
     return None
 
 
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (what ``shutil.disk_usage`` can measure)."""
+    return next(p for p in [Path(path), *Path(path).parents] if p.exists())
+
+
 def _free_mb(path: Path) -> str:
-    for p in [Path(path), *Path(path).parents]:
-        if p.exists():
-            return f"{shutil.disk_usage(p).free / 1e6:.0f}"
-    return "?"
+    return f"{shutil.disk_usage(_existing(path)).free / 1e6:.0f}"
 
 
-def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> dict | None:
+def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> None:
     """Check that ``run_dir`` can hold this experiment's run, before any weights load.
 
     Refuses a folder that belongs to another experiment (its ``manifest.json`` names another ``name``),
     one holding files this tool did not write, and one that cannot be written. Removes temporary
-    folders left by a killed run. Returns the previous run manifest (None for a new folder).
+    folders left by a killed run.
     """
     run_dir = Path(run_dir)
     try:
@@ -276,9 +287,9 @@ def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> dict | None
             f"hydra.run.dir: cannot write to {run_dir} ({err.strerror or err}); choose a writable folder "
             "with hydra.run.dir=DIR"
         ) from err
-    previous = None
     if not is_main:  # the main process checks and claims; the others would race with its writes
-        return None
+        return
+    previous = {}
     mf = run_dir / RUN_MANIFEST
     if mf.is_file():
         try:
@@ -305,28 +316,25 @@ def claim_run_dir(run_dir: Path, name: str, is_main: bool = True) -> dict | None
     for stale in [*run_dir.glob(".*.tmp-*"), *run_dir.glob("*/.*.tmp-*")]:
         log.info("removing %s, left by an interrupted run", stale)
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-    write_json_atomic(
+    write_json(
         mf,
         {
-            **(previous or {}),
+            **previous,
             "name": name,
             "status": "running",
             "command": sys.argv,
             "started": time.time(),
         },
     )
-    return previous
 
 
 def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
     """Refuse to start when ``folder``'s disk has less than ``need_bytes`` free."""
-    for p in [Path(folder), *Path(folder).parents]:
-        if p.exists():
-            free = shutil.disk_usage(p).free
-            if free < need_bytes:
-                raise RunFolderError(
-                    f"{what}: {p} has {free / 1e6:.0f} MB free but this run needs about {need_bytes / 1e6:.0f} MB "
-                    "(student, checkpoints with optimizer state, ONNX variants). Free space or choose another "
-                    "folder (hydra.run.dir=DIR, DISTILL_CACHE=DIR)."
-                )
-            return
+    p = _existing(folder)
+    free = shutil.disk_usage(p).free
+    if free < need_bytes:
+        raise RunFolderError(
+            f"{what}: {p} has {free / 1e6:.0f} MB free but this run needs about {need_bytes / 1e6:.0f} MB "
+            "(student, checkpoints with optimizer state, ONNX variants). Free space or choose another "
+            "folder (hydra.run.dir=DIR, DISTILL_CACHE=DIR)."
+        )

@@ -28,7 +28,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from distill.models import finish_folder, temp_folder
+from distill.models import building
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ def export_onnx(
     n = config.num_hidden_layers
     inputs = ["input_ids", "attention_mask", "position_ids", *past_names(n)]
     outputs = ["logits", *present_names(n)]
-    tmp = temp_folder(dest)
-    try:
+    with building(dest) as tmp:
         raw = tmp / "raw"
         raw.mkdir()
         wrapper = _wrapper(model)
@@ -246,10 +245,7 @@ def export_onnx(
             log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
         if dtype == "float16":
             _half_in_place(tmp, tmp, external_data_threshold)
-        return finish_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return dest
 
 
 def fold_transposed_weights(proto) -> None:
@@ -299,14 +295,10 @@ def to_float16(src: str | Path, dest: str | Path, external_data_threshold: int =
     """A new folder with fp16 weights and activations (KV cache and logits included), converted with
     ONNX Runtime's float16 converter (its block list keeps range-sensitive ops in fp32 behind casts)."""
     src, dest = Path(src), Path(dest)
-    tmp = temp_folder(dest)
-    try:
+    with building(dest) as tmp:
         copy_runtime_files(src, tmp)
         _half_in_place(src, tmp, external_data_threshold)
-        return finish_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return dest
 
 
 def _half_in_place(src: Path, dest: Path, external_data_threshold: int) -> None:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from distill.models import finish_folder, temp_folder
+from distill.models import building
 from export.onnx import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def _meta(src: Path) -> dict:
     return json.loads((src / "onnx_config.json").read_text())
 
 
-def _finish(src: Path, tmp: Path, dest: Path, scheme: str, settings: dict) -> Path:
+def _finish(src: Path, tmp: Path, scheme: str, settings: dict) -> None:
     copy_runtime_files(src, tmp)
     weights, left = _const_matmuls(src / ONNX_FILE), _const_matmuls(tmp / ONNX_FILE)
     info = {
@@ -117,24 +116,21 @@ def _finish(src: Path, tmp: Path, dest: Path, scheme: str, settings: dict) -> Pa
         info["bytes"],
         info["bytes"] / info["source_bytes"],
     )
-    return finish_folder(tmp, dest)
 
 
 def _guard(dest: Path, build) -> Path:
     """Build into a temporary sibling folder, renamed onto ``dest`` when complete. ORT's quantizers log
     every node on the root logger at INFO, and advise pre-processing on every call at WARNING (we
     pre-process where it matters: static int8), so the root logger is quietened meanwhile."""
-    tmp = temp_folder(dest)
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
     try:
-        return build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with building(dest) as tmp:
+            build(tmp)
     finally:
         root.setLevel(level)
+    return dest
 
 
 def quantize_int8_dynamic(
@@ -145,7 +141,7 @@ def quantize_int8_dynamic(
 
     src, dest = Path(src), Path(dest)
 
-    def build(tmp: Path) -> Path:
+    def build(tmp: Path) -> None:
         quantize_dynamic(
             str(src / ONNX_FILE),
             str(tmp / ONNX_FILE),
@@ -156,7 +152,7 @@ def quantize_int8_dynamic(
             extra_options={"MatMulConstBOnly": True},
         )
         settings = {"per_channel": per_channel, "weight_type": "int8", "embedding": embedding}
-        return _finish(src, tmp, dest, "int8_dynamic", settings)
+        _finish(src, tmp, "int8_dynamic", settings)
 
     return _guard(dest, build)
 
@@ -171,7 +167,7 @@ def quantize_int8_static(
     if not calibration:
         raise ValueError("static int8 quantization needs calibration sequences")
 
-    def build(tmp: Path) -> Path:
+    def build(tmp: Path) -> None:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         pre = tmp / "pre.onnx"  # ONNX Runtime's recommended pre-processing: graph optimisation + shapes
@@ -191,7 +187,7 @@ def quantize_int8_static(
         )
         pre.unlink()
         settings = {"per_channel": per_channel, "calibration_sequences": len(calibration), "calibrate": "minmax"}
-        return _finish(src, tmp, dest, "int8_static_qdq", settings)
+        _finish(src, tmp, "int8_static_qdq", settings)
 
     return _guard(dest, build)
 
@@ -241,7 +237,7 @@ def quantize_int4(
             op_types_to_quantize=ops,
         )
 
-    def build(tmp: Path) -> Path:
+    def build(tmp: Path) -> None:
         import onnx
 
         model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
@@ -265,6 +261,6 @@ def quantize_int4(
         }
         if calibration and algorithm == "gptq":
             settings["calibration_sequences"] = len(calibration)
-        return _finish(src, tmp, dest, "int4_weight_only", settings)
+        _finish(src, tmp, "int4_weight_only", settings)
 
     return _guard(dest, build)

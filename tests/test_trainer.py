@@ -143,6 +143,50 @@ def test_checkpoint_resume_equals_uninterrupted(rc, tokenizer, data, teacher_dir
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoints_of_another_configuration_are_not_resumed(rc, tokenizer, data, teacher_dir, acc, tmp_path):
+    """A checkpoint written under key "a" is discarded by a run with key "b": it trains from step 0 and
+    ends where an uninterrupted run ends, not where resuming the foreign state would."""
+    teacher = load_causal_lm(teacher_dir)
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps, tc.checkpoint_every = 6, 3
+
+    def fresh():
+        return build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=5)
+
+    ck = tmp_path / "ck"
+    other = copy.deepcopy(tc)
+    other.lr = tc.lr * 10  # a different configuration's state
+    train(
+        fresh(),
+        tokenizer,
+        data,
+        other,
+        accelerator=acc,
+        teacher=teacher,
+        dcfg=rc.distill,
+        checkpoint_dir=ck,
+        checkpoint_key="a",
+    )
+    assert json.loads((ck / "latest.json").read_text())["key"] == "a"
+    straight = fresh()
+    train(straight, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    keyed = fresh()
+    res = train(
+        keyed,
+        tokenizer,
+        data,
+        tc,
+        accelerator=acc,
+        teacher=teacher,
+        dcfg=rc.distill,
+        checkpoint_dir=ck,
+        checkpoint_key="b",
+    )
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight.parameters(), keyed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_dir, acc, tmp_path):
     from transformers import AutoModelForCausalLM
 
