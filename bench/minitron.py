@@ -36,8 +36,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from distill.config import compose
-    from distill.models import build_from_config, read_config, save_model_atomically
     from distill.pipeline import run
+    from families.hf import build_from_config, read_config, save_model_atomically
 
     work = Path(a.work)
     common = [

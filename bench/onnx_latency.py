@@ -81,10 +81,11 @@ def bench_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from core.onnx_files import onnx_bytes
     from distill.evaluate import hf_generate_n, latency, onnx_generate_n
-    from distill.models import param_count
-    from export.onnx import export_onnx, onnx_bytes
+    from export.onnx import export_onnx
     from export.runtime import OnnxCausalLM
+    from families.hf import param_count
     from quantize import quantize_int4, quantize_int8_dynamic
 
     torch.set_num_threads(threads)
@@ -140,7 +141,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from distill.models import build_from_config, read_config, save_model_atomically, student_config
+    from families.hf import build_from_config, read_config, save_model_atomically, student_config
 
     a.work.mkdir(parents=True, exist_ok=True)
     bw = bandwidth_gbs(a.threads)
@@ -171,8 +172,8 @@ def main() -> None:
 
 
 def _prompts(tok, n: int) -> list[list[int]]:
+    from core.chat import prompt_text
     from distill.data.car_assistant import GeneratorSettings, generate
-    from distill.data.tokenize import prompt_text
 
     exs = generate("test", GeneratorSettings())[:n]
     return [tok(prompt_text(tok, e.to_record()["messages"]), add_special_tokens=False)["input_ids"] for e in exs]

@@ -36,13 +36,12 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from distill.config import compose
+    from distill.config import compose, student_sizes
     from distill.data import data_hash, encode_records, load_records
-    from distill.models import build_from_config, load_causal_lm, read_config, student_config
-    from distill.pipeline import _student_sizes
     from distill.signals import TopKSignals, compute_topk, save_signals
     from distill.teacher import bootstrap_dir
     from distill.trainer import make_accelerator, train
+    from families.hf import build_from_config, load_causal_lm, read_config, student_config
 
     torch.set_num_threads(torch.get_num_threads())
     rc = compose(["+exp=car_assistant", "student=small"])
@@ -65,7 +64,7 @@ def main() -> None:
     tc = rc.distill.train
     tc.steps, tc.checkpoint_every, tc.eval_every, tc.warmup_steps = args.steps, 0, 0, 5
     acc = make_accelerator("no")
-    cfg = student_config(read_config(tdir), _student_sizes(rc))
+    cfg = student_config(read_config(tdir), student_sizes(rc))
     timings = {}
     for mode in ("live", "topk", "live"):  # live twice: the first warms caches; the second is reported
         student = build_from_config(cfg, rc.student.seed)

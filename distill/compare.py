@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from distill.stages import flatten
+from core.hashing import flatten
 
 # metric -> (direction, kind, default tolerance): "up" = higher is better; "abs" / "rel" tolerance
 RULES: dict[str, tuple[str, str, float]] = {

@@ -14,7 +14,13 @@ import difflib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from core.schema import choice, non_negative, positive, problem, unit
+from export.gate import THRESHOLDS
+from export.onnx import EXPORTERS
+from prune.plan import SIZE_KEYS
+from quantize import ONNX_VARIANTS, SCHEMES
 
 
 class ConfigError(ValueError):
@@ -27,60 +33,60 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str  # car_assistant | jsonl
+    source: str = choice("car_assistant", "jsonl")
     seed: int
-    num_train: int
-    num_validation: int
-    num_test: int
-    num_hard: int
-    held_out_fraction: float
-    reserve_modulus: int
+    num_train: int = positive()
+    num_validation: int = non_negative()
+    num_test: int = positive()
+    num_hard: int = non_negative()
+    held_out_fraction: float = unit()
+    reserve_modulus: int = positive()
     train_file: str | None  # jsonl source: files with "messages" or "prompt"/"completion" per line
     validation_file: str | None
     test_file: str | None
     hard_file: str | None
-    max_length: int  # examples longer than this (prompt + answer tokens) are an error
+    max_length: int = positive()  # examples longer than this (prompt + answer tokens) are an error
 
 
 @dataclass
 class TrainConfig:
-    steps: int
-    batch_size: int  # per process, per micro-batch
-    grad_accum: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    schedule: str  # cosine | linear | constant
-    max_grad_norm: float
-    mixed_precision: str  # auto | no | bf16 | fp16
+    steps: int = positive()
+    batch_size: int = positive()  # per process, per micro-batch
+    grad_accum: int = positive()
+    lr: float = positive()
+    weight_decay: float = non_negative()
+    warmup_steps: int = non_negative()
+    schedule: str = choice("cosine", "linear", "constant")
+    max_grad_norm: float = non_negative()
+    mixed_precision: str = choice("auto", "no", "bf16", "fp16")
     seed: int
-    log_every: int
-    eval_every: int  # steps between validation-loss evaluations; 0 disables
-    checkpoint_every: int  # 0 disables
-    keep_checkpoints: int
-    spike_factor: float  # a loss above spike_factor x its running mean is a spike: the step is skipped
-    spike_warmup: int  # steps before spikes are judged
-    max_spikes: int  # more skipped steps than this in a row stops training with an error
+    log_every: int = positive()
+    eval_every: int = non_negative()  # steps between validation-loss evaluations; 0 disables
+    checkpoint_every: int = non_negative()  # 0 disables
+    keep_checkpoints: int = positive()
+    spike_factor: float = positive()  # a loss above spike_factor x its running mean is a spike: the step is skipped
+    spike_warmup: int = non_negative()  # steps before spikes are judged
+    max_spikes: int = non_negative()  # more skipped steps than this in a row stops training with an error
 
 
 @dataclass
 class BootstrapConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
+    vocab_size: int = positive()
+    hidden_size: int = positive()
+    intermediate_size: int = positive()
+    num_hidden_layers: int = positive()
+    num_attention_heads: int = positive()
+    num_key_value_heads: int = positive()
+    max_position_embeddings: int = positive()
     tie_word_embeddings: bool
     train: TrainConfig
-    min_exact_match: float  # warn when the bootstrapped teacher scores below this on test
+    min_exact_match: float = unit()  # warn when the bootstrapped teacher scores below this on test
 
 
 @dataclass
 class TeacherConfig:
     path: str | None  # local HF folder; null bootstraps (and caches) a small teacher
-    quantization: str  # none | 8bit | nf4 (bitsandbytes; loading only, the teacher is frozen)
+    quantization: str = choice("none", "8bit", "nf4")  # bitsandbytes; loading only, the teacher is frozen
     allow_pickle: bool
     trust_remote_code: bool  # run the model folder's own Python code (auto_map); false refuses such folders
     cache_dir: str
@@ -90,31 +96,31 @@ class TeacherConfig:
 @dataclass
 class LoraConfig:
     enabled: bool
-    r: int
+    r: int = positive()
     alpha: int
-    dropout: float
+    dropout: float = non_negative()
     target_modules: list[str]
 
 
 @dataclass
 class PruneConfig:
-    method: str  # activation | magnitude
-    strategy: str  # width | depth (for budgets)
-    fraction: float | None  # parameter budget as a fraction of the teacher's; null = the student's explicit sizes
-    align: int  # hidden / MLP sizes are multiples of this
+    method: str = choice("activation", "magnitude")
+    strategy: str = choice("width", "depth")  # for budgets
+    fraction: float | None = unit()  # parameter budget as a fraction of the teacher's; null = explicit sizes
+    align: int = positive()  # hidden / MLP sizes are multiples of this
     prune_heads: bool  # budget pruning may remove attention heads (whole KV groups / equal heads per group)
-    calib_examples: int  # training examples whose activations rank channels, heads and layers
+    calib_examples: int = positive()  # training examples whose activations rank channels, heads and layers
 
 
 @dataclass
 class StudentConfig:
-    init: str  # config | folder | prune
+    init: str = choice("config", "folder", "prune")
     path: str | None  # for init=folder
-    hidden_size: int | None
-    intermediate_size: int | None
-    num_hidden_layers: int | None
-    num_attention_heads: int | None
-    num_key_value_heads: int | None
+    hidden_size: int | None = positive()
+    intermediate_size: int | None = positive()
+    num_hidden_layers: int | None = positive()
+    num_attention_heads: int | None = positive()
+    num_key_value_heads: int | None = positive()
     tie_word_embeddings: bool | None
     seed: int
     lora: LoraConfig
@@ -123,29 +129,29 @@ class StudentConfig:
 
 @dataclass
 class FeatureConfig:
-    weight: float  # 0 disables feature distillation
+    weight: float = non_negative()  # 0 disables feature distillation
     layer_map: list[list[int]]  # [[student_layer, teacher_layer], ...], 0-based decoder layers
-    kind: str  # cosine | mse
+    kind: str = choice("cosine", "mse")
     attention: bool  # also match attention-block outputs of the mapped layers
 
 
 @dataclass
 class OnPolicyConfig:
-    fraction: float  # share of steps that train on the student's own sampled answers (GKD)
-    temperature: float
-    max_new_tokens: int
+    fraction: float = unit()  # share of steps that train on the student's own sampled answers (GKD)
+    temperature: float = positive()
+    max_new_tokens: int = positive()
 
 
 @dataclass
 class DistillConfig:
-    divergence: str  # forward_kl | reverse_kl | jsd | skew_kl | tv
-    temperature: float
-    kd_weight: float  # loss = kd_weight * KD + (1 - kd_weight) * CE on the reference answer
-    beta: float  # jsd
-    skew_alpha: float  # skew_kl
-    chunk_size: int  # tokens per logit chunk; bounds memory at chunk_size x vocab per model
-    signals: str  # live | topk: teacher logits computed every step, or its top-k cached on disk once
-    topk: int  # tokens kept per position by signals=topk
+    divergence: str  # a name in distill.losses.DIVERGENCES (checked in validate)
+    temperature: float = positive()
+    kd_weight: float = unit()  # loss = kd_weight * KD + (1 - kd_weight) * CE on the reference answer
+    beta: float = unit()  # jsd
+    skew_alpha: float = unit()  # skew_kl
+    chunk_size: int = positive()  # tokens per logit chunk; bounds memory at chunk_size x vocab per model
+    signals: str = choice("live", "topk")  # teacher logits computed every step, or its top-k cached once
+    topk: int = positive()  # tokens kept per position by signals=topk
     features: FeatureConfig
     on_policy: OnPolicyConfig
     train: TrainConfig
@@ -153,63 +159,37 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int
-    max_new_tokens: int
-    num_test: int | None  # evaluate on the first N test / hard examples; null = all
-    retention_target: float  # student test exact match / teacher's; reported
+    batch_size: int = positive()
+    max_new_tokens: int = positive()
+    num_test: int | None = positive()  # evaluate on the first N test / hard examples; null = all
+    retention_target: float = unit()  # student test exact match / teacher's; reported
 
 
 @dataclass
 class ExportConfig:
     enabled: bool  # false stops the pipeline after the PyTorch evaluation (no ONNX, no gate)
-    exporter: str  # dynamo | torchscript
-    opset: int
+    exporter: str = choice(*EXPORTERS)
+    opset: int = positive()
     fp16: bool  # also write onnx/fp16
-    verify_atol: float  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
-    openvino: bool | str  # auto | true | false: also run the ONNX files under OpenVINO and report agreement
-    latency_prompts: int  # test prompts timed at batch 1 for prefill and per-token decode latency
-    latency_tokens: int  # tokens generated per timed prompt
+    verify_atol: float = positive()  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
+    openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
+    latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
+    latency_tokens: int = positive()  # tokens generated per timed prompt
 
 
-@dataclass
-class Int8Config:
-    per_channel: bool
-    embedding: bool
-
-
-@dataclass
-class Int8StaticConfig:
-    per_channel: bool
-    calib_examples: int
-
-
-@dataclass
-class Int4Config:
-    block_size: int
-    algorithm: str  # rtn | hqq | gptq
-    symmetric: bool
-    accuracy_level: int | None
-    embedding: bool
-    calib_examples: int
-
-
-@dataclass
-class QuantizeConfig:
-    variants: list[str]  # int8 | int8_static | int4
-    int8: Int8Config
-    int8_static: Int8StaticConfig
-    int4: Int4Config
-
-
-@dataclass
-class GateConfig:
-    variants: list[str]  # the shipped artifacts, judged: fp32 | fp16 | int8 | int8_static | int4
-    min_exact_match_retention: float | None
-    min_tool_accuracy_retention: float | None
-    min_arg_f1_retention: float | None
-    min_valid_json: float | None
-    min_agreement: float | None
-    max_kl: float | None
+# One settings field per quantization scheme (quantize.SCHEMES), one threshold field per gate check
+# (export.gate.THRESHOLDS): adding a scheme or a gate metric touches its own module, not this one.
+QuantizeConfig = dataclasses.make_dataclass(
+    "QuantizeConfig",
+    [("variants", list[str]), *((name, scheme.settings) for name, scheme in SCHEMES.items())],
+)
+GateConfig = dataclasses.make_dataclass(
+    "GateConfig",
+    [
+        ("variants", list[str]),  # the shipped artifacts, judged: any of ONNX_VARIANTS
+        *((name, float | None, unit() if spec.unit else non_negative()) for name, spec in THRESHOLDS.items()),
+    ],
+)
 
 
 @dataclass
@@ -223,80 +203,12 @@ class RunConfig:
     distill: DistillConfig
     eval: EvalConfig
     export: ExportConfig
-    quantize: QuantizeConfig
-    gate: GateConfig
-
-
-CHOICES = {
-    "data.source": ("car_assistant", "jsonl"),
-    "teacher.quantization": ("none", "8bit", "nf4"),
-    "student.init": ("config", "folder", "prune"),
-    "student.prune.method": ("activation", "magnitude"),
-    "student.prune.strategy": ("width", "depth"),
-    "distill.divergence": ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"),
-    "distill.signals": ("live", "topk"),
-    "distill.features.kind": ("cosine", "mse"),
-    "schedule": ("cosine", "linear", "constant"),
-    "mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "export.openvino": ("auto",),
-    "export.exporter": ("dynamo", "torchscript"),
-    "quantize.int4.algorithm": ("rtn", "hqq", "gptq"),
-}
-ONNX_VARIANTS = ("fp32", "fp16", "int8", "int8_static", "int4")
-POSITIVE = {
-    "steps",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "log_every",
-    "keep_checkpoints",
-    "chunk_size",
-    "temperature",
-    "max_length",
-    "num_train",
-    "num_test",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_new_tokens",
-    "r",
-    "spike_factor",
-    "max_position_embeddings",
-    "reserve_modulus",
-    "opset",
-    "verify_atol",
-    "latency_prompts",
-    "latency_tokens",
-    "block_size",
-    "calib_examples",
-    "topk",
-}
-NON_NEGATIVE = {
-    "weight_decay",
-    "warmup_steps",
-    "max_grad_norm",
-    "eval_every",
-    "checkpoint_every",
-    "spike_warmup",
-    "max_spikes",
-    "weight",
-    "dropout",
-    "num_validation",
-    "num_hard",
-}
-UNIT = {
-    "kd_weight",
-    "fraction",
-    "held_out_fraction",
-    "retention_target",
-    "min_exact_match",
-    "min_valid_json",
-    "min_agreement",
-}
-NON_NEGATIVE |= {"max_kl", "min_exact_match_retention", "min_tool_accuracy_retention", "min_arg_f1_retention"}
+    quantize: QuantizeConfig  # type: ignore[valid-type]
+    gate: GateConfig  # type: ignore[valid-type]
+    # Set by validate (not a config key): the pruning plan of student.init=prune, made once from the
+    # teacher's config.json (or the bootstrap settings) and passed on to the disk estimate and the prune stage.
+    plan: ClassVar[Any] = None
+    plan_teacher: ClassVar[dict] = {}  # the teacher numbers the plan was made from
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -353,27 +265,25 @@ def _build(cls: type, node: Any, path: str, problems: list[str]) -> Any:
 
 
 def _check_ranges(obj: Any, path: str, problems: list[str]) -> None:
+    """Each field's own rule (``core.schema``): a rule belongs to the field, never to a name elsewhere."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
         if dataclasses.is_dataclass(value):
             _check_ranges(value, key, problems)
+            if hasattr(value, "problems"):
+                problems += value.problems(key)
             continue
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            if isinstance(value, str):
-                choices = CHOICES.get(key) or CHOICES.get(f.name)
-                if choices and value not in choices:
-                    problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
-            continue
-        if f.name in POSITIVE and value <= 0:
-            problems.append(f"{key}: must be > 0, got {value}")
-        elif f.name in NON_NEGATIVE and value < 0:
-            problems.append(f"{key}: must be >= 0, got {value}")
-        elif f.name in UNIT and not 0 <= value <= 1:
-            problems.append(f"{key}: must be between 0 and 1, got {value}")
+        msg = problem(f, value, key)
+        if msg:
+            problems.append(msg)
 
 
 def _check_semantics(c: RunConfig, problems: list[str]) -> None:
-    from distill.models import folder_problems
+    from distill.losses import DIVERGENCES
+    from families.hf import folder_problems
+
+    if c.distill.divergence not in DIVERGENCES:
+        problems.append(f"distill.divergence: {c.distill.divergence!r} is not one of {', '.join(DIVERGENCES)}")
 
     d = c.data
     if d.source == "jsonl":
@@ -476,8 +386,8 @@ def _check_run(c: RunConfig, problems: list[str]) -> None:
 def _check_onnx(c: RunConfig, problems: list[str]) -> None:
     q, g = c.quantize, c.gate
     for v in q.variants:
-        if v not in ("int8", "int8_static", "int4"):
-            problems.append(f"quantize.variants: {v!r} is not one of int8, int8_static, int4")
+        if v not in SCHEMES:
+            problems.append(f"quantize.variants: {v!r} is not one of {', '.join(SCHEMES)}")
     built = {"fp32", *(["fp16"] if c.export.fp16 else []), *q.variants}
     for v in g.variants:
         if v not in ONNX_VARIANTS:
@@ -488,17 +398,6 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
             )
     if c.export.enabled and not g.variants:
         problems.append("gate.variants: empty; name the artifact that ships (e.g. [int8]) so the gate can judge it")
-    b = q.int4.block_size
-    if b >= 16 and b & (b - 1):
-        problems.append(f"quantize.int4.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
-    elif b < 16:
-        problems.append(f"quantize.int4.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
-    if q.int4.embedding and q.int4.algorithm != "rtn":
-        problems.append(
-            "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)"
-        )
-    if q.int4.accuracy_level is not None and q.int4.accuracy_level not in (0, 1, 2, 3, 4):
-        problems.append(f"quantize.int4.accuracy_level: {q.int4.accuracy_level} must be 0-4 or null")
     if c.export.openvino is True:
         import importlib.util
 
@@ -510,7 +409,7 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
 
 def teacher_config_dict(c: RunConfig) -> dict | None:
     """The teacher's config.json as a dict, known before any weights load (None if unreadable)."""
-    from distill.models import read_config
+    from families.hf import read_config
 
     t = c.teacher
     if t.path is not None:
@@ -531,6 +430,11 @@ def teacher_config_dict(c: RunConfig) -> dict | None:
     }
 
 
+def student_sizes(c: RunConfig) -> dict:
+    """The student's explicit sizes (None: the teacher's, or the prune budget's) and embedding tying."""
+    return {k: getattr(c.student, k) for k in (*SIZE_KEYS, "tie_word_embeddings")}
+
+
 def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
     """The pruning plan of a student.init=prune config (raises prune.PlanError).
 
@@ -539,10 +443,7 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
     from prune import make_plan
 
     s, p = c.student, c.student.prune
-    sizes = {
-        k: getattr(s, k)
-        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-    }
+    sizes = {k: getattr(s, k) for k in SIZE_KEYS}
     return make_plan(
         teacher_cfg or teacher_config_dict(c),
         sizes=sizes,
@@ -553,13 +454,23 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
     )
 
 
+def settled_plan(c: RunConfig, teacher_cfg: dict):
+    """The plan ``validate`` made, when the teacher's real config has the numbers it was made from (always
+    for ``teacher.path``); for a bootstrapped teacher whose trained tokenizer came out smaller than
+    ``teacher.bootstrap.vocab_size``, the plan for the real teacher (made here, once)."""
+    if c.plan is not None and all(teacher_cfg.get(k) == v for k, v in c.plan_teacher.items()):
+        return c.plan
+    return student_plan(c, teacher_cfg)
+
+
 def _prune_problems(c: RunConfig) -> list[str]:
     from prune import PlanError
 
-    if teacher_config_dict(c) is None:
+    t_cfg = teacher_config_dict(c)
+    if t_cfg is None:
         return []  # the teacher folder's own problems are reported already
     try:
-        student_plan(c)
+        c.plan, c.plan_teacher = student_plan(c, t_cfg), t_cfg
     except PlanError as err:
         return [f"student (init=prune): {p}" for p in err.problems]
     return []
@@ -605,4 +516,4 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     return validate(cfg)
 
 
-__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict"]
+__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict", "settled_plan", "student_sizes"]

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from core.chat import IGNORE, collate
 from distill import metrics
-from distill.data.tokenize import IGNORE, collate
 
 GenerateFn = Callable[[Sequence[Sequence[int]]], list[list[int]]]
 

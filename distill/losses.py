@@ -73,6 +73,7 @@ def total_variation(student_logits, teacher_logits, temperature: float = 1.0) ->
     return 0.5 * (pt - ps).abs().sum(-1) * temperature**2
 
 
+# The one list of divergences: ``distill.divergence`` in the config is checked against it.
 DIVERGENCES: dict[str, Divergence] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -83,13 +84,15 @@ DIVERGENCES: dict[str, Divergence] = {
 
 
 def divergence(name: str, **params) -> Divergence:
-    """The divergence called ``name`` with its extra parameters bound (beta for jsd, alpha for skew_kl)."""
+    """The divergence called ``name`` with those of ``params`` it takes bound (``beta`` for jsd, ``alpha``
+    for skew_kl; parameters it does not take are ignored)."""
+    import functools
+    import inspect
+
     fn = DIVERGENCES[name]
-    if name == "jsd":
-        return lambda s, t, temperature=1.0: fn(s, t, temperature, beta=params.get("beta", 0.5))
-    if name == "skew_kl":
-        return lambda s, t, temperature=1.0: fn(s, t, temperature, alpha=params.get("alpha", 0.1))
-    return fn
+    accepted = inspect.signature(fn).parameters
+    bound = {k: v for k, v in params.items() if k in accepted and k not in ("student_logits", "teacher_logits")}
+    return functools.partial(fn, **bound) if bound else fn
 
 
 class _FusedChunkedKD(torch.autograd.Function):

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 COLUMNS = ("exact_match", "tool_accuracy", "arg_f1", "valid_json", "perplexity")
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float))
-    tmp.replace(path)
 
 
 def _fmt(v) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distill.data.tokenize import IGNORE, collate
+from core.chat import IGNORE, collate
 
 log = logging.getLogger("distill")
 SIGNALS_VERSION = "topk/1"
@@ -46,7 +46,7 @@ def compute_topk(
     response tokens are the largest tensor held."""
     from tqdm.auto import tqdm
 
-    from distill.trainer import backbone_and_head
+    from families import backbone_and_head
 
     teacher.eval()
     body, head = backbone_and_head(teacher)

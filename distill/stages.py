@@ -12,7 +12,6 @@ kill at any point leaves nothing that looks done.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -25,12 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill.report import write_json
+from core.files import write_json
+from core.hashing import MANIFEST, changed_keys, digest, file_hashes
 
 log = logging.getLogger("distill")
 
 STAGES = ("teacher", "signals", "prune", "distill", "evaluate", "export", "quantize", "gate")
-MANIFEST = "stage.json"
 RUN_MANIFEST = "manifest.json"
 # Hydra writes these into the run folder before our code runs.
 HYDRA_ENTRIES = (".hydra",)
@@ -62,41 +61,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST, "metrics.json")) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative path -> hex), except manifests and later metrics."""
-    folder = Path(folder)
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in exclude
-    }
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in (d or {}).items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def changed_keys(old: dict, new: dict) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
 def is_disk_full(err: BaseException) -> bool:

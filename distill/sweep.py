@@ -49,7 +49,7 @@ def _overrides(job: Path) -> str:
 
 def collect(sweep_dir: str | Path) -> list[dict]:
     """One row per (job, ONNX variant); a job without metrics.json is one row with ``gate: "job failed"``."""
-    from export.gate import THRESHOLDS, evaluate_gate
+    from export.gate import evaluate_gate, thresholds_of
 
     sweep_dir = Path(sweep_dir)
     rows = []
@@ -62,7 +62,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             continue
         m = json.loads(mf.read_text())
         cfg = _config(job)
-        thresholds = {k: cfg.get("gate", {}).get(k) for k in THRESHOLDS}
+        thresholds = thresholds_of(cfg.get("gate", {}))
         t_em = m["teacher"]["exact_match"]
         variants = [k for k in m if k.startswith("onnx_")] or ["student"]
         for v in variants:

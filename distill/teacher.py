@@ -51,8 +51,8 @@ def bootstrap_teacher(
     from distill.data import encode_records
     from distill.data.tokenize import train_tokenizer
     from distill.evaluate import evaluate_model
-    from distill.models import build_from_config, param_count, save_model_atomically
     from distill.trainer import train
+    from families.hf import build_from_config, param_count, save_model_atomically
 
     b = tc.bootstrap
     dest = bootstrap_dir(tc, data_hash)

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.chat import IGNORE, collate
 from distill.config import DistillConfig, LoraConfig, TrainConfig
-from distill.data.tokenize import IGNORE, collate
 from distill.losses import chunked_kd_loss, divergence, feature_loss
+from families import backbone_and_head, decoder_layers, layer_module
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ class TrainResult:
     module: nn.Module | None = None  # the prepared (possibly DDP / FSDP wrapped) DistillModule
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder blocks of a Llama / Qwen / Mistral style HF model (or a peft wrapper of one)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model.layers
-
-
-def backbone_and_head(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model, inner.get_output_embeddings()
-
-
 class _Capture:
     """Forward hooks recording the outputs of chosen decoder layers (and their attention blocks)."""
 
@@ -65,7 +55,8 @@ class _Capture:
         for i in layers:
             self.handles.append(blocks[i].register_forward_hook(self._hook(("hidden", i))))
             if attention:
-                self.handles.append(blocks[i].self_attn.register_forward_hook(self._hook(("attn", i))))
+                attn = layer_module(model, blocks[i], "attention")
+                self.handles.append(attn.register_forward_hook(self._hook(("attn", i))))
 
     def _hook(self, key):
         def fn(_module, _inputs, output):

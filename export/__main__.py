@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from distill.models import folder_problems
+    from families.hf import folder_problems
 
     problems = folder_problems(a.src, "src")
     if a.quantize and {"int8_static"} & set(a.quantize) or a.algorithm == "gptq" and "int4" in a.quantize:

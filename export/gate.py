@@ -60,15 +60,33 @@ class GateResult:
         return "\n".join([head, *(f"  - {c.describe()}" for c in self.checks)])
 
 
-# (metric, op, relative to the teacher) for each threshold name in conf/gate/
-THRESHOLDS = {
-    "min_exact_match_retention": ("exact_match", ">=", True),
-    "min_tool_accuracy_retention": ("tool_accuracy", ">=", True),
-    "min_arg_f1_retention": ("arg_f1", ">=", True),
-    "min_valid_json": ("valid_json", ">=", False),
-    "min_agreement": ("agreement", ">=", False),
-    "max_kl": ("kl", "<=", False),
+@dataclass(frozen=True)
+class Threshold:
+    """One gate check: the measured ``metric``, compared with ``op`` against the threshold, after dividing
+    by the teacher's own number when ``relative``. ``unit``: the threshold lies in [0, 1]."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    relative: bool
+    unit: bool
+
+
+# The one list of gate thresholds: conf/gate/default.yaml sets each (null disables it), the config
+# schema's GateConfig, the CLI below, sweeps and notebooks are derived from it.
+THRESHOLDS: dict[str, Threshold] = {
+    "min_exact_match_retention": Threshold("exact_match", ">=", relative=True, unit=False),
+    "min_tool_accuracy_retention": Threshold("tool_accuracy", ">=", relative=True, unit=False),
+    "min_arg_f1_retention": Threshold("arg_f1", ">=", relative=True, unit=False),
+    "min_valid_json": Threshold("valid_json", ">=", relative=False, unit=True),
+    "min_agreement": Threshold("agreement", ">=", relative=False, unit=True),
+    "max_kl": Threshold("kl", "<=", relative=False, unit=False),
 }
+
+
+def thresholds_of(gate_cfg) -> dict[str, float | None]:
+    """Threshold name -> value from a gate config (a dataclass, dict or DictConfig)."""
+    get = gate_cfg.get if hasattr(gate_cfg, "get") else lambda k, d=None: getattr(gate_cfg, k, d)
+    return {k: get(k) for k in THRESHOLDS}
 
 
 def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str, float | None]) -> GateResult:
@@ -85,7 +103,8 @@ def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str
         for name, threshold in thresholds.items():
             if threshold is None:
                 continue
-            metric, op, relative = THRESHOLDS[name]
+            spec = THRESHOLDS[name]
+            metric, op, relative = spec.metric, spec.op, spec.relative
             value = m.get(metric)
             if value is None:
                 checks.append(Check(variant, metric, float("nan"), threshold, op, relative, False))
@@ -113,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     m = json.loads(open(a.metrics).read())
     previous = {c["metric"]: c for c in m.get("gate", {}).get("checks", [])}
     thresholds = {}
-    for name, (metric, _, _) in THRESHOLDS.items():
+    for name, spec in THRESHOLDS.items():
+        metric = spec.metric
         given = getattr(a, name)
         thresholds[name] = (
             given if given is not None else (previous[metric]["threshold"] if metric in previous else None)

@@ -28,15 +28,12 @@ import shutil
 import warnings
 from pathlib import Path
 
-from distill.models import building
+from core.files import building
+from core.onnx_files import CONFIG_FILE, EXTERNAL_DATA_FILE, ONNX_FILE, TOKENIZER_FILES, TWO_GB, copy_runtime_files
+from families import head_dim
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
-CONFIG_FILE = "onnx_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-TWO_GB = 2**31  # protobuf's hard limit for one message
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -50,10 +47,6 @@ def past_names(num_layers: int) -> list[str]:
 
 def present_names(num_layers: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _wrapper(model):
@@ -90,18 +83,12 @@ def _wrapper(model):
 def _example_inputs(config, batch: int = 2, seq: int = 3, past: int = 2):
     import torch
 
-    kv, hd = config.num_key_value_heads, _head_dim(config)
+    kv, hd = config.num_key_value_heads, head_dim(config)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     mask = torch.ones(batch, past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq).expand(batch, seq)
     pkv = [torch.zeros(batch, kv, past, hd) for _ in range(2 * config.num_hidden_layers)]
     return (ids, mask, pos, *pkv)
-
-
-def onnx_bytes(folder: str | Path) -> int:
-    """Bytes on disk of the ONNX graph and its external data (what ships to the car)."""
-    folder = Path(folder)
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(ONNX_FILE))
 
 
 def save_onnx(model_proto, dest_dir: Path, external_data_threshold: int = TWO_GB) -> None:
@@ -119,13 +106,6 @@ def save_onnx(model_proto, dest_dir: Path, external_data_threshold: int = TWO_GB
         size_threshold=1024,
     )
     onnx.checker.check_model(str(dest_dir / ONNX_FILE))  # by path: works past 2 GB
-
-
-def copy_runtime_files(src: Path, dst: Path) -> None:
-    """Tokenizer files and ``onnx_config.json`` from one ONNX (or HF) folder to another."""
-    for name in (*TOKENIZER_FILES, CONFIG_FILE):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def export_onnx(
@@ -221,7 +201,7 @@ def export_onnx(
             "model_type": config.model_type,
             "num_hidden_layers": n,
             "num_key_value_heads": config.num_key_value_heads,
-            "head_dim": _head_dim(config),
+            "head_dim": head_dim(config),
             "vocab_size": config.vocab_size,
             "hidden_size": config.hidden_size,
             "max_position_embeddings": config.max_position_embeddings,

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+# This file is copied into applications as it is (no imports from this project): the folder names are
+# repeated from core.onnx_files, and tests/test_layers.py checks that they agree.
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "onnx_config.json"
+
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 

@@ -4,14 +4,27 @@
     student, report = prune_model(teacher, calib_batches, fraction=0.25)          # budget
     student, report = prune_model(teacher, calib_batches, sizes={"hidden_size": 128})  # explicit
 
-Supported families: Llama, Qwen2, Qwen3, Mistral (tied or untied embeddings, any GQA ratio).
+Supported families: every entry of ``families.FAMILIES`` (tied or untied embeddings, any GQA ratio).
 """
 
 from __future__ import annotations
 
+import logging
+
 from prune.plan import Plan, PlanError, Shape, count_params, plan_budget, plan_explicit
 
-__all__ = ["Plan", "PlanError", "Shape", "count_params", "plan_budget", "plan_explicit", "make_plan", "prune_model"]
+__all__ = [
+    "Plan",
+    "PlanError",
+    "Shape",
+    "count_params",
+    "plan_budget",
+    "plan_explicit",
+    "make_plan",
+    "prune_model",
+    "prune_folder",
+]
+log = logging.getLogger("prune")
 
 
 def make_plan(
@@ -32,8 +45,9 @@ def make_plan(
     return plan_explicit(cfg, {k: v for k, v in (sizes or {}).items() if v is not None}, align=align)
 
 
-def prune_model(model, calib_batches=None, *, method: str = "activation", **plan_kwargs):
-    """Prune ``model`` to a plan; returns (new model, report dict). ``model`` is left untouched.
+def prune_model(model, calib_batches=None, *, method: str = "activation", plan: Plan | None = None, **plan_kwargs):
+    """Prune ``model`` to ``plan`` (or to the plan ``make_plan`` makes of ``plan_kwargs``); returns (new
+    model, report dict). ``model`` is left untouched.
 
     ``method``: ``activation`` (needs ``calib_batches``: dicts with input_ids / attention_mask) or
     ``magnitude`` (weights only).
@@ -41,7 +55,10 @@ def prune_model(model, calib_batches=None, *, method: str = "activation", **plan
     from prune.importance import activation_importance, magnitude_importance
     from prune.surgery import apply
 
-    plan = make_plan(model.config.to_dict(), **plan_kwargs)
+    if plan is None:
+        plan = make_plan(model.config.to_dict(), **plan_kwargs)
+    elif plan_kwargs:
+        raise TypeError(f"give a plan or budget keywords, not both ({sorted(plan_kwargs)})")
     if method == "activation":
         if not calib_batches:
             raise ValueError("method='activation' needs calibration batches")
@@ -61,3 +78,62 @@ def prune_model(model, calib_batches=None, *, method: str = "activation", **plan
         "kept_layers": keep.layers,
     }
     return pruned, report
+
+
+def prune_folder(
+    src,
+    dest,
+    *,
+    sizes: dict | None = None,
+    fraction: float | None = None,
+    bytes_: int | None = None,
+    strategy: str = "width",
+    method: str = "activation",
+    align: int = 8,
+    prune_heads: bool = True,
+    calib_examples: int,
+    records: list[dict] | None = None,
+    allow_pickle: bool = False,
+) -> dict:
+    """Prune the model in folder ``src`` and save a standard HF folder at ``dest``; returns the report.
+
+    The plan (and every problem with it) is settled from config.json before any weights load.
+    ``records`` (chat records ``{"messages": [...]}``) calibrate ``method="activation"``.
+    """
+    from transformers import AutoTokenizer
+
+    from core.hashing import folder_hash
+    from families.hf import folder_problems, load_causal_lm, read_config, save_model_atomically
+    from prune.calibration import calibration_batches
+
+    problems = folder_problems(src, "src", allow_pickle=allow_pickle)
+    if method == "activation" and not records:
+        problems.append("method=activation needs calibration records (task data); or use method=magnitude")
+    if problems:
+        raise PlanError(problems)
+    plan = make_plan(
+        read_config(src),
+        sizes=sizes,
+        fraction=fraction,
+        bytes_=bytes_,
+        strategy=strategy,
+        align=align,
+        prune_heads=prune_heads,
+    )
+    for r in plan.reasons:
+        log.info("plan: %s", r)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    model = load_causal_lm(src)
+    batches = None
+    if method == "activation":
+        batches = calibration_batches(tokenizer, records, calib_examples)
+    pruned, report = prune_model(model, batches, method=method, plan=plan)
+    report.update(
+        source=str(src),
+        source_hash=folder_hash(src),
+        reasons=plan.reasons,
+        strategy=strategy,
+        calib_examples=calib_examples if method == "activation" else 0,
+    )
+    save_model_atomically(pruned, tokenizer, dest, {"prune_report.json": report})
+    return report

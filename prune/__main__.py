@@ -1,7 +1,10 @@
-"""``python -m prune SRC DEST --fraction 0.25``: prune any local HF folder into a standard HF folder.
+"""``python -m prune SRC DEST --fraction 0.25 --data calib.jsonl``: prune any local HF folder into a
+standard HF folder.
 
-Calibration batches (for activation importance) come from the built-in car-assistant training split,
-or from ``--data file.jsonl`` (chat ``messages`` or ``prompt``/``completion`` lines).
+Activation importance is measured on ``--data`` (JSONL: chat ``messages`` or ``prompt``/``completion``
+lines): give your own task data. Without it the built-in car-assistant demo data is used, with a
+warning, since channels that matter for your task may rank low on it. Defaults come from
+``conf/student/small.yaml`` (``prune:``), the same values the pipeline uses.
 """
 
 from __future__ import annotations
@@ -10,117 +13,64 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+
+from prune.plan import SIZE_KEYS
 
 log = logging.getLogger("prune")
+CONF = Path(__file__).resolve().parent.parent / "conf" / "student" / "small.yaml"
 
 
-def calibration_batches(
-    tokenizer, records: list[dict], n_examples: int, batch_size: int = 16, max_length: int = 256
-) -> list[dict]:
-    """Padded batches of the first ``n_examples`` records (prompt + answer), for activation statistics."""
-    from distill.data.tokenize import collate, encode
+def conf_defaults() -> dict:
+    """The pipeline's pruning defaults (``prune:`` in conf/student/small.yaml): one home for them."""
+    from omegaconf import OmegaConf
 
-    enc = [encode(tokenizer, r["messages"]) for r in records[:n_examples]]
-    enc = [e for e in enc if len(e["input_ids"]) <= max_length]
-    out = []
-    for i in range(0, len(enc), batch_size):
-        b = collate(enc[i : i + batch_size], tokenizer.pad_token_id)
-        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
-    return out
+    return OmegaConf.to_container(OmegaConf.load(CONF).prune)
 
 
-def prune_folder(
-    src,
-    dest,
-    *,
-    sizes: dict | None = None,
-    fraction: float | None = None,
-    bytes_: int | None = None,
-    strategy: str = "width",
-    method: str = "activation",
-    align: int = 8,
-    prune_heads: bool = True,
-    calib_examples: int = 256,
-    records: list[dict] | None = None,
-    allow_pickle: bool = False,
-) -> dict:
-    """Prune the model in folder ``src`` and save a standard HF folder at ``dest``; returns the report.
+def demo_records(n: int) -> list[dict]:
+    """Built-in car-assistant training examples: the fallback calibration set (the CLI warns)."""
+    from distill.data.car_assistant import GeneratorSettings, generate
 
-    The plan (and every problem with it) is settled from config.json before any weights load.
-    """
-    from transformers import AutoTokenizer
-
-    from distill.models import folder_hash, folder_problems, load_causal_lm, read_config, save_model_atomically
-    from prune import PlanError, make_plan, prune_model
-
-    problems = folder_problems(src, "src", allow_pickle=allow_pickle)
-    if problems:
-        raise PlanError(problems)
-    plan = make_plan(
-        read_config(src),
-        sizes=sizes,
-        fraction=fraction,
-        bytes_=bytes_,
-        strategy=strategy,
-        align=align,
-        prune_heads=prune_heads,
-    )
-    for r in plan.reasons:
-        log.info("plan: %s", r)
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    model = load_causal_lm(src)
-    batches = None
-    if method == "activation":
-        if records is None:
-            from distill.data.car_assistant import GeneratorSettings, generate
-
-            records = [e.to_record() for e in generate("train", GeneratorSettings(num_train=max(calib_examples, 64)))]
-        batches = calibration_batches(tokenizer, records, calib_examples)
-    pruned, report = prune_model(model, batches, method=method, sizes=plan.shape.as_dict(), align=align)
-    report.update(
-        source=str(src),
-        source_hash=folder_hash(src),
-        reasons=plan.reasons,
-        strategy=strategy,
-        calib_examples=calib_examples if method == "activation" else 0,
-    )
-    save_model_atomically(pruned, tokenizer, dest, {"prune_report.json": report})
-    return report
+    return [e.to_record() for e in generate("train", GeneratorSettings(num_train=max(n, 64)))]
 
 
 def main(argv: list[str] | None = None) -> int:
+    d = conf_defaults()
     ap = argparse.ArgumentParser(
         prog="python -m prune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("src", help="local Hugging Face model folder (Llama / Qwen2 / Qwen3 / Mistral)")
+    ap.add_argument("src", help="local Hugging Face model folder (any family in families.FAMILIES)")
     ap.add_argument("dest", help="output folder (written atomically)")
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--fraction", type=float, help="parameter budget as a fraction of the source model")
-    budget.add_argument("--bytes", dest="bytes_", type=int, help="budget in bytes at --bytes-per-param")
-    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"):
+    budget.add_argument("--bytes", dest="bytes_", type=int, help="budget in bytes at 4 bytes per parameter")
+    for k in SIZE_KEYS:
         ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, help="explicit target size")
-    ap.add_argument("--strategy", choices=("width", "depth"), default="width", help="for budgets (default width)")
-    ap.add_argument("--method", choices=("activation", "magnitude"), default="activation")
-    ap.add_argument("--align", type=int, default=8, help="hidden / MLP sizes are multiples of this")
+    ap.add_argument("--strategy", choices=("width", "depth"), default=d["strategy"], help="for budgets")
+    ap.add_argument("--method", choices=("activation", "magnitude"), default=d["method"])
+    ap.add_argument("--align", type=int, default=d["align"], help="hidden / MLP sizes are multiples of this")
     ap.add_argument("--keep-heads", action="store_true", help="budget pruning leaves attention heads alone")
-    ap.add_argument("--calib-examples", type=int, default=256)
-    ap.add_argument("--data", help="JSONL calibration data (default: built-in car-assistant data)")
+    ap.add_argument("--calib-examples", type=int, default=d["calib_examples"])
+    ap.add_argument("--data", help="JSONL calibration data: your task's examples (default: the built-in demo data)")
     ap.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (pickle) weights")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from prune import PlanError
+    from core.jsonl import DataError, read_jsonl
+    from prune import PlanError, prune_folder
 
-    sizes = {
-        k: getattr(a, k)
-        for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-        if getattr(a, k) is not None
-    }
+    sizes = {k: getattr(a, k) for k in SIZE_KEYS if getattr(a, k) is not None}
     try:
         records = None
-        if a.data:
-            from distill.data.jsonl import read_jsonl
-
-            records = read_jsonl(a.data, key="--data")
+        if a.method == "activation":
+            if a.data:
+                records = read_jsonl(a.data, key="--data")
+            else:
+                log.warning(
+                    "no --data: ranking channels on the built-in car-assistant demo data, not on your task; "
+                    "pass --data your_task.jsonl (or --method magnitude)"
+                )
+                records = demo_records(a.calib_examples)
         report = prune_folder(
             a.src,
             a.dest,
@@ -135,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             records=records,
             allow_pickle=a.allow_pickle,
         )
-    except (PlanError, ValueError) as err:
+    except (PlanError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: report[k] for k in ("shape", "params", "teacher_params", "fraction")}, indent=2))

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import families
+from families import decoder_layers, head_dim, layer_module
+
 
 @dataclass
 class Importance:
@@ -32,21 +35,12 @@ class Importance:
     method: str
 
 
-def _layers(model):
-    return model.model.layers
-
-
-def _head_dim(model) -> int:
-    c = model.config
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
 @torch.no_grad()
 def activation_importance(model, batches: Iterable[dict]) -> Importance:
     """Minitron-style activation importance over calibration ``batches`` (dicts with input_ids, attention_mask)."""
-    layers = _layers(model)
+    layers = decoder_layers(model)
     L, cfg = len(layers), model.config
-    nh, hd = cfg.num_attention_heads, _head_dim(model)
+    nh, hd = cfg.num_attention_heads, head_dim(cfg)
     mlp = torch.zeros(L, cfg.intermediate_size, dtype=torch.float64)
     heads = torch.zeros(L, nh, dtype=torch.float64)
     hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
@@ -84,44 +78,50 @@ def activation_importance(model, batches: Iterable[dict]) -> Importance:
         return fn
 
     for i, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook(i)))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-        handles.append(layer.input_layernorm.register_forward_hook(norm_hook))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook))
+        handles.append(layer_module(model, layer, "mlp_out").register_forward_pre_hook(mlp_hook(i)))
+        handles.append(layer_module(model, layer, "attn_out").register_forward_pre_hook(head_hook(i)))
+        for norm in families.family(model).norms:
+            handles.append(layer_module(model, layer, norm).register_forward_hook(norm_hook))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
-    handles.append(model.model.norm.register_forward_hook(norm_hook))
+    handles.append(families.final_norm(model).register_forward_hook(norm_hook))
+    body, _ = families.backbone_and_head(model)
     was = model.training
     model.eval()
     try:
         for b in batches:
             state["mask"] = b.get("attention_mask")
             state["tokens"] += int(state["mask"].sum()) if state["mask"] is not None else b["input_ids"].numel()
-            model.model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
+            body(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
     finally:
         for h in handles:
             h.remove()
         model.train(was)
     n = max(state["tokens"], 1)
-    return Importance(mlp / n, heads / n, hidden / (n * (2 * L + 1)), influence / n, "activation")
+    n_norms = len(families.family(model).norms) * L + 1
+    return Importance(mlp / n, heads / n, hidden / (n * n_norms), influence / n, "activation")
 
 
 @torch.no_grad()
 def magnitude_importance(model) -> Importance:
-    """Weight-magnitude importance, no data: L2 norms of the weights each unit reads and writes."""
-    layers = _layers(model)
-    cfg = model.config
-    nh, hd = cfg.num_attention_heads, _head_dim(model)
+    """Weight-magnitude importance, no data: L2 norms of the weights each unit reads and writes
+    (read from the canonical state dict, so fused families score like the others)."""
+    cfg = model.config.to_dict()
+    sd = families.family(cfg).to_canonical({k: v.detach() for k, v in model.state_dict().items()}, cfg)
+    H, nh, hd = cfg["hidden_size"], cfg["num_attention_heads"], head_dim(cfg)
     mlp, heads, layer_score = [], [], []
-    for layer in layers:
-        m, a = layer.mlp, layer.self_attn
-        mlp.append(
-            (m.down_proj.weight.norm(dim=0) * (m.up_proj.weight.norm(dim=1) + m.gate_proj.weight.norm(dim=1))).double()
+    hidden = sd["model.embed_tokens.weight"].norm(dim=0).double()
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        down, up, gate = (sd[p + f"mlp.{n}_proj.weight"] for n in ("down", "up", "gate"))
+        o = sd[p + "self_attn.o_proj.weight"]
+        mlp.append((down.norm(dim=0) * (up.norm(dim=1) + gate.norm(dim=1))).double())
+        heads.append(o.view(H, nh, hd).norm(dim=(0, 2)).double())
+        layer_score.append(float(o.norm() + down.norm()))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        hidden += (
+            sd[p + "input_layernorm.weight"].abs().double() + sd[p + "post_attention_layernorm.weight"].abs().double()
         )
-        heads.append(a.o_proj.weight.view(cfg.hidden_size, nh, hd).norm(dim=(0, 2)).double())
-        layer_score.append(float(a.o_proj.weight.norm() + m.down_proj.weight.norm()))
-    hidden = model.get_input_embeddings().weight.norm(dim=0).double()
-    for layer in layers:
-        hidden += layer.input_layernorm.weight.abs().double() + layer.post_attention_layernorm.weight.abs().double()
     return Importance(
         torch.stack(mlp), torch.stack(heads), hidden, torch.tensor(layer_score, dtype=torch.float64), "magnitude"
     )

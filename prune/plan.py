@@ -1,4 +1,5 @@
 """Budget -> target shapes. Pure Python on config dicts (no weights, no torch), so ``validate`` can call it.
+Family differences (parameter counts, shape constraints) come from ``families``.
 
 Pruning is uniform across layers (Minitron, Model Optimizer): every layer keeps the same number of MLP
 channels, query heads and KV heads, and all layers share one hidden size, so the result is an
@@ -10,8 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import families
+from families import FAMILIES
+
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
 
 class PlanError(ValueError):
@@ -46,10 +49,6 @@ class Plan:
         return self.params / self.teacher_params
 
 
-def head_dim(cfg: dict) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-
-
 def teacher_shape(cfg: dict) -> Shape:
     return Shape(
         **{k: cfg[k] if k != "num_key_value_heads" else cfg.get(k) or cfg["num_attention_heads"] for k in SIZE_KEYS}
@@ -58,26 +57,7 @@ def teacher_shape(cfg: dict) -> Shape:
 
 def count_params(cfg: dict, shape: Shape | None = None) -> int:
     """Parameters of the family's decoder with ``shape`` (default: the config's own), counted analytically."""
-    s = shape or teacher_shape(cfg)
-    mt = cfg["model_type"]
-    h, i, nh, kv, n = (
-        s.hidden_size,
-        s.intermediate_size,
-        s.num_attention_heads,
-        s.num_key_value_heads,
-        s.num_hidden_layers,
-    )
-    hd = head_dim(cfg)
-    v = cfg["vocab_size"]
-    attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
-    if mt == "qwen2" or cfg.get("attention_bias"):
-        attn += nh * hd + 2 * kv * hd + (h if cfg.get("attention_bias") and mt != "qwen2" else 0)
-    if mt == "qwen3":
-        attn += 2 * hd  # q_norm, k_norm
-    mlp = 3 * h * i + (2 * i + h if cfg.get("mlp_bias") else 0)
-    layer = attn + mlp + 2 * h
-    emb = v * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    return emb + n * layer + h
+    return families.count_params(cfg, shape.as_dict() if shape else None)
 
 
 def _align_down(x: float, a: int) -> int:
@@ -88,10 +68,11 @@ def check_shape(cfg: dict, s: Shape, align: int) -> list[str]:
     """Problems with shape ``s`` as a pruned version of the teacher ``cfg``."""
     t = teacher_shape(cfg)
     out = []
-    if cfg.get("model_type") not in SUPPORTED:
+    if cfg.get("model_type") not in FAMILIES:
         out.append(
-            f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {', '.join(SUPPORTED)}"
+            f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {families.supported()}"
         )
+        return out
     for k in SIZE_KEYS:
         new, old = getattr(s, k), getattr(t, k)
         if new < 1:
@@ -110,10 +91,11 @@ def check_shape(cfg: dict, s: Shape, align: int) -> list[str]:
             f"{s.num_attention_heads // s.num_key_value_heads} per group, more than the teacher's {g_t}; "
             "keep at least num_attention_heads / group size KV heads"
         )
-    if cfg.get("model_type") == "llama" and s.num_attention_heads and s.hidden_size % s.num_attention_heads:
+    fam = FAMILIES[cfg["model_type"]]
+    if fam.hidden_multiple_of_heads and s.num_attention_heads and s.hidden_size % s.num_attention_heads:
         out.append(
             f"hidden_size={s.hidden_size} is not a multiple of num_attention_heads={s.num_attention_heads}: "
-            "transformers' LlamaConfig refuses that shape"
+            f"transformers' {fam.label} config refuses that shape"
         )
     for k in ("hidden_size", "intermediate_size"):
         v = getattr(s, k)
@@ -170,6 +152,10 @@ def plan_budget(
     given = [x is not None for x in (params, fraction, bytes_)]
     if sum(given) != 1:
         raise PlanError(["give exactly one budget: params, fraction or bytes"])
+    if cfg.get("model_type") not in FAMILIES:
+        raise PlanError(
+            [f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {families.supported()}"]
+        )
     teacher_params = count_params(cfg)
     budget = (
         params
@@ -179,10 +165,6 @@ def plan_budget(
     t = teacher_shape(cfg)
     if strategy not in ("width", "depth"):
         raise PlanError([f"strategy {strategy!r}: use width or depth"])
-    if cfg.get("model_type") not in SUPPORTED:
-        raise PlanError(
-            [f"model_type {cfg.get('model_type')!r} is not supported for pruning; supported: {', '.join(SUPPORTED)}"]
-        )
     if budget >= teacher_params:
         return Plan(
             t, teacher_params, teacher_params, [f"budget {budget:,} >= teacher {teacher_params:,}: nothing to prune"]
@@ -202,7 +184,7 @@ def plan_budget(
         for _ in range(40):  # bisection on the width factor
             mid = (lo + hi) / 2
             nh, kv = _heads_for(t, mid) if prune_heads else (t.num_attention_heads, t.num_key_value_heads)
-            h_align = math.lcm(align, nh) if cfg.get("model_type") == "llama" else align
+            h_align = math.lcm(align, nh) if FAMILIES[cfg["model_type"]].hidden_multiple_of_heads else align
             s = Shape(
                 _align_down(t.hidden_size * mid, h_align),
                 _align_down(t.intermediate_size * mid, align),

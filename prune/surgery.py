@@ -1,5 +1,6 @@
-"""Apply a target shape to a Llama / Qwen2 / Qwen3 / Mistral model: pick what to keep from an
-``Importance``, slice the state dict, and load it into a fresh model built from the new config.
+"""Apply a target shape to a model of any family in ``families``: pick what to keep from an
+``Importance``, slice the state dict (in canonical Llama names: the family maps its own weights to
+them and back), and load it into a fresh model built from the new config.
 
 Building from the config (instead of patching modules in place) guarantees the result is exactly what
 ``AutoModelForCausalLM.from_pretrained`` rebuilds from the saved folder.
@@ -12,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from families import family, head_dim
 from prune.importance import Importance
-from prune.plan import Shape, head_dim
+from prune.plan import Shape
 
 
 @dataclass
@@ -63,8 +65,11 @@ def _rows(w: torch.Tensor, heads: list[int], hd: int) -> torch.Tensor:
 
 
 def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict[str, torch.Tensor]:
-    """Slice a decoder state dict to ``keep``. RMSNorm weights are rescaled by sqrt(H / H') so that a
-    residual stream whose pruned channels are zero is normalised exactly as before."""
+    """Slice a decoder state dict (the family's own names) to ``keep``. Norm weights are rescaled
+    (``Family.rescale_norm``: by sqrt(H / H') for RMSNorm) so that a residual stream whose pruned
+    channels are zero is normalised exactly as before."""
+    fam = family(cfg)
+    sd = fam.to_canonical(sd, cfg)
     hd = head_dim(cfg)
     H = cfg["hidden_size"]
     h_idx = torch.tensor(keep.hidden, dtype=torch.long)
@@ -75,7 +80,7 @@ def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict
         return w.index_select(1, h_idx)
 
     out["model.embed_tokens.weight"] = cols(sd["model.embed_tokens.weight"])
-    out["model.norm.weight"] = sd["model.norm.weight"].index_select(0, h_idx) * norm_scale
+    out["model.norm.weight"] = fam.rescale_norm(sd["model.norm.weight"].index_select(0, h_idx), norm_scale)
     if "lm_head.weight" in sd and not cfg.get("tie_word_embeddings", False):
         out["lm_head.weight"] = cols(sd["lm_head.weight"])
     for new, old in enumerate(keep.layers):
@@ -104,8 +109,8 @@ def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict
             if p + mp + name in sd:
                 out[q + mp + name] = sd[p + mp + name].index_select(0, idx)
         for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            out[q + name] = sd[p + name].index_select(0, h_idx) * norm_scale
-    return {k: v.contiguous() for k, v in out.items()}
+            out[q + name] = fam.rescale_norm(sd[p + name].index_select(0, h_idx), norm_scale)
+    return {k: v.contiguous() for k, v in fam.from_canonical(out, cfg).items()}
 
 
 def pruned_config(cfg: dict, keep: Keep) -> dict:

@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from distill.models import building
-from export.onnx import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
+from core.files import building
+from core.onnx_files import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
+from core.schema import choice, positive
 
 log = logging.getLogger(__name__)
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
@@ -264,3 +267,94 @@ def quantize_int4(
         _finish(src, tmp, "int4_weight_only", settings)
 
     return _guard(dest, build)
+
+
+# ---- the schemes: settings (typed; values in conf/quantize/default.yaml) and how each is built ----
+
+
+@dataclass
+class Int8Settings:
+    per_channel: bool
+    embedding: bool
+
+    def problems(self, key: str) -> list[str]:
+        return []
+
+
+@dataclass
+class Int8StaticSettings:
+    per_channel: bool
+    calib_examples: int = positive()
+
+    def problems(self, key: str) -> list[str]:
+        return []
+
+
+@dataclass
+class Int4Settings:
+    block_size: int = positive()
+    algorithm: str = choice(*INT4_ALGORITHMS)
+    symmetric: bool
+    accuracy_level: int | None  # ORT CPU compute type for activations; null = ORT's default
+    embedding: bool
+    calib_examples: int = positive()
+
+    def problems(self, key: str) -> list[str]:
+        out = []
+        b = self.block_size
+        if isinstance(b, int) and (b < 16 or b & (b - 1)):
+            out.append(f"{key}.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
+        if self.embedding and self.algorithm != "rtn":
+            out.append(f"{key}.embedding: true needs {key}.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            out.append(f"{key}.accuracy_level: {self.accuracy_level} must be 0-4 or null")
+        return out
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization scheme: its settings type, how to build it from the fp32 export, and whether
+    those settings read calibration sequences (task token ids, prompt + answer)."""
+
+    settings: type
+    build: Callable[[Path, Path, Any, Sequence[Sequence[int]]], Path]  # (fp32 folder, dest, settings, calibration)
+    calibrated: Callable[[Any], bool]
+    summary: str
+
+    def calibration(self, settings, sequences: Sequence[Sequence[int]]) -> list:
+        """The calibration sequences these settings read (empty when uncalibrated)."""
+        return list(sequences[: settings.calib_examples]) if self.calibrated(settings) else []
+
+
+# The one list of quantization schemes: quantize.variants, gate.variants, the export CLI and the pipeline
+# read it; the config schema's QuantizeConfig has one settings field per entry.
+SCHEMES: dict[str, Scheme] = {
+    "int8": Scheme(
+        Int8Settings,
+        lambda src, dest, s, cal: quantize_int8_dynamic(src, dest, per_channel=s.per_channel, embedding=s.embedding),
+        lambda s: False,
+        "int8 weights per channel, activations quantized per call (dynamic)",
+    ),
+    "int8_static": Scheme(
+        Int8StaticSettings,
+        lambda src, dest, s, cal: quantize_int8_static(src, dest, cal[: s.calib_examples], per_channel=s.per_channel),
+        lambda s: True,
+        "int8 weights and activations (QDQ), activation ranges calibrated on task data",
+    ),
+    "int4": Scheme(
+        Int4Settings,
+        lambda src, dest, s, cal: quantize_int4(
+            src,
+            dest,
+            block_size=s.block_size,
+            algorithm=s.algorithm,
+            symmetric=s.symmetric,
+            accuracy_level=s.accuracy_level,
+            embedding=s.embedding,
+            calibration=cal[: s.calib_examples],
+        ),
+        lambda s: s.algorithm == "gptq",
+        "int4 weight-only MatMulNBits (rtn / hqq / gptq)",
+    ),
+}
+ONNX_VARIANTS = ("fp32", "fp16", *SCHEMES)  # every ONNX folder a run can build: export's two, then the schemes

@@ -50,7 +50,7 @@ def tiny_config(tokenizer, model_type="qwen2", hidden=64, layers=2, heads=4, kv=
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer):
     """A tiny random Qwen2 teacher folder (safetensors + tokenizer)."""
-    from distill.models import build_from_config, save_model_atomically
+    from families.hf import build_from_config, save_model_atomically
 
     model = build_from_config(tiny_config(tokenizer), seed=0)
     return save_model_atomically(model, tokenizer, tmp_path_factory.mktemp("models") / "teacher")
@@ -74,7 +74,7 @@ def python_env():
 BLOCK_PROJECT_IMPORTS = """import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("distill", "prune", "quantize", "export"):
+        if name.split(".")[0] in ("core", "families", "distill", "prune", "quantize", "export"):
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 """

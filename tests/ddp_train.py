@@ -17,8 +17,8 @@ import torch  # noqa: E402
 from distill.config import compose  # noqa: E402
 from distill.data import encode_records, load_records  # noqa: E402
 from distill.data.tokenize import train_tokenizer  # noqa: E402
-from distill.models import build_from_config, save_model_atomically  # noqa: E402
 from distill.trainer import gathered_student_state, make_accelerator, train  # noqa: E402
+from families.hf import build_from_config, save_model_atomically  # noqa: E402
 
 
 def main(out: Path, batch_size: int) -> None:

@@ -24,7 +24,7 @@ def no_weights(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the error")
 
-    monkeypatch.setattr("distill.models.load_causal_lm", refuse)
+    monkeypatch.setattr("families.hf.load_causal_lm", refuse)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", refuse)
 
 
@@ -88,7 +88,7 @@ def _case(name, tmp, teacher_dir, tokenizer):
         from conftest import tiny_config
 
         from distill.data.tokenize import train_tokenizer
-        from distill.models import build_from_config, save_model_atomically
+        from families.hf import build_from_config, save_model_atomically
 
         other = train_tokenizer(["completely different text " * 20, "другой токенизатор"], 300)
         model = build_from_config(tiny_config(other, hidden=32, heads=2, kv=1, inter=64), seed=0)
@@ -182,7 +182,7 @@ def test_bad_input_is_refused_clearly_before_weights_load(
 
 
 def test_trust_remote_code_is_allowed_when_asked(tmp_path, teacher_dir):
-    from distill.models import folder_problems
+    from families.hf import folder_problems
 
     d = _copy(teacher_dir, tmp_path / "remote")
     cfg = json.loads((d / "config.json").read_text())
@@ -214,8 +214,8 @@ def test_disk_full_mid_write_keeps_earlier_results(tmp_path, teacher_dir, cache_
     """A finished run, then a rerun whose new student cannot be written (ENOSPC inside safetensors):
     one clear error naming the stage and folder; the previous student is untouched and no temporary
     folder is left behind."""
+    from core.hashing import file_hashes
     from distill.pipeline import run
-    from distill.stages import file_hashes
 
     base = ["+exp=smoke", f"teacher.path={teacher_dir}", "eval.num_test=4", "export.enabled=false"]
     run_dir = tmp_path / "run"

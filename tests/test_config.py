@@ -129,7 +129,7 @@ def test_folder_checks(tmp_path, teacher_dir):
     import json
     import shutil
 
-    from distill.models import folder_problems
+    from families.hf import folder_problems
 
     assert folder_problems(teacher_dir, "teacher.path") == []
     pickled = tmp_path / "pickled"
@@ -153,7 +153,7 @@ def test_tokenizer_mismatch_is_an_error_and_padding_is_not(tmp_path, teacher_dir
     import shutil
 
     from distill.data.tokenize import train_tokenizer
-    from distill.models import vocab_problems
+    from families.hf import vocab_problems
 
     padded = tmp_path / "padded"
     shutil.copytree(teacher_dir, padded)
@@ -176,7 +176,7 @@ def test_conf_dir_is_found_from_anywhere(monkeypatch, tmp_path):
 
 def test_student_config_of_another_depth(teacher_dir):
     """A student with fewer layers than the teacher: per-layer config lists follow the new depth."""
-    from distill.models import build_from_config, read_config, student_config
+    from families.hf import build_from_config, read_config, student_config
 
     cfg = student_config(
         read_config(teacher_dir),

@@ -89,7 +89,7 @@ def test_hard_split_values_and_phrasings_never_in_training():
 
 
 def test_tokenizer_makes_values_copyable(tokenizer, car_settings):
-    from distill.data.tokenize import encode
+    from core.chat import encode
 
     for e in generate("hard", car_settings)[:40]:
         enc = encode(tokenizer, e.to_record()["messages"])
@@ -112,7 +112,7 @@ def _contains(seq, sub) -> bool:
 
 
 def test_labels_cover_only_the_answer(tokenizer, car_settings):
-    from distill.data.tokenize import IGNORE, encode
+    from core.chat import IGNORE, encode
 
     e = generate("train", car_settings)[0]
     enc = encode(tokenizer, e.to_record()["messages"])
@@ -123,8 +123,8 @@ def test_labels_cover_only_the_answer(tokenizer, car_settings):
 
 
 def test_jsonl_reader(tmp_path, tokenizer):
+    from core.jsonl import read_jsonl
     from distill.data import DataError, encode_records
-    from distill.data.jsonl import read_jsonl
 
     good = tmp_path / "good.jsonl"
     good.write_text(

@@ -13,21 +13,23 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from distill.models import build_from_config, save_model_atomically
-from export.onnx import EXTERNAL_DATA_FILE, ONNX_FILE, export_onnx, to_float16
+from core.onnx_files import EXTERNAL_DATA_FILE, ONNX_FILE
+from export.onnx import export_onnx, to_float16
 from export.runtime import ChatTokenizer, OnnxCausalLM, _sample
+from families.hf import build_from_config, save_model_atomically
 
 FAMILIES = [  # (model_type, tied embeddings, query heads, kv heads): GQA ratios 1, 2 and 4
     ("qwen2", True, 4, 2),
     ("llama", False, 4, 4),
     ("qwen3", True, 4, 1),
     ("mistral", False, 4, 2),
+    ("phi3", False, 4, 2),  # fused qkv_proj / gate_up_proj
 ]
 
 
 def _prompts(tokenizer, car_settings, n=6):
+    from core.chat import encode
     from distill.data.car_assistant import generate
-    from distill.data.tokenize import encode
 
     exs = [encode(tokenizer, e.to_record()["messages"]) for e in generate("test", car_settings)[:n]]
     return [ex["input_ids"][: ex["prompt_len"]] for ex in exs], [ex["input_ids"] for ex in exs]
@@ -36,7 +38,7 @@ def _prompts(tokenizer, car_settings, n=6):
 def _model(tokenizer, family, seed=0):
     mt, tie, nh, kv = family
     cfg = tiny_config(tokenizer, model_type=mt, heads=nh, kv=kv, tie=tie)
-    if mt == "qwen3":
+    if mt in ("qwen3", "phi3"):
         cfg.head_dim = 16
     model = build_from_config(cfg, seed).eval()
     with torch.no_grad():  # sharper logits than the default init: greedy paths are not near-ties
@@ -125,8 +127,8 @@ def test_sampling_is_seeded_and_follows_the_distribution(qwen_onnx, tokenizer, c
 
 
 def test_chat_tokenizer_matches_transformers(qwen_onnx, tokenizer, car_settings):
+    from core.chat import prompt_text
     from distill.data.car_assistant import generate
-    from distill.data.tokenize import prompt_text
 
     _, hf, folder = qwen_onnx
     from transformers import AutoTokenizer
@@ -249,8 +251,8 @@ def test_gate_judges_planted_numbers():
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, tokenizer, car_settings):
     """A tiny Qwen2 trained for a few hundred steps on the task (so greedy answers are real) and its ONNX."""
+    from core.chat import collate, encode
     from distill.data.car_assistant import generate
-    from distill.data.tokenize import collate, encode
 
     base = tmp_path_factory.mktemp("trained")
     model = build_from_config(tiny_config(tokenizer), seed=0)

@@ -19,6 +19,7 @@ FAMILIES = [  # (model_type, tie_word_embeddings, query heads, KV heads): GQA ra
     ("qwen2", True, 4, 2),
     ("qwen3", False, 8, 2),
     ("mistral", True, 8, 2),
+    ("phi3", False, 4, 2),  # fused qkv_proj and gate_up_proj
 ]
 
 
@@ -35,6 +36,7 @@ def build(model_type, tie, nh, kv, hidden=64, inter=96, layers=3, vocab=97, seed
         num_key_value_heads=kv,
         head_dim=16,
         max_position_embeddings=64,
+        rms_norm_eps=1e-6,  # Phi-3 defaults to 1e-5; the sqrt(H/H') rescale is exact only as eps -> 0
         tie_word_embeddings=tie,
         pad_token_id=0,
         eos_token_id=1,
@@ -64,6 +66,15 @@ def batches(vocab=97, n=3, seed=1):
     return out
 
 
+def rows(lay, cfg):
+    """(gate, up, v weight, v bias) row views of one layer, for fused (Phi-3) and separate projections alike."""
+    a, m = lay.self_attn, lay.mlp
+    if hasattr(m, "gate_up_proj"):
+        i, q, k = cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        return m.gate_up_proj.weight[:i], m.gate_up_proj.weight[i:], a.qkv_proj.weight[q + k :], None
+    return m.gate_proj.weight, m.up_proj.weight, a.v_proj.weight, a.v_proj.bias
+
+
 def plant(model, *, mlp=(), groups=(), hidden=(), layer=None):
     """Make units exactly inert: MLP channels (gate/up rows and down columns zero), KV groups (v rows zero,
     so every query head of the group outputs zero), residual channels (never written), whole layers
@@ -73,14 +84,15 @@ def plant(model, *, mlp=(), groups=(), hidden=(), layer=None):
     with torch.no_grad():
         for i, lay in enumerate(model.model.layers):
             shift = i  # different channels in every layer
+            gate, up, v, v_bias = rows(lay, cfg)
             for j in mlp:
                 c = (j + shift * 5) % cfg.intermediate_size
-                lay.mlp.gate_proj.weight[c] = 0
-                lay.mlp.up_proj.weight[c] = 0
+                gate[c] = 0
+                up[c] = 0
             for k in groups:
-                lay.self_attn.v_proj.weight[k * hd : (k + 1) * hd] = 0
-                if lay.self_attn.v_proj.bias is not None:
-                    lay.self_attn.v_proj.bias[k * hd : (k + 1) * hd] = 0
+                v[k * hd : (k + 1) * hd] = 0
+                if v_bias is not None:
+                    v_bias[k * hd : (k + 1) * hd] = 0
             for c in hidden:
                 lay.self_attn.o_proj.weight[c] = 0
                 lay.mlp.down_proj.weight[c] = 0
@@ -183,14 +195,17 @@ def test_impossible_targets_are_clear_errors_before_weights():
 
 @pytest.mark.parametrize("model_type,tie,nh,kv", FAMILIES)
 def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, tmp_path, tokenizer):
-    from distill.models import save_model_atomically
-    from prune.__main__ import prune_folder
+    from families.hf import save_model_atomically
+    from prune import prune_folder
 
     model = build(model_type, tie, nh, kv, vocab=len(tokenizer))
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     src = save_model_atomically(model, tokenizer, tmp_path / "teacher")
     dest = tmp_path / "pruned"
-    report = prune_folder(src, dest, fraction=0.5, method="activation", calib_examples=16)
+    from distill.data.car_assistant import GeneratorSettings, generate
+
+    records = [e.to_record() for e in generate("train", GeneratorSettings(num_train=64))]
+    report = prune_folder(src, dest, fraction=0.5, method="activation", calib_examples=16, records=records)
     assert report["fraction"] <= 0.5 and (dest / "prune_report.json").is_file()
     code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""
         import torch

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from core.chat import collate
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.data.tokenize import collate
 from distill.losses import DIVERGENCES, forward_kl, topk_divergence
-from distill.models import build_from_config, load_causal_lm
 from distill.signals import TopKSignals, compute_topk, save_signals
 from distill.trainer import make_accelerator, teacher_signals, train
+from families.hf import build_from_config, load_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from conftest import ROOT, python_env, tiny_config
 
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.models import build_from_config, load_causal_lm
 from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, teacher_signals, train
+from families.hf import build_from_config, load_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def acc():
 
 
 def _batch(tokenizer, data, n=4):
-    from distill.data.tokenize import collate
+    from core.chat import collate
 
     return collate(data[:n], tokenizer.pad_token_id)
 
@@ -190,8 +190,8 @@ def test_checkpoints_of_another_configuration_are_not_resumed(rc, tokenizer, dat
 def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_dir, acc, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distill.models import save_model_atomically
     from distill.trainer import apply_lora, merge_lora
+    from families.hf import save_model_atomically
 
     teacher = load_causal_lm(teacher_dir)
     student = load_causal_lm(teacher_dir)
@@ -214,7 +214,7 @@ def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_
 
 
 def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data, teacher_dir, acc):
-    from distill.data.tokenize import IGNORE
+    from core.chat import IGNORE
     from distill.trainer import _sample_on_policy
 
     teacher = load_causal_lm(teacher_dir)

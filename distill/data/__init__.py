@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from core.jsonl import DataError, read_jsonl
 from distill.data.car_assistant import GeneratorSettings, generate
-from distill.data.jsonl import DataError, read_jsonl
 
 __all__ = ["DataError", "load_records", "data_hash", "encode_records", "generator_settings"]
 
@@ -50,7 +50,7 @@ def load_records(dc, split: str) -> list[dict]:
 
 def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "data") -> list[dict]:
     """Encode records; examples longer than ``max_length`` are one DataError listing them."""
-    from distill.data.tokenize import encode
+    from core.chat import encode
 
     out, too_long = [], []
     for i, r in enumerate(records):

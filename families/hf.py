@@ -1,20 +1,17 @@
-"""Loading and building Hugging Face causal LMs: the teacher (local folder, optional 8-bit / nf4),
-students from a config or a folder, and the checks that must pass before any weights load.
-"""
+"""Hugging Face model folders: the checks that must pass before any weights load, loading (optional
+8-bit / nf4), building from a config, saving atomically, parameter counts."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from core.files import building
+from families import FAMILIES, supported
+
 log = logging.getLogger(__name__)
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -48,10 +45,8 @@ def folder_problems(
             f"{key}: {folder} needs its own Python code (auto_map in config.json), which runs on load; "
             "refused. Set teacher.trust_remote_code=true only if you trust that code"
         )
-    if mt not in SUPPORTED_MODEL_TYPES and not (cfg.get("auto_map") and trust_remote_code):
-        problems.append(
-            f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if mt not in FAMILIES and not (cfg.get("auto_map") and trust_remote_code):
+        problems.append(f"{key}: model_type {mt!r} in {folder}/config.json is not supported; supported: {supported()}")
     has_st = any((folder / f).is_file() for f in WEIGHT_FILES)
     has_pickle = any((folder / f).is_file() for f in PICKLE_FILES)
     if not has_st and has_pickle and not allow_pickle:
@@ -228,38 +223,6 @@ def build_from_config(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def temp_folder(dest: Path) -> Path:
-    """A new hidden sibling of ``dest`` to build into (same filesystem, so the final rename is atomic)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-
-
-def finish_folder(tmp: Path, dest: Path) -> Path:
-    """Rename a completed temporary folder onto ``dest``, replacing an older one."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    return dest
-
-
-@contextmanager
-def building(dest: str | Path):
-    """Build a folder under a temporary sibling name; on success it is renamed onto ``dest`` (replacing an
-    older one), on any error it is removed: ``dest`` never looks finished while it is not."""
-    dest = Path(dest)
-    tmp = temp_folder(dest)
-    try:
-        yield tmp
-        finish_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_model_atomically(
     model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None, state_dict: dict | None = None
 ) -> Path:
@@ -276,16 +239,3 @@ def save_model_atomically(
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     log.info("rank %s wrote %s", os.environ.get("RANK", "0"), dest)
     return dest
-
-
-def folder_hash(folder: str | Path) -> str:
-    """Content hash of a model folder's weight, config and tokenizer files."""
-    h = hashlib.sha256()
-    folder = Path(folder)
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model")) and p.name != "stage.json":
-            h.update(p.name.encode())
-            with p.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]

@@ -1,0 +1,25 @@
+"""What an exported ONNX folder holds, by name (written by ``export``, read by ``quantize`` and the runner)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+CONFIG_FILE = "onnx_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TWO_GB = 2**31  # protobuf's hard limit for one message
+
+
+def onnx_bytes(folder: str | Path) -> int:
+    """Bytes on disk of the ONNX graph and its external data (what ships to the car)."""
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(ONNX_FILE))
+
+
+def copy_runtime_files(src: Path, dst: Path) -> None:
+    """Tokenizer files and ``onnx_config.json`` from one ONNX (or HF) folder to another."""
+    for name in (*TOKENIZER_FILES, CONFIG_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

@@ -1,0 +1,646 @@
+"""Each stage's glue, over one ``Run``: what it reads, its stage key, the work, what it leaves for the next.
+
+Every stage goes through ``Run.stage``: begin (skip when the finished folder's manifest matches), the
+work inside ``guard`` (disk-full and permission errors become one clear error), the manifest written last
+by the main process, and every process seeing it. ``distill.pipeline.run`` lists the stages in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.files import building, write_json
+from core.hashing import digest
+from distill.config import ConfigError, RunConfig, settled_plan, student_sizes, to_dict
+from distill.stages import Stage, Stages, guard
+
+log = logging.getLogger("distill")
+SPLITS = ("train", "validation", "test", "hard")
+# TrainConfig knobs that do not change the trained weights: changing them does not redo distillation.
+NOT_IN_RESULT = ("log_every", "checkpoint_every", "keep_checkpoints")
+
+
+class timed:
+    """Log one line when a step starts and one with its duration when it ends."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t = time.time()
+        log.info("stage %s: start", self.name)
+
+    def __exit__(self, *exc):
+        log.info("stage %s: %s in %.1f s", self.name, "failed" if exc[0] else "done", time.time() - self.t)
+
+
+class LazyTeacher:
+    """The teacher model, loaded on first use: a rerun whose teacher-using stages are all finished
+    never loads its weights."""
+
+    def __init__(self, folder: Path, rc: RunConfig):
+        self.folder, self.rc, self.model = folder, rc, None
+
+    def get(self):
+        if self.model is None:
+            from families.hf import load_causal_lm
+
+            with timed("load teacher"):
+                self.model = load_causal_lm(
+                    self.folder, self.rc.teacher.quantization, trust_remote_code=self.rc.teacher.trust_remote_code
+                )
+        return self.model
+
+
+@dataclass
+class Run:
+    """One run: its config, folder, process group and stage records, and what each stage left for the next."""
+
+    rc: RunConfig
+    dir: Path
+    acc: Any  # accelerate.Accelerator
+    stages: Stages
+    started: float = field(default_factory=time.time)
+    data_hash: str = ""
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    teacher_dir: Path | None = None
+    teacher_hash: str = ""  # content of the teacher folder
+    teacher_id: str = ""  # what the teacher computes: its content and how it is loaded (8bit / nf4 change logits)
+    teacher: LazyTeacher | None = None
+    tokenizer: Any = None
+    enc: dict[str, list[dict]] = field(default_factory=dict)
+    plan: Any = None  # prune.Plan of student.init=prune
+    signals: Any = None  # distill.signals.TopKSignals with distill.signals=topk
+    student_hash: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def stage(
+        self,
+        name: str,
+        folder: Path,
+        config: dict,
+        inputs: dict,
+        work: Callable[[Stage], dict | None],
+        *,
+        on: str = "all",
+    ) -> Stage:
+        """Run (or skip) one stage. ``on``: ``all`` (every process works, e.g. training), ``main`` (the main
+        process works, the others wait for its manifest), ``main-only`` (inside a section only the main
+        process runs: no waiting). ``work(stage)`` may return a dict of extra manifest fields."""
+        st = self.stages.begin(name, folder, config, inputs)
+        if not st.skipped and (on == "all" or self.main):
+            with guard(name, st.folder):
+                extra = work(st)
+                if self.main:
+                    self.stages.finish(st, extra if isinstance(extra, dict) else None)
+        if on != "main-only":
+            self.acc.wait_for_everyone()
+            self.stages.adopt(st)
+        return st
+
+
+# ---- data and teacher ----
+
+
+def load_data(r: Run) -> None:
+    from distill.data import DataError, data_hash, load_records
+
+    with timed("data"):
+        r.data_hash = data_hash(r.rc.data)
+        r.records = {s: load_records(r.rc.data, s) for s in SPLITS}
+        for s in ("train", "test"):
+            if not r.records[s]:
+                raise DataError(f"data: the {s} split is empty")
+        log.info("data %s: %s", r.data_hash, ", ".join(f"{s}={len(r.records[s])}" for s in SPLITS))
+
+
+def teacher(r: Run) -> None:
+    """A user's folder (hashed), or the bootstrapped one from the cache; then the tokenizer, the encoded
+    splits, the teacher identity and the prune plan for its real config."""
+    from transformers import AutoTokenizer
+
+    from core.hashing import folder_hash
+    from distill.data import encode_records
+    from distill.teacher import bootstrap_dir, bootstrap_teacher
+    from families.hf import read_config, vocab_problems
+
+    rc = r.rc
+    if rc.teacher.path:
+        r.teacher_dir = Path(rc.teacher.path)
+        r.stages.record["teacher"] = {"status": "input", "folder": str(r.teacher_dir)}
+    else:
+        dest = bootstrap_dir(rc.teacher, r.data_hash)
+        force = "teacher" in r.stages.force or "all" in r.stages.force
+
+        def bootstrap(st: Stage) -> None:
+            bootstrap_teacher(
+                rc.teacher,
+                r.records,
+                r.data_hash,
+                rc.eval,
+                accelerator=r.acc,
+                max_length=rc.data.max_length,
+                force=force,
+            )
+
+        r.stage("teacher", dest, dataclasses.asdict(rc.teacher.bootstrap), {"data_hash": r.data_hash}, bootstrap)
+        r.teacher_dir = dest
+    t_cfg = read_config(r.teacher_dir)
+    problems = []
+    if rc.student.init == "folder":
+        problems += vocab_problems(r.teacher_dir, rc.student.path, "student.path")
+    limit = t_cfg.get("max_position_embeddings")
+    if limit and rc.data.max_length > limit:
+        problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
+    if problems:
+        raise ConfigError(problems)
+    r.tokenizer = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+    r.enc = {s: encode_records(r.tokenizer, r.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
+    n_eval = rc.eval.num_test or None
+    r.enc["test"], r.enc["hard"] = r.enc["test"][:n_eval], r.enc["hard"][:n_eval]
+    r.teacher_hash = folder_hash(r.teacher_dir)
+    r.stages.record["teacher"]["hash"] = r.teacher_hash
+    q = rc.teacher.quantization
+    r.teacher_id = r.teacher_hash if q == "none" else f"{r.teacher_hash}+{q}"
+    r.teacher = LazyTeacher(r.teacher_dir, rc)
+    if rc.student.init == "prune":
+        r.plan = settled_plan(rc, t_cfg)
+        for reason in r.plan.reasons:
+            log.info("prune plan: %s", reason)
+
+
+# ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
+
+
+def signals(r: Run) -> None:
+    from distill.signals import TopKSignals, compute_topk, save_signals, signals_key
+    from distill.teacher import cache_root
+
+    d, tok = r.rc.distill, r.tokenizer
+    key = signals_key(r.teacher_id, r.data_hash, r.rc.data.max_length, d.topk, d.temperature, len(tok))
+    folder = cache_root(r.rc.teacher) / "signals" / digest(key)
+
+    def compute(st: Stage) -> dict:
+        tensors = compute_topk(r.teacher.get(), r.enc["train"], tok.pad_token_id, len(tok), d.topk, d.temperature)
+        with building(folder) as tmp:
+            save_signals(tensors, tmp, key)
+        return {"tokens": int(tensors["offsets"][-1]), "examples": len(r.enc["train"])}
+
+    st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main")
+    r.signals = TopKSignals(folder)
+    r.signals.key = st.output_hash
+    if len(r.signals) != len(r.enc["train"]):
+        raise RuntimeError(
+            f"{folder}: cached signals cover {len(r.signals)} examples, the data has {len(r.enc['train'])}"
+        )
+    log.info("teacher signals: top-%d of %d tokens from %s", r.signals.k, r.signals.tokens, folder)
+
+
+# ---- prune (student.init=prune) ----
+
+
+def prune(r: Run) -> Stage:
+    """Prune the teacher to the plan (importance from training examples) into ``DIR/pruned/``, a plain HF
+    folder that distillation starts from."""
+    rc = r.rc
+    p = rc.student.prune
+
+    def work(st: Stage) -> None:
+        from families.hf import load_causal_lm, save_model_atomically
+        from prune import prune_model
+        from prune.calibration import calibration_batches
+
+        model = r.teacher.get()
+        source = model if rc.teacher.quantization == "none" else load_causal_lm(r.teacher_dir)  # full precision
+        batches = calibration_batches(r.tokenizer, r.records["train"], p.calib_examples, max_length=rc.data.max_length)
+        pruned, report = prune_model(
+            source, batches if p.method == "activation" else None, method=p.method, plan=r.plan
+        )
+        if r.main:
+            save_model_atomically(pruned, r.tokenizer, st.folder, {"prune_report.json": report})
+        r.acc.wait_for_everyone()
+
+    return r.stage(
+        "prune",
+        r.dir / "pruned",
+        {"prune": dataclasses.asdict(p), "sizes": student_sizes(rc)},
+        {"teacher_hash": r.teacher_hash, "data_hash": r.data_hash, "max_length": rc.data.max_length},
+        work,
+    )
+
+
+# ---- distill ----
+
+
+def distill(r: Run, init_input: dict) -> None:
+    rc = r.rc
+    dcfg = dataclasses.asdict(rc.distill)
+    for k in NOT_IN_RESULT:
+        dcfg["train"].pop(k)
+    config = {
+        "student": {k: v for k, v in dataclasses.asdict(rc.student).items() if k != "prune"},
+        "distill": dcfg,
+        "max_length": rc.data.max_length,
+        "processes": r.acc.num_processes,
+    }
+    inputs = {
+        "teacher_hash": r.teacher_id,
+        "data_hash": r.data_hash,
+        **init_input,
+        **({"signals": r.signals.key} if r.signals else {}),
+    }
+
+    def work(st: Stage) -> None:
+        _train_student(r, st)
+
+    st = r.stage("distill", r.dir / "student", config, inputs, work)
+    if r.main and st.name in r.stages.record and r.stages.record[st.name]["status"] == "ran":
+        shutil.rmtree(r.dir / "checkpoints", ignore_errors=True)  # only needed to resume
+    r.student_hash = st.output_hash
+
+
+def _train_student(r: Run, st: Stage) -> None:
+    from transformers import AutoConfig
+
+    from distill.trainer import apply_lora, gathered_student_state, merge_lora, train
+    from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
+
+    rc, tok = r.rc, r.tokenizer
+    s = rc.student
+    if s.init == "folder":
+        student = load_causal_lm(s.path)
+    elif s.init == "prune":
+        student = load_causal_lm(r.dir / "pruned")
+    else:
+        from families.hf import read_config
+
+        student = build_from_config(student_config(read_config(r.teacher_dir), student_sizes(rc)), s.seed)
+    student.generation_config.pad_token_id = tok.pad_token_id
+    student.generation_config.eos_token_id = tok.eos_token_id
+    live = r.signals is None or rc.distill.features.weight > 0 or rc.distill.on_policy.fraction > 0
+    t_model = r.teacher.get() if live else None
+    if t_model is not None:
+        for pair in rc.distill.features.layer_map:
+            n_s, n_t = student.config.num_hidden_layers, t_model.config.num_hidden_layers
+            if rc.distill.features.weight > 0 and (pair[0] >= n_s or pair[1] >= n_t):
+                raise ConfigError(
+                    [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
+                )
+    trainable = apply_lora(student, s.lora) if s.lora.enabled else student
+    n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher_dir)))
+    n_student = config_param_count(student.config)
+    log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
+    if rc.trackers:
+        # "tensorboard" names the folder under the run folder (and MLflow's experiment); the run is rc.name
+        r.acc.init_trackers("tensorboard", config=_flat(to_dict(rc)), init_kwargs={"mlflow": {"run_name": rc.name}})
+    result = train(
+        trainable,
+        tok,
+        r.enc["train"],
+        rc.distill.train,
+        accelerator=r.acc,
+        teacher=t_model,
+        dcfg=rc.distill,
+        checkpoint_dir=r.dir / "checkpoints",
+        checkpoint_key=st.key,
+        val_data=r.enc["validation"] or None,
+        desc="distill",
+        log_prefix="distill/",
+        signals=None if live else r.signals,
+    )
+    student = merge_lora(trainable)
+    state = gathered_student_state(r.acc, result.module)
+    if r.main:
+        info = {
+            "teacher": str(r.teacher_dir),
+            "teacher_hash": r.teacher_hash,
+            "data_hash": r.data_hash,
+            "steps": rc.distill.train.steps,
+            "signals": rc.distill.signals,
+            "seconds": result.seconds,
+            "skipped_steps": result.skipped_steps,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "history": result.history,
+        }
+        save_model_atomically(student, tok, st.folder, {"distill_info.json": info}, state_dict=state)
+    r.acc.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> flat scalar dict for trackers (lists as JSON)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, int | float | str | bool):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v)
+    return out
+
+
+# ---- evaluate (main process only from here on) ----
+
+
+def _ev(rc: RunConfig) -> dict:
+    return dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
+
+
+def teacher_answers(r: Run) -> dict:
+    """The teacher's test / hard scores and greedy answers, cached per (teacher, data, eval settings):
+    every student of a sweep is compared with the same answers without regenerating them."""
+    from distill.evaluate import evaluate_model
+    from distill.teacher import cache_root
+    from families.hf import config_param_count
+
+    ev, enc = _ev(r.rc), r.enc
+    key = {
+        "teacher_hash": r.teacher_id,
+        "data_hash": r.data_hash,
+        "eval": ev,
+        "n": [len(enc["test"]), len(enc["hard"])],
+    }
+    folder = cache_root(r.rc.teacher) / "teacher_eval" / digest(key)
+    path = folder / "scores.json"
+    if path.is_file():
+        log.info("teacher test answers: reusing %s", folder)
+        return json.loads(path.read_text())
+    model = r.teacher.get()
+    t_test, t_ans = evaluate_model(model, r.tokenizer, enc["test"], **ev)
+    t_hard, t_hard_ans = evaluate_model(model, r.tokenizer, enc["hard"], **ev) if enc["hard"] else ({}, None)
+    out = {
+        "key": key,
+        "test": {**t_test, "num_params": config_param_count(model.config), "hard": t_hard},
+        "answers": t_ans,
+        "hard_answers": t_hard_ans,
+    }
+    with guard("evaluate", folder):
+        with building(folder) as tmp:
+            write_json(tmp / "scores.json", out)
+    return out
+
+
+def evaluate(r: Run) -> dict:
+    """Teacher and student scores on test / hard (and PyTorch bytes and latency when exporting)."""
+    e = r.rc.export
+    scores: dict = {}
+
+    def work(st: Stage) -> None:
+        scores.update(_evaluate_student(r))
+        with building(st.folder) as tmp:
+            write_json(tmp / "scores.json", scores)
+
+    st = r.stage(
+        "evaluate",
+        r.dir / "eval" / "pytorch",
+        {
+            "eval": dataclasses.asdict(r.rc.eval),
+            "latency": [e.latency_prompts, e.latency_tokens] if e.enabled else None,
+        },
+        {"teacher_hash": r.teacher_id, "student_hash": r.student_hash, "data_hash": r.data_hash},
+        work,
+        on="main-only",
+    )
+    return scores or json.loads((st.folder / "scores.json").read_text())
+
+
+def _evaluate_student(r: Run) -> dict:
+    from distill.evaluate import evaluate_model, hf_generate_n, latency
+    from families.hf import config_param_count, load_causal_lm
+
+    ev, enc, tok, e = _ev(r.rc), r.enc, r.tokenizer, r.rc.export
+    t = teacher_answers(r)
+    model = r.teacher.get()
+    student = load_causal_lm(r.dir / "student")  # score the artifact we ship, exactly as a user would load it
+    s_test, _ = evaluate_model(student, tok, enc["test"], teacher=model, teacher_answers=t["answers"], **ev)
+    s_hard, _ = (
+        evaluate_model(student, tok, enc["hard"], teacher=model, teacher_answers=t["hard_answers"], **ev)
+        if enc["hard"]
+        else ({}, None)
+    )
+    scores = {
+        "teacher": dict(t["test"]),
+        "student": {**s_test, "num_params": config_param_count(student.config), "hard": s_hard},
+        "teacher_answers": t["answers"],
+    }
+    if e.enabled:
+        timed_prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: e.latency_prompts]]
+        for who, m, folder in (("teacher", model, r.teacher.folder), ("student", student, r.dir / "student")):
+            gen = hf_generate_n(m, tok.pad_token_id)
+            scores[who].update({"bytes": safetensors_bytes(folder), **latency(gen, timed_prompts, e.latency_tokens)})
+    return scores
+
+
+def safetensors_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
+    """metrics.json's core: teacher and student scores, retention, training summary (``info``: the
+    student's distill_info.json)."""
+    t_test, s_test = scores["teacher"], scores["student"]
+    t_hard, s_hard = t_test.get("hard", {}), s_test.get("hard", {})
+    return {
+        "name": r.rc.name,
+        "data_hash": r.data_hash,
+        "teacher_dir": str(r.teacher_dir),
+        "teacher_hash": r.teacher_hash,
+        "student_hash": r.student_hash,
+        "teacher": t_test,
+        "student": s_test,
+        "retention": {
+            "exact_match": (ret := s_test["exact_match"] / max(t_test["exact_match"], 1e-9)),
+            "target": r.rc.eval.retention_target,
+            "met": ret >= r.rc.eval.retention_target,
+            "param_ratio": s_test["num_params"] / t_test["num_params"],
+            "hard_exact_match": (s_hard.get("exact_match", 0.0) / max(t_hard.get("exact_match", 0.0), 1e-9))
+            if t_hard
+            else 0.0,
+        },
+        "train": {k: v for k, v in info.items() if k != "history"},
+    }
+
+
+# ---- ship: export -> quantize -> evaluate every ONNX variant -> gate ----
+
+
+def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage]:
+    """Export the student (fp32, optionally fp16) and quantize it: variant name -> its finished ``Stage``
+    (folder ``DIR/onnx/<variant>``). Each folder is a stage (``export``, ``export:fp16``, ``quantize:<v>``)."""
+    from export.onnx import export_onnx, to_float16
+    from quantize import SCHEMES
+
+    e, onnx_dir = r.rc.export, r.dir / "onnx"
+    out = {}
+    out["fp32"] = fp32 = r.stage(
+        "export",
+        onnx_dir / "fp32",
+        {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol},
+        {"student_hash": r.student_hash},
+        lambda st: export_onnx(
+            r.dir / "student", st.folder, opset=e.opset, verify_atol=e.verify_atol, exporter=e.exporter
+        ),
+        on="main-only",
+    )
+    src = {"fp32_hash": fp32.output_hash}
+    if e.fp16:
+        out["fp16"] = r.stage(
+            "export:fp16", onnx_dir / "fp16", {}, src, lambda st: to_float16(fp32.folder, st.folder), on="main-only"
+        )
+    for v in r.rc.quantize.variants:
+        scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
+        cal = scheme.calibration(settings, calibration)
+        out[v] = r.stage(
+            f"quantize:{v}",
+            onnx_dir / v,
+            dataclasses.asdict(settings),
+            {**src, **({"calibration": digest(cal)} if cal else {})},
+            lambda st, scheme=scheme, settings=settings: scheme.build(fp32.folder, st.folder, settings, calibration),
+            on="main-only",
+        )
+    return out
+
+
+def ship(r: Run, t_test: dict, t_ans: list) -> dict:
+    """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
+
+    Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
+    ``bytes``, ``ms_per_token``, ``prefill_ms``, quantization settings, OpenVINO agreement) and ``gate``."""
+    import importlib.util
+
+    from quantize import SCHEMES
+
+    rc = r.rc
+    n_calib = max((getattr(s, "calib_examples", 0) for s in (getattr(rc.quantize, v) for v in SCHEMES)), default=0)
+    calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
+    variants = build_onnx_variants(r, calibration)
+    use_ov = bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))
+    out: dict = {}
+    for v, made in variants.items():
+        name = f"onnx_{v}"
+        scores: dict = {}
+
+        def work(st: Stage, made=made, scores=scores) -> None:
+            scores.update(_evaluate_onnx(r, made.folder, t_ans, use_ov))
+            with building(st.folder) as tmp:
+                write_json(tmp / "scores.json", scores)
+            write_json(made.folder / "metrics.json", scores)  # the artifact carries its own numbers
+
+        st = r.stage(
+            f"evaluate:{name}",
+            r.dir / "eval" / name,
+            {
+                "eval": dataclasses.asdict(rc.eval),
+                "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
+                "openvino": use_ov,
+            },
+            {
+                "model_hash": made.output_hash,
+                "teacher_hash": r.teacher_id,
+                "teacher_answers": digest(t_ans),
+                "data_hash": r.data_hash,
+            },
+            work,
+            on="main-only",
+        )
+        out[name] = scores or json.loads((st.folder / "scores.json").read_text())
+    out["gate"] = gate(r, t_test, out)
+    return out
+
+
+def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
+    import torch
+
+    from core.onnx_files import onnx_bytes
+    from distill.evaluate import evaluate_onnx, latency, onnx_generate_n
+    from export.runtime import OnnxCausalLM
+
+    rc, enc = r.rc, r.enc
+    with torch.no_grad():
+        runner = OnnxCausalLM(folder)
+        scores, answers = evaluate_onnx(
+            runner, r.tokenizer, enc["test"], teacher=r.teacher.get(), teacher_answers=t_ans, **_ev(rc)
+        )
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
+    scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
+    scores["bytes"] = onnx_bytes(folder)
+    qinfo = folder / "quantization.json"
+    if qinfo.is_file():
+        scores["quantization"] = json.loads(qinfo.read_text())["settings"]
+    if use_ov:
+        scores["openvino"] = cross_runtime(
+            folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size
+        )
+    log.info(
+        "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
+        folder.name,
+        scores["exact_match"],
+        scores["agreement"],
+        scores["kl"],
+        scores["bytes"],
+        scores["ms_per_token"],
+    )
+    return scores
+
+
+def gate(r: Run, t_test: dict, measured: dict) -> dict:
+    """The release verdict on the shipped variants (``gate.variants``) under ``gate.*`` thresholds."""
+    from export.gate import evaluate_gate, thresholds_of
+
+    g = r.rc.gate
+    thresholds = thresholds_of(g)
+    judged = {f"onnx_{v}": measured[f"onnx_{v}"] for v in g.variants}
+    verdict: dict = {}
+
+    def work(st: Stage) -> None:
+        verdict.update(evaluate_gate(t_test, judged, thresholds).to_dict())
+        with building(st.folder) as tmp:
+            write_json(tmp / "gate.json", verdict)
+
+    st = r.stage(
+        "gate",
+        r.dir / "gate",
+        {"thresholds": thresholds, "variants": list(g.variants)},
+        {"teacher": digest(t_test), **{k: digest(v) for k, v in judged.items()}},
+        work,
+        on="main-only",
+    )
+    return verdict or json.loads((st.folder / "gate.json").read_text())
+
+
+def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+    """The same ONNX file under OpenVINO (CPU, f32 precision hint): share of greedy answers identical to
+    ONNX Runtime's, argmax agreement and largest logit difference on the reference sequences."""
+    import numpy as np
+
+    from export.runtime import OnnxCausalLM
+
+    try:
+        ov = OnnxCausalLM(folder, backend="openvino")
+    except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
+        log.warning("openvino could not load %s: %s", folder, err)
+        return {"error": str(err).splitlines()[0][:300]}
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
+    ov_answers = ov.generate(prompts, max_new_tokens, batch_size=batch_size)
+    seqs = [ex["input_ids"] for ex in data]
+    a, b = runner.sequence_logits(seqs, batch_size), ov.sequence_logits(seqs, batch_size)
+    agree = np.mean(np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b, strict=True)]))
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    return {
+        "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
+        "argmax_agreement": float(agree),
+        "max_logit_diff": diff,
+    }

@@ -1,0 +1,18 @@
+"""Calibration batches for activation importance: padded (prompt + answer) sequences of task data."""
+
+from __future__ import annotations
+
+from core.chat import collate, encode
+
+
+def calibration_batches(
+    tokenizer, records: list[dict], n_examples: int, batch_size: int = 16, max_length: int = 256
+) -> list[dict]:
+    """Padded batches of the first ``n_examples`` records (prompt + answer), for activation statistics."""
+    enc = [encode(tokenizer, r["messages"]) for r in records[:n_examples]]
+    enc = [e for e in enc if len(e["input_ids"]) <= max_length]
+    out = []
+    for i in range(0, len(enc), batch_size):
+        b = collate(enc[i : i + batch_size], tokenizer.pad_token_id)
+        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    return out
