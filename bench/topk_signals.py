@@ -40,7 +40,7 @@ def main() -> None:
     from distill.data import data_hash, encode_records, load_records
     from distill.signals import TopKSignals, compute_topk, save_signals
     from distill.teacher import bootstrap_dir
-    from distill.trainer import make_accelerator, train
+    from distill.trainer import make_accelerator, make_mode, train
     from families.hf import build_from_config, load_causal_lm, read_config, student_config
 
     torch.set_num_threads(torch.get_num_threads())
@@ -70,9 +70,9 @@ def main() -> None:
         student = build_from_config(cfg, rc.student.seed)
         t0 = time.perf_counter()
         if mode == "live":
-            r = train(student, tok, data, tc, accelerator=acc, teacher=teacher, dcfg=d)
+            r = train(student, tok, data, tc, accelerator=acc, mode=make_mode(d, teacher=teacher))
         else:
-            r = train(student, tok, data, tc, accelerator=acc, dcfg=d, signals=signals)
+            r = train(student, tok, data, tc, accelerator=acc, mode=make_mode(d, signals=signals))
         timings[mode] = {"s_per_step": (time.perf_counter() - t0) / args.steps, "final_loss": r.history[-1]["loss"]}
     saved = timings["live"]["s_per_step"] - timings["topk"]["s_per_step"]
     full_cache_s = cache_s * rc.data.num_train / args.examples

@@ -278,12 +278,17 @@ def _check_ranges(obj: Any, path: str, problems: list[str]) -> None:
             problems.append(msg)
 
 
-def _check_semantics(c: RunConfig, problems: list[str]) -> None:
+def _check_names(c: RunConfig, problems: list[str]) -> None:
+    """Names checked against registries that import torch (so they are read only here)."""
     from distill.losses import DIVERGENCES
-    from families.hf import folder_problems
 
-    if c.distill.divergence not in DIVERGENCES:
-        problems.append(f"distill.divergence: {c.distill.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    d = getattr(c.distill, "divergence", None)
+    if isinstance(d, str) and d not in DIVERGENCES:
+        problems.append(f"distill.divergence: {d!r} is not one of {', '.join(DIVERGENCES)}")
+
+
+def _check_semantics(c: RunConfig, problems: list[str]) -> None:
+    from families.hf import folder_problems
 
     d = c.data
     if d.source == "jsonl":
@@ -494,6 +499,8 @@ def validate(cfg: Any) -> RunConfig:
     structural = bool(problems)
     if rc is not None:
         _check_ranges(rc, "", problems)
+        if rc.distill is not None:
+            _check_names(rc, problems)
     if not structural:  # semantic checks need every key present and typed
         _check_semantics(rc, problems)
     if problems:

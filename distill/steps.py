@@ -273,7 +273,7 @@ def distill(r: Run, init_input: dict) -> None:
 def _train_student(r: Run, st: Stage) -> None:
     from transformers import AutoConfig
 
-    from distill.trainer import apply_lora, gathered_student_state, merge_lora, train
+    from distill.trainer import apply_lora, gathered_student_state, make_mode, merge_lora, train
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
     rc, tok = r.rc, r.tokenizer
@@ -310,14 +310,12 @@ def _train_student(r: Run, st: Stage) -> None:
         r.enc["train"],
         rc.distill.train,
         accelerator=r.acc,
-        teacher=t_model,
-        dcfg=rc.distill,
+        mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals),
         checkpoint_dir=r.dir / "checkpoints",
         checkpoint_key=st.key,
         val_data=r.enc["validation"] or None,
         desc="distill",
         log_prefix="distill/",
-        signals=None if live else r.signals,
     )
     student = merge_lora(trainable)
     state = gathered_student_state(r.acc, result.module)

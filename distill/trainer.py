@@ -266,6 +266,185 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
     return {k: v.to(batch["input_ids"].device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
 
 
+# ---- the modes: what a step needs from a teacher, and how its loss terms are weighted ----
+
+
+class CrossEntropy:
+    """Plain cross-entropy on response tokens, no teacher (how the teacher is bootstrapped)."""
+
+    dcfg: DistillConfig | None = None
+    teacher_hidden_size: int | None = None
+
+    def prepare(self, acc) -> None:
+        pass
+
+    def on_policy(self, step: int, seed: int) -> bool:
+        """Whether step ``step`` trains on the student's own samples (a pure function of seed and step)."""
+        return False
+
+    def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
+        return None
+
+    def weights(self, on_policy: bool) -> tuple[float, float, float]:
+        """(KD, CE, feature) weights of one micro-batch's loss."""
+        return 0.0, 1.0, 0.0
+
+
+class LiveKD(CrossEntropy):
+    """loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss, against a teacher
+    that runs on every batch (frozen, no gradients)."""
+
+    def __init__(self, teacher, dcfg: DistillConfig):
+        self.teacher, self.dcfg = teacher, dcfg
+        self.teacher_hidden_size = teacher.config.hidden_size
+
+    def prepare(self, acc) -> None:
+        t = self.teacher
+        t.eval()
+        for p in t.parameters():
+            p.requires_grad_(False)
+        if not getattr(t, "is_loaded_in_8bit", False) and not getattr(t, "is_loaded_in_4bit", False):
+            t.to(acc.device)
+
+    def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
+        return teacher_signals(self.teacher, batch, layer_map, self.dcfg.features.attention)
+
+    def weights(self, on_policy: bool) -> tuple[float, float, float]:
+        d = self.dcfg
+        return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
+
+
+class OnPolicyKD(LiveKD):
+    """LiveKD where a share ``on_policy.fraction`` of steps (a pure function of seed and step) trains on
+    the student's own sampled answers, KD only (GKD, Agarwal et al. 2024, arXiv:2306.13649)."""
+
+    def on_policy(self, step: int, seed: int) -> bool:
+        return random.Random(seed * 7919 + step).random() < self.dcfg.on_policy.fraction
+
+    def weights(self, on_policy: bool) -> tuple[float, float, float]:
+        return (1.0, 0.0, self.dcfg.features.weight) if on_policy else super().weights(False)
+
+
+class CachedTopK(CrossEntropy):
+    """The KD term from the teacher's top-k log-probabilities cached on disk (``distill.signals``): no
+    teacher forward passes. Weights as LiveKD."""
+
+    def __init__(self, signals, dcfg: DistillConfig):
+        self.cache, self.dcfg = signals, dcfg
+
+    def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
+        return {"topk": self.cache.batch(idx, device)}
+
+    def weights(self, on_policy: bool) -> tuple[float, float, float]:
+        d = self.dcfg
+        return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
+
+
+def make_mode(dcfg: DistillConfig | None = None, *, teacher=None, signals=None):
+    """The mode for what is given: nothing -> CrossEntropy; a live ``teacher`` -> LiveKD (OnPolicyKD when
+    ``dcfg.on_policy.fraction`` > 0); cached ``signals`` -> CachedTopK."""
+    if teacher is not None and signals is not None:
+        raise ValueError("give a live teacher or cached signals, not both")
+    if teacher is not None:
+        return OnPolicyKD(teacher, dcfg) if dcfg.on_policy.fraction > 0 else LiveKD(teacher, dcfg)
+    if signals is not None:
+        return CachedTopK(signals, dcfg)
+    return CrossEntropy()
+
+
+# ---- the spike guard and checkpoints: their own units, their state saved together ----
+
+
+class SpikeGuard:
+    """Skips a micro-batch whose loss is not finite or above ``spike_factor`` x its running mean (after
+    ``spike_warmup`` steps); more than ``max_spikes`` skipped steps in a row raise ``TrainingDiverged``."""
+
+    def __init__(self, tc: TrainConfig, desc: str, state: dict | None = None):
+        self.tc, self.desc = tc, desc
+        state = state or {}
+        self.ema, self.in_row, self.skipped = (
+            state.get("ema"),
+            state.get("spikes_in_row", 0),
+            state.get("skipped_steps", 0),
+        )
+
+    def state(self) -> dict:
+        return {"ema": self.ema, "spikes_in_row": self.in_row, "skipped_steps": self.skipped}
+
+    def is_bad(self, step: int, value: float) -> bool:
+        tc, ema = self.tc, self.ema
+        bad = not math.isfinite(value) or (
+            ema is not None and step >= tc.spike_warmup and value > tc.spike_factor * ema
+        )
+        if bad:
+            log.warning(
+                "%s step %d: loss %.4g is %s (running mean %s); skipping this micro-batch",
+                self.desc,
+                step,
+                value,
+                "not finite" if not math.isfinite(value) else "a spike",
+                f"{ema:.4g}" if ema else "n/a",
+            )
+        return bad
+
+    def step_skipped(self, step: int, any_backward: bool) -> None:
+        self.skipped += 1
+        self.in_row += 1
+        if any_backward:
+            log.warning("%s step %d: gradient norm is not finite; step skipped", self.desc, step)
+        if self.in_row > self.tc.max_spikes:
+            raise TrainingDiverged(
+                f"{self.desc}: {self.in_row} steps in a row had non-finite or spiking loss (last step {step}); "
+                "stopping without saving. Lower the learning rate (distill.train.lr) or raise "
+                "distill.train.spike_factor / max_spikes if spikes are expected."
+            )
+
+    def step_done(self, loss: float) -> None:
+        self.in_row = 0
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+
+
+class Checkpoints:
+    """accelerate state (model, optimizer, RNG) + step, history and spike-guard state every ``every``
+    steps under ``root``, keyed: a resume only takes checkpoints written under the same ``key``."""
+
+    def __init__(self, root: Path, key: str | None, every: int, keep: int, desc: str):
+        self.root, self.key, self.every, self.keep, self.desc = Path(root), key, every, keep, desc
+
+    def resume(self, acc) -> dict | None:
+        """Load the newest checkpoint of this key into ``acc``'s prepared objects; returns its record
+        (step, history, guard) or None. Checkpoints of another key are discarded."""
+        latest = self.root / "latest.json"
+        if not latest.is_file():
+            return None
+        state = json.loads(latest.read_text())
+        if state.get("key") != self.key:
+            log.warning(
+                "%s: checkpoints in %s belong to another configuration (key %s, now %s); starting from step 0",
+                self.desc,
+                self.root,
+                state.get("key"),
+                self.key,
+            )
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(self.root, ignore_errors=True)
+            acc.wait_for_everyone()
+            return None
+        acc.load_state(str(self.root / state["dir"]))
+        log.info("%s: resumed from %s at step %d", self.desc, self.root / state["dir"], state["step"])
+        return state
+
+    def due(self, done: int, total: int) -> bool:
+        return bool(self.every) and done % self.every == 0 and done < total
+
+    def save(self, acc, step: int, history: list[dict], guard: dict) -> None:
+        save_checkpoint(acc, self.root, step, history, self.keep, self.key, guard)
+
+
+# ---- the loop ----
+
+
 def train(
     student,
     tokenizer,
@@ -273,37 +452,27 @@ def train(
     tc: TrainConfig,
     *,
     accelerator,
-    teacher=None,
-    dcfg: DistillConfig | None = None,
+    mode: CrossEntropy | None = None,
     checkpoint_dir: str | Path | None = None,
+    checkpoint_key: str | None = None,
     val_data: Sequence[dict] | None = None,
     desc: str = "train",
     log_prefix: str = "",
-    signals=None,
-    checkpoint_key: str | None = None,
 ) -> TrainResult:
-    """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists).
+    """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists) in ``mode``
+    (``make_mode``: CrossEntropy by default, LiveKD, OnPolicyKD, CachedTopK).
 
-    With ``teacher``: loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss,
-    and a fraction ``on_policy.fraction`` of steps trains on the student's own samples (KD only).
-    With ``signals`` (``distill.signals.TopKSignals``) instead of a teacher: the KD term uses the cached
-    top-k teacher log-probabilities of each example (no teacher forward passes).
-    Without either: plain cross-entropy on response tokens (how the teacher is bootstrapped).
     Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes.
-
-    Checkpoints (model, optimizer, scheduler, RNG states, step = data position, history) go to
-    ``checkpoint_dir`` every ``tc.checkpoint_every`` steps; a later call with the same directory and
-    ``checkpoint_key`` resumes from the newest one. Checkpoints of another key are discarded.
+    Checkpoints go to ``checkpoint_dir`` every ``tc.checkpoint_every`` steps; a later call with the same
+    directory and ``checkpoint_key`` resumes from the newest one.
     """
     from tqdm.auto import tqdm
 
     acc = accelerator
+    mode = mode or CrossEntropy()
     acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
     torch.manual_seed(tc.seed)
-    vocab = len(tokenizer)
-    distilling = teacher is not None or signals is not None
-    t_hidden = teacher.config.hidden_size if teacher is not None else None
-    module = DistillModule(student, dcfg if distilling else None, t_hidden, vocab)
+    module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer))
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -316,56 +485,29 @@ def train(
     # Not passed to accelerate.prepare: its wrapper steps the schedule once per *process* per step, which
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if not getattr(teacher, "is_loaded_in_8bit", False) and not getattr(teacher, "is_loaded_in_4bit", False):
-            teacher.to(acc.device)
+    mode.prepare(acc)
 
     world, rank = acc.num_processes, acc.process_index
     stream = _BatchStream(len(train_data), tc.batch_size * world, tc.seed)
     result = TrainResult()
-    start_step = 0
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt_root and (ckpt_root / "latest.json").is_file():
-        state = json.loads((ckpt_root / "latest.json").read_text())
-        if state.get("key") != checkpoint_key:
-            log.warning(
-                "%s: checkpoints in %s belong to another configuration (key %s, now %s); starting from step 0",
-                desc,
-                ckpt_root,
-                state.get("key"),
-                checkpoint_key,
-            )
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                shutil.rmtree(ckpt_root, ignore_errors=True)
-            acc.wait_for_everyone()
-            state = None
-    else:
-        state = None
-    if state is not None:
-        acc.load_state(str(ckpt_root / state["dir"]))
-        start_step = state["step"]
-        for _ in range(start_step):
-            scheduler.step()
-        result.history = state.get("history", [])
-        log.info("%s: resumed from %s at step %d", desc, ckpt_root / state["dir"], start_step)
-
-    on_policy = dcfg.on_policy if (dcfg is not None and teacher is not None) else None
+    ckpt = (
+        Checkpoints(checkpoint_dir, checkpoint_key, tc.checkpoint_every, tc.keep_checkpoints, desc)
+        if checkpoint_dir
+        else None
+    )
+    state = ckpt.resume(acc) if ckpt else None
+    start_step = state["step"] if state else 0
+    for _ in range(start_step):
+        scheduler.step()
+    result.history = state.get("history", []) if state else []
+    guard = SpikeGuard(tc, desc, (state or {}).get("guard"))
     proc = _process()
-    guard = (state or {}).get("guard", {})
-    ema, spikes_in_row = guard.get("ema"), guard.get("spikes_in_row", 0)
-    result.skipped_steps = guard.get("skipped_steps", 0)
     t0, tokens_seen = time.time(), 0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
     module.train()
     raw = acc.unwrap_model(module)
     for step in range(start_step, tc.steps):
-        use_policy = bool(
-            on_policy and on_policy.fraction > 0 and random.Random(tc.seed * 7919 + step).random() < on_policy.fraction
-        )
+        use_policy = mode.on_policy(step, tc.seed)
         terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
         any_backward = False
         micro_batches, micro_idx = [], []
@@ -376,27 +518,17 @@ def train(
                 k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()
             }
             if use_policy:
-                batch = _sample_on_policy(raw.student, batch, tokenizer, on_policy)
+                batch = _sample_on_policy(raw.student, batch, tokenizer, mode.dcfg.on_policy)
             micro_batches.append(batch)
             micro_idx.append(idx)
         # Response tokens of the whole optimizer step, over all micro-batches and processes: every loss is
         # divided by it, so accumulation and data parallelism give exactly the large-batch token mean.
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
         n_step = max(float(acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum")), 1.0)
+        w_kd, w_ce, w_feat = mode.weights(use_policy)
         for micro, batch in enumerate(micro_batches):
-            if signals is not None and not use_policy:
-                sig = {"topk": signals.batch(micro_idx[micro], acc.device)}
-            elif teacher is not None:
-                sig = teacher_signals(teacher, batch, raw.layer_map, bool(dcfg and dcfg.features.attention))
-            else:
-                sig = None
+            sig = mode.signals(batch, micro_idx[micro], acc.device, raw.layer_map)
             last = micro == tc.grad_accum - 1
-            if not distilling:
-                w_kd, w_ce, w_feat = 0.0, 1.0, 0.0
-            elif use_policy:
-                w_kd, w_ce, w_feat = 1.0, 0.0, dcfg.features.weight
-            else:
-                w_kd, w_ce, w_feat = dcfg.kd_weight, 1.0 - dcfg.kd_weight, dcfg.features.weight
             with nullcontext() if last or world == 1 else acc.no_sync(module), acc.autocast():
                 out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce)
                 loss_sum = out["logit"] + w_feat * out["feat"]
@@ -416,18 +548,7 @@ def train(
             n_tokens_all, n_micro = int(parts[4]), max(float(parts[5]), 1.0)
             value = float(parts[0]) / n_micro  # this micro-batch's mean loss, for the spike guard
             parts = parts[:4] / n_step
-            bad = not math.isfinite(value) or (
-                ema is not None and step >= tc.spike_warmup and value > tc.spike_factor * ema
-            )
-            if bad:
-                log.warning(
-                    "%s step %d: loss %.4g is %s (running mean %s); skipping this micro-batch",
-                    desc,
-                    step,
-                    value,
-                    "not finite" if not math.isfinite(value) else "a spike",
-                    f"{ema:.4g}" if ema else "n/a",
-                )
+            if guard.is_bad(step, value):
                 # keep DDP's gradient sync consistent across processes: a zero-gradient backward
                 zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
                 with nullcontext() if last or world == 1 else acc.no_sync(module):
@@ -443,24 +564,14 @@ def train(
         )
         if not any_backward or not math.isfinite(float(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            result.skipped_steps += 1
-            spikes_in_row += 1
-            if any_backward:
-                log.warning("%s step %d: gradient norm is not finite; step skipped", desc, step)
-            if spikes_in_row > tc.max_spikes:
-                raise TrainingDiverged(
-                    f"{desc}: {spikes_in_row} steps in a row had non-finite or spiking loss (last step {step}); "
-                    "stopping without saving. Lower the learning rate (distill.train.lr) or raise "
-                    "distill.train.spike_factor / max_spikes if spikes are expected."
-                )
+            guard.step_skipped(step, any_backward)
             scheduler.step()
             bar.update(1)
             continue
-        spikes_in_row = 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema = terms["loss"] if ema is None else 0.9 * ema + 0.1 * terms["loss"]
+        guard.step_done(terms["loss"])
         elapsed = time.time() - t0
         row = {
             "step": step + 1,
@@ -482,17 +593,10 @@ def train(
             )
             bar.set_postfix(loss=f"{terms['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        if ckpt_root and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-            save_checkpoint(
-                acc,
-                ckpt_root,
-                step + 1,
-                result.history,
-                tc.keep_checkpoints,
-                checkpoint_key,
-                {"ema": ema, "spikes_in_row": spikes_in_row, "skipped_steps": result.skipped_steps},
-            )
+        if ckpt and ckpt.due(step + 1, tc.steps):
+            ckpt.save(acc, step + 1, result.history, guard.state())
     bar.close()
+    result.skipped_steps = guard.skipped
     result.tokens = tokens_seen
     result.seconds = time.time() - t0
     result.module = module

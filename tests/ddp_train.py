@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from distill.config import compose  # noqa: E402
 from distill.data import encode_records, load_records  # noqa: E402
 from distill.data.tokenize import train_tokenizer  # noqa: E402
-from distill.trainer import gathered_student_state, make_accelerator, train  # noqa: E402
+from distill.trainer import gathered_student_state, make_accelerator, make_mode, train  # noqa: E402
 from families.hf import build_from_config, save_model_atomically  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main(out: Path, batch_size: int) -> None:
     teacher = build_from_config(tiny_config(tok), seed=1)
     student = build_from_config(tiny_config(tok, hidden=32, heads=2, kv=1, inter=64), seed=2)
     data = encode_records(tok, recs, 256)
-    result = train(student, tok, data, rc.distill.train, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    result = train(student, tok, data, rc.distill.train, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
     state = gathered_student_state(acc, result.module)  # full weights when FSDP sharded them
     if acc.is_main_process:
         save_model_atomically(student, tok, out / "student", state_dict=state)

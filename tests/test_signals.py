@@ -15,7 +15,7 @@ from distill.config import compose
 from distill.data import encode_records, load_records
 from distill.losses import DIVERGENCES, forward_kl, topk_divergence
 from distill.signals import TopKSignals, compute_topk, save_signals
-from distill.trainer import make_accelerator, teacher_signals, train
+from distill.trainer import make_accelerator, make_mode, teacher_signals, train
 from families.hf import build_from_config, load_causal_lm
 
 
@@ -117,8 +117,8 @@ def test_training_on_cached_signals_equals_the_live_teacher(peaked_teacher, toke
         return build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=3)
 
     live, cached = student(), student()
-    r1 = train(live, tokenizer, data, tc, accelerator=acc, teacher=peaked_teacher, dcfg=rc.distill)
-    r2 = train(cached, tokenizer, data, tc, accelerator=acc, dcfg=rc.distill, signals=TopKSignals(tmp_path))
+    r1 = train(live, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=peaked_teacher))
+    r2 = train(cached, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, signals=TopKSignals(tmp_path)))
     for a, b in zip(r1.history, r2.history, strict=True):
         assert abs(a["kd"] - b["kd"]) < 1e-4 * max(1.0, abs(a["kd"])) and a["kd"] > 0
     for p, q in zip(live.parameters(), cached.parameters(), strict=True):

@@ -15,7 +15,7 @@ from conftest import ROOT, python_env, tiny_config
 
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, teacher_signals, train
+from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, make_mode, teacher_signals, train
 from families.hf import build_from_config, load_causal_lm
 
 
@@ -79,7 +79,7 @@ def test_narrow_student_gets_projections_and_learns(rc, tokenizer, data, teacher
     tc.steps, tc.lr = 25, 1e-2
     module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
     assert set(module.proj) == {"0_0", "1_1"} and module.proj["0_0"].weight.shape == (64, 32)
-    result = train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=dc)
+    result = train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(dc, teacher=teacher))
     h = result.history
 
     def mean(key, rows):
@@ -131,13 +131,15 @@ def test_checkpoint_resume_equals_uninterrupted(rc, tokenizer, data, teacher_dir
         return build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=5)
 
     straight = fresh()
-    train(straight, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    train(straight, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
     ck = tmp_path / "ck"
     first = fresh()
-    train(first, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill, checkpoint_dir=ck)
+    train(first, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher), checkpoint_dir=ck)
     assert json.loads((ck / "latest.json").read_text())["step"] == 3
     resumed = fresh()  # a new process would start from random init too
-    res = train(resumed, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill, checkpoint_dir=ck)
+    res = train(
+        resumed, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher), checkpoint_dir=ck
+    )
     assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -162,14 +164,13 @@ def test_checkpoints_of_another_configuration_are_not_resumed(rc, tokenizer, dat
         data,
         other,
         accelerator=acc,
-        teacher=teacher,
-        dcfg=rc.distill,
+        mode=make_mode(rc.distill, teacher=teacher),
         checkpoint_dir=ck,
         checkpoint_key="a",
     )
     assert json.loads((ck / "latest.json").read_text())["key"] == "a"
     straight = fresh()
-    train(straight, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    train(straight, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
     keyed = fresh()
     res = train(
         keyed,
@@ -177,8 +178,7 @@ def test_checkpoints_of_another_configuration_are_not_resumed(rc, tokenizer, dat
         data,
         tc,
         accelerator=acc,
-        teacher=teacher,
-        dcfg=rc.distill,
+        mode=make_mode(rc.distill, teacher=teacher),
         checkpoint_dir=ck,
         checkpoint_key="b",
     )
@@ -203,7 +203,7 @@ def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_
     assert 0 < n_train < sum(p.numel() for p in wrapped.parameters()) / 5
     tc = copy.deepcopy(rc.distill.train)
     tc.steps, tc.lr = 4, 1e-2
-    train(wrapped, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill)
+    train(wrapped, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
     merged = merge_lora(wrapped)
     assert not any("lora" in k for k in merged.state_dict())
     path = save_model_atomically(merged, tokenizer, tmp_path / "lora_student")
@@ -230,7 +230,7 @@ def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data
     dc.on_policy.fraction, dc.features.weight = 1.0, 0.0
     tc = copy.deepcopy(dc.train)
     tc.steps = 2
-    result = train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=dc)
+    result = train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(dc, teacher=teacher))
     for r in result.history:  # on-policy steps: KD only (no reference answer to score CE against)
         assert r["on_policy"] and r["kd"] > 0 and r["loss"] == pytest.approx(r["kd"], rel=1e-5)
 
@@ -274,7 +274,9 @@ def test_gradient_accumulation_equals_the_large_batch(rc, tokenizer, data, teach
         student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=7)
         tc = copy.deepcopy(rc.distill.train)
         tc.steps, tc.batch_size, tc.grad_accum = 4, bs, accum
-        runs.append((train(student, tokenizer, data, tc, accelerator=acc, teacher=teacher, dcfg=rc.distill), student))
+        runs.append(
+            (train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher)), student)
+        )
     (a, sa), (b, sb) = runs
     for x, y in zip(a.history, b.history, strict=True):
         assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5)
