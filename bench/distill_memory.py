@@ -73,7 +73,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
         class features:
             weight, layer_map, kind, attention = 0.0, [], "cosine", False
 
-    module = DistillModule(student, _DC, None, vocab)
+    module = DistillModule(student, _DC, None, vocab, _DC.chunk_size)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def step():

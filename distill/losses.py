@@ -169,9 +169,9 @@ def chunked_kd_loss(
     vocab_size: int,
     div: Divergence = forward_kl,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
+    chunk_size: int,
+    kd_weight: float,
+    ce_weight: float,
     teacher_topk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``kd_weight * KD + ce_weight * CE`` summed over N response tokens, ``chunk_size`` tokens at a time.

@@ -522,7 +522,8 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
     from quantize import SCHEMES
 
     rc = r.rc
-    n_calib = max((getattr(s, "calib_examples", 0) for s in (getattr(rc.quantize, v) for v in SCHEMES)), default=0)
+    settings = [getattr(rc.quantize, v) for v in SCHEMES]
+    n_calib = max(getattr(s, "calib_examples", 0) for s in settings)  # not a knob: schemes without calibration
     calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
     variants = build_onnx_variants(r, calibration)
     use_ov = bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))

@@ -14,6 +14,9 @@ from distill.config import BootstrapConfig, EvalConfig, TeacherConfig
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_VERSION = "qwen2-bootstrap/1"
+# Part of the bootstrap recipe (like BOOTSTRAP_VERSION, not a knob): tokens per logit chunk of its
+# cross-entropy. Every cached bootstrapped teacher was trained with it.
+BOOTSTRAP_CHUNK_SIZE = 1024
 
 
 def bootstrap_key(b: BootstrapConfig, data_hash: str) -> str:
@@ -51,7 +54,7 @@ def bootstrap_teacher(
     from distill.data import encode_records
     from distill.data.tokenize import train_tokenizer
     from distill.evaluate import evaluate_model
-    from distill.trainer import train
+    from distill.trainer import CrossEntropy, train
     from families.hf import build_from_config, param_count, save_model_atomically
 
     b = tc.bootstrap
@@ -84,7 +87,14 @@ def bootstrap_teacher(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     train_enc = encode_records(tokenizer, data["train"], max_length, "data.train")
     result = train(
-        model, tokenizer, train_enc, b.train, accelerator=acc, desc="teacher bootstrap", log_prefix="teacher/"
+        model,
+        tokenizer,
+        train_enc,
+        b.train,
+        accelerator=acc,
+        mode=CrossEntropy(BOOTSTRAP_CHUNK_SIZE),
+        desc="teacher bootstrap",
+        log_prefix="teacher/",
     )
     model = acc.unwrap_model(model)
     info = {

@@ -95,8 +95,11 @@ class DistillModule(nn.Module):
     Everything trainable lives here so that DDP / FSDP wrap one module and see the whole graph.
     """
 
-    def __init__(self, student, cfg: DistillConfig | None, teacher_hidden_size: int | None, vocab_size: int):
+    def __init__(
+        self, student, cfg: DistillConfig | None, teacher_hidden_size: int | None, vocab_size: int, chunk_size: int
+    ):
         super().__init__()
+        self.chunk_size = chunk_size
         self.student = student
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -115,9 +118,9 @@ class DistillModule(nn.Module):
         input_ids,
         attention_mask,
         labels,
-        teacher: dict | None = None,
-        kd_weight: float = 1.0,
-        ce_weight: float = 1.0,
+        teacher: dict | None,
+        kd_weight: float,
+        ce_weight: float,
     ):
         """Summed losses of one micro-batch: ``logit`` = kd_weight * KD + ce_weight * CE (differentiable),
         ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``.
@@ -146,7 +149,7 @@ class DistillModule(nn.Module):
             vocab_size=self.vocab_size,
             div=self.div or divergence("forward_kl"),
             temperature=cfg.temperature if cfg else 1.0,
-            chunk_size=cfg.chunk_size if cfg else 1024,
+            chunk_size=self.chunk_size,
             kd_weight=kd_weight if teacher else 0.0,
             ce_weight=ce_weight,
             teacher_topk=teacher.get("topk") if teacher else None,
@@ -270,10 +273,14 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
 
 
 class CrossEntropy:
-    """Plain cross-entropy on response tokens, no teacher (how the teacher is bootstrapped)."""
+    """Plain cross-entropy on response tokens, no teacher (how the teacher is bootstrapped); logits are
+    computed ``chunk_size`` tokens at a time."""
 
     dcfg: DistillConfig | None = None
     teacher_hidden_size: int | None = None
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
 
     def prepare(self, acc) -> None:
         pass
@@ -297,6 +304,7 @@ class LiveKD(CrossEntropy):
     def __init__(self, teacher, dcfg: DistillConfig):
         self.teacher, self.dcfg = teacher, dcfg
         self.teacher_hidden_size = teacher.config.hidden_size
+        self.chunk_size = dcfg.chunk_size
 
     def prepare(self, acc) -> None:
         t = self.teacher
@@ -331,6 +339,7 @@ class CachedTopK(CrossEntropy):
 
     def __init__(self, signals, dcfg: DistillConfig):
         self.cache, self.dcfg = signals, dcfg
+        self.chunk_size = dcfg.chunk_size
 
     def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
         return {"topk": self.cache.batch(idx, device)}
@@ -340,16 +349,16 @@ class CachedTopK(CrossEntropy):
         return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
 
 
-def make_mode(dcfg: DistillConfig | None = None, *, teacher=None, signals=None):
-    """The mode for what is given: nothing -> CrossEntropy; a live ``teacher`` -> LiveKD (OnPolicyKD when
-    ``dcfg.on_policy.fraction`` > 0); cached ``signals`` -> CachedTopK."""
+def make_mode(dcfg: DistillConfig, *, teacher=None, signals=None):
+    """The mode for what is given: a live ``teacher`` -> LiveKD (OnPolicyKD when ``dcfg.on_policy.fraction``
+    > 0); cached ``signals`` -> CachedTopK; neither -> CrossEntropy at ``dcfg.chunk_size``."""
     if teacher is not None and signals is not None:
         raise ValueError("give a live teacher or cached signals, not both")
     if teacher is not None:
         return OnPolicyKD(teacher, dcfg) if dcfg.on_policy.fraction > 0 else LiveKD(teacher, dcfg)
     if signals is not None:
         return CachedTopK(signals, dcfg)
-    return CrossEntropy()
+    return CrossEntropy(dcfg.chunk_size)
 
 
 # ---- the spike guard and checkpoints: their own units, their state saved together ----
@@ -452,7 +461,7 @@ def train(
     tc: TrainConfig,
     *,
     accelerator,
-    mode: CrossEntropy | None = None,
+    mode: CrossEntropy,
     checkpoint_dir: str | Path | None = None,
     checkpoint_key: str | None = None,
     val_data: Sequence[dict] | None = None,
@@ -460,7 +469,7 @@ def train(
     log_prefix: str = "",
 ) -> TrainResult:
     """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists) in ``mode``
-    (``make_mode``: CrossEntropy by default, LiveKD, OnPolicyKD, CachedTopK).
+    (CrossEntropy, or ``make_mode``'s LiveKD, OnPolicyKD, CachedTopK).
 
     Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes.
     Checkpoints go to ``checkpoint_dir`` every ``tc.checkpoint_every`` steps; a later call with the same
@@ -469,10 +478,9 @@ def train(
     from tqdm.auto import tqdm
 
     acc = accelerator
-    mode = mode or CrossEntropy()
     acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
     torch.manual_seed(tc.seed)
-    module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer))
+    module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer), mode.chunk_size)
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

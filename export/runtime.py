@@ -137,7 +137,7 @@ class OnnxCausalLM:
         top_p: float = 1.0,
         seed: int | None = None,
         min_new_tokens: int = 0,
-        batch_size: int = 16,
+        batch_size: int = 16,  # not a knob: the embeddable runner's own default (the pipeline passes eval.batch_size)
     ) -> list[list[int]]:
         """Answer token ids for each prompt (end-of-sequence stripped). Greedy unless ``do_sample``."""
         rng = np.random.default_rng(seed)
@@ -179,7 +179,11 @@ class OnnxCausalLM:
         return answers
 
     # teacher-forced --------------------------------------------------------------------------------
-    def sequence_logits(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> list[np.ndarray]:
+    def sequence_logits(
+        self,
+        sequences: Sequence[Sequence[int]],
+        batch_size: int = 16,  # not a knob: the embeddable runner's own default (the pipeline passes eval.batch_size)
+    ) -> list[np.ndarray]:
         """Logits (len, V) of each whole sequence in one pass each (right-padded batches, empty cache)."""
         out: list[np.ndarray] = []
         for i in range(0, len(sequences), batch_size):

@@ -126,7 +126,10 @@ def prune_folder(
     model = load_causal_lm(src)
     batches = None
     if method == "activation":
-        batches = calibration_batches(tokenizer, records, calib_examples)
+        # every calibration example the model can hold (the pipeline uses data.max_length)
+        batches = calibration_batches(
+            tokenizer, records, calib_examples, max_length=model.config.max_position_embeddings
+        )
     pruned, report = prune_model(model, batches, method=method, plan=plan)
     report.update(
         source=str(src),

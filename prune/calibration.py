@@ -6,7 +6,12 @@ from core.chat import collate, encode
 
 
 def calibration_batches(
-    tokenizer, records: list[dict], n_examples: int, batch_size: int = 16, max_length: int = 256
+    tokenizer,
+    records: list[dict],
+    n_examples: int,
+    *,
+    max_length: int,
+    batch_size: int = 16,  # not a knob: padding is masked out, so it changes no statistic
 ) -> list[dict]:
     """Padded batches of the first ``n_examples`` records (prompt + answer), for activation statistics."""
     enc = [encode(tokenizer, r["messages"]) for r in records[:n_examples]]

@@ -15,7 +15,15 @@ from conftest import ROOT, python_env, tiny_config
 
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.trainer import DistillModule, TrainingDiverged, make_accelerator, make_mode, teacher_signals, train
+from distill.trainer import (
+    CrossEntropy,
+    DistillModule,
+    TrainingDiverged,
+    make_accelerator,
+    make_mode,
+    teacher_signals,
+    train,
+)
 from families.hf import build_from_config, load_causal_lm
 
 
@@ -59,11 +67,11 @@ def test_student_equal_to_teacher_has_zero_kd_and_feature_loss(rc, tokenizer, da
         student.get_input_embeddings().weight[len(tokenizer) :] = 100.0  # would dominate if compared
     dc = copy.deepcopy(rc.distill)
     dc.features.weight, dc.features.layer_map, dc.features.attention = 1.0, [[0, 0], [1, 1]], True
-    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
+    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer), dc.chunk_size)
     assert len(module.proj) == 0  # same width: no projection
     b = _batch(tokenizer, data)
     sig = teacher_signals(teacher, b, module.layer_map, attention=True)
-    out = module(b["input_ids"], b["attention_mask"], b["labels"], sig)
+    out = module(b["input_ids"], b["attention_mask"], b["labels"], sig, 1.0, 1.0)
     assert abs(out["kd"].item()) < 1e-4 and abs(out["feat"].item()) < 1e-4
     assert float(out["ce"]) > 0 and int(out["tokens"]) == int((b["labels"][:, 1:] != -100).sum())
 
@@ -77,7 +85,7 @@ def test_narrow_student_gets_projections_and_learns(rc, tokenizer, data, teacher
     dc.features.weight, dc.features.layer_map, dc.kd_weight = 0.5, [[0, 0], [1, 1]], 1.0
     tc = copy.deepcopy(dc.train)
     tc.steps, tc.lr = 25, 1e-2
-    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer))
+    module = DistillModule(student, dc, teacher.config.hidden_size, len(tokenizer), dc.chunk_size)
     assert set(module.proj) == {"0_0", "1_1"} and module.proj["0_0"].weight.shape == (64, 32)
     result = train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(dc, teacher=teacher))
     h = result.history
@@ -107,7 +115,7 @@ def test_spike_guard_skips_non_finite_steps(rc, tokenizer, data, acc):
     handle = _poison(student, {3, 4})
     tc = copy.deepcopy(rc.distill.train)
     tc.steps = 8
-    result = train(student, tokenizer, data, tc, accelerator=acc)
+    result = train(student, tokenizer, data, tc, accelerator=acc, mode=CrossEntropy(1024))
     handle.remove()
     assert result.skipped_steps == 2 and len(result.history) == 6
     assert all(torch.isfinite(p).all() for p in student.parameters())
@@ -119,7 +127,7 @@ def test_repeated_spikes_stop_with_a_clear_error(rc, tokenizer, data, acc):
     tc = copy.deepcopy(rc.distill.train)
     tc.steps, tc.max_spikes = 10, 3
     with pytest.raises(TrainingDiverged, match="4 steps in a row"):
-        train(student, tokenizer, data, tc, accelerator=acc)
+        train(student, tokenizer, data, tc, accelerator=acc, mode=CrossEntropy(1024))
 
 
 def test_checkpoint_resume_equals_uninterrupted(rc, tokenizer, data, teacher_dir, acc, tmp_path):
