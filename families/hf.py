@@ -61,7 +61,7 @@ def folder_problems(
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         problems.append(f"{key}: {folder} has no tokenizer (tokenizer.json); save the tokenizer beside the model")
     elif isinstance(cfg.get("vocab_size"), int):
-        n = tokenizer_size(folder)
+        n = tokenizer_size(folder, trust_remote_code)
         if n is not None and n > cfg["vocab_size"]:
             problems.append(
                 f"{key}: the tokenizer in {folder} has {n} tokens but config.json's vocab_size is {cfg['vocab_size']}: "
@@ -71,12 +71,12 @@ def folder_problems(
     return problems
 
 
-def tokenizer_size(folder: Path) -> int | None:
+def tokenizer_size(folder: Path, trust_remote_code: bool = False) -> int | None:
     """Number of tokens of the folder's tokenizer (added tokens included), without loading weights."""
     try:
         from transformers import AutoTokenizer
 
-        return len(AutoTokenizer.from_pretrained(str(folder)))
+        return len(AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code))
     except Exception:  # an unreadable tokenizer is reported when the run loads it, with its own message
         return None
 

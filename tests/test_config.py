@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import ROOT
 
@@ -168,10 +166,60 @@ def test_tokenizer_mismatch_is_an_error_and_padding_is_not(tmp_path, teacher_dir
     assert len(problems) == 1 and "differs from the teacher's" in problems[0]
 
 
-def test_conf_dir_is_found_from_anywhere(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    assert compose(["+exp=smoke"]).name == "smoke"
-    assert Path.cwd() == tmp_path
+def test_conf_dir_is_found_from_anywhere(tmp_path):
+    """compose() finds conf/ from the package, not from the working directory: a fresh interpreter in an
+    empty folder far from the checkout composes the smoke experiment."""
+    import subprocess
+    import sys
+
+    from conftest import python_env
+
+    code = "from distill.config import compose; print(compose(['+exp=smoke']).name)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "smoke", proc.stderr[-2000:]
+    assert not (tmp_path / "conf").exists()
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_remote_code_reaches_every_load(trust, teacher_dir, tmp_path, monkeypatch):
+    """teacher.trust_remote_code is passed to the tokenizer and the model loads (recorded, then stopped
+    before any weights load), not only checked by the validator."""
+    import json
+    import shutil
+
+    import transformers
+
+    from distill.pipeline import run
+
+    remote = tmp_path / "remote"
+    shutil.copytree(teacher_dir, remote)
+    if trust:  # a folder that ships its own code: refused unless trusted
+        cfg = json.loads((remote / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+        (remote / "config.json").write_text(json.dumps(cfg))
+    seen = {"tokenizer": set()}
+    real_tok = transformers.AutoTokenizer.from_pretrained
+
+    def tok(path, *a, **k):
+        seen["tokenizer"].add(k.get("trust_remote_code"))
+        return real_tok(path, *a, **{**k, "trust_remote_code": False})
+
+    class Stop(Exception):
+        pass
+
+    def model(path, *a, **k):
+        seen["model"] = k.get("trust_remote_code")
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tok)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    rc = compose(["+exp=smoke", f"teacher.path={remote}", f"teacher.trust_remote_code={str(trust).lower()}"])
+    with pytest.raises(Stop):
+        run(rc, tmp_path / "run")
+    assert seen == {"tokenizer": {trust}, "model": trust}
 
 
 def test_student_config_of_another_depth(teacher_dir):

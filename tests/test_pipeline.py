@@ -86,10 +86,9 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
     run_dir, env, _ = smoke_run
     folder = run_dir / "onnx" / "int8"
     shutil.copy(ROOT / "export" / "runtime.py", tmp_path / "car_runtime.py")
-    code = BLOCK_PROJECT_IMPORTS.replace(
-        '("distill", "prune", "quantize", "export")',
-        '("distill", "prune", "quantize", "export", "torch", "transformers")',
-    )
+    blocked = '("core", "families", "distill", "prune", "quantize", "export")'
+    assert blocked in BLOCK_PROJECT_IMPORTS
+    code = BLOCK_PROJECT_IMPORTS.replace(blocked, blocked[:-1] + ', "torch", "transformers")')
     code += textwrap.dedent(f"""
         from car_runtime import ChatTokenizer, OnnxCausalLM
         tok = ChatTokenizer({str(folder)!r})
@@ -110,6 +109,73 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _negated_head(src, dest, settings, calibration):
+    """A deliberately broken "quantizer": the fp32 graph with its LM head weight negated (argmax flips)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from core.files import building
+    from core.onnx_files import ONNX_FILE, copy_runtime_files
+
+    with building(dest) as tmp:
+        model = onnx.load(str(Path(src) / ONNX_FILE))
+        (head,) = [n for n in model.graph.node if "logits" in n.output]
+        (w,) = [i for i in model.graph.initializer if i.name == head.input[1]]
+        w.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w), w.name))
+        onnx.save(model, str(tmp / ONNX_FILE))
+        copy_runtime_files(Path(src), tmp)
+    return dest
+
+
+def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_thresholds(
+    teacher_dir, tmp_path, monkeypatch
+):
+    """The shipped thresholds of conf/gate/default.yaml, on two artifacts of one run: fp32 ONNX of a student
+    equal to its teacher (passes every check) and an "int8" whose LM head is negated (must fail agreement
+    and KL). ``min_valid_json`` is off: this random teacher writes no JSON (it is absolute, not relative)."""
+    from omegaconf import OmegaConf
+
+    import quantize
+    from distill.config import compose
+    from distill.pipeline import run
+
+    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "gate" / "default.yaml"))
+    gate = [
+        f"gate.{k}={'null' if v is None or k == 'min_valid_json' else v}"
+        for k, v in defaults.items()
+        if k != "variants"
+    ]
+    monkeypatch.setitem(
+        quantize.SCHEMES, "int8", quantize.Scheme(quantize.Int8Settings, _negated_head, lambda s: False, "broken")
+    )
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    rc = compose(
+        [
+            "+exp=smoke",
+            f"teacher.path={teacher_dir}",
+            "student=folder",
+            f"student.path={teacher_dir}",
+            "distill.train.steps=1",
+            "distill.train.lr=1e-12",  # the student stays the teacher
+            "distill.features.weight=0",
+            "eval.num_test=12",
+            "eval.max_new_tokens=12",
+            "export.openvino=false",
+            "quantize.variants=[int8]",
+            "gate.variants=[fp32,int8]",
+            *gate,
+        ]
+    )
+    m = run(rc, tmp_path / "run")
+    checks = m["gate"]["checks"]
+    assert {c["metric"] for c in checks} == {"exact_match", "tool_accuracy", "agreement", "kl"}
+    assert all(c["passed"] for c in checks if c["variant"] == "onnx_fp32"), checks
+    failed = {c["metric"] for c in checks if c["variant"] == "onnx_int8" and not c["passed"]}
+    assert {"agreement", "kl"} <= failed, checks
+    assert m["gate"]["passed"] is False
+    assert m["onnx_fp32"]["agreement"] > 0.999 and m["onnx_int8"]["agreement"] < 0.5
 
 
 def test_failed_gate_fails_the_command(smoke_run, tmp_path):
@@ -256,3 +322,41 @@ def test_prune_cli_refuses_impossible_targets(smoke_run, tmp_path):
     assert proc.returncode == 2
     assert "larger than the teacher's 4" in proc.stderr and "not a multiple of align=8" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_phi3_teacher_is_pruned_distilled_exported_and_gated(tokenizer, tmp_path, monkeypatch):
+    """The family added through families/ alone, end to end: a Phi-3 teacher (fused qkv_proj and
+    gate_up_proj) pruned to half its parameters, distilled with logit and feature (hidden + attention
+    output) losses, exported and quantized; the ONNX student reproduces the PyTorch one."""
+    from conftest import tiny_config
+
+    from distill.config import compose
+    from distill.pipeline import run
+    from families.hf import build_from_config, read_config, save_model_atomically
+
+    cfg = tiny_config(tokenizer, model_type="phi3", heads=4, kv=2)
+    cfg.head_dim, cfg.rms_norm_eps = 16, 1e-6
+    teacher = save_model_atomically(build_from_config(cfg, seed=0), tokenizer, tmp_path / "phi3")
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    rc = compose(
+        [
+            "+exp=smoke",
+            f"teacher.path={teacher}",
+            "student=pruned",
+            "student.prune.fraction=0.5",
+            "distill.features.attention=true",
+            "eval.num_test=12",
+            "eval.max_new_tokens=12",
+            "export.openvino=false",
+            "quantize.variants=[int8]",
+        ]
+    )
+    m = run(rc, tmp_path / "run")
+    pruned = read_config(tmp_path / "run" / "pruned")
+    assert pruned["model_type"] == "phi3" and pruned["hidden_size"] < cfg.hidden_size
+    assert m["retention"]["param_ratio"] <= 0.5
+    assert m["train"]["final_loss"] is not None and m["train"]["skipped_steps"] == 0
+    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
+    assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
+    assert m["onnx_int8"]["bytes"] < m["onnx_fp32"]["bytes"] and "gate" in m
