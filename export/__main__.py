@@ -4,57 +4,72 @@
     python -m export runs/x/student onnx_out --fp16 --quantize int8 int4 --block-size 32 --algorithm hqq
 
 Writes DEST/<variant>/ (model.onnx, onnx_config.json, tokenizer files; quantization.json for quantized
-variants). Exit code 2 on bad input, 3 when the exported graph does not reproduce PyTorch.
+variants). Schemes come from ``quantize.SCHEMES``, their settings from conf/quantize/default.yaml (the
+pipeline's values) with the flags below on top; schemes that need calibration data are refused here (the
+pipeline has the data). Exit code 2 on bad input, 3 when the exported graph does not reproduce PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _conf(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / name / "default.yaml"))
+
 
 def main(argv: list[str] | None = None) -> int:
+    from export.onnx import EXPORTERS
+    from quantize import INT4_ALGORITHMS, SCHEMES
+
+    q, e = _conf("quantize"), _conf("export")
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", type=Path, help="local Hugging Face model folder (Llama / Qwen2 / Qwen3 / Mistral)")
+    ap.add_argument("src", type=Path, help="local Hugging Face model folder (any family in families.FAMILIES)")
     ap.add_argument("dest", type=Path, help="output folder; each variant goes to DEST/<variant>/")
     ap.add_argument("--fp16", action="store_true", help="also write DEST/fp16")
-    ap.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int8_static", "int4"])
-    ap.add_argument("--block-size", type=int, default=32, help="int4 block size (power of two >= 16)")
-    ap.add_argument("--algorithm", default="rtn", choices=["rtn", "hqq", "gptq"], help="int4 algorithm")
-    ap.add_argument("--opset", type=int, default=18)
-    ap.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    ap.add_argument("--quantize", nargs="*", default=[], choices=list(SCHEMES))
+    ap.add_argument(
+        "--block-size", type=int, default=q["int4"]["block_size"], help="int4 block size (power of two >= 16)"
+    )
+    ap.add_argument("--algorithm", default=q["int4"]["algorithm"], choices=INT4_ALGORITHMS, help="int4 algorithm")
+    ap.add_argument("--opset", type=int, default=e["opset"])
+    ap.add_argument("--exporter", default=e["exporter"], choices=EXPORTERS)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from families.hf import folder_problems
 
+    q["int4"].update(block_size=a.block_size, algorithm=a.algorithm)
+    settings = {v: SCHEMES[v].settings(**q[v]) for v in a.quantize}
     problems = folder_problems(a.src, "src")
-    if a.quantize and {"int8_static"} & set(a.quantize) or a.algorithm == "gptq" and "int4" in a.quantize:
-        problems.append(
-            "int8_static and int4 --algorithm gptq need calibration data: use the pipeline (python -m distill)"
-        )
-    if a.block_size < 16 or a.block_size & (a.block_size - 1):
-        problems.append(f"--block-size {a.block_size}: must be a power of two >= 16")
+    for v, s in settings.items():
+        problems += s.problems(f"quantize.{v}")
+        if SCHEMES[v].calibrated(s):
+            problems.append(f"{v} with these settings needs calibration data: use the pipeline (python -m distill)")
     if problems:
         print("cannot export:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
 
     from export.onnx import ExportError, export_onnx, to_float16
-    from quantize import quantize_int4, quantize_int8_dynamic
 
     try:
-        fp32 = export_onnx(a.src, a.dest / "fp32", opset=a.opset, exporter=a.exporter)
+        fp32 = export_onnx(a.src, a.dest / "fp32", opset=a.opset, exporter=a.exporter, verify_atol=e["verify_atol"])
     except ExportError as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 3
     if a.fp16:
         to_float16(fp32, a.dest / "fp16")
-    if "int8" in a.quantize:
-        quantize_int8_dynamic(fp32, a.dest / "int8")
-    if "int4" in a.quantize:
-        quantize_int4(fp32, a.dest / "int4", block_size=a.block_size, algorithm=a.algorithm)
+    for v, s in settings.items():
+        SCHEMES[v].build(fp32, a.dest / v, s, [])
+        logging.getLogger("export").info("%s: %s", v, dataclasses.asdict(s))
     return 0
 
 

@@ -13,7 +13,7 @@ No torch at import.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 def _same(sd: dict, cfg: dict) -> dict:
@@ -45,7 +45,8 @@ class Family:
     # State dict (full model) <-> canonical Llama names (q/k/v/o_proj, gate/up/down_proj).
     to_canonical: Callable[[dict, dict], dict] = _same
     from_canonical: Callable[[dict, dict], dict] = _same
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    # Problems with a pruned shape that this family's config would refuse on reload: (config, sizes) -> problems.
+    shape_problems: Callable[[dict, dict], list[str]] = lambda cfg, sizes: []
 
     def rescale_norm(self, weight, scale: float):
         if self.norm == "rms":

@@ -42,10 +42,27 @@ def _from_canonical(sd: dict, cfg: dict) -> dict:
     return out
 
 
+def _shape_problems(cfg: dict, sizes: dict) -> list[str]:
+    """Phi3Config checks longrope factors (Phi-3-*-128k) against hidden_size // num_attention_heads, not
+    head_dim: a pruned shape must keep that ratio, or the folder no longer loads."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if (rope.get("rope_type") or rope.get("type")) not in ("longrope", "su", "yarn"):
+        return []
+    h, nh = sizes["hidden_size"], sizes["num_attention_heads"]
+    want = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if h // nh != want:
+        return [
+            f"hidden_size={h} with num_attention_heads={nh}: this Phi-3 uses longrope, whose factors transformers "
+            f"checks against hidden_size // num_attention_heads = {want}; choose sizes with hidden_size = "
+            f"{want} x num_attention_heads (e.g. --hidden-size {want * nh}), or prune only the MLP and depth"
+        ]
+    return []
+
+
 PHI3 = Family(
     "phi3",
     "Phi-3",
     to_canonical=_to_canonical,
     from_canonical=_from_canonical,
-    notes=("longrope rope_parameters are sized by hidden_size // num_attention_heads: prune heads, not head_dim",),
+    shape_problems=_shape_problems,
 )

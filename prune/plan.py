@@ -92,6 +92,7 @@ def check_shape(cfg: dict, s: Shape, align: int) -> list[str]:
             "keep at least num_attention_heads / group size KV heads"
         )
     fam = FAMILIES[cfg["model_type"]]
+    out += fam.shape_problems(cfg, s.as_dict())
     if fam.hidden_multiple_of_heads and s.num_attention_heads and s.hidden_size % s.num_attention_heads:
         out.append(
             f"hidden_size={s.hidden_size} is not a multiple of num_attention_heads={s.num_attention_heads}: "
@@ -219,6 +220,9 @@ def plan_budget(
                 f"{count_params(cfg, narrow):,}; raise the budget or use another strategy"
             ]
         )
+    family_problems = FAMILIES[cfg["model_type"]].shape_problems(cfg, best.shape.as_dict())
+    if family_problems:
+        raise PlanError([f"the {strategy} budget's shape {best.shape.as_dict()}: {p}" for p in family_problems])
     best.reasons.append(
         f"{best.params:,} parameters = {best.fraction:.3f} of the teacher's {teacher_params:,} "
         f"(budget {budget:,}, {budget / teacher_params:.3f})"

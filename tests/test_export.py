@@ -356,7 +356,9 @@ def test_gate_cli_rejudges_a_finished_run(tmp_path, capsys):
 def test_export_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     from export.__main__ import main
 
-    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--block-size", "24"]) == 2
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--quantize", "int4", "--block-size", "24"]) == 2
     err = capsys.readouterr().err
-    assert "is not a folder" in err and "--block-size 24: must be a power of two" in err
+    assert "is not a folder" in err and "quantize.int4.block_size: 24 must be a power of two" in err
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--quantize", "int8_static"]) == 2
+    assert "int8_static with these settings needs calibration data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

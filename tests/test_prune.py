@@ -226,3 +226,17 @@ def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, 
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr[-2000:]
+
+
+def test_longrope_phi3_shapes_that_would_not_reload_are_refused_in_the_plan():
+    """Phi3Config checks longrope factors against hidden_size // num_attention_heads: a plan that changes
+    that ratio is refused before any weights load, with the sizes that would work; keeping it is fine."""
+    cfg = build("phi3", False, 4, 2).config.to_dict()
+    cfg["hidden_size"], cfg["head_dim"] = 64, 16
+    cfg["rope_parameters"] = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}
+    with pytest.raises(PlanError, match="longrope.*hidden_size // num_attention_heads = 16"):
+        make_plan(cfg, sizes={"hidden_size": 48}, align=8)
+    plan = make_plan(cfg, sizes={"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1}, align=8)
+    assert plan.shape.hidden_size // plan.shape.num_attention_heads == 16
+    cfg["rope_parameters"] = {"rope_type": "default"}
+    assert make_plan(cfg, sizes={"hidden_size": 48}, align=8).shape.hidden_size == 48
