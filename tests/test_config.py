@@ -296,3 +296,61 @@ def test_nightly_knobs_are_checked():
         assert compose(["+exp=smoke", "trackers=[mlflow]"]).trackers == ["mlflow"]
     rc = compose(["+exp=smoke", "force=[all]", "distill.signals=topk", "distill.features.weight=0"])
     assert rc.force == ["all"] and rc.distill.signals == "topk"
+
+
+def test_range_rules_belong_to_their_field():
+    """Each knob carries its own rule: a name shared by two knobs does not share a rule (distill.temperature
+    and distill.on_policy.temperature, prune.fraction and on_policy.fraction), and messages name the full key."""
+    with pytest.raises(ConfigError) as err:
+        compose(
+            [
+                "+exp=smoke",
+                "distill.on_policy.temperature=0",
+                "distill.on_policy.fraction=1.5",
+                "student.prune.fraction=2.0",
+                "quantize.int4.calib_examples=0",
+                "gate.min_agreement=1.5",
+                "gate.max_kl=2.0",  # no upper bound: fine
+            ]
+        )
+    msg = str(err.value)
+    for expected in (
+        "distill.on_policy.temperature: must be > 0, got 0",
+        "distill.on_policy.fraction: must be between 0 and 1, got 1.5",
+        "student.prune.fraction: must be between 0 and 1, got 2.0",
+        "quantize.int4.calib_examples: must be > 0, got 0",
+        "gate.min_agreement: must be between 0 and 1, got 1.5",
+    ):
+        assert expected in msg, msg
+    assert len(err.value.problems) == 5 and "max_kl" not in msg
+
+
+def test_the_prune_plan_is_made_once_per_run(teacher_dir, tmp_path, monkeypatch):
+    """validate plans the student from the teacher's config.json; the disk estimate and the prune stage
+    use that plan (no re-planning, no second budget search)."""
+    import prune
+    from distill.pipeline import run
+
+    calls = []
+    real = prune.make_plan
+    monkeypatch.setattr(prune, "make_plan", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    rc = compose(
+        [
+            "+exp=smoke",
+            f"teacher.path={teacher_dir}",
+            "student=pruned",
+            "student.prune.fraction=0.5",
+            "distill.train.steps=1",
+            "eval.num_test=4",
+            "eval.max_new_tokens=4",
+            "export.enabled=false",
+        ]
+    )
+    assert len(calls) == 1 and rc.plan is not None
+    m = run(rc, tmp_path / "run")
+    assert len(calls) == 1
+    import json
+
+    report = json.loads((tmp_path / "run" / "pruned" / "prune_report.json").read_text())
+    assert report["shape"] == rc.plan.shape.as_dict() and m["retention"]["param_ratio"] <= 0.5
