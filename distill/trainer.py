@@ -8,6 +8,7 @@ with batch B/N follow the same loss curve as one process with batch B.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -454,6 +456,75 @@ class Checkpoints:
 # ---- the loop ----
 
 
+@dataclass
+class _Loop:
+    """What every step of one ``train`` call shares: the prepared module, the data order and the mode."""
+
+    acc: Any
+    module: nn.Module
+    raw: DistillModule  # the unwrapped module (its student samples on-policy answers)
+    tokenizer: Any
+    data: Sequence[dict]
+    tc: TrainConfig
+    mode: CrossEntropy
+    stream: _BatchStream
+
+    def micro_batches(self, step: int, use_policy: bool) -> tuple[list[dict], list[list[int]], float]:
+        """This process's micro-batches of optimizer step ``step``, their example indices, and the response
+        tokens of the whole step over all micro-batches and processes (every loss is divided by it, so
+        accumulation and data parallelism give exactly the large-batch token mean)."""
+        acc, tc = self.acc, self.tc
+        rank = acc.process_index
+        batches, indices = [], []
+        for micro in range(tc.grad_accum):
+            j = step * tc.grad_accum + micro
+            idx = self.stream.global_batch(j)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
+            batch = {
+                k: v.to(acc.device)
+                for k, v in collate([self.data[i] for i in idx], self.tokenizer.pad_token_id).items()
+            }
+            if use_policy:
+                batch = _sample_on_policy(self.raw.student, batch, self.tokenizer, self.mode.dcfg.on_policy)
+            batches.append(batch)
+            indices.append(idx)
+        local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+        n_step = max(float(acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum")), 1.0)
+        return batches, indices, n_step
+
+    def forward_backward(self, batch: dict, idx: list[int], weights, n_step: float, last: bool, skip) -> tuple:
+        """One micro-batch: forward, then backward unless ``skip(mean loss)`` says it is a spike (then a
+        zero-gradient backward keeps DDP's gradient sync consistent across processes). Returns (loss terms
+        summed over processes / n_step, tokens seen over processes), or None when skipped."""
+        acc, module, world = self.acc, self.module, self.acc.num_processes
+        w_kd, w_ce, w_feat = weights
+        sig = self.mode.signals(batch, idx, acc.device, self.raw.layer_map)
+        no_sync = nullcontext() if last or world == 1 else acc.no_sync(module)
+        with no_sync, acc.autocast():
+            out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce)
+            loss_sum = out["logit"] + w_feat * out["feat"]
+            # DDP averages gradients over processes: scale so the result is the global token mean.
+            loss = loss_sum * world / n_step
+        parts = torch.stack(
+            [
+                loss_sum.detach().float(),
+                out["kd"].detach().float(),
+                out["ce"].detach().float(),
+                out["feat"].detach().float(),
+                batch["attention_mask"].sum().float(),
+                out["tokens"].float(),
+            ]
+        )
+        parts = acc.reduce(parts, reduction="sum")
+        n_tokens_all, n_micro = int(parts[4]), max(float(parts[5]), 1.0)
+        if skip(float(parts[0]) / n_micro):  # this micro-batch's mean loss
+            zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
+            with nullcontext() if last or world == 1 else acc.no_sync(module):
+                acc.backward(zero)
+            return None
+        acc.backward(loss)
+        return (parts[:4] / n_step).tolist(), n_tokens_all
+
+
 def train(
     student,
     tokenizer,
@@ -494,79 +565,39 @@ def train(
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
     mode.prepare(acc)
-
-    world, rank = acc.num_processes, acc.process_index
-    stream = _BatchStream(len(train_data), tc.batch_size * world, tc.seed)
-    result = TrainResult()
+    stream = _BatchStream(len(train_data), tc.batch_size * acc.num_processes, tc.seed)
     ckpt = (
         Checkpoints(checkpoint_dir, checkpoint_key, tc.checkpoint_every, tc.keep_checkpoints, desc)
         if checkpoint_dir
         else None
     )
-    state = ckpt.resume(acc) if ckpt else None
-    start_step = state["step"] if state else 0
+    state = (ckpt.resume(acc) if ckpt else None) or {}
+    start_step = state.get("step", 0)
     for _ in range(start_step):
         scheduler.step()
-    result.history = state.get("history", []) if state else []
-    guard = SpikeGuard(tc, desc, (state or {}).get("guard"))
+    result = TrainResult(history=state.get("history", []))
+    guard = SpikeGuard(tc, desc, state.get("guard"))
     proc = _process()
     t0, tokens_seen = time.time(), 0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
     module.train()
-    raw = acc.unwrap_model(module)
+    loop = _Loop(acc, module, acc.unwrap_model(module), tokenizer, train_data, tc, mode, stream)
     for step in range(start_step, tc.steps):
         use_policy = mode.on_policy(step, tc.seed)
         terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
         any_backward = False
-        micro_batches, micro_idx = [], []
-        for micro in range(tc.grad_accum):
-            j = step * tc.grad_accum + micro
-            idx = stream.global_batch(j)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
-            batch = {
-                k: v.to(acc.device) for k, v in collate([train_data[i] for i in idx], tokenizer.pad_token_id).items()
-            }
-            if use_policy:
-                batch = _sample_on_policy(raw.student, batch, tokenizer, mode.dcfg.on_policy)
-            micro_batches.append(batch)
-            micro_idx.append(idx)
-        # Response tokens of the whole optimizer step, over all micro-batches and processes: every loss is
-        # divided by it, so accumulation and data parallelism give exactly the large-batch token mean.
-        local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        n_step = max(float(acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum")), 1.0)
-        w_kd, w_ce, w_feat = mode.weights(use_policy)
-        for micro, batch in enumerate(micro_batches):
-            sig = mode.signals(batch, micro_idx[micro], acc.device, raw.layer_map)
+        batches, indices, n_step = loop.micro_batches(step, use_policy)
+        weights = mode.weights(use_policy)
+        for micro, batch in enumerate(batches):
             last = micro == tc.grad_accum - 1
-            with nullcontext() if last or world == 1 else acc.no_sync(module), acc.autocast():
-                out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce)
-                loss_sum = out["logit"] + w_feat * out["feat"]
-                # DDP averages gradients over processes: scale so the result is the global token mean.
-                loss = loss_sum * world / n_step
-            parts = torch.stack(
-                [
-                    loss_sum.detach().float(),
-                    out["kd"].detach().float(),
-                    out["ce"].detach().float(),
-                    out["feat"].detach().float(),
-                    batch["attention_mask"].sum().float(),
-                    out["tokens"].float(),
-                ]
-            )
-            parts = acc.reduce(parts, reduction="sum")
-            n_tokens_all, n_micro = int(parts[4]), max(float(parts[5]), 1.0)
-            value = float(parts[0]) / n_micro  # this micro-batch's mean loss, for the spike guard
-            parts = parts[:4] / n_step
-            if guard.is_bad(step, value):
-                # keep DDP's gradient sync consistent across processes: a zero-gradient backward
-                zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
-                with nullcontext() if last or world == 1 else acc.no_sync(module):
-                    acc.backward(zero)
+            skip = functools.partial(guard.is_bad, step)
+            done = loop.forward_backward(batch, indices[micro], weights, n_step, last, skip)
+            if done is None:
                 continue
-            acc.backward(loss)
             any_backward = True
-            for k, v in zip(("loss", "kd", "ce", "feat"), parts.tolist(), strict=True):
+            for k, v in zip(("loss", "kd", "ce", "feat"), done[0], strict=True):
                 terms[k] += v
-            tokens_seen += n_tokens_all
+            tokens_seen += done[1]
         grad_norm = (
             acc.clip_grad_norm_(module.parameters(), tc.max_grad_norm) if any_backward else torch.tensor(float("nan"))
         )
@@ -580,18 +611,17 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         guard.step_done(terms["loss"])
-        elapsed = time.time() - t0
         row = {
             "step": step + 1,
             **terms,
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9),
             "memory_mb": _memory_mb(proc, acc.device),
             "on_policy": use_policy,
         }
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
-            row["val_loss"] = validation_loss(raw.student, tokenizer, val_data, tc.batch_size * 4, acc.device)
+            row["val_loss"] = validation_loss(loop.raw.student, tokenizer, val_data, tc.batch_size * 4, acc.device)
             module.train()
         result.history.append(row)
         if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
