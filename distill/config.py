@@ -20,7 +20,7 @@ from core.schema import choice, non_negative, positive, problem, unit
 from export.gate import THRESHOLDS
 from export.onnx import EXPORTERS
 from prune.plan import SIZE_KEYS
-from quantize import ONNX_VARIANTS, SCHEMES
+from quantize import SCHEMES, onnx_variants
 
 
 class ConfigError(ValueError):
@@ -186,7 +186,7 @@ QuantizeConfig = dataclasses.make_dataclass(
 GateConfig = dataclasses.make_dataclass(
     "GateConfig",
     [
-        ("variants", list[str]),  # the shipped artifacts, judged: any of ONNX_VARIANTS
+        ("variants", list[str]),  # the shipped artifacts, judged: any of quantize.onnx_variants()
         *((name, float | None, unit() if spec.unit else non_negative()) for name, spec in THRESHOLDS.items()),
     ],
 )
@@ -395,8 +395,8 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
             problems.append(f"quantize.variants: {v!r} is not one of {', '.join(SCHEMES)}")
     built = {"fp32", *(["fp16"] if c.export.fp16 else []), *q.variants}
     for v in g.variants:
-        if v not in ONNX_VARIANTS:
-            problems.append(f"gate.variants: {v!r} is not one of {', '.join(ONNX_VARIANTS)}")
+        if v not in onnx_variants():
+            problems.append(f"gate.variants: {v!r} is not one of {', '.join(onnx_variants())}")
         elif v not in built:
             problems.append(
                 f"gate.variants: {v!r} is gated but not built; add it to quantize.variants (or export.fp16=true)"

@@ -357,4 +357,9 @@ SCHEMES: dict[str, Scheme] = {
         "int4 weight-only MatMulNBits (rtn / hqq / gptq)",
     ),
 }
-ONNX_VARIANTS = ("fp32", "fp16", *SCHEMES)  # every ONNX folder a run can build: export's two, then the schemes
+EXPORTED = ("fp32", "fp16")  # the ONNX folders export writes; every scheme adds one more
+
+
+def onnx_variants() -> tuple[str, ...]:
+    """Every ONNX folder a run can build: export's two, then one per scheme."""
+    return (*EXPORTED, *SCHEMES)

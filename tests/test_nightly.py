@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, python_env
 
+pytestmark = pytest.mark.slow  # several pipeline runs, a kill -9 and a sweep: minutes
+
 SMOKE = ["+exp=smoke", "eval.num_test=8"]
 
 

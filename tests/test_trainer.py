@@ -243,6 +243,7 @@ def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data
         assert r["on_policy"] and r["kd"] > 0 and r["loss"] == pytest.approx(r["kd"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_processes_follow_one_process_and_only_rank0_writes(tmp_path):
     """Data parallel on 2 CPU processes (gloo) with batch 4 each == 1 process with batch 8."""
