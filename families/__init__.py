@@ -42,13 +42,16 @@ class Family:
     # Parameters of one layer beyond the canonical weight matrices and the two norms:
     # (config, hidden, query heads, kv heads, head_dim, intermediate) -> count.
     extra_layer_params: Callable[[dict, int, int, int, int, int], int] = lambda cfg, h, nh, kv, hd, i: 0
-    # State dict (full model) <-> canonical Llama names (q/k/v/o_proj, gate/up/down_proj).
+    # State dict (full model) <-> canonical Llama names: model.embed_tokens, model.norm, lm_head, and per
+    # layer self_attn.{q,k,v,o}_proj (+ biases, q_norm / k_norm), mlp.{gate,up,down}_proj, input_layernorm,
+    # post_attention_layernorm. Pruning slices those and nothing else.
     to_canonical: Callable[[dict, dict], dict] = _same
     from_canonical: Callable[[dict, dict], dict] = _same
     # Problems with a pruned shape that this family's config would refuse on reload: (config, sizes) -> problems.
     shape_problems: Callable[[dict, dict], list[str]] = lambda cfg, sizes: []
 
     def rescale_norm(self, weight, scale: float):
+        """A norm weight after the residual width shrank by ``1 / scale**2`` (kept channels only)."""
         if self.norm == "rms":
             return weight * scale
         raise NotImplementedError(f"{self.label}: no residual-width rescale for norm kind {self.norm!r}")
@@ -61,7 +64,7 @@ def _families() -> dict[str, Family]:
 
 
 class UnsupportedFamily(ValueError):
-    pass
+    """A model_type with no entry in FAMILIES."""
 
 
 def family(cfg_or_type) -> Family:
@@ -127,9 +130,19 @@ def backbone_and_head(model):
     return _get(inner, family(inner).backbone), inner.get_output_embeddings()
 
 
-def layer_module(model, layer, path: str):
-    """A named part (``attention``, ``attn_out``, ``mlp_out``, or a norm path) of one decoder layer."""
-    return _get(layer, getattr(family(unwrap(model)), path, path))
+LAYER_PARTS = ("attention", "attn_out", "mlp_out")
+
+
+def layer_module(model, layer, part: str):
+    """One part of a decoder layer of ``model``: ``attention``, ``attn_out`` or ``mlp_out``."""
+    if part not in LAYER_PARTS:
+        raise ValueError(f"unknown layer part {part!r}; one of {', '.join(LAYER_PARTS)}")
+    return _get(layer, getattr(family(unwrap(model)), part))
+
+
+def layer_norms(model, layer) -> list:
+    """The norms of one decoder layer that read the residual stream, in the family's order."""
+    return [_get(layer, path) for path in family(unwrap(model)).norms]
 
 
 def final_norm(model):

@@ -80,8 +80,8 @@ def activation_importance(model, batches: Iterable[dict]) -> Importance:
     for i, layer in enumerate(layers):
         handles.append(layer_module(model, layer, "mlp_out").register_forward_pre_hook(mlp_hook(i)))
         handles.append(layer_module(model, layer, "attn_out").register_forward_pre_hook(head_hook(i)))
-        for norm in families.family(model).norms:
-            handles.append(layer_module(model, layer, norm).register_forward_hook(norm_hook))
+        for norm in families.layer_norms(model, layer):
+            handles.append(norm.register_forward_hook(norm_hook))
         handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
     handles.append(families.final_norm(model).register_forward_hook(norm_hook))
     body, _ = families.backbone_and_head(model)
