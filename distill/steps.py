@@ -159,7 +159,7 @@ def teacher(r: Run) -> None:
     t_cfg = read_config(r.teacher_dir)
     problems = []
     if rc.student.init == "folder":
-        problems += vocab_problems(r.teacher_dir, rc.student.path, "student.path")
+        problems += vocab_problems(r.teacher_dir, rc.student.path, "student.path", rc.teacher.trust_remote_code)
     limit = t_cfg.get("max_position_embeddings")
     if limit and rc.data.max_length > limit:
         problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")

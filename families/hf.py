@@ -122,11 +122,14 @@ def safetensors_problems(folder: Path, key: str) -> list[str]:
     return problems
 
 
-def vocab_problems(teacher_dir: str | Path, student_dir: str | Path, key: str) -> list[str]:
+def vocab_problems(
+    teacher_dir: str | Path, student_dir: str | Path, key: str, trust_remote_code: bool = False
+) -> list[str]:
     """Teacher and student must share a tokenizer; their embedding tables may differ only by padding rows."""
     from transformers import AutoTokenizer
 
-    t_tok, s_tok = AutoTokenizer.from_pretrained(str(teacher_dir)), AutoTokenizer.from_pretrained(str(student_dir))
+    t_tok = AutoTokenizer.from_pretrained(str(teacher_dir), trust_remote_code=trust_remote_code)
+    s_tok = AutoTokenizer.from_pretrained(str(student_dir), trust_remote_code=trust_remote_code)
     tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
     if tv != sv:
         diff = len(set(tv.items()) ^ set(sv.items()))

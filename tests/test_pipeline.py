@@ -259,6 +259,7 @@ def test_bad_config_fails_fast_with_every_problem(tmp_path):
     assert not (tmp_path / "bad" / "student").exists() and not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_pipeline_under_two_processes(tmp_path):
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
@@ -324,7 +325,6 @@ def test_prune_cli_refuses_impossible_targets(smoke_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
 def test_phi3_teacher_is_pruned_distilled_exported_and_gated(tokenizer, tmp_path, monkeypatch):
     """The family added through families/ alone, end to end: a Phi-3 teacher (fused qkv_proj and
     gate_up_proj) pruned to half its parameters, distilled with logit and feature (hidden + attention
