@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import building, write_json
-from core.hashing import digest
+from core.hashing import digest, flatten
 from distill.config import ConfigError, RunConfig, settled_plan, student_sizes, to_dict
 from distill.stages import Stage, Stages, guard
 
@@ -265,7 +265,7 @@ def distill(r: Run, init_input: dict) -> None:
         _train_student(r, st)
 
     st = r.stage("distill", r.dir / "student", config, inputs, work)
-    if r.main and st.name in r.stages.record and r.stages.record[st.name]["status"] == "ran":
+    if r.main and not st.skipped:
         shutil.rmtree(r.dir / "checkpoints", ignore_errors=True)  # only needed to resume
     r.student_hash = st.output_hash
 
@@ -336,18 +336,9 @@ def _train_student(r: Run, st: Stage) -> None:
     r.acc.wait_for_everyone()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested config -> flat scalar dict for trackers (lists as JSON)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, int | float | str | bool):
-            out[key] = v
-        else:
-            out[key] = json.dumps(v)
-    return out
+def _flat(d: dict) -> dict:
+    """Nested config -> flat scalar dict for trackers (lists and None as JSON)."""
+    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in flatten(d).items()}
 
 
 # ---- evaluate (main process only from here on) ----
