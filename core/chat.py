@@ -1,15 +1,82 @@
 """Chat examples -> token ids with response masks, and right-padded batches.
 
 Loss and distillation apply to response tokens only: ``labels`` is ``-100`` (``IGNORE``) on the prompt.
+An answer ends with the chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...),
+which is what the model must learn to emit and what generation stops on; tokenizers without a pad token
+(Llama-3, Mistral) pad with it (``ensure_pad``: padding is masked out of attention and every loss).
 torch is imported only when batching.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 IGNORE = -100
+_SENTINEL = "\u2063ANSWER\u2063"  # an answer the template cannot mistake for anything else
+_EOT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class ChatTemplateError(ValueError):
+    """A tokenizer that cannot format chat examples."""
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template writes right after an assistant message (its end-of-turn marker),
+    found by rendering a sentinel answer; the tokenizer's eos when the template writes none."""
+    if tokenizer in _EOT:
+        return _EOT[tokenizer]
+    eot = tokenizer.eos_token_id
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        tail = text[text.rindex(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in text else ""
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+        }
+        for t in tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []:
+            if t in special:
+                eot = t
+                break
+    if eot is None:
+        raise ChatTemplateError(
+            "the tokenizer has no eos token and its chat template writes no end-of-turn token after an answer; "
+            "set one (tokenizer.eos_token) and save the tokenizer again"
+        )
+    _EOT[tokenizer] = eot
+    return eot
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer in generation: the end-of-turn token, then eos if it differs."""
+    eot, eos = end_of_turn_id(tokenizer), tokenizer.eos_token_id
+    return [eot] + ([eos] if eos is not None and eos != eot else [])
+
+
+def ensure_pad(tokenizer) -> str | None:
+    """Give a tokenizer without a pad token (Llama-3, Mistral) one: its end-of-turn token. Padded positions
+    are masked out of attention and every loss, so the choice never trains; it is saved with the student's
+    tokenizer. Returns the token chosen, or None when the tokenizer had a pad token."""
+    if tokenizer.pad_token_id is not None:
+        return None
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    return tokenizer.pad_token
+
+
+def check_template(tokenizer, key: str) -> list[str]:
+    """Problems formatting chat examples with this tokenizer (empty when fine)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [
+            f"{key}: the tokenizer has no chat template, so prompts cannot be formatted the way the model will "
+            "be asked in the car; save the model's chat template with its tokenizer (chat_template.jinja, or "
+            "tokenizer.chat_template = ... then save_pretrained)"
+        ]
+    try:
+        end_of_turn_id(tokenizer)
+    except Exception as err:  # a template that does not render a two-message chat
+        return [f"{key}: the chat template does not format a user / assistant exchange ({err})"]
+    return []
 
 
 def prompt_text(tokenizer, messages: Sequence[dict]) -> str:
@@ -21,7 +88,7 @@ def prompt_text(tokenizer, messages: Sequence[dict]) -> str:
 
 
 def encode(tokenizer, messages: Sequence[dict], max_length: int | None = None) -> dict[str, list[int]]:
-    """Token ids of prompt + answer + eos, with labels only on answer and eos.
+    """Token ids of prompt + answer + end-of-turn token, with labels only on answer and end-of-turn.
 
     Prompt and answer are tokenized separately so that the answer's tokens are exactly what
     greedy decoding after the prompt has to produce.
@@ -30,7 +97,7 @@ def encode(tokenizer, messages: Sequence[dict], max_length: int | None = None) -
         raise ValueError("the last message must be the assistant's answer")
     prompt = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
     answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    answer = answer + [tokenizer.eos_token_id]
+    answer = answer + [end_of_turn_id(tokenizer)]
     ids = prompt + answer
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"example of {len(ids)} tokens exceeds max_length={max_length}")

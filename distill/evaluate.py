@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from core.chat import IGNORE, collate
+from core.chat import IGNORE, collate, stop_ids
 from distill import metrics
 
 GenerateFn = Callable[[Sequence[Sequence[int]]], list[list[int]]]
@@ -28,9 +28,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> GenerateFn:
-    """Greedy decoding with HF ``generate`` (KV cache), batched with left padding; eos is stripped."""
+    """Greedy decoding with HF ``generate`` (KV cache), batched with left padding; stops on (and strips) the
+    chat template's end-of-turn token and eos."""
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_ids(tokenizer), tokenizer.pad_token_id
+    eos = stops[0] if len(stops) == 1 else stops
 
     @torch.no_grad()
     def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -50,7 +52,7 @@ def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> Ge
             for row in gen[:, ids.shape[1] :].tolist():
                 ans = []
                 for t in row:
-                    if t == eos:
+                    if t in stops:
                         break
                     ans.append(t)
                 out.append(ans)

@@ -130,6 +130,7 @@ def teacher(r: Run) -> None:
     splits, the teacher identity and the prune plan for its real config."""
     from transformers import AutoTokenizer
 
+    from core.chat import check_template, ensure_pad
     from core.hashing import folder_hash
     from distill.data import encode_records
     from distill.teacher import bootstrap_dir, bootstrap_teacher
@@ -166,6 +167,12 @@ def teacher(r: Run) -> None:
     if problems:
         raise ConfigError(problems)
     r.tokenizer = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+    problems = check_template(r.tokenizer, "teacher.path" if rc.teacher.path else "teacher")
+    if problems:
+        raise ConfigError(problems)
+    pad = ensure_pad(r.tokenizer)
+    if pad is not None:
+        log.info("the tokenizer has no pad token: padding with %s (masked out of attention and every loss)", pad)
     r.enc = {s: encode_records(r.tokenizer, r.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
     n_eval = rc.eval.num_test or None
     r.enc["test"], r.enc["hard"] = r.enc["test"][:n_eval], r.enc["hard"][:n_eval]
@@ -273,6 +280,7 @@ def distill(r: Run, init_input: dict) -> None:
 def _train_student(r: Run, st: Stage) -> None:
     from transformers import AutoConfig
 
+    from core.chat import stop_ids
     from distill.trainer import apply_lora, gathered_student_state, make_mode, merge_lora, train
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
@@ -287,7 +295,8 @@ def _train_student(r: Run, st: Stage) -> None:
 
         student = build_from_config(student_config(read_config(r.teacher_dir), student_sizes(rc)), s.seed)
     student.generation_config.pad_token_id = tok.pad_token_id
-    student.generation_config.eos_token_id = tok.eos_token_id
+    stops = stop_ids(tok)  # the template's end-of-turn token first: what the student learned to end with
+    student.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     live = r.signals is None or rc.distill.features.weight > 0 or rc.distill.on_policy.fraction > 0
     t_model = r.teacher.get() if live else None
     if t_model is not None:

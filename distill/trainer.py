@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.chat import IGNORE, collate
+from core.chat import IGNORE, collate, stop_ids
 from distill.config import DistillConfig, LoraConfig, TrainConfig
 from distill.losses import chunked_kd_loss, divergence, feature_loss
 from families import backbone_and_head, decoder_layers, layer_module
@@ -243,6 +243,7 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         n = int((labels == IGNORE).long().cumprod(0).sum())  # prompt length = leading IGNOREs
         prompts.append(ids[:n].tolist())
+    stops = stop_ids(tokenizer)
     inp, mask = left_pad(prompts, tokenizer.pad_token_id)
     inp, mask = inp.to(batch["input_ids"].device), mask.to(batch["input_ids"].device)
     was_training = student.training
@@ -256,17 +257,15 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
             top_k=0,
             max_new_tokens=cfg.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops[0] if len(stops) == 1 else stops,
         )
     student.train(was_training)
     feats = []
     for p, row in zip(prompts, out[:, inp.shape[1] :].tolist(), strict=True):
-        ans = []
-        for t in row:
-            ans.append(t)
-            if t == tokenizer.eos_token_id:
-                break
-        ans = [t for t in ans if t != tokenizer.pad_token_id] or [tokenizer.eos_token_id]
+        # up to and including the first stop token; positions after it are generate's padding (by position,
+        # not by id: the pad token may be the end-of-turn token itself)
+        end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+        ans = row[:end] or [stops[0]]
         feats.append({"input_ids": p + ans, "labels": [IGNORE] * len(p) + ans})
     return {k: v.to(batch["input_ids"].device) for k, v in collate(feats, tokenizer.pad_token_id).items()}
 

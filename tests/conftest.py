@@ -90,3 +90,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CHAT_STYLES = {
+    # style: (special tokens, the tokenizer's named tokens, chat template)
+    "chatml": (  # Qwen2.5 / SmolLM2: <|im_end|> ends a turn, eos is another token
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    ),
+    "llama3": (  # no pad token; <|eot_id|> ends a turn, <|end_of_text|> is eos
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    ),
+    "mistral": (  # no pad token; the answer ends with eos itself
+        ["<s>", "</s>"],
+        {"bos_token": "<s>", "eos_token": "</s>"},
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}</s>{% endif %}{% endfor %}",
+    ),
+}
+
+
+def chat_tokenizer(style: str, texts):
+    """A byte-level BPE tokenizer trained on ``texts`` with the special tokens and chat template of a real
+    family (CHAT_STYLES): what users' tokenizers look like, built here because nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, named, template = CHAT_STYLES[style]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    fast.chat_template = template
+    return fast
