@@ -188,6 +188,7 @@ GateConfig = dataclasses.make_dataclass(
     [
         ("variants", list[str]),  # the shipped artifacts, judged: any of quantize.onnx_variants()
         *((name, float | None, unit() if spec.unit else non_negative()) for name, spec in THRESHOLDS.items()),
+        ("min_teacher_score", float, unit()),  # relative checks fail when the teacher scores below this
     ],
 )
 
@@ -343,6 +344,7 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
     _check_onnx(c, problems)
+    _check_gate_metrics(c, problems)
     _check_run(c, problems)
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
@@ -385,6 +387,29 @@ def _check_run(c: RunConfig, problems: list[str]) -> None:
             problems.append(
                 "distill.signals=topk cannot score the student's own samples (distill.on_policy.fraction > 0); "
                 "set distill.signals=live or on_policy.fraction=0"
+            )
+
+
+def _check_gate_metrics(c: RunConfig, problems: list[str]) -> None:
+    """The gate checks only what the data can produce: tool-call metrics need tool-call references."""
+    d = c.data
+    if not c.export.enabled or d.source != "jsonl" or not d.test_file or not Path(d.test_file).is_file():
+        return  # the built-in data is all tool calls; a missing file is reported above
+    from core.jsonl import DataError, read_jsonl
+    from distill.metrics import has_tool_calls
+
+    try:
+        refs = [r["messages"][-1]["content"] for r in read_jsonl(d.test_file, key="data.test_file")]
+    except DataError:
+        return  # reported with file and line when the data loads
+    if has_tool_calls(refs):
+        return
+    for name, spec in THRESHOLDS.items():
+        if spec.tool_calls and getattr(c.gate, name) is not None:
+            problems.append(
+                f"gate.{name}: the answers in {d.test_file} are not tool calls, so {spec.metric} cannot be "
+                f"measured; set gate.{name}=null (min_exact_match_retention and min_token_f1_retention fit "
+                "free-text answers)"
             )
 
 

@@ -1,14 +1,23 @@
-"""Task metrics for tool-call answers. Pure Python: no torch, so the in-car runtime can use them.
+"""Task metrics. Pure Python: no torch, so the in-car runtime can use them.
 
-An answer is one tool call in compact JSON: ``{"tool": name, "args": {...}}``. When a reference is
-not a tool call (a user's free-text JSONL data), exact match falls back to the stripped text.
+Always: ``exact_match`` (a tool call compared as canonical JSON, free text after ``normalize``) and
+``token_f1`` (token overlap of the normalized texts; CJK characters are tokens of their own). Only where
+references are tool calls (one compact JSON object ``{"tool": name, "args": {...}}``), measured over those
+examples: ``tool_accuracy``, ``arg_f1`` and ``valid_json``. ``TOOL_CALL_METRICS`` names them: a gate
+threshold on one of them needs tool-call data.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
+
+TOOL_CALL_METRICS = ("tool_accuracy", "arg_f1", "valid_json")
+_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+")
 
 
 def parse_tool_call(text: str) -> dict | None:
@@ -42,24 +51,59 @@ def arg_f1(pred: dict | None, ref: dict) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def normalize(text: str) -> str:
+    """Unicode NFKC, case-folded, whitespace collapsed, surrounding whitespace and end punctuation removed."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.strip(" .!?。！？")
+
+
+def tokens(text: str) -> list[str]:
+    """Word tokens of normalized ``text``: runs of letters and digits, and every CJK character alone."""
+    return _TOKEN.findall(normalize(text))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the token multisets of prediction and reference (SQuAD-style; 1.0 when both are empty)."""
+    p, r = Counter(tokens(prediction)), Counter(tokens(reference))
+    if not p or not r:
+        return float(p == r)
+    tp = sum((p & r).values())
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / sum(p.values()), tp / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """exact_match, tool_accuracy, arg_f1 and valid_json (all in [0, 1]) of predicted answers."""
+    """Task metrics (all in [0, 1]) of predicted answers: see the module docstring. The tool-call metrics
+    are present only when at least one reference is a tool call."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     n = max(len(references), 1)
-    em = tool = f1 = valid = 0.0
+    em = f1_text = tool = f1 = valid = 0.0
+    n_calls = 0
     for pred_text, ref_text in zip(predictions, references, strict=True):
+        f1_text += token_f1(pred_text, ref_text)
         ref = parse_tool_call(ref_text)
+        if ref is None:  # free-text reference
+            em += normalize(pred_text) == normalize(ref_text)
+            continue
+        n_calls += 1
         pred = parse_tool_call(pred_text)
         valid += pred is not None
-        if ref is None:  # free-text reference
-            em += pred_text.strip() == ref_text.strip()
-            continue
         if pred is not None:
             em += _canon(pred) == _canon(ref)
             tool += pred["tool"] == ref["tool"]
             f1 += arg_f1(pred, ref)
-    return {"exact_match": em / n, "tool_accuracy": tool / n, "arg_f1": f1 / n, "valid_json": valid / n}
+    out = {"exact_match": em / n, "token_f1": f1_text / n}
+    if n_calls:
+        out.update(tool_accuracy=tool / n_calls, arg_f1=f1 / n_calls, valid_json=valid / n_calls)
+    return out
+
+
+def has_tool_calls(references: Sequence[str]) -> bool:
+    """Whether the tool-call metrics can be measured on these references."""
+    return any(parse_tool_call(r) is not None for r in references)
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:

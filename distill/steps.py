@@ -605,14 +605,14 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
     verdict: dict = {}
 
     def work(st: Stage) -> None:
-        verdict.update(evaluate_gate(t_test, judged, thresholds).to_dict())
+        verdict.update(evaluate_gate(t_test, judged, thresholds, g.min_teacher_score).to_dict())
         with building(st.folder) as tmp:
             write_json(tmp / "gate.json", verdict)
 
     st = r.stage(
         "gate",
         r.dir / "gate",
-        {"thresholds": thresholds, "variants": list(g.variants)},
+        {"thresholds": thresholds, "variants": list(g.variants), "min_teacher_score": g.min_teacher_score},
         {"teacher": digest(t_test), **{k: digest(v) for k, v in judged.items()}},
         work,
         on="main-only",

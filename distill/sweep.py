@@ -67,7 +67,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         variants = [k for k in m if k.startswith("onnx_")] or ["student"]
         for v in variants:
             s = m[v]
-            verdict = evaluate_gate(m["teacher"], {v: s}, thresholds) if v != "student" else None
+            floor = m.get("gate", {}).get("min_teacher_score", 0.0)  # not a knob: this job's own, as recorded
+            verdict = evaluate_gate(m["teacher"], {v: s}, thresholds, floor) if v != "student" else None
             rows.append(
                 {
                     "job": label,

@@ -22,6 +22,7 @@ class Check:
     op: str  # ">=" or "<="
     relative: bool
     passed: bool
+    note: str = ""  # why a check failed other than by its number (e.g. a teacher with nothing to retain)
 
     @property
     def margin(self) -> float:
@@ -31,6 +32,8 @@ class Check:
     def describe(self) -> str:
         what = f"{self.metric} / teacher's" if self.relative else self.metric
         verdict = "ok" if self.passed else f"FAILED, {'short' if self.op == '>=' else 'over'} by {abs(self.margin):.4f}"
+        if self.note:
+            verdict = f"FAILED: {self.note}"
         return f"{self.variant}: {what} = {self.value:.4f} (needs {self.op} {self.threshold:.4f}): {verdict}"
 
 
@@ -38,6 +41,7 @@ class Check:
 class GateResult:
     passed: bool
     checks: list[Check] = field(default_factory=list)
+    min_teacher_score: float = 0.0
 
     @property
     def failures(self) -> list[Check]:
@@ -46,6 +50,7 @@ class GateResult:
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
+            "min_teacher_score": self.min_teacher_score,
             "checks": [{**asdict(c), "margin": c.margin} for c in self.checks],
             "failed": [c.describe() for c in self.failures],
             "summary": self.describe(),
@@ -63,21 +68,24 @@ class GateResult:
 @dataclass(frozen=True)
 class Threshold:
     """One gate check: the measured ``metric``, compared with ``op`` against the threshold, after dividing
-    by the teacher's own number when ``relative``. ``unit``: the threshold lies in [0, 1]."""
+    by the teacher's own number when ``relative``. ``unit``: the threshold lies in [0, 1]. ``tool_calls``:
+    the metric exists only on tool-call data (``distill.metrics.TOOL_CALL_METRICS``)."""
 
     metric: str
     op: str  # ">=" or "<="
     relative: bool
     unit: bool
+    tool_calls: bool = False
 
 
 # The one list of gate thresholds: conf/gate/default.yaml sets each (null disables it), the config
 # schema's GateConfig, the CLI below, sweeps and notebooks are derived from it.
 THRESHOLDS: dict[str, Threshold] = {
     "min_exact_match_retention": Threshold("exact_match", ">=", relative=True, unit=False),
-    "min_tool_accuracy_retention": Threshold("tool_accuracy", ">=", relative=True, unit=False),
-    "min_arg_f1_retention": Threshold("arg_f1", ">=", relative=True, unit=False),
-    "min_valid_json": Threshold("valid_json", ">=", relative=False, unit=True),
+    "min_tool_accuracy_retention": Threshold("tool_accuracy", ">=", relative=True, unit=False, tool_calls=True),
+    "min_arg_f1_retention": Threshold("arg_f1", ">=", relative=True, unit=False, tool_calls=True),
+    "min_token_f1_retention": Threshold("token_f1", ">=", relative=True, unit=False),
+    "min_valid_json": Threshold("valid_json", ">=", relative=False, unit=True, tool_calls=True),
     "min_agreement": Threshold("agreement", ">=", relative=False, unit=True),
     "max_kl": Threshold("kl", "<=", relative=False, unit=False),
 }
@@ -89,10 +97,13 @@ def thresholds_of(gate_cfg) -> dict[str, float | None]:
     return {k: get(k) for k in THRESHOLDS}
 
 
-def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str, float | None]) -> GateResult:
+def evaluate_gate(
+    teacher: dict, measured: dict[str, dict], thresholds: dict[str, float | None], min_teacher_score: float
+) -> GateResult:
     """Judge each variant in ``measured`` (name -> metrics) against ``thresholds`` (name -> value or
     None to skip). A metric the variant does not have fails its check (a gate must not pass on a
-    number nobody measured)."""
+    number nobody measured), and so does a relative check whose teacher scores below
+    ``min_teacher_score`` on that metric: there is nothing to retain, whatever the student does."""
     unknown = set(thresholds) - set(THRESHOLDS)
     if unknown:
         raise ValueError(f"unknown gate thresholds {sorted(unknown)}; known: {sorted(THRESHOLDS)}")
@@ -107,14 +118,21 @@ def evaluate_gate(teacher: dict, measured: dict[str, dict], thresholds: dict[str
             metric, op, relative = spec.metric, spec.op, spec.relative
             value = m.get(metric)
             if value is None:
-                checks.append(Check(variant, metric, float("nan"), threshold, op, relative, False))
+                checks.append(Check(variant, metric, float("nan"), threshold, op, relative, False, "not measured"))
                 continue
             if relative:
-                t = teacher[metric]
-                value = value / t if t > 0 else (1.0 if value >= t else 0.0)  # a teacher at 0 keeps nothing to lose
+                t = teacher.get(metric, 0.0)
+                if t < min_teacher_score or t <= 0:
+                    note = (
+                        f"the teacher scores {t:.4f} on {metric} (below gate.min_teacher_score={min_teacher_score}): "
+                        "there is nothing to retain; fix the teacher (or its data) before gating a student on it"
+                    )
+                    checks.append(Check(variant, metric, float("nan"), float(threshold), op, True, False, note))
+                    continue
+                value = value / t
             ok = value >= threshold if op == ">=" else value <= threshold
             checks.append(Check(variant, metric, float(value), float(threshold), op, relative, bool(ok)))
-    return GateResult(all(c.passed for c in checks), checks)
+    return GateResult(all(c.passed for c in checks), checks, min_teacher_score)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", help="variants to judge, e.g. onnx_int8 onnx_int4")
     for name in THRESHOLDS:
         ap.add_argument("--" + name.replace("_", "-"), type=float, dest=name)
+    ap.add_argument("--min-teacher-score", type=float, help="default: the run's own (gate.min_teacher_score)")
     a = ap.parse_args(argv)
     m = json.loads(open(a.metrics).read())
     previous = {c["metric"]: c for c in m.get("gate", {}).get("checks", [])}
@@ -147,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{a.metrics} has no {', '.join(missing)}; it has {', '.join(k for k in m if k.startswith('onnx_'))}")
         return 2
-    result = evaluate_gate(m["teacher"], {v: m[v] for v in variants}, thresholds)
+    floor = a.min_teacher_score
+    if floor is None:  # the run's own; runs written before the floor existed had none
+        floor = m.get("gate", {}).get("min_teacher_score", 0.0)  # not a knob: an older metrics.json
+    result = evaluate_gate(m["teacher"], {v: m[v] for v in variants}, thresholds, floor)
     print(result.describe())
     return 0 if result.passed else 3
 

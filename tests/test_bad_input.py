@@ -53,6 +53,27 @@ def _case(name, tmp, teacher_dir, tokenizer):
     """(overrides, expected fragments) of one bad input; files it needs are made under ``tmp``."""
     good = _jsonl(tmp / "good.jsonl", GOOD)
     jsonl = ["data=jsonl", f"data.test_file={good}"]
+    if name == "metric_the_data_cannot_produce":
+        free = _jsonl(tmp / "free.jsonl", [{"prompt": "How warm is it?", "completion": "It is 21 degrees."}] * 8)
+        return [
+            "data=jsonl",
+            f"data.train_file={free}",
+            f"data.test_file={free}",
+            "export.enabled=true",
+            "gate.min_tool_accuracy_retention=0.99",
+            "gate.min_valid_json=0.99",
+        ], [
+            "gate.min_tool_accuracy_retention: the answers in",
+            "are not tool calls, so tool_accuracy cannot be measured; set gate.min_tool_accuracy_retention=null",
+            "gate.min_valid_json: the answers in",
+        ]
+    if name == "tokenizer_without_chat_template":
+        d = _copy(teacher_dir, tmp / "no_template")
+        (d / "chat_template.jinja").unlink(missing_ok=True)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return [f"teacher.path={d}"], ["teacher.path: the tokenizer has no chat template", "chat_template.jinja"]
     if name == "missing_teacher":
         return [f"teacher.path={tmp / 'nope'}"], ["teacher.path:", "is not a folder", "local Hugging Face model folder"]
     if name == "not_hf_folder":
@@ -160,6 +181,8 @@ CASES = [
     "non_positive_numbers",
     "other_experiments_folder",
     "folder_with_foreign_files",
+    "metric_the_data_cannot_produce",
+    "tokenizer_without_chat_template",
 ]
 
 

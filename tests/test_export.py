@@ -229,11 +229,11 @@ def test_gate_judges_planted_numbers():
     ok = {"exact_match": 0.79, "tool_accuracy": 1.0, "agreement": 0.99, "kl": 0.01}
     bad = {"exact_match": 0.70, "tool_accuracy": 1.0, "agreement": 0.99, "kl": 0.2}
     th = {"min_exact_match_retention": 0.97, "min_agreement": 0.98, "max_kl": 0.05, "min_valid_json": None}
-    r = evaluate_gate(teacher, {"onnx_int8": ok}, th)
+    r = evaluate_gate(teacher, {"onnx_int8": ok}, th, 0.0)
     assert r.passed and len(r.checks) == 3
     em = next(c for c in r.checks if c.metric == "exact_match")
     assert em.value == pytest.approx(0.79 / 0.8) and em.margin == pytest.approx(0.79 / 0.8 - 0.97)
-    r = evaluate_gate(teacher, {"onnx_int8": ok, "onnx_int4": bad}, th)
+    r = evaluate_gate(teacher, {"onnx_int8": ok, "onnx_int4": bad}, th, 0.0)
     assert not r.passed and {(c.variant, c.metric) for c in r.failures} == {
         ("onnx_int4", "exact_match"),
         ("onnx_int4", "kl"),
@@ -242,10 +242,10 @@ def test_gate_judges_planted_numbers():
     assert "FAILED" in text and "kl = 0.2000 (needs <= 0.0500): FAILED, over by 0.1500" in text
     assert "exact_match / teacher's = 0.8750 (needs >= 0.9700): FAILED, short by 0.0950" in text
     # a number nobody measured fails its check rather than passing silently
-    r = evaluate_gate(teacher, {"onnx_fp32": {"exact_match": 0.8}}, {"max_kl": 0.1})
+    r = evaluate_gate(teacher, {"onnx_fp32": {"exact_match": 0.8}}, {"max_kl": 0.1}, 0.0)
     assert not r.passed and np.isnan(r.checks[0].value)
     with pytest.raises(ValueError, match="unknown gate thresholds"):
-        evaluate_gate(teacher, {"x": ok}, {"min_accuracy": 0.5})
+        evaluate_gate(teacher, {"x": ok}, {"min_accuracy": 0.5}, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -324,15 +324,15 @@ def test_gate_passes_a_good_artifact_and_fails_a_broken_one(trained_pair, tmp_pa
             )
     # the exported reference itself: identical answers, KL ~ 0
     assert measured["onnx_fp32"]["generation_match"] == 1.0 and measured["onnx_fp32"]["kl"] < 1e-6
-    assert evaluate_gate(t_scores, {"onnx_fp32": measured["onnx_fp32"]}, th).passed
+    assert evaluate_gate(t_scores, {"onnx_fp32": measured["onnx_fp32"]}, th, 0.0).passed
     # int8 moves logits a little: close to the teacher token by token (exact match over 24 examples of a
     # barely trained model is too coarse a number to gate here)
     near = {"min_agreement": 0.95, "max_kl": 0.02}
-    assert evaluate_gate(t_scores, {"onnx_int8": measured["onnx_int8"]}, near).passed
-    broken = evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, th)
+    assert evaluate_gate(t_scores, {"onnx_int8": measured["onnx_int8"]}, near, 0.0).passed
+    broken = evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, th, 0.0)
     assert not broken.passed
     assert {"agreement", "kl"} <= {c.metric for c in broken.failures}
-    assert not evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, near).passed
+    assert not evaluate_gate(t_scores, {"onnx_broken": measured["onnx_broken"]}, near, 0.0).passed
 
 
 def test_gate_cli_rejudges_a_finished_run(tmp_path, capsys):

@@ -23,6 +23,25 @@ def test_free_text_reference_and_helpers():
     assert metrics.sequence_match([[1, 2], [3]], [[1, 2], [4]]) == 0.5
 
 
+def test_free_text_data_gets_text_metrics_only():
+    s = metrics.score(
+        ["Calling  Alice now.", "调到二十二度", "Navigating home", "sure"],
+        ["calling alice now", "调到二十度", "Navigating to the office", "Sure!"],
+    )
+    assert set(s) == {"exact_match", "token_f1"}  # no tool-call metric on data that has no tool calls
+    assert s["exact_match"] == 2 / 4  # case, spacing and end punctuation do not count
+    # token F1: 1; CJK by character: 5 of 6 predicted in the reference, all 5 of the reference -> 10/11;
+    # 1 of 2 vs 1 of 4 -> 1/3; 1
+    assert abs(s["token_f1"] - (1 + 10 / 11 + 1 / 3 + 1) / 4) < 1e-9
+
+
+def test_mixed_data_measures_tool_metrics_over_the_tool_call_examples():
+    call = '{"tool":"call_contact","args":{"name":"Alice"}}'
+    s = metrics.score([call, "not json", "Sure."], [call, call, "sure"])
+    assert s["exact_match"] == 2 / 3 and s["valid_json"] == 1 / 2 and s["tool_accuracy"] == 1 / 2
+    assert metrics.has_tool_calls([call, "x"]) and not metrics.has_tool_calls(["x", "[1]"])
+
+
 def test_metrics_do_not_import_torch():
     import subprocess
     import sys

@@ -129,24 +129,38 @@ def _negated_head(src, dest, settings, calibration):
     return dest
 
 
-def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_thresholds(
-    teacher_dir, tmp_path, monkeypatch
-):
-    """The shipped thresholds of conf/gate/default.yaml, on two artifacts of one run: fp32 ONNX of a student
-    equal to its teacher (passes every check) and an "int8" whose LM head is negated (must fail agreement
-    and KL). ``min_valid_json`` is off: this random teacher writes no JSON (it is absolute, not relative)."""
+@pytest.fixture(scope="module")
+def task_teacher(tmp_path_factory):
+    """A smoke-sized teacher bootstrapped for 1,000 steps (20 s): it really answers (test exact match about
+    0.4, tool accuracy 0.75), so the gate's relative checks have something to retain."""
+    from distill.config import compose
+    from distill.data import data_hash, load_records
+    from distill.teacher import bootstrap_teacher
+    from distill.trainer import make_accelerator
+
+    cache = tmp_path_factory.mktemp("task_teacher")
+    rc = compose(["+exp=smoke", "teacher.bootstrap.train.steps=1000", f"teacher.cache_dir={cache}"])
+    records = {s: load_records(rc.data, s) for s in ("train", "test")}
+    return bootstrap_teacher(
+        rc.teacher, records, data_hash(rc.data), rc.eval, accelerator=make_accelerator("no"), max_length=128
+    )
+
+
+def _default_gate(**changes) -> list[str]:
+    """conf/gate/default.yaml as overrides (the shipped thresholds), with ``changes``."""
     from omegaconf import OmegaConf
 
+    values = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "gate" / "default.yaml")), **changes}
+    return [f"gate.{k}={'null' if v is None else v}" for k, v in values.items() if k != "variants"]
+
+
+def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str]) -> dict:
+    """The smoke pipeline with the teacher as its own student (one step at lr 1e-12), fp32 and a planted
+    broken "int8" (LM head negated) both gated."""
     import quantize
     from distill.config import compose
     from distill.pipeline import run
 
-    defaults = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "gate" / "default.yaml"))
-    gate = [
-        f"gate.{k}={'null' if v is None or k == 'min_valid_json' else v}"
-        for k, v in defaults.items()
-        if k != "variants"
-    ]
     monkeypatch.setitem(
         quantize.SCHEMES, "int8", quantize.Scheme(quantize.Int8Settings, _negated_head, lambda s: False, "broken")
     )
@@ -154,28 +168,47 @@ def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_th
     rc = compose(
         [
             "+exp=smoke",
-            f"teacher.path={teacher_dir}",
+            f"teacher.path={teacher}",
             "student=folder",
-            f"student.path={teacher_dir}",
+            f"student.path={teacher}",
             "distill.train.steps=1",
             "distill.train.lr=1e-12",  # the student stays the teacher
             "distill.features.weight=0",
-            "eval.num_test=12",
-            "eval.max_new_tokens=12",
+            "eval.num_test=24",
             "export.openvino=false",
             "quantize.variants=[int8]",
             "gate.variants=[fp32,int8]",
             *gate,
         ]
     )
-    m = run(rc, tmp_path / "run")
+    return run(rc, tmp_path / "run")
+
+
+def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_thresholds(
+    task_teacher, tmp_path, monkeypatch
+):
+    """The shipped thresholds of conf/gate/default.yaml on two artifacts of one run: fp32 ONNX of a student
+    equal to its teacher passes every check; an "int8" whose LM head is negated fails. ``min_valid_json`` is
+    off: it is absolute, and this 1,000-step teacher writes valid JSON 94% of the time, not 99%."""
+    m = _student_is_teacher(task_teacher, tmp_path, monkeypatch, _default_gate(min_valid_json=None))
     checks = m["gate"]["checks"]
     assert {c["metric"] for c in checks} == {"exact_match", "tool_accuracy", "agreement", "kl"}
+    assert m["teacher"]["exact_match"] >= 0.05  # above gate.min_teacher_score: there is something to retain
     assert all(c["passed"] for c in checks if c["variant"] == "onnx_fp32"), checks
     failed = {c["metric"] for c in checks if c["variant"] == "onnx_int8" and not c["passed"]}
-    assert {"agreement", "kl"} <= failed, checks
+    assert {"exact_match", "agreement", "kl"} <= failed, checks
     assert m["gate"]["passed"] is False
     assert m["onnx_fp32"]["agreement"] > 0.999 and m["onnx_int8"]["agreement"] < 0.5
+
+
+def test_gate_fails_a_teacher_with_nothing_to_retain(teacher_dir, tmp_path, monkeypatch):
+    """A random teacher scores 0 exact match: the student equal to it would "keep 100%" of nothing. Under the
+    default thresholds every relative check fails, saying why."""
+    m = _student_is_teacher(teacher_dir, tmp_path, monkeypatch, _default_gate(min_valid_json=None))
+    assert m["teacher"]["exact_match"] < 0.05 and m["gate"]["passed"] is False
+    rel = [c for c in m["gate"]["checks"] if c["variant"] == "onnx_fp32" and c["relative"]]
+    assert rel and all(not c["passed"] and "nothing to retain" in c["note"] for c in rel)
+    assert "the teacher scores 0.0000 on exact_match" in m["gate"]["summary"]
 
 
 def test_failed_gate_fails_the_command(smoke_run, tmp_path):

@@ -50,7 +50,7 @@ def test_a_new_gate_metric_is_one_registry_entry():
         rc = compose(["+exp=smoke", "+gate.min_generation_match=0.9"])
         th = gate.thresholds_of(rc.gate)
         assert th["min_generation_match"] == 0.9
-        v = gate.evaluate_gate({}, {"onnx_int8": {"generation_match": 0.5}}, {"min_generation_match": 0.9})
+        v = gate.evaluate_gate({}, {"onnx_int8": {"generation_match": 0.5}}, {"min_generation_match": 0.9}, 0.0)
         assert not v.passed and v.failures[0].metric == "generation_match"
         try:
             compose(["+exp=smoke", "+gate.min_generation_match=1.5"])
