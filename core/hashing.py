@@ -27,12 +27,16 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST, "metrics.jso
     }
 
 
+HASHED_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja")
+
+
 def folder_hash(folder: str | Path) -> str:
-    """Content hash of a model folder's weight, config and tokenizer files."""
+    """Content hash of a model folder's files that change what it computes or how it is prompted: weights,
+    configs (generation_config.json included), tokenizer files and the chat template (chat_template.jinja)."""
     h = hashlib.sha256()
     folder = Path(folder)
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt", ".model")) and p.name != MANIFEST:
+        if p.is_file() and p.suffix in HASHED_SUFFIXES and p.name != MANIFEST:
             h.update(p.name.encode())
             with p.open("rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -119,3 +119,24 @@ def test_llama3_style_teacher_without_pad_token_on_jsonl_data_end_to_end(texts, 
     meta = json.loads((tmp_path / "run" / "onnx" / "int8" / "onnx_config.json").read_text())
     assert meta["eos_token_id"][:1] == [eot] and meta["pad_token_id"] == eot
     assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"] and "gate" in m
+
+
+def test_editing_the_chat_template_changes_the_teacher_hash(teacher_dir, tmp_path):
+    """Every file that changes behaviour is in the folder hash behind the stage keys: a new chat template
+    (or generation config, or tokenizer) redoes the stages that used the teacher."""
+    import shutil
+
+    from core.hashing import folder_hash
+
+    d = shutil.copytree(teacher_dir, tmp_path / "t")
+    before = folder_hash(d)
+    template = d / "chat_template.jinja"
+    assert template.is_file()
+    template.write_text(template.read_text() + "{# edited #}")
+    after_template = folder_hash(d)
+    gen = d / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [1, 2]}))
+    after_generation = folder_hash(d)
+    assert len({before, after_template, after_generation}) == 3
+    (d / "README.md").write_text("notes")  # not part of what the model computes or how it is prompted
+    assert folder_hash(d) == after_generation

@@ -34,7 +34,7 @@ def _run(code: str) -> str:
 def test_schema_fields_are_the_registries():
     import dataclasses
 
-    assert [f.name for f in dataclasses.fields(GateConfig)] == ["variants", *THRESHOLDS]
+    assert [f.name for f in dataclasses.fields(GateConfig)] == ["variants", *THRESHOLDS, "min_teacher_score"]
     assert [f.name for f in dataclasses.fields(QuantizeConfig)] == ["variants", *SCHEMES]
     for name, scheme in SCHEMES.items():
         assert isinstance(getattr(compose([]).quantize, name), scheme.settings)
