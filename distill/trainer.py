@@ -298,14 +298,26 @@ class CrossEntropy:
         return 0.0, 1.0, 0.0
 
 
-class LiveKD(CrossEntropy):
-    """loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss, against a teacher
-    that runs on every batch (frozen, no gradients)."""
+class _KD(CrossEntropy):
+    """loss = kd_weight * KD + (1 - kd_weight) * CE + features.weight * feature loss, logits chunked by
+    ``distill.chunk_size``; subclasses say where the teacher's signals come from."""
+
+    def __init__(self, dcfg: DistillConfig):
+        super().__init__(dcfg.chunk_size)
+        self.dcfg = dcfg
+
+    def weights(self, on_policy: bool) -> tuple[float, float, float]:
+        d = self.dcfg
+        return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
+
+
+class LiveKD(_KD):
+    """KD against a teacher that runs on every batch (frozen, no gradients)."""
 
     def __init__(self, teacher, dcfg: DistillConfig):
-        self.teacher, self.dcfg = teacher, dcfg
+        super().__init__(dcfg)
+        self.teacher = teacher
         self.teacher_hidden_size = teacher.config.hidden_size
-        self.chunk_size = dcfg.chunk_size
 
     def prepare(self, acc) -> None:
         t = self.teacher
@@ -317,10 +329,6 @@ class LiveKD(CrossEntropy):
 
     def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
         return teacher_signals(self.teacher, batch, layer_map, self.dcfg.features.attention)
-
-    def weights(self, on_policy: bool) -> tuple[float, float, float]:
-        d = self.dcfg
-        return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
 
 
 class OnPolicyKD(LiveKD):
@@ -334,20 +342,16 @@ class OnPolicyKD(LiveKD):
         return (1.0, 0.0, self.dcfg.features.weight) if on_policy else super().weights(False)
 
 
-class CachedTopK(CrossEntropy):
-    """The KD term from the teacher's top-k log-probabilities cached on disk (``distill.signals``): no
-    teacher forward passes. Weights as LiveKD."""
+class CachedTopK(_KD):
+    """KD from the teacher's top-k log-probabilities cached on disk (``distill.signals``): no teacher
+    forward passes."""
 
     def __init__(self, signals, dcfg: DistillConfig):
-        self.cache, self.dcfg = signals, dcfg
-        self.chunk_size = dcfg.chunk_size
+        super().__init__(dcfg)
+        self.cache = signals
 
     def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
         return {"topk": self.cache.batch(idx, device)}
-
-    def weights(self, on_policy: bool) -> tuple[float, float, float]:
-        d = self.dcfg
-        return d.kd_weight, 1.0 - d.kd_weight, d.features.weight
 
 
 def make_mode(dcfg: DistillConfig, *, teacher=None, signals=None):

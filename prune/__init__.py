@@ -102,7 +102,7 @@ def prune_folder(
     """
     from transformers import AutoTokenizer
 
-    from core.chat import check_template, ensure_pad
+    from core.chat import ChatTemplateError, check_template, ensure_pad
     from core.hashing import folder_hash
     from families.hf import folder_problems, load_causal_lm, read_config, save_model_atomically
     from prune.calibration import calibration_batches
@@ -126,8 +126,8 @@ def prune_folder(
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     if method == "activation":
         template = check_template(tokenizer, "src")
-        if template:
-            raise PlanError(template)
+        if template:  # not a pruning target problem: PlanError would call it "impossible pruning target"
+            raise ChatTemplateError("\n".join(template))
         ensure_pad(tokenizer)  # calibration batches are padded; the saved tokenizer records the choice
     model = load_causal_lm(src)
     batches = None

@@ -40,6 +40,10 @@ def test_schema_fields_are_the_registries():
         assert isinstance(getattr(compose([]).quantize, name), scheme.settings)
     assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "mistral", "phi3"}
     assert set(DIVERGENCES) == {"forward_kl", "reverse_kl", "jsd", "skew_kl", "tv"}
+    # the gate (export layer) flags the metrics that exist only on tool-call data; distill.metrics names them
+    from distill.metrics import TOOL_CALL_METRICS
+
+    assert {s.metric for s in THRESHOLDS.values() if s.tool_calls} == set(TOOL_CALL_METRICS)
 
 
 def test_a_new_gate_metric_is_one_registry_entry():
