@@ -19,7 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from distill.config import register_resolvers
+
 log = logging.getLogger("distill")
+register_resolvers()  # ${package_file:...} in conf/ (model wheels)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

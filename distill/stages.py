@@ -29,7 +29,7 @@ from core.hashing import MANIFEST, changed_keys, digest, file_hashes
 
 log = logging.getLogger("distill")
 
-STAGES = ("teacher", "signals", "prune", "distill", "evaluate", "export", "quantize", "gate")
+STAGES = ("gguf", "teacher", "signals", "prune", "distill", "evaluate", "export", "quantize", "gate")
 RUN_MANIFEST = "manifest.json"
 # Hydra writes these into the run folder before our code runs.
 HYDRA_ENTRIES = (".hydra",)

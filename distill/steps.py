@@ -19,7 +19,7 @@ from typing import Any
 
 from core.files import building, write_json
 from core.hashing import digest, flatten
-from distill.config import ConfigError, RunConfig, settled_plan, student_sizes, to_dict
+from distill.config import ConfigError, RunConfig, key_settings, settled_plan, student_sizes, to_dict
 from distill.stages import Stage, Stages, guard
 
 log = logging.getLogger("distill")
@@ -126,37 +126,27 @@ def load_data(r: Run) -> None:
 
 
 def teacher(r: Run) -> None:
-    """A user's folder (hashed), or the bootstrapped one from the cache; then the tokenizer, the encoded
-    splits, the teacher identity and the prune plan for its real config."""
+    """The task teacher: a user's folder (hashed) or GGUF file (converted once into a cached folder),
+    optionally fine-tuned on the training data; or, without ``teacher.path``, the bootstrapped one. Then
+    the tokenizer, the encoded splits, the teacher identity and the prune plan for its real config."""
     from transformers import AutoTokenizer
 
     from core.chat import check_template, ensure_pad
     from core.hashing import folder_hash
     from distill.data import encode_records
-    from distill.teacher import bootstrap_dir, bootstrap_teacher
     from families.hf import read_config, vocab_problems
 
     rc = r.rc
+    key = "teacher.path" if rc.teacher.path else "teacher"
     if rc.teacher.path:
-        r.teacher_dir = Path(rc.teacher.path)
-        r.stages.record["teacher"] = {"status": "input", "folder": str(r.teacher_dir)}
+        r.teacher_dir = source_teacher(r)
+        if rc.teacher.finetune.enabled:  # a template problem is reported before the fine-tune, not after it
+            base_tok = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+            if problems := check_template(base_tok, key):
+                raise ConfigError(problems)
+            r.teacher_dir = finetuned_teacher(r, r.teacher_dir)
     else:
-        dest = bootstrap_dir(rc.teacher, r.data_hash)
-        force = "teacher" in r.stages.force or "all" in r.stages.force
-
-        def bootstrap(st: Stage) -> None:
-            bootstrap_teacher(
-                rc.teacher,
-                r.records,
-                r.data_hash,
-                rc.eval,
-                accelerator=r.acc,
-                max_length=rc.data.max_length,
-                force=force,
-            )
-
-        r.stage("teacher", dest, dataclasses.asdict(rc.teacher.bootstrap), {"data_hash": r.data_hash}, bootstrap)
-        r.teacher_dir = dest
+        r.teacher_dir = bootstrapped_teacher(r)
     t_cfg = read_config(r.teacher_dir)
     problems = []
     if rc.student.init == "folder":
@@ -167,7 +157,7 @@ def teacher(r: Run) -> None:
     if problems:
         raise ConfigError(problems)
     r.tokenizer = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
-    problems = check_template(r.tokenizer, "teacher.path" if rc.teacher.path else "teacher")
+    problems = check_template(r.tokenizer, key)
     if problems:
         raise ConfigError(problems)
     pad = ensure_pad(r.tokenizer)
@@ -185,6 +175,79 @@ def teacher(r: Run) -> None:
         r.plan = settled_plan(rc, t_cfg)
         for reason in r.plan.reasons:
             log.info("prune plan: %s", reason)
+
+
+def _forced(r: Run, name: str) -> bool:
+    return name in r.stages.force or "all" in r.stages.force
+
+
+def source_teacher(r: Run) -> Path:
+    """``teacher.path`` as a folder: itself; as a GGUF file: the cached folder it converts into (stage
+    ``gguf``, keyed by the file's content)."""
+    from distill.teacher import gguf_dir
+    from families.gguf import convert_gguf, file_sha256, is_gguf
+
+    tc = r.rc.teacher
+    src = Path(tc.path)
+    if not is_gguf(src):
+        r.stages.record["teacher"] = {"status": "input", "folder": str(src)}
+        return src
+    sha = file_sha256(src)
+    dest = gguf_dir(tc, sha)
+    r.stage("gguf", dest, {}, {"gguf_sha256": sha}, lambda st: convert_gguf(src, dest), on="main")
+    r.stages.record["teacher"] = {"status": "input", "folder": str(dest), "gguf": str(src)}
+    return dest
+
+
+def finetuned_teacher(r: Run, base: Path) -> Path:
+    """``base`` fine-tuned on the run's training data (stage ``teacher``, cached by base, data, settings)."""
+    import dataclasses as dc
+
+    from core.hashing import folder_hash
+    from distill.teacher import finetune_dir, finetune_teacher
+
+    tc = r.rc.teacher
+    base_hash = folder_hash(base)
+    dest = finetune_dir(tc, r.data_hash, base_hash)
+
+    def work(st: Stage) -> None:
+        finetune_teacher(
+            tc,
+            base,
+            base_hash,
+            r.records,
+            r.data_hash,
+            r.rc.eval,
+            accelerator=r.acc,
+            max_length=r.rc.data.max_length,
+            force=_forced(r, "teacher"),
+        )
+
+    inputs = {"data_hash": r.data_hash, "base_hash": base_hash}
+    r.stage("teacher", dest, key_settings(dc.asdict(tc.finetune)), inputs, work)
+    return dest
+
+
+def bootstrapped_teacher(r: Run) -> Path:
+    """The teacher trained from scratch on the task (stage ``teacher``, cached by settings and data)."""
+    from distill.teacher import bootstrap_dir, bootstrap_teacher
+
+    rc = r.rc
+    dest = bootstrap_dir(rc.teacher, r.data_hash)
+
+    def work(st: Stage) -> None:
+        bootstrap_teacher(
+            rc.teacher,
+            r.records,
+            r.data_hash,
+            rc.eval,
+            accelerator=r.acc,
+            max_length=rc.data.max_length,
+            force=_forced(r, "teacher"),
+        )
+
+    r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data_hash}, work)
+    return dest
 
 
 # ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
@@ -252,7 +315,7 @@ def prune(r: Run) -> Stage:
 
 def distill(r: Run, init_input: dict) -> None:
     rc = r.rc
-    dcfg = dataclasses.asdict(rc.distill)
+    dcfg = key_settings(dataclasses.asdict(rc.distill))
     for k in NOT_IN_RESULT:
         dcfg["train"].pop(k)
     config = {

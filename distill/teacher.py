@@ -1,5 +1,10 @@
-"""The teacher: a user's local HF folder, or a small Qwen2 (GQA) model bootstrapped on the task data
-once and cached by a hash of its settings and the data version."""
+"""The task teacher, trained once and cached: from scratch (``bootstrap``: a small Qwen2 with GQA and its
+own BPE tokenizer) or from a pretrained model (``finetune``: full or LoRA, on the run's training data).
+
+Both are the same stage: cross-entropy on the answers, test scores in ``teacher.json``, an atomic save
+into ``teacher.cache_dir/teachers/<key>``, the key hashing the settings, the data version and (for a
+fine-tune) the base folder's content.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,20 @@ import logging
 import os
 from pathlib import Path
 
-from distill.config import BootstrapConfig, EvalConfig, TeacherConfig
+from distill.config import BootstrapConfig, EvalConfig, FinetuneConfig, TeacherConfig, key_settings
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_VERSION = "qwen2-bootstrap/1"
+FINETUNE_VERSION = "finetune/1"
 # Part of the bootstrap recipe (like BOOTSTRAP_VERSION, not a knob): tokens per logit chunk of its
 # cross-entropy. Every cached bootstrapped teacher was trained with it.
 BOOTSTRAP_CHUNK_SIZE = 1024
 
 
 def bootstrap_key(b: BootstrapConfig, data_hash: str) -> str:
-    blob = json.dumps({"v": BOOTSTRAP_VERSION, "data": data_hash, **dataclasses.asdict(b)}, sort_keys=True)
+    blob = json.dumps(
+        {"v": BOOTSTRAP_VERSION, "data": data_hash, **key_settings(dataclasses.asdict(b))}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -31,6 +39,21 @@ def cache_root(tc: TeacherConfig) -> Path:
 def bootstrap_dir(tc: TeacherConfig, data_hash: str) -> Path:
     """Where the teacher bootstrapped with these settings on this data is cached."""
     return cache_root(tc) / "teachers" / bootstrap_key(tc.bootstrap, data_hash)
+
+
+def finetune_key(f: FinetuneConfig, data_hash: str, base_hash: str) -> str:
+    blob = {"v": FINETUNE_VERSION, "data": data_hash, "base": base_hash, **key_settings(dataclasses.asdict(f))}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finetune_dir(tc: TeacherConfig, data_hash: str, base_hash: str) -> Path:
+    """Where ``base`` fine-tuned with these settings on this data is cached."""
+    return cache_root(tc) / "teachers" / f"ft-{finetune_key(tc.finetune, data_hash, base_hash)}"
+
+
+def gguf_dir(tc: TeacherConfig, sha256: str) -> Path:
+    """Where the GGUF file with this content is cached as a Hugging Face folder."""
+    return cache_root(tc) / "teachers" / f"gguf-{sha256[:16]}"
 
 
 def bootstrap_teacher(
@@ -46,28 +69,21 @@ def bootstrap_teacher(
     """Path of the cached bootstrapped teacher, training it first when the cache has none.
 
     Trains a byte-level BPE tokenizer on the training split, then a Qwen2 model with grouped-query
-    attention with plain cross-entropy on the answers. Written atomically: a killed bootstrap leaves
-    no folder that looks finished. Its test metrics are stored in ``bootstrap.json``.
+    attention with plain cross-entropy on the answers (``train_teacher``).
     """
-    import torch
+    from transformers import Qwen2Config
 
-    from distill.data import encode_records
     from distill.data.tokenize import train_tokenizer
-    from distill.evaluate import evaluate_model
-    from distill.trainer import CrossEntropy, train
-    from families.hf import build_from_config, param_count, save_model_atomically
+    from families.hf import build_from_config
 
     b = tc.bootstrap
     dest = bootstrap_dir(tc, data_hash)
     if (dest / "config.json").is_file() and not force:
         log.info("teacher: reusing cached bootstrap %s", dest)
         return dest
-    acc = accelerator
     log.info("teacher: no cached teacher at %s; bootstrapping one (once)", dest)
     texts = [m["content"] for r in data["train"] for m in r["messages"]]
     tokenizer = train_tokenizer(texts, b.vocab_size)
-    from transformers import Qwen2Config
-
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=b.hidden_size,
@@ -85,27 +101,135 @@ def bootstrap_teacher(
     model = build_from_config(config, b.train.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    info = {"key": bootstrap_key(b, data_hash), "data_hash": data_hash, "settings": dataclasses.asdict(b)}
+    train_teacher(
+        model,
+        tokenizer,
+        data,
+        b.train,
+        ec,
+        dest,
+        info,
+        accelerator=accelerator,
+        max_length=max_length,
+        min_exact_match=b.min_exact_match,
+        what="bootstrapped",
+        hint="raise teacher.bootstrap.train.steps",
+    )
+    return dest
+
+
+def finetune_teacher(
+    tc: TeacherConfig,
+    base: Path,
+    base_hash: str,
+    data: dict[str, list[dict]],
+    data_hash: str,
+    ec: EvalConfig,
+    *,
+    accelerator,
+    max_length: int,
+    force: bool = False,
+) -> Path:
+    """Path of ``base`` fine-tuned on the run's training data (full, or LoRA merged back), training it
+    first when the cache has none. The tokenizer and chat template are the base's (a pad token is chosen
+    and recorded when it has none)."""
+    from transformers import AutoTokenizer
+
+    from core.chat import ensure_pad
+    from distill.trainer import apply_lora, merge_lora
+    from families.hf import load_causal_lm
+
+    f = tc.finetune
+    dest = finetune_dir(tc, data_hash, base_hash)
+    if (dest / "config.json").is_file() and not force:
+        log.info("teacher: reusing cached fine-tune %s", dest)
+        return dest
+    how = f"LoRA r={f.lora.r}" if f.lora.enabled else "full"
+    log.info(
+        "teacher: fine-tuning %s on the training data (%s, %d steps), once, into %s", base, how, f.train.steps, dest
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=tc.trust_remote_code)
+    ensure_pad(tokenizer)
+    model = load_causal_lm(base, trust_remote_code=tc.trust_remote_code)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    trainable = apply_lora(model, f.lora) if f.lora.enabled else model
+    info = {
+        "key": finetune_key(f, data_hash, base_hash),
+        "data_hash": data_hash,
+        "base": str(base),
+        "base_hash": base_hash,
+        "settings": dataclasses.asdict(f),
+    }
+    train_teacher(
+        trainable,
+        tokenizer,
+        data,
+        f.train,
+        ec,
+        dest,
+        info,
+        accelerator=accelerator,
+        max_length=max_length,
+        min_exact_match=f.min_exact_match,
+        what="fine-tuned",
+        hint="raise teacher.finetune.train.steps or lr",
+        finish=merge_lora,
+    )
+    return dest
+
+
+def train_teacher(
+    model,
+    tokenizer,
+    data: dict[str, list[dict]],
+    train_cfg,
+    ec: EvalConfig,
+    dest: Path,
+    info: dict,
+    *,
+    accelerator,
+    max_length: int,
+    min_exact_match: float,
+    what: str,
+    hint: str,
+    finish=None,
+) -> None:
+    """Cross-entropy on the answers, test scores, then an atomic save of ``dest`` with ``teacher.json``
+    (settings, parameters, training time and tokens/s, test scores). A killed run leaves no folder that
+    looks finished."""
+    import torch
+
+    from distill.data import encode_records
+    from distill.evaluate import evaluate_model
+    from distill.trainer import CrossEntropy, train
+    from families.hf import param_count, save_model_atomically
+
+    acc = accelerator
     train_enc = encode_records(tokenizer, data["train"], max_length, "data.train")
     result = train(
         model,
         tokenizer,
         train_enc,
-        b.train,
+        train_cfg,
         accelerator=acc,
         mode=CrossEntropy(BOOTSTRAP_CHUNK_SIZE),
-        desc="teacher bootstrap",
+        desc=f"teacher ({what})",
         log_prefix="teacher/",
     )
     model = acc.unwrap_model(model)
+    if finish is not None:
+        model = finish(model)
     info = {
-        "key": bootstrap_key(b, data_hash),
-        "data_hash": data_hash,
-        "settings": dataclasses.asdict(b),
+        **info,
         "num_params": param_count(model),
         "train_seconds": result.seconds,
+        "train_tokens": result.tokens,
         "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
     }
     if acc.is_main_process:
+        model.eval()
         test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test")
         with torch.no_grad():
             scores, _ = evaluate_model(
@@ -113,18 +237,19 @@ def bootstrap_teacher(
             )
         info["test"] = scores
         log.info(
-            "teacher: bootstrapped %d params in %.0f s; test exact match %.3f",
+            "teacher: %s %d params in %.0f s; test exact match %.3f",
+            what,
             info["num_params"],
             result.seconds,
             scores["exact_match"],
         )
-        if scores["exact_match"] < b.min_exact_match:
+        if scores["exact_match"] < min_exact_match:
             log.warning(
-                "teacher: bootstrapped teacher reaches only %.3f exact match on test (wanted %.2f); "
-                "raise teacher.bootstrap.train.steps",
+                "teacher: the %s teacher reaches only %.3f exact match on test (wanted %.2f); %s",
+                what,
                 scores["exact_match"],
-                b.min_exact_match,
+                min_exact_match,
+                hint,
             )
-        save_model_atomically(model, tokenizer, dest, {"bootstrap.json": info})
+        save_model_atomically(model, tokenizer, dest, {"teacher.json": info})
     acc.wait_for_everyone()
-    return dest

@@ -189,18 +189,35 @@ def merge_lora(student):
 
 
 class _BatchStream:
-    """Global batch j is a pure function of (seed, j): resumable and identical for any process count."""
+    """Global batch j is a pure function of (seed, j): resumable and identical for any process count.
 
-    def __init__(self, n: int, global_batch: int, seed: int):
-        self.n, self.gb, self.seed = n, global_batch, seed
+    With ``lengths`` (``train.group_by_length``), each epoch's shuffled order is cut into windows of
+    ``GROUP_WINDOW`` global batches, each window sorted by length and cut into batches, and the full batches
+    shuffled: batches of similar lengths, little padding, still random across the epoch."""
+
+    GROUP_WINDOW = 64  # global batches per sorted window (not a knob: any large window gives the saving)
+
+    def __init__(self, n: int, global_batch: int, seed: int, lengths: Sequence[int] | None = None):
+        self.n, self.gb, self.seed, self.lengths = n, global_batch, seed, lengths
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             idx = list(range(self.n))
-            random.Random(self.seed * 100003 + epoch).shuffle(idx)
+            rng = random.Random(self.seed * 100003 + epoch)
+            rng.shuffle(idx)
+            if self.lengths is not None:
+                idx = self._grouped(idx, rng)
             self._perms = {epoch: idx}
         return self._perms[epoch]
+
+    def _grouped(self, idx: list[int], rng: random.Random) -> list[int]:
+        w, gb = self.GROUP_WINDOW * self.gb, self.gb
+        ordered = [i for s in range(0, len(idx), w) for i in sorted(idx[s : s + w], key=self.lengths.__getitem__)]
+        full = len(ordered) // gb * gb
+        batches = [ordered[s : s + gb] for s in range(0, full, gb)]
+        rng.shuffle(batches)
+        return [i for b in batches for i in b] + ordered[full:]  # a partial batch stays last: batches stay aligned
 
     def global_batch(self, j: int) -> list[int]:
         out = []
@@ -568,7 +585,8 @@ def train(
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
     mode.prepare(acc)
-    stream = _BatchStream(len(train_data), tc.batch_size * acc.num_processes, tc.seed)
+    lengths = [len(e["input_ids"]) for e in train_data] if tc.group_by_length else None
+    stream = _BatchStream(len(train_data), tc.batch_size * acc.num_processes, tc.seed, lengths)
     ckpt = (
         Checkpoints(checkpoint_dir, checkpoint_key, tc.checkpoint_every, tc.keep_checkpoints, desc)
         if checkpoint_dir

