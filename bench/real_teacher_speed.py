@@ -80,7 +80,7 @@ def main() -> None:
                 "system_prompt": system,
                 "mean_example_tokens": round(prompt_tokens, 1),
                 "s_per_step": round(seconds / a.steps, 2),
-                "answer_tokens_per_s": round(res.tokens / seconds, 1),
+                "tokens_per_s": round(res.tokens / seconds, 1),  # real (non-padding) tokens
                 "examples_per_s": round(a.steps * a.batch / seconds, 2),
             }
         )

@@ -53,7 +53,7 @@ def main() -> None:
     teacher = load_causal_lm(tdir)
     d = rc.distill
     t0 = time.perf_counter()
-    tensors = compute_topk(teacher, data, tok.pad_token_id, len(tok), d.topk, d.temperature)
+    tensors = compute_topk(teacher, data, tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size)
     cache_s = time.perf_counter() - t0
     folder = Path(tempfile.mkdtemp())
     save_signals(tensors, folder, {})

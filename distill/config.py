@@ -69,6 +69,7 @@ class TrainConfig:
     spike_warmup: int = non_negative()  # steps before spikes are judged
     max_spikes: int = non_negative()  # more skipped steps than this in a row stops training with an error
     group_by_length: bool  # batches of similar lengths (less padding, faster); the order stays seeded
+    eval_generate: int = non_negative()  # validation examples greedy-generated at each eval_every (exact match)
 
 
 @dataclass
@@ -171,7 +172,8 @@ class DistillConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = positive()
-    max_new_tokens: int = positive()
+    max_new_tokens: int | None = positive()  # null: the longest reference answer of the split (+ end of turn)
+    chunk_size: int = positive()  # answer tokens per logit chunk in teacher-forced metrics (memory, not results)
     num_test: int | None = positive()  # evaluate on the first N test / hard examples; null = all
     retention_target: float = unit()  # student test exact match / teacher's; reported
 
@@ -183,6 +185,7 @@ class ExportConfig:
     opset: int = positive()
     fp16: bool  # also write onnx/fp16
     verify_atol: float = positive()  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
+    verify_rtol: float = non_negative()  # ... plus this times the largest |logit|
     openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
     latency_tokens: int = positive()  # tokens generated per timed prompt
@@ -464,7 +467,7 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
 
 
 # Knobs added after caches and stage keys existed: at these values a key is what it was before the knob.
-NEUTRAL = {"group_by_length": False}
+NEUTRAL = {"group_by_length": False, "eval_generate": 0}
 
 
 def key_settings(d: dict) -> dict:

@@ -61,10 +61,28 @@ def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> Ge
     return generate
 
 
+def answer_budget(data: Sequence[dict]) -> int:
+    """New tokens that cover the longest reference answer of ``data`` with its end-of-turn token: a longer
+    generation cannot match any reference, so ``eval.max_new_tokens: null`` stops there."""
+    return max((sum(1 for t in ex["labels"] if t != IGNORE) for ex in data), default=1)
+
+
+def by_length(prompts: Sequence[Sequence[int]], generate: GenerateFn) -> list[list[int]]:
+    """``generate`` over prompts sorted by length (batches of similar lengths: little padding), answers
+    returned in the original order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = generate([prompts[i] for i in order])
+    out: list[list[int]] = [[] for _ in prompts]
+    for i, a in zip(order, answers, strict=True):
+        out[i] = a
+    return out
+
+
 def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) -> tuple[dict, list[list[int]]]:
-    """Task metrics of ``generate`` on encoded examples (each with ``input_ids``, ``prompt_len``, ``answer``)."""
+    """Task metrics of ``generate`` on encoded examples (each with ``input_ids``, ``prompt_len``, ``answer``);
+    generation batches are formed by prompt length."""
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
-    answers = generate(prompts)
+    answers = by_length(prompts, generate)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     return metrics.score(texts, [ex["answer"] for ex in data]), answers
 
@@ -72,31 +90,74 @@ def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> (B, T, V)
 
 
-def model_logits_fn(model) -> LogitsFn:
-    device = next(model.parameters()).device
-    return lambda ids, mask: model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+def answer_logits(model, batch: dict, vocab: int, chunk_size: int):
+    """The logits that predict ``batch``'s answer tokens, ``chunk_size`` tokens at a time. A PyTorch model runs its decoder once and its LM head per
+    chunk; a ``LogitsFn`` (an ONNX runtime returns full logits) runs on as few rows at a time as keep about
+    ``chunk_size`` tokens. Either way no more than one chunk of (tokens x vocab) logits is held. Yields
+    logits[chunk, vocab] in answer-token order."""
+    sel = batch["labels"][:, 1:] != IGNORE
+    if isinstance(model, torch.nn.Module):
+        from families import backbone_and_head
+
+        body, head = backbone_and_head(model)
+        device = head.weight.device
+        h = body(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).last_hidden_state[:, :-1][sel.to(device)]
+        for start in range(0, h.shape[0], chunk_size):
+            yield head(h[start : start + chunk_size])[:, :vocab].float().cpu()
+        return
+    rows = max(1, chunk_size // batch["input_ids"].shape[1])
+    for r in range(0, batch["input_ids"].shape[0], rows):
+        part = slice(r, r + rows)
+        logits = model(batch["input_ids"][part], batch["attention_mask"][part])[:, :-1, :vocab]
+        yield logits.cpu()[sel[part]].float()
+
+
+class _Rows:
+    """Consecutive rows of a stream of chunks, ``take(n)`` at a time: two models chunked differently (an
+    ONNX artifact by rows, a PyTorch teacher by tokens) are compared row for row, two chunks held at most."""
+
+    def __init__(self, chunks):
+        self.chunks, self.buf = chunks, None
+
+    def take(self, n: int) -> torch.Tensor:
+        parts, have = [], 0
+        while have < n:
+            if self.buf is None or self.buf.shape[0] == 0:
+                self.buf = next(self.chunks)
+            k = min(n - have, self.buf.shape[0])
+            parts.append(self.buf[:k])
+            self.buf, have = self.buf[k:], have + k
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
-def teacher_forced(model, data: Sequence[dict], tokenizer, batch_size: int, teacher=None) -> dict[str, float]:
+def teacher_forced(
+    model, data: Sequence[dict], tokenizer, batch_size: int, teacher=None, chunk_size: int = 512
+) -> dict[str, float]:
     """Perplexity on the reference answers; with ``teacher``: mean KL(teacher || model) per answer token
     and greedy token agreement (share of answer positions where both models' argmax agree).
 
-    ``model`` is a PyTorch model or a ``LogitsFn`` (so an ONNX runtime is scored by the same code)."""
-    logits_of = model if not isinstance(model, torch.nn.Module) else model_logits_fn(model)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    teacher_of = model_logits_fn(teacher) if teacher is not None else None
+    ``model`` is a PyTorch model or a ``LogitsFn`` (so an ONNX runtime is scored by the same code). Logits
+    are formed ``chunk_size`` answer tokens at a time (``answer_logits``): memory does not grow with the
+    vocabulary times the batch."""
+    for m in (model, teacher):
+        if isinstance(m, torch.nn.Module):
+            m.eval()
     vocab = len(tokenizer)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for i in range(0, len(data), batch_size):
         b = collate(data[i : i + batch_size], tokenizer.pad_token_id)
-        sel = b["labels"][:, 1:] != IGNORE
-        logits = logits_of(b["input_ids"], b["attention_mask"])[:, :-1, :vocab].cpu()[sel].float()
-        nll += float(F.cross_entropy(logits, b["labels"][:, 1:][sel], reduction="sum"))
-        count += int(sel.sum())
-        if teacher_of is not None:
-            tl = teacher_of(b["input_ids"], b["attention_mask"])[:, :-1, :vocab].cpu()[sel].float()
+        targets = _Rows(iter([b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE]]))
+        t_rows = _Rows(answer_logits(teacher, b, vocab, chunk_size)) if teacher is not None else None
+        for logits in answer_logits(model, b, vocab, chunk_size):
+            n = logits.shape[0]
+            nll += float(F.cross_entropy(logits, targets.take(n), reduction="sum"))
+            count += n
+            if t_rows is None:
+                continue
+            tl = t_rows.take(n)
             lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
             kl += float((lt.exp() * (lt - ls)).sum())
             agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
@@ -112,19 +173,21 @@ def evaluate_model(
     tokenizer,
     data: Sequence[dict],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     batch_size: int,
     teacher=None,
     teacher_answers: list[list[int]] | None = None,
+    chunk_size: int = 512,
 ) -> tuple[dict, list[list[int]]]:
-    """All metrics of one PyTorch model on one split; returns (metrics, greedy answers)."""
-    gen = hf_generate_fn(model, tokenizer, max_new_tokens, batch_size)
-    return _evaluate(gen, model, tokenizer, data, batch_size, teacher, teacher_answers)
+    """All metrics of one PyTorch model on one split; returns (metrics, greedy answers).
+    ``max_new_tokens=None``: the longest reference answer of ``data`` (``answer_budget``)."""
+    gen = hf_generate_fn(model, tokenizer, max_new_tokens or answer_budget(data), batch_size)
+    return _evaluate(gen, model, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size)
 
 
-def _evaluate(gen: GenerateFn, logits_of, tokenizer, data, batch_size, teacher, teacher_answers):
+def _evaluate(gen: GenerateFn, logits_of, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size):
     scores, answers = evaluate_generations(data, gen, tokenizer)
-    scores.update(teacher_forced(logits_of, data, tokenizer, batch_size, teacher))
+    scores.update(teacher_forced(logits_of, data, tokenizer, batch_size, teacher, chunk_size))
     if teacher_answers is not None:
         scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
     return scores, answers
@@ -140,14 +203,16 @@ def evaluate_onnx(
     tokenizer,
     data: Sequence[dict],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     batch_size: int,
     teacher=None,
     teacher_answers: list[list[int]] | None = None,
+    chunk_size: int = 512,
 ) -> tuple[dict, list[list[int]]]:
     """All metrics of one ONNX artifact (through ``export.runtime``) on one split, as for a PyTorch model."""
-    gen = lambda prompts: runner.generate(prompts, max_new_tokens, batch_size=batch_size)  # noqa: E731
-    return _evaluate(gen, onnx_logits_fn(runner), tokenizer, data, batch_size, teacher, teacher_answers)
+    n = max_new_tokens or answer_budget(data)
+    gen = lambda prompts: runner.generate(prompts, n, batch_size=batch_size)  # noqa: E731
+    return _evaluate(gen, onnx_logits_fn(runner), tokenizer, data, batch_size, teacher, teacher_answers, chunk_size)
 
 
 def latency(

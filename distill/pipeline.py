@@ -12,8 +12,8 @@ only the gate). ``force=[...]`` reruns named stages. Stage folders under the run
     gate/        gate.json: the release verdict
     metrics.json, report.md, plots, manifest.json: rebuilt from the stages on every run
 
-The teacher (bootstrapped), its test answers and its cached top-k signals live in the cache folder
-(``teacher.cache_dir``) and are shared by every run and sweep job that uses the same teacher and data.
+The teacher (bootstrapped, fine-tuned from ``teacher.path``, or converted from a GGUF file), its test
+answers and its cached top-k signals live in the cache folder (``teacher.cache_dir``) and are shared by every run and sweep job that uses the same teacher and data.
 The glue of each stage is in ``distill.steps``.
 """
 
@@ -64,7 +64,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
         metrics = steps.retention_metrics(r, scores, info)
         if rc.export.enabled:
             metrics.update(steps.ship(r, scores["teacher"], scores["teacher_answers"]))
-        report(r, metrics, info.get("history", []))
+        report(r, metrics, info)
     r.acc.wait_for_everyone()
     r.acc.end_training()  # also tears down the process group: nothing collective after this
     return metrics
@@ -84,14 +84,18 @@ def start(rc: RunConfig, run_dir: Path, force) -> steps.Run:
     return r
 
 
-def report(r: steps.Run, metrics: dict, history: list[dict]) -> None:
+def report(r: steps.Run, metrics: dict, info: dict) -> None:
     """metrics.json, report.md with plots, manifest.json, and the closing log lines."""
-    from distill.report import plot_history, plot_training, plot_variants, render_report
+    from distill.report import plot_history, plot_retention, plot_training, plot_variants, render_report
 
     rc, stages = r.rc, r.stages
+    history = info.get("history", [])
     made = [
         plot_history(history, r.dir / "loss.png", f"{rc.name}: distillation"),
         plot_training(history, r.dir / "training.png", f"{rc.name}: training health"),
+        plot_retention(
+            history, info.get("teacher_val_exact_match"), r.dir / "retention.png", f"{rc.name}: retention over training"
+        ),
     ]
     if rc.export.enabled:
         made.append(plot_variants(metrics, r.dir / "variants.png"))

@@ -49,6 +49,31 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
     return Path(path)
 
 
+def plot_retention(history: list[dict], teacher_em: float | None, path: str | Path, title: str) -> Path | None:
+    """Student exact match on the probed validation examples / the teacher's, against minutes and tokens
+    of distillation (``train.eval_generate``): what more compute buys."""
+    pts = [r for r in history if "val_exact_match" in r]
+    if not pts or not teacher_em:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    a, b = fig.subplots(1, 2, sharey=True)
+    ret = [r["val_exact_match"] / teacher_em for r in pts]
+    a.plot([r["elapsed_s"] / 60 for r in pts], ret, "o-")
+    b.plot([r["tokens"] / 1e6 for r in pts], ret, "o-", color="C1")
+    a.set_xlabel("distillation minutes")
+    b.set_xlabel("training tokens (millions)")
+    a.set_ylabel("exact match / teacher's")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def plot_training(history: list[dict], path: str | Path, title: str) -> Path | None:
     """Learning rate, gradient norm, throughput and memory against step: is the run healthy?"""
     panels = [

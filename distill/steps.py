@@ -25,7 +25,7 @@ from distill.stages import Stage, Stages, guard
 log = logging.getLogger("distill")
 SPLITS = ("train", "validation", "test", "hard")
 # TrainConfig knobs that do not change the trained weights: changing them does not redo distillation.
-NOT_IN_RESULT = ("log_every", "checkpoint_every", "keep_checkpoints")
+NOT_IN_RESULT = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_generate")
 
 
 class timed:
@@ -262,7 +262,9 @@ def signals(r: Run) -> None:
     folder = cache_root(r.rc.teacher) / "signals" / digest(key)
 
     def compute(st: Stage) -> dict:
-        tensors = compute_topk(r.teacher.get(), r.enc["train"], tok.pad_token_id, len(tok), d.topk, d.temperature)
+        tensors = compute_topk(
+            r.teacher.get(), r.enc["train"], tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size
+        )
         with building(folder) as tmp:
             save_signals(tensors, tmp, key)
         return {"tokens": int(tensors["offsets"][-1]), "examples": len(r.enc["train"])}
@@ -370,6 +372,14 @@ def _train_student(r: Run, st: Stage) -> None:
                     [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
                 )
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
+    teacher_val = None
+    tc = rc.distill.train
+    if tc.eval_generate and tc.eval_every and r.enc["validation"]:
+        from distill.trainer import generated_exact_match
+
+        # the teacher on the same validation examples: the reference of the retention curve
+        teacher_val = generated_exact_match(r.teacher.get(), tok, r.enc["validation"], tc)
+        log.info("teacher exact match on the %d probed validation examples: %.3f", tc.eval_generate, teacher_val)
     n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher_dir)))
     n_student = config_param_count(student.config)
     log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
@@ -402,6 +412,7 @@ def _train_student(r: Run, st: Stage) -> None:
             "skipped_steps": result.skipped_steps,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
             "final_loss": result.history[-1]["loss"] if result.history else None,
+            "teacher_val_exact_match": teacher_val,
             "history": result.history,
         }
         save_model_atomically(student, tok, st.folder, {"distill_info.json": info}, state_dict=state)
@@ -417,7 +428,7 @@ def _flat(d: dict) -> dict:
 
 
 def _ev(rc: RunConfig) -> dict:
-    return dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size)
+    return dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size, chunk_size=rc.eval.chunk_size)
 
 
 def teacher_answers(r: Run) -> dict:
@@ -549,10 +560,15 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
     out["fp32"] = fp32 = r.stage(
         "export",
         onnx_dir / "fp32",
-        {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol},
+        {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
         {"student_hash": r.student_hash},
         lambda st: export_onnx(
-            r.dir / "student", st.folder, opset=e.opset, verify_atol=e.verify_atol, exporter=e.exporter
+            r.dir / "student",
+            st.folder,
+            opset=e.opset,
+            verify_atol=e.verify_atol,
+            verify_rtol=e.verify_rtol,
+            exporter=e.exporter,
         ),
         on="main-only",
     )
@@ -683,7 +699,7 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
     return verdict or json.loads((st.folder / "gate.json").read_text())
 
 
-def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int) -> dict:
+def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int | None, batch_size: int) -> dict:
     """The same ONNX file under OpenVINO (CPU, f32 precision hint): share of greedy answers identical to
     ONNX Runtime's, argmax agreement and largest logit difference on the reference sequences."""
     import numpy as np
@@ -695,8 +711,11 @@ def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_token
     except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
         log.warning("openvino could not load %s: %s", folder, err)
         return {"error": str(err).splitlines()[0][:300]}
+    from distill.evaluate import answer_budget, by_length
+
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
-    ov_answers = ov.generate(prompts, max_new_tokens, batch_size=batch_size)
+    n = max_new_tokens or answer_budget(data)
+    ov_answers = by_length(prompts, lambda p: ov.generate(p, n, batch_size=batch_size))  # batched as ORT's were
     seqs = [ex["input_ids"] for ex in data]
     a, b = runner.sequence_logits(seqs, batch_size), ov.sequence_logits(seqs, batch_size)
     agree = np.mean(np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b, strict=True)]))

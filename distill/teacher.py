@@ -233,7 +233,12 @@ def train_teacher(
         test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test")
         with torch.no_grad():
             scores, _ = evaluate_model(
-                model, tokenizer, test, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size
+                model,
+                tokenizer,
+                test,
+                max_new_tokens=ec.max_new_tokens,
+                batch_size=ec.batch_size,
+                chunk_size=ec.chunk_size,
             )
         info["test"] = scores
         log.info(

@@ -641,8 +641,11 @@ def train(
             "memory_mb": _memory_mb(proc, acc.device),
             "on_policy": use_policy,
         }
+        row["elapsed_s"], row["tokens"] = time.time() - t0, tokens_seen
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
-            row["val_loss"] = validation_loss(loop.raw.student, tokenizer, val_data, tc.batch_size * 4, acc.device)
+            row["val_loss"] = validation_loss(loop.raw.student, tokenizer, val_data, tc.batch_size * 4, mode.chunk_size)
+            if tc.eval_generate:
+                row["val_exact_match"] = generated_exact_match(loop.raw.student, tokenizer, val_data, tc)
             module.train()
         result.history.append(row)
         if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
@@ -712,20 +715,34 @@ def save_checkpoint(
 
 
 @torch.no_grad()
-def validation_loss(model, tokenizer, data: Sequence[dict], batch_size: int, device) -> float:
-    """Mean cross-entropy per response token of ``model`` on encoded ``data``."""
+def generated_exact_match(model, tokenizer, data: Sequence[dict], tc: TrainConfig) -> float:
+    """Exact match of ``model``'s greedy answers on the first ``tc.eval_generate`` examples of ``data``:
+    the task metric during training, so a run shows what more steps buy (``train.eval_generate``)."""
+    from distill.evaluate import evaluate_model
+
+    was = model.training
+    scores, _ = evaluate_model(
+        model, tokenizer, data[: tc.eval_generate], max_new_tokens=None, batch_size=tc.batch_size * 2
+    )
+    model.train(was)
+    return scores["exact_match"]
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, data: Sequence[dict], batch_size: int, chunk_size: int) -> float:
+    """Mean cross-entropy per response token of ``model`` on encoded ``data``; logits are formed
+    ``chunk_size`` answer tokens at a time (``distill.evaluate.answer_logits``)."""
+    from distill.evaluate import answer_logits
+
     was = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        b = {k: v.to(device) for k, v in collate(data[i : i + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1, : len(tokenizer)]
-        tgt = b["labels"][:, 1:]
-        total += float(
-            F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-        )
-        count += int((tgt != IGNORE).sum())
+        b = collate(data[i : i + batch_size], tokenizer.pad_token_id)
+        targets, start = b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE], 0
+        for logits in answer_logits(model, b, len(tokenizer), chunk_size):
+            n = logits.shape[0]
+            total += float(F.cross_entropy(logits, targets[start : start + n].to(logits.device), reduction="sum"))
+            start, count = start + n, count + n
     model.train(was)
     return total / max(count, 1)

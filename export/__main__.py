@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     from export.onnx import ExportError, export_onnx, to_float16
 
     try:
-        fp32 = export_onnx(a.src, a.dest / "fp32", opset=a.opset, exporter=a.exporter, verify_atol=e["verify_atol"])
+        fp32 = export_onnx(
+            a.src,
+            a.dest / "fp32",
+            opset=a.opset,
+            exporter=a.exporter,
+            verify_atol=e["verify_atol"],
+            verify_rtol=e["verify_rtol"],
+        )
     except ExportError as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 3

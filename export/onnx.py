@@ -117,6 +117,7 @@ def export_onnx(
     external_data_threshold: int = TWO_GB,
     verify: bool = True,
     verify_atol: float = 1e-3,
+    verify_rtol: float = 1e-4,
     exporter: str = "dynamo",
 ) -> Path:
     """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (+ tokenizer, ``onnx_config.json``).
@@ -221,7 +222,7 @@ def export_onnx(
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         if verify:
-            err = verify_against_torch(tmp, model, verify_atol)
+            err = verify_against_torch(tmp, model, verify_atol, verify_rtol)
             log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
         if dtype == "float16":
             _half_in_place(tmp, tmp, external_data_threshold)
@@ -295,9 +296,12 @@ def _half_in_place(src: Path, dest: Path, external_data_threshold: int) -> None:
     (dest / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def verify_against_torch(folder: str | Path, model, atol: float = 1e-3) -> float:
+def verify_against_torch(folder: str | Path, model, atol: float = 1e-3, rtol: float = 1e-4) -> float:
     """Run a padded prefill and one decode step through ONNX Runtime and PyTorch; return the largest
-    absolute logit difference (on real tokens), raising ``ExportError`` above ``atol``."""
+    absolute logit difference (on real tokens), raising ``ExportError`` above ``atol + rtol * scale``,
+    ``scale`` being the largest |logit|: float32 rounding over 30 layers grows with the logits' size (a
+    fine-tuned SmolLM2-135M differs by 1.2e-3 at logits up to ~30), while a wrong graph differs by the
+    order of the logits themselves."""
     import numpy as np
     import torch
 
@@ -326,6 +330,11 @@ def verify_against_torch(folder: str | Path, model, atol: float = 1e-3) -> float
         float(np.abs(logits[real] - ref.logits.numpy()[real]).max()),
         float(np.abs(logits2 - ref2.logits.numpy()).max()),
     )
-    if not err <= atol:
-        raise ExportError(f"ONNX Runtime logits differ from PyTorch by {err:.3g} (> {atol}) in {folder}")
+    scale = max(float(np.abs(ref.logits.numpy()[real]).max()), float(np.abs(ref2.logits.numpy()).max()))
+    allowed = atol + rtol * scale
+    if not err <= allowed:
+        raise ExportError(
+            f"ONNX Runtime logits differ from PyTorch by {err:.3g} (> {allowed:.3g} = export.verify_atol {atol} + "
+            f"export.verify_rtol {rtol} x largest |logit| {scale:.3g}) in {folder}"
+        )
     return err

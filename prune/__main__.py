@@ -2,8 +2,9 @@
 standard HF folder.
 
 Activation importance is measured on ``--data`` (JSONL: chat ``messages`` or ``prompt``/``completion``
-lines): give your own task data. Without it the built-in car-assistant demo data is used, with a
-warning, since channels that matter for your task may rank low on it. Defaults come from
+lines), or on the training data of a pipeline run (``--run DIR``: the data its ``config.yaml`` names,
+system prompt included): give your own task data. Without either the built-in car-assistant demo data is
+used, with a warning, since channels that matter for your task may rank low on it. Defaults come from
 ``conf/student/small.yaml`` (``prune:``), the same values the pipeline uses.
 """
 
@@ -35,6 +36,24 @@ def demo_records(n: int) -> list[dict]:
     return [e.to_record() for e in generate("train", GeneratorSettings(num_train=max(n, 64)))]
 
 
+def run_records(run_dir: str) -> list[dict]:
+    """The training split of the pipeline run in ``run_dir``, read from the data its config.yaml names."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from core.jsonl import DataError
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise DataError(f"--run: {run_dir} has no config.yaml; give the folder of a pipeline run (hydra.run.dir)")
+    from distill.data import load_records
+
+    data = OmegaConf.to_container(OmegaConf.load(path))["data"]
+    data.setdefault("system_prompt", None)
+    return load_records(SimpleNamespace(**data), "train")
+
+
 def main(argv: list[str] | None = None) -> int:
     d = conf_defaults()
     ap = argparse.ArgumentParser(
@@ -52,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align", type=int, default=d["align"], help="hidden / MLP sizes are multiples of this")
     ap.add_argument("--keep-heads", action="store_true", help="budget pruning leaves attention heads alone")
     ap.add_argument("--calib-examples", type=int, default=d["calib_examples"])
-    ap.add_argument("--data", help="JSONL calibration data: your task's examples (default: the built-in demo data)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--data", help="JSONL calibration data: your task's examples (default: the built-in demo data)")
+    src.add_argument("--run", help="a pipeline run folder: calibrate on the training data its config.yaml names")
     ap.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (pickle) weights")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -65,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.method == "activation":
             if a.data:
                 records = read_jsonl(a.data, key="--data")
+            elif a.run:
+                records = run_records(a.run)
+                log.info("calibrating on the training data of the run in %s (%d examples)", a.run, len(records))
             else:
                 log.warning(
-                    "no --data: ranking channels on the built-in car-assistant demo data, not on your task; "
-                    "pass --data your_task.jsonl (or --method magnitude)"
+                    "no --data or --run: ranking channels on the built-in car-assistant demo data, NOT on your "
+                    "task; pass --data your_task.jsonl or --run RUN_DIR (or --method magnitude)"
                 )
                 records = demo_records(a.calib_examples)
         report = prune_folder(

@@ -28,7 +28,7 @@ ALLOWED = {
 }
 # Command-line edges compose packages of their own layer (never imported by library code):
 CLI_EXTRA = {
-    "prune/__main__.py": {"distill"},  # built-in demo data when no --data is given (with a warning)
+    "prune/__main__.py": {"distill"},  # the data of a run (--run), or the built-in demo data (with a warning)
     "export/__main__.py": {"quantize"},  # python -m export --quantize int8 int4
 }
 

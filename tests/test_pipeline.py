@@ -173,6 +173,8 @@ def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str]) -> dict
             f"student.path={teacher}",
             "distill.train.steps=1",
             "distill.train.lr=1e-12",  # the student stays the teacher
+            "distill.train.eval_every=1",
+            "distill.train.eval_generate=16",  # the retention probe: must read 1.0 for the teacher itself
             "distill.features.weight=0",
             "eval.num_test=24",
             "export.openvino=false",
@@ -198,6 +200,11 @@ def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_th
     failed = {c["metric"] for c in checks if c["variant"] == "onnx_int8" and not c["passed"]}
     assert {"exact_match", "agreement", "kl"} <= failed, checks
     assert m["gate"]["passed"] is False
+    # the retention probe during distillation: the student is the teacher, so it retains exactly 1.0
+    info = json.loads((tmp_path / "run" / "student" / "distill_info.json").read_text())
+    probe = info["history"][-1]["val_exact_match"]
+    assert info["teacher_val_exact_match"] > 0 and probe == info["teacher_val_exact_match"]
+    assert (tmp_path / "run" / "retention.png").is_file()
     assert m["onnx_fp32"]["agreement"] > 0.999 and m["onnx_int8"]["agreement"] < 0.5
 
 

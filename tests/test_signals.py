@@ -43,7 +43,11 @@ def test_cache_rows_line_up_with_the_live_teacher(peaked_teacher, tokenizer, dat
     """The cached signals of examples [3, 0, 7] (batch order) are the live teacher's top-k at the same
     positions: same token ids, same log-probabilities, and tail = log of the rest."""
     vocab, k, temp = len(tokenizer), 16, 2.0
-    save_signals(compute_topk(peaked_teacher, data, tokenizer.pad_token_id, vocab, k, temp, batch_size=6), tmp_path, {})
+    save_signals(
+        compute_topk(peaked_teacher, data, tokenizer.pad_token_id, vocab, k, temp, chunk_size=7, batch_size=6),
+        tmp_path,
+        {},
+    )
     cache = TopKSignals(tmp_path)
     assert len(cache) == len(data) and cache.k == k
     order = [3, 0, 7]
@@ -109,7 +113,11 @@ def test_training_on_cached_signals_equals_the_live_teacher(peaked_teacher, toke
     tc.steps, tc.batch_size, tc.warmup_steps, tc.checkpoint_every, tc.eval_every = 3, 8, 0, 0, 0
     vocab = len(tokenizer)
     save_signals(
-        compute_topk(peaked_teacher, data, tokenizer.pad_token_id, vocab, vocab, rc.distill.temperature), tmp_path, {}
+        compute_topk(
+            peaked_teacher, data, tokenizer.pad_token_id, vocab, vocab, rc.distill.temperature, rc.distill.chunk_size
+        ),
+        tmp_path,
+        {},
     )
     acc = make_accelerator("no")
 

@@ -128,6 +128,7 @@ def test_finetune_full_and_lora_train_the_base_once_and_lora_touches_only_its_ta
     overrides = [
         "+exp=smoke",
         f"teacher.path={base}",
+        f"teacher.cache_dir={tmp_path / 'cache'}",
         "teacher.finetune.enabled=true",
         "teacher.finetune.train.steps=25",
         "teacher.finetune.train.lr=3e-3",
@@ -287,3 +288,68 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
     assert [again.global_batch(j) for j in (0, 7, 62)] == [grouped.global_batch(j) for j in (0, 7, 62)]
     longest = [max(lengths[i] for i in grouped.global_batch(j)) for j in range(steps)]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order stays random
+
+
+def test_prune_cli_calibrates_on_the_data_of_a_pipeline_run(tmp_path, monkeypatch, caplog):
+    """``python -m prune --run DIR`` ranks channels on the run's own training data (its JSONL and system
+    prompt), not on the built-in demo text; without --data or --run it says loudly that it falls back."""
+    import logging
+
+    import prune
+    import prune.__main__ as cli
+
+    own = tmp_path / "train.jsonl"
+    own.write_text("\n".join(json.dumps({"prompt": f"Q{i}", "completion": f"A{i}"}) for i in range(5)) + "\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    data = {"source": "jsonl", "train_file": str(own), "test_file": str(own), "system_prompt": "Be brief."}
+    (run_dir / "config.yaml").write_text(json.dumps({"name": "x", "data": data}))
+    got = {}
+    monkeypatch.setattr(
+        prune,
+        "prune_folder",
+        lambda *a, **k: (
+            got.update(records=k["records"]) or {"shape": 0, "params": 0, "teacher_params": 0, "fraction": 0}
+        ),
+    )
+    assert cli.main(["src", str(tmp_path / "out"), "--fraction", "0.5", "--run", str(run_dir)]) == 0
+    assert [r["messages"][1]["content"] for r in got["records"]] == [f"Q{i}" for i in range(5)]
+    assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in got["records"])
+    with caplog.at_level(logging.WARNING, logger="prune"):
+        assert cli.main(["src", str(tmp_path / "out"), "--fraction", "0.5", "--calib-examples", "8"]) == 0
+    assert "NOT on your task" in caplog.text and len(got["records"]) >= 8
+    assert cli.main(["src", "out", "--fraction", "0.5", "--run", str(tmp_path)]) == 2  # no config.yaml there
+
+
+@pytest.mark.slow
+def test_embeddings_that_differ_only_by_padding_rows_distill_and_export(tokenizer, tmp_path, monkeypatch):
+    """Qwen2.5's case (151,936 embedding rows in one model, 152,064 in another, one tokenizer): a teacher
+    and a student folder whose embeddings carry different numbers of padding rows are accepted, distilled
+    over the real vocabulary and exported; the tokenizers, not the row counts, decide."""
+    from distill.config import compose
+    from distill.pipeline import run
+    from families.hf import build_from_config, save_model_atomically, vocab_problems
+
+    n = len(tokenizer)
+    teacher = save_model_atomically(
+        build_from_config(tiny_config(tokenizer, vocab=n + 64), 0), tokenizer, tmp_path / "t"
+    )
+    student_cfg = tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64, vocab=n + 128)
+    student = save_model_atomically(build_from_config(student_cfg, 1), tokenizer, tmp_path / "s")
+    assert vocab_problems(teacher, student, "student.path") == []
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    rc = compose(
+        [
+            "+exp=smoke",
+            f"teacher.path={teacher}",
+            "student=folder",
+            f"student.path={student}",
+            "distill.features.weight=0",
+            "distill.train.steps=3",
+            "export.openvino=false",
+            "quantize.variants=[int8]",
+        ]
+    )
+    m = run(rc, tmp_path / "run")
+    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
+    assert json.loads((tmp_path / "run" / "student" / "config.json").read_text())["vocab_size"] == n + 128
