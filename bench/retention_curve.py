@@ -75,7 +75,10 @@ def main() -> None:
             continue
         model = load_causal_lm(run / "pruned")
         state = load_file(str(d / "model.safetensors"))
-        model.load_state_dict({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+        own = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        missing, unexpected = model.load_state_dict(own, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied to the embedding
+        model.tie_weights()
         rows.append(point(step, model))
     final = {
         "step": steps,
