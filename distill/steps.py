@@ -319,7 +319,7 @@ def distill(r: Run, init_input: dict) -> None:
     rc = r.rc
     dcfg = key_settings(dataclasses.asdict(rc.distill))
     for k in NOT_IN_RESULT:
-        dcfg["train"].pop(k)
+        dcfg["train"].pop(k, None)  # (eval_generate at 0 is gone already: key_settings drops neutral knobs)
     config = {
         "student": {k: v for k, v in dataclasses.asdict(rc.student).items() if k != "prune"},
         "distill": dcfg,
