@@ -136,3 +136,19 @@ def chat_tokenizer(style: str, texts):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
     fast.chat_template = template
     return fast
+
+
+def mixed_jsonl(path, examples):
+    """Car examples as a user's JSONL: alternately ``messages`` and ``prompt``/``completion`` lines, every
+    third answer free text instead of a tool call."""
+    import json
+
+    with open(path, "w") as f:
+        for i, e in enumerate(examples):
+            answer = e.answer if i % 3 else f"Sure: {e.request.lower()}."
+            if i % 2:
+                f.write(json.dumps({"prompt": e.request, "completion": answer}, ensure_ascii=False) + "\n")
+            else:
+                msgs = [{"role": "user", "content": e.request}, {"role": "assistant", "content": answer}]
+                f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return path

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import chat_tokenizer, tiny_config
+from conftest import chat_tokenizer, mixed_jsonl, tiny_config
 
 from core.chat import IGNORE, check_template, collate, encode, end_of_turn_id, ensure_pad, stop_ids
 
@@ -80,20 +80,9 @@ def test_llama3_style_teacher_without_pad_token_on_jsonl_data_end_to_end(texts, 
         or json.loads((teacher / "tokenizer_config.json").read_text()).get("pad_token") is None
     )
 
-    def write(name, examples):
-        with (tmp_path / name).open("w") as f:
-            for i, e in enumerate(examples):
-                answer = e.answer if i % 3 else f"Sure: {e.request.lower()}."  # every third answer is free text
-                if i % 2:
-                    f.write(json.dumps({"prompt": e.request, "completion": answer}) + "\n")
-                else:
-                    msgs = [{"role": "user", "content": e.request}, {"role": "assistant", "content": answer}]
-                    f.write(json.dumps({"messages": msgs}) + "\n")
-        return tmp_path / name
-
     train, test = (
-        write("train.jsonl", generate("train", car_settings)[:300]),
-        write("test.jsonl", generate("test", car_settings)[:12]),
+        mixed_jsonl(tmp_path / "train.jsonl", generate("train", car_settings)[:300]),
+        mixed_jsonl(tmp_path / "test.jsonl", generate("test", car_settings)[:12]),
     )
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     rc = compose(

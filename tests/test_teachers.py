@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chat_tokenizer, tiny_config
+from conftest import chat_tokenizer, mixed_jsonl, tiny_config
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -187,20 +187,9 @@ def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_te
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     base = save_model_atomically(build_from_config(cfg, seed=0), tok, tmp_path / "smol-tiny")
 
-    def write(name, examples):
-        with (tmp_path / name).open("w") as f:
-            for i, e in enumerate(examples):
-                answer = e.answer if i % 3 else f"OK: {e.request.lower()}."  # every third answer is free text
-                if i % 2:
-                    f.write(json.dumps({"prompt": e.request, "completion": answer}, ensure_ascii=False) + "\n")
-                else:
-                    msgs = [{"role": "user", "content": e.request}, {"role": "assistant", "content": answer}]
-                    f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-        return tmp_path / name
-
     train, test = (
-        write("train.jsonl", generate("train", car_settings)[:200]),
-        write("test.jsonl", generate("test", car_settings)[:10]),
+        mixed_jsonl(tmp_path / "train.jsonl", generate("train", car_settings)[:200]),
+        mixed_jsonl(tmp_path / "test.jsonl", generate("test", car_settings)[:10]),
     )
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     rc = compose(
