@@ -174,6 +174,9 @@ class EvalConfig:
     batch_size: int = positive()
     max_new_tokens: int | None = positive()  # null: the longest reference answer of the split (+ end of turn)
     chunk_size: int = positive()  # answer tokens per logit chunk in teacher-forced metrics (memory, not results)
+    kl_topk: int = (
+        non_negative()
+    )  # KL / agreement against the teacher's cached top-k log-probs; 0: exact (teacher reruns)
     num_test: int | None = positive()  # evaluate on the first N test / hard examples; null = all
     retention_target: float = unit()  # student test exact match / teacher's; reported
 
@@ -187,6 +190,7 @@ class ExportConfig:
     verify_atol: float = positive()  # largest |logit| difference ONNX Runtime vs PyTorch allowed at export
     verify_rtol: float = non_negative()  # ... plus this times the largest |logit|
     openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
+    openvino_examples: int | None = positive()  # test examples compared under OpenVINO; null = all
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
     latency_tokens: int = positive()  # tokens generated per timed prompt
 
@@ -315,6 +319,15 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             if p and not Path(p).is_file():
                 problems.append(f"data.{name}: file {p} does not exist")
     t = c.teacher
+    mp = c.distill.train.mixed_precision
+    trained = "bootstrap" if t.path is None else "finetune" if t.finetune.enabled else None
+    for name, tc in (("bootstrap", t.bootstrap.train), ("finetune", t.finetune.train)):
+        if name == trained and tc.mixed_precision != mp:
+            problems.append(
+                f"teacher.{name}.train.mixed_precision={tc.mixed_precision} differs from "
+                f"distill.train.mixed_precision={mp}: one process trains the teacher and the student under one "
+                "accelerate setting (distill.train.mixed_precision); set both to the same value"
+            )
     if t.path is not None:
         from families.gguf import gguf_problems, is_gguf
 

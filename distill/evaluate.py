@@ -7,6 +7,7 @@ teacher, the student and any other runtime are scored by the same code.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,39 +133,101 @@ class _Rows:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class TopK(NamedTuple):
+    """A model's top-k log-probabilities (T = 1) at every answer position of a split, in the order
+    ``answer_logits`` yields them (example by example): ``indices`` (N, k), ``logp`` (N, k), ``tail`` (N,)
+    the log of the remaining mass. Computed once per split for the teacher; every student and ONNX
+    variant is then compared with it without another teacher pass (``eval.kl_topk``)."""
+
+    indices: torch.Tensor
+    logp: torch.Tensor
+    tail: torch.Tensor
+
+    @staticmethod
+    def of(logits: torch.Tensor, k: int) -> TopK:
+        logp = F.log_softmax(logits.float(), -1)
+        top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        return TopK(idx.to(torch.int32), top, logp.scatter(-1, idx, float("-inf")).logsumexp(-1))
+
+    @staticmethod
+    def cat(parts: Sequence[TopK]) -> TopK:
+        return TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in TopK._fields))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._asdict()
+
+
+class _TopKRows:
+    """``take(n)`` for cached ``TopK`` signals, as ``_Rows`` does for logits."""
+
+    def __init__(self, sig: TopK):
+        self.sig, self.at = sig, 0
+
+    def take(self, n: int) -> TopK:
+        part = TopK(*(x[self.at : self.at + n] for x in self.sig))
+        self.at += n
+        return part
+
+
 @torch.no_grad()
 def teacher_forced(
-    model, data: Sequence[dict], tokenizer, batch_size: int, teacher=None, chunk_size: int = 512
-) -> dict[str, float]:
+    model,
+    data: Sequence[dict],
+    tokenizer,
+    batch_size: int,
+    teacher=None,
+    chunk_size: int = 512,
+    keep_topk: int = 0,
+) -> dict:
     """Perplexity on the reference answers; with ``teacher``: mean KL(teacher || model) per answer token
     and greedy token agreement (share of answer positions where both models' argmax agree).
 
-    ``model`` is a PyTorch model or a ``LogitsFn`` (so an ONNX runtime is scored by the same code). Logits
-    are formed ``chunk_size`` answer tokens at a time (``answer_logits``): memory does not grow with the
-    vocabulary times the batch."""
+    ``model`` is a PyTorch model or a ``LogitsFn`` (so an ONNX runtime is scored by the same code).
+    ``teacher`` is one too (exact KL: the teacher runs again), or the teacher's ``TopK`` signals on
+    ``data`` (no teacher pass: KL over the teacher's top-k tokens and one bucket for the rest, a lower
+    bound that differs from the exact KL by the teacher's tail mass times the KL inside it; agreement is
+    exact). ``keep_topk`` > 0 also returns this model's own ``TopK`` signals as ``out["signals"]``.
+    Logits are formed ``chunk_size`` answer tokens at a time (``answer_logits``): memory does not grow
+    with the vocabulary times the batch."""
+    from distill.losses import topk_divergence
+
     for m in (model, teacher):
         if isinstance(m, torch.nn.Module):
             m.eval()
     vocab = len(tokenizer)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
+    cached = _TopKRows(teacher) if isinstance(teacher, TopK) else None
+    kept: list[TopK] = []
     for i in range(0, len(data), batch_size):
         b = collate(data[i : i + batch_size], tokenizer.pad_token_id)
         targets = _Rows(iter([b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE]]))
-        t_rows = _Rows(answer_logits(teacher, b, vocab, chunk_size)) if teacher is not None else None
+        live = _Rows(answer_logits(teacher, b, vocab, chunk_size)) if teacher is not None and cached is None else None
         for logits in answer_logits(model, b, vocab, chunk_size):
             n = logits.shape[0]
             nll += float(F.cross_entropy(logits, targets.take(n), reduction="sum"))
             count += n
-            if t_rows is None:
-                continue
-            tl = t_rows.take(n)
-            lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
-            kl += float((lt.exp() * (lt - ls)).sum())
-            agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
-    out = {"perplexity": metrics.perplexity(nll, count)}
+            if keep_topk:
+                kept.append(TopK.of(logits, keep_topk))
+            if cached is not None:
+                t = cached.take(n)
+                kl += float(topk_divergence(logits, t.indices, t.logp, t.tail).sum())
+                agree += int((t.indices[:, 0].long() == logits.argmax(-1)).sum())
+            elif live is not None:
+                tl = live.take(n)
+                lt, ls = F.log_softmax(tl, -1), F.log_softmax(logits, -1)
+                kl += float((lt.exp() * (lt - ls)).sum())
+                agree += int((tl.argmax(-1) == logits.argmax(-1)).sum())
+    if cached is not None and cached.at != cached.sig.tail.shape[0]:
+        raise ValueError(
+            f"teacher top-k signals cover {cached.sig.tail.shape[0]} answer tokens, the data {cached.at}: "
+            "they were computed on other data"
+        )
+    out: dict = {"perplexity": metrics.perplexity(nll, count)}
     if teacher is not None:
         out["kl"] = kl / max(count, 1)
         out["agreement"] = agree / max(count, 1)
+    if keep_topk:
+        out["signals"] = TopK.cat(kept) if kept else None
     return out
 
 
@@ -178,19 +241,42 @@ def evaluate_model(
     teacher=None,
     teacher_answers: list[list[int]] | None = None,
     chunk_size: int = 512,
+    keep_topk: int = 0,
 ) -> tuple[dict, list[list[int]]]:
     """All metrics of one PyTorch model on one split; returns (metrics, greedy answers).
-    ``max_new_tokens=None``: the longest reference answer of ``data`` (``answer_budget``)."""
+    ``max_new_tokens=None``: the longest reference answer of ``data`` (``answer_budget``). ``teacher`` and
+    ``keep_topk``: as for ``teacher_forced`` (the model's own ``TopK`` signals in ``metrics["signals"]``)."""
     gen = hf_generate_fn(model, tokenizer, max_new_tokens or answer_budget(data), batch_size)
-    return _evaluate(gen, model, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size)
+    return _evaluate(gen, model, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size, keep_topk)
 
 
-def _evaluate(gen: GenerateFn, logits_of, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size):
+def _evaluate(gen: GenerateFn, logits_of, tokenizer, data, batch_size, teacher, teacher_answers, chunk_size, keep=0):
     scores, answers = evaluate_generations(data, gen, tokenizer)
-    scores.update(teacher_forced(logits_of, data, tokenizer, batch_size, teacher, chunk_size))
+    scores.update(teacher_forced(logits_of, data, tokenizer, batch_size, teacher, chunk_size, keep))
     if teacher_answers is not None:
         scores["generation_match"] = metrics.sequence_match(answers, teacher_answers)
     return scores, answers
+
+
+OWN_EVAL = "eval_test.json"  # a trained teacher's test evaluation, saved in its folder (``split_key`` names it)
+OWN_TOPK = "eval_test_topk.safetensors"  # its TopK signals on those examples (with eval.kl_topk)
+
+
+def eval_settings(ec) -> dict:
+    """The ``EvalConfig`` fields that change generated answers and teacher-forced numbers."""
+    return dict(max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, chunk_size=ec.chunk_size)
+
+
+def split_key(data: Sequence[dict], ec) -> dict:
+    """What one model's evaluation on ``data`` depends on besides the model: the exact token ids and the
+    eval settings. A teacher's own test evaluation is reused only where this matches."""
+    from core.hashing import digest
+
+    return {
+        "examples": digest([ex["input_ids"] for ex in data]),
+        "eval": eval_settings(ec),
+        **({"kl_topk": ec.kl_topk} if ec.kl_topk else {}),
+    }
 
 
 def onnx_logits_fn(runner) -> LogitsFn:

@@ -428,41 +428,90 @@ def _flat(d: dict) -> dict:
 
 
 def _ev(rc: RunConfig) -> dict:
-    return dict(max_new_tokens=rc.eval.max_new_tokens, batch_size=rc.eval.batch_size, chunk_size=rc.eval.chunk_size)
+    from distill.evaluate import eval_settings
+
+    return eval_settings(rc.eval)
+
+
+def _teacher_own_eval(r: Run, split: str):
+    """(scores, answers) the teacher stage measured on exactly these ``split`` examples with these eval
+    settings (a bootstrapped or fine-tuned teacher's folder carries its test evaluation), or None."""
+    from safetensors.torch import load_file
+
+    from distill.evaluate import OWN_EVAL, OWN_TOPK, TopK, split_key
+
+    own = r.teacher_dir / OWN_EVAL
+    if split != "test" or r.teacher_id != r.teacher_hash or not own.is_file():
+        return None  # measured on the float weights: a teacher loaded in 8bit / nf4 is evaluated again
+    saved = json.loads(own.read_text())
+    if saved.get("key") != split_key(r.enc[split], r.rc.eval):
+        return None
+    scores = dict(saved["scores"])
+    if r.rc.eval.kl_topk:
+        scores["signals"] = TopK(**load_file(str(r.teacher_dir / OWN_TOPK)))
+    log.info("teacher %s answers: measured by the teacher stage (%s)", split, own)
+    return scores, saved["answers"]
 
 
 def teacher_answers(r: Run) -> dict:
-    """The teacher's test / hard scores and greedy answers, cached per (teacher, data, eval settings):
-    every student of a sweep is compared with the same answers without regenerating them."""
-    from distill.evaluate import evaluate_model
+    """The teacher's test / hard scores and greedy answers, and with ``eval.kl_topk`` its top-k log-probs
+    at every answer position (``TopK``, under ``signals``), cached per (teacher, data, eval settings):
+    every student of a sweep, and every ONNX variant, is compared with them without another teacher pass."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from distill.evaluate import TopK, evaluate_model
     from distill.teacher import cache_root
     from families.hf import config_param_count
 
-    ev, enc = _ev(r.rc), r.enc
+    ev, enc, k = _ev(r.rc), r.enc, r.rc.eval.kl_topk
     key = {
         "teacher_hash": r.teacher_id,
         "data_hash": r.data_hash,
         "eval": ev,
         "n": [len(enc["test"]), len(enc["hard"])],
+        **({"kl_topk": k} if k else {}),  # absent when off: caches made before the knob stay valid
     }
     folder = cache_root(r.rc.teacher) / "teacher_eval" / digest(key)
     path = folder / "scores.json"
+    splits = [s for s in ("test", "hard") if enc[s]]
     if path.is_file():
         log.info("teacher test answers: reusing %s", folder)
-        return json.loads(path.read_text())
-    model = r.teacher.get()
-    t_test, t_ans = evaluate_model(model, r.tokenizer, enc["test"], **ev)
-    t_hard, t_hard_ans = evaluate_model(model, r.tokenizer, enc["hard"], **ev) if enc["hard"] else ({}, None)
+        out = json.loads(path.read_text())
+        if k:
+            out["signals"] = {s: TopK(**load_file(str(folder / f"topk_{s}.safetensors"))) for s in splits}
+        return out
+    res = {
+        s: _teacher_own_eval(r, s) or evaluate_model(r.teacher.get(), r.tokenizer, enc[s], keep_topk=k, **ev)
+        for s in splits
+    }
+    signals = {s: res[s][0].pop("signals", None) for s in splits}
+    t_test, t_ans = res["test"]
+    t_hard, t_hard_ans = res.get("hard", ({}, None))
     out = {
         "key": key,
-        "test": {**t_test, "num_params": config_param_count(model.config), "hard": t_hard},
+        "test": {
+            **t_test,
+            "num_params": config_param_count(
+                AutoConfig.from_pretrained(str(r.teacher_dir), trust_remote_code=r.rc.teacher.trust_remote_code)
+            ),
+            "hard": t_hard,
+        },
         "answers": t_ans,
         "hard_answers": t_hard_ans,
     }
     with guard("evaluate", folder):
         with building(folder) as tmp:
             write_json(tmp / "scores.json", out)
-    return out
+            for s in splits if k else ():
+                save_file(signals[s].tensors(), str(tmp / f"topk_{s}.safetensors"))
+    return {**out, "signals": signals} if k else out
+
+
+def teacher_reference(r: Run, t: dict, split: str):
+    """What a model is compared with on ``split``: the teacher's cached ``TopK`` signals (``eval.kl_topk``)
+    or, with ``eval.kl_topk: 0``, the teacher model itself (exact KL, one teacher pass per model)."""
+    return t["signals"][split] if r.rc.eval.kl_topk else r.teacher.get()
 
 
 def evaluate(r: Run) -> dict:
@@ -495,11 +544,11 @@ def _evaluate_student(r: Run) -> dict:
 
     ev, enc, tok, e = _ev(r.rc), r.enc, r.tokenizer, r.rc.export
     t = teacher_answers(r)
-    model = r.teacher.get()
     student = load_causal_lm(r.dir / "student")  # score the artifact we ship, exactly as a user would load it
-    s_test, _ = evaluate_model(student, tok, enc["test"], teacher=model, teacher_answers=t["answers"], **ev)
+    ref = lambda split: teacher_reference(r, t, split)  # noqa: E731
+    s_test, _ = evaluate_model(student, tok, enc["test"], teacher=ref("test"), teacher_answers=t["answers"], **ev)
     s_hard, _ = (
-        evaluate_model(student, tok, enc["hard"], teacher=model, teacher_answers=t["hard_answers"], **ev)
+        evaluate_model(student, tok, enc["hard"], teacher=ref("hard"), teacher_answers=t["hard_answers"], **ev)
         if enc["hard"]
         else ({}, None)
     )
@@ -509,6 +558,7 @@ def _evaluate_student(r: Run) -> dict:
         "teacher_answers": t["answers"],
     }
     if e.enabled:
+        model = r.teacher.get()
         timed_prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: e.latency_prompts]]
         for who, m, folder in (("teacher", model, r.teacher.folder), ("student", student, r.dir / "student")):
             gen = hf_generate_n(m, tok.pad_token_id)
@@ -610,9 +660,10 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
     for v, made in variants.items():
         name = f"onnx_{v}"
         scores: dict = {}
+        ov = use_ov and v in rc.gate.variants  # the files that ship are also checked under OpenVINO
 
-        def work(st: Stage, made=made, scores=scores) -> None:
-            scores.update(_evaluate_onnx(r, made.folder, t_ans, use_ov))
+        def work(st: Stage, made=made, scores=scores, ov=ov) -> None:
+            scores.update(_evaluate_onnx(r, made.folder, t_ans, ov))
             with building(st.folder) as tmp:
                 write_json(tmp / "scores.json", scores)
             write_json(made.folder / "metrics.json", scores)  # the artifact carries its own numbers
@@ -623,7 +674,8 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
             {
                 "eval": dataclasses.asdict(rc.eval),
                 "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
-                "openvino": use_ov,
+                "openvino": ov,
+                **({"openvino_examples": rc.export.openvino_examples} if ov else {}),
             },
             {
                 "model_hash": made.output_hash,
@@ -649,9 +701,8 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
     rc, enc = r.rc, r.enc
     with torch.no_grad():
         runner = OnnxCausalLM(folder)
-        scores, answers = evaluate_onnx(
-            runner, r.tokenizer, enc["test"], teacher=r.teacher.get(), teacher_answers=t_ans, **_ev(rc)
-        )
+        ref = teacher_reference(r, teacher_answers(r), "test")
+        scores, answers = evaluate_onnx(runner, r.tokenizer, enc["test"], teacher=ref, teacher_answers=t_ans, **_ev(rc))
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
     scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
     scores["bytes"] = onnx_bytes(folder)
@@ -659,8 +710,14 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
     if qinfo.is_file():
         scores["quantization"] = json.loads(qinfo.read_text())["settings"]
     if use_ov:
+        from distill.evaluate import answer_budget
+
+        n_ov, budget = (
+            rc.export.openvino_examples or len(enc["test"]),
+            rc.eval.max_new_tokens or answer_budget(enc["test"]),
+        )
         scores["openvino"] = cross_runtime(
-            folder, runner, answers, enc["test"], rc.eval.max_new_tokens, rc.eval.batch_size
+            folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.eval.batch_size, rc.eval.chunk_size
         )
     log.info(
         "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
@@ -699,9 +756,13 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
     return verdict or json.loads((st.folder / "gate.json").read_text())
 
 
-def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_tokens: int | None, batch_size: int) -> dict:
-    """The same ONNX file under OpenVINO (CPU, f32 precision hint): share of greedy answers identical to
-    ONNX Runtime's, argmax agreement and largest logit difference on the reference sequences."""
+def cross_runtime(
+    folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int, chunk_size: int
+) -> dict:
+    """The same ONNX file under OpenVINO (CPU, f32 precision hint) on ``data``: share of greedy answers
+    identical to ONNX Runtime's (``answers``: ORT's on the same examples), argmax agreement and largest
+    logit difference on the reference sequences, compared a few rows at a time (about ``chunk_size``
+    tokens: two runtimes' full logits of a whole split would not fit in memory at a large vocabulary)."""
     import numpy as np
 
     from export.runtime import OnnxCausalLM
@@ -711,17 +772,26 @@ def cross_runtime(folder: Path, runner, answers, data: list[dict], max_new_token
     except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
         log.warning("openvino could not load %s: %s", folder, err)
         return {"error": str(err).splitlines()[0][:300]}
-    from distill.evaluate import answer_budget, by_length
+    from distill.evaluate import by_length
 
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
-    n = max_new_tokens or answer_budget(data)
-    ov_answers = by_length(prompts, lambda p: ov.generate(p, n, batch_size=batch_size))  # batched as ORT's were
-    seqs = [ex["input_ids"] for ex in data]
-    a, b = runner.sequence_logits(seqs, batch_size), ov.sequence_logits(seqs, batch_size)
-    agree = np.mean(np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b, strict=True)]))
-    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+    ov_answers = by_length(
+        prompts, lambda p: ov.generate(p, max_new_tokens, batch_size=batch_size)
+    )  # batched as ORT's were
+    seqs = sorted((ex["input_ids"] for ex in data), key=len)
+    same, total, diff = 0, 0, 0.0
+    start = 0
+    while start < len(seqs):
+        rows = max(1, min(batch_size, chunk_size // len(seqs[start])))
+        part = seqs[start : start + rows]
+        for x, y in zip(runner.sequence_logits(part, rows), ov.sequence_logits(part, rows), strict=True):
+            same += int((x.argmax(-1) == y.argmax(-1)).sum())
+            total += x.shape[0]
+            diff = max(diff, float(np.abs(x - y).max()))
+        start += rows
     return {
+        "examples": len(data),
         "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
-        "argmax_agreement": float(agree),
+        "argmax_agreement": same / max(total, 1),
         "max_logit_diff": diff,
     }

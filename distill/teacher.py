@@ -202,7 +202,7 @@ def train_teacher(
     import torch
 
     from distill.data import encode_records
-    from distill.evaluate import evaluate_model
+    from distill.evaluate import OWN_EVAL, OWN_TOPK, eval_settings, evaluate_model, split_key
     from distill.trainer import CrossEntropy, train
     from families.hf import param_count, save_model_atomically
 
@@ -232,15 +232,12 @@ def train_teacher(
         model.eval()
         test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test")
         with torch.no_grad():
-            scores, _ = evaluate_model(
-                model,
-                tokenizer,
-                test,
-                max_new_tokens=ec.max_new_tokens,
-                batch_size=ec.batch_size,
-                chunk_size=ec.chunk_size,
-            )
+            scores, answers = evaluate_model(model, tokenizer, test, keep_topk=ec.kl_topk, **eval_settings(ec))
+        signals = scores.pop("signals", None)
         info["test"] = scores
+        # The evaluate stage needs exactly this again (the teacher's test answers and top-k signals): the
+        # folder carries it, keyed by the token ids and eval settings, so it is not recomputed.
+        own = {"key": split_key(test, ec), "scores": scores, "answers": answers}
         log.info(
             "teacher: %s %d params in %.0f s; test exact match %.3f",
             what,
@@ -256,5 +253,11 @@ def train_teacher(
                 min_exact_match,
                 hint,
             )
-        save_model_atomically(model, tokenizer, dest, {"teacher.json": info})
+        save_model_atomically(
+            model,
+            tokenizer,
+            dest,
+            {"teacher.json": info, OWN_EVAL: own},
+            tensors={OWN_TOPK: signals.tensors()} if signals is not None else None,
+        )
     acc.wait_for_everyone()

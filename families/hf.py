@@ -227,18 +227,27 @@ def build_from_config(config, seed: int):
 
 
 def save_model_atomically(
-    model, tokenizer, dest: str | Path, extra: dict[str, object] | None = None, state_dict: dict | None = None
+    model,
+    tokenizer,
+    dest: str | Path,
+    extra: dict[str, object] | None = None,
+    state_dict: dict | None = None,
+    tensors: dict[str, dict] | None = None,
 ) -> Path:
     """save_pretrained (safetensors) + tokenizer into a temporary sibling, then rename onto ``dest``.
 
-    A crash never leaves a ``dest`` that looks finished. ``extra`` files (name -> JSON-able) are
-    written beside the weights.
+    A crash never leaves a ``dest`` that looks finished. ``extra`` files (name -> JSON-able) and
+    ``tensors`` files (name -> {key: tensor}, safetensors) are written beside the weights.
     """
+    from safetensors.torch import save_file
+
     dest = Path(dest)
     with building(dest) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+        for name, ts in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp / name))
     log.info("rank %s wrote %s", os.environ.get("RANK", "0"), dest)
     return dest

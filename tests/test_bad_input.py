@@ -185,6 +185,11 @@ def _case(name, tmp, teacher_dir, tokenizer):
         (tmp / "run").mkdir()
         (tmp / "run" / "thesis.pdf").write_text("not ours")
         return [], ["already holds files that are not a run of this tool (thesis.pdf)"]
+    if name == "teacher_precision_apart_from_the_student":
+        return ["teacher.finetune.enabled=true", "teacher.finetune.train.mixed_precision=bf16"], [
+            "teacher.finetune.train.mixed_precision=bf16 differs from distill.train.mixed_precision=auto",
+            "set both to the same value",
+        ]
     raise KeyError(name)
 
 
@@ -213,6 +218,7 @@ CASES = [
     "gguf_that_is_not_a_model",
     "finetune_without_a_base_model",
     "model_wheel_not_installed",
+    "teacher_precision_apart_from_the_student",
 ]
 
 

@@ -219,6 +219,35 @@ def test_runner_cross_checks_under_openvino(qwen_onnx, tokenizer, car_settings):
     assert ort_rt.generate(prompts, 10) == ov_rt.generate(prompts, 10)
 
 
+def test_cross_runtime_report_compares_a_few_rows_at_a_time(qwen_onnx, tokenizer, car_settings, monkeypatch):
+    """The pipeline's OpenVINO check: identical answers and argmax on the same file, and neither runtime
+    is asked for more than ~chunk_size tokens of logits at once (a split's full logits would not fit at a
+    152k vocabulary)."""
+    pytest.importorskip("openvino")
+    from core.chat import encode
+    from distill.data.car_assistant import generate
+    from distill.steps import cross_runtime
+
+    _, _, folder = qwen_onnx
+    data = [encode(tokenizer, e.to_record()["messages"]) for e in generate("test", car_settings)[:6]]
+    runner = OnnxCausalLM(folder)
+    answers = runner.generate([ex["input_ids"][: ex["prompt_len"]] for ex in data], 8, batch_size=4)
+    seen = []
+    real = OnnxCausalLM.sequence_logits
+
+    def counted(self, seqs, batch_size=16):
+        seen.append(sum(len(x) for x in seqs))
+        return real(self, seqs, batch_size)
+
+    monkeypatch.setattr(OnnxCausalLM, "sequence_logits", counted)
+    longest = max(len(ex["input_ids"]) for ex in data)
+    out = cross_runtime(folder, runner, answers, data, 8, batch_size=4, chunk_size=2 * longest)
+    assert out["examples"] == 6 and out["generation_match"] == 1.0
+    assert out["argmax_agreement"] == 1.0 and out["max_logit_diff"] < 1e-3
+    assert sum(seen) == 2 * sum(len(ex["input_ids"]) for ex in data)  # every token, by both runtimes
+    assert max(seen) <= 2 * longest
+
+
 # --- the gate -----------------------------------------------------------------------------------
 
 

@@ -92,6 +92,35 @@ def test_a_runtime_returning_full_logits_is_scored_a_few_rows_at_a_time(models_a
         assert got[k] == pytest.approx(want[k], rel=1e-4), k
 
 
+def test_cached_teacher_topk_gives_the_exact_metrics_when_k_covers_the_vocabulary(models_and_data, tokenizer):
+    """eval.kl_topk: the teacher's top-k signals, computed once in its own perplexity pass, replace the
+    teacher in every later comparison. k = vocabulary: the exact KL and agreement; a small k: the same
+    agreement and a KL below the exact one by no more than the teacher's tail mass allows; signals of
+    other data are refused."""
+    from distill.evaluate import teacher_forced
+
+    teacher, student, enc = models_and_data
+    want = _full_reference(student, teacher, enc, tokenizer.pad_token_id)
+    vocab = len(tokenizer)
+    own = teacher_forced(teacher, enc, tokenizer, 8, chunk_size=7, keep_topk=vocab)
+    assert own["perplexity"] == pytest.approx(teacher_forced(teacher, enc, tokenizer, 8)["perplexity"], rel=1e-6)
+    sig = own["signals"]
+    assert sig.indices.shape == (sum(t != IGNORE for e in enc for t in e["labels"]), vocab)
+    full = teacher_forced(student, enc, tokenizer, 8, sig, chunk_size=7)
+    assert full["kl"] == pytest.approx(want["kl"], rel=1e-4)
+    assert full["agreement"] == want["agreement"]
+
+    small = teacher_forced(teacher, enc, tokenizer, 8, keep_topk=4)["signals"]
+    got = teacher_forced(student, enc, tokenizer, 8, small, chunk_size=100)
+    assert got["agreement"] == want["agreement"]  # the teacher's argmax is its top-1
+    assert got["kl"] <= want["kl"] + 1e-6
+    assert got["kl"] < want["kl"]  # a random tiny teacher spreads mass beyond 4 tokens: the bound is not tight
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+
+    with pytest.raises(ValueError, match="other data"):
+        teacher_forced(student, enc[:-1], tokenizer, 8, sig)
+
+
 def test_validation_loss_is_chunked_and_exact(models_and_data, tokenizer):
     from distill.trainer import validation_loss
 

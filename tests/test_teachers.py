@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -169,7 +170,7 @@ def test_finetune_full_and_lora_train_the_base_once_and_lora_touches_only_its_ta
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_teacher(
-    smollm2_folder, car_settings, tmp_path, monkeypatch
+    smollm2_folder, car_settings, tmp_path, monkeypatch, caplog
 ):
     """SmolLM2's real tokenizer (49,152 tokens) and ChatML template with its default system prompt, on a
     tiny Llama base fine-tuned inside the pipeline (teacher.finetune), JSONL data in both forms with
@@ -212,7 +213,8 @@ def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_te
             "quantize.variants=[int8]",
         ]
     )
-    m = run(rc, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="distill"):
+        m = run(rc, tmp_path / "run")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     record = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]
     assert record["teacher"]["status"] == "ran" and "/teachers/ft-" in record["teacher"]["folder"]
@@ -222,6 +224,28 @@ def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_te
     meta = json.loads((tmp_path / "run" / "onnx" / "int8" / "onnx_config.json").read_text())
     assert first(meta["eos_token_id"]) == im_end
     assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"] and "gate" in m
+
+    # The fine-tuned teacher's folder carries its test evaluation; the evaluate stage took the teacher's
+    # test answers and top-k signals from it instead of generating again, and they are what a fresh
+    # evaluation of that folder on the run's examples gives.
+    from safetensors.torch import load_file
+
+    from distill.data import encode_records, load_records
+    from distill.evaluate import OWN_EVAL, OWN_TOPK, eval_settings, evaluate_model, split_key
+    from families.hf import load_causal_lm
+
+    folder = Path(record["teacher"]["folder"])
+    own = json.loads((folder / OWN_EVAL).read_text())
+    assert "measured by the teacher stage" in caplog.text
+    assert m["teacher"]["exact_match"] == own["scores"]["exact_match"]
+    t_tok = AutoTokenizer.from_pretrained(str(folder))
+    enc = encode_records(t_tok, load_records(rc.data, "test"), rc.data.max_length)
+    assert split_key(enc, rc.eval) == own["key"]
+    scores, answers = evaluate_model(
+        load_causal_lm(folder), t_tok, enc, keep_topk=rc.eval.kl_topk, **eval_settings(rc.eval)
+    )
+    assert answers == own["answers"] and scores["exact_match"] == own["scores"]["exact_match"]
+    assert torch.equal(scores["signals"].indices, load_file(str(folder / OWN_TOPK))["indices"])
 
 
 # ---- data knobs for real models ----

@@ -121,6 +121,21 @@ def test_spike_guard_skips_non_finite_steps(rc, tokenizer, data, acc):
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
+def test_spike_guard_needs_a_real_rise_not_only_a_ratio(rc):
+    """Near the end of distillation the loss is ~0.002: a batch at 6x that is no spike (the SmolLM2 run
+    skipped 48 of 500 steps that way); a jump by whole nats still is, at any level."""
+    from distill.trainer import SpikeGuard
+
+    tc = copy.deepcopy(rc.distill.train)
+    tc.spike_factor, tc.spike_warmup = 5.0, 0
+    guard = SpikeGuard(tc, "t", {"ema": 0.002})
+    assert not guard.is_bad(10, 0.012)  # 6x the mean, +0.01 nats
+    assert guard.is_bad(10, 0.6)  # +0.6 nats and 300x
+    assert guard.is_bad(10, float("nan"))
+    guard = SpikeGuard(tc, "t", {"ema": 1.0})
+    assert not guard.is_bad(10, 4.9) and guard.is_bad(10, 5.1)  # the ratio decides above ~0.1 nats
+
+
 def test_repeated_spikes_stop_with_a_clear_error(rc, tokenizer, data, acc):
     student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=4)
     _poison(student, None)
