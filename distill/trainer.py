@@ -242,6 +242,11 @@ def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | No
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     pc = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
     acc = Accelerator(mixed_precision=mixed_precision, project_config=pc, log_with=log_with)
+    if mixed_precision == "bf16" and acc.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning(
+            "mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16 / AMX): autocast is emulated and "
+            "slower than float32 here; set distill.train.mixed_precision=no (and the teacher's) on this machine"
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise RuntimeError(
