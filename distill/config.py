@@ -69,6 +69,9 @@ class TrainConfig:
     spike_warmup: int = non_negative()  # steps before spikes are judged
     max_spikes: int = non_negative()  # more skipped steps than this in a row stops training with an error
     group_by_length: bool  # batches of similar lengths (less padding, faster); the order stays seeded
+    split_by_length: int = (
+        positive()
+    )  # each batch runs as N micro-batches of similar lengths: same examples and gradient, less padding
     eval_generate: int = non_negative()  # validation examples greedy-generated at each eval_every (exact match)
 
 
@@ -480,7 +483,7 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
 
 
 # Knobs added after caches and stage keys existed: at these values a key is what it was before the knob.
-NEUTRAL = {"group_by_length": False, "eval_generate": 0}
+NEUTRAL = {"group_by_length": False, "eval_generate": 0, "split_by_length": 1}
 
 
 def key_settings(d: dict) -> dict:

@@ -405,17 +405,19 @@ class SpikeGuard:
     def __init__(self, tc: TrainConfig, desc: str, state: dict | None = None):
         self.tc, self.desc = tc, desc
         state = state or {}
-        self.ema, self.in_row, self.skipped = (
-            state.get("ema"),
-            state.get("spikes_in_row", 0),
-            state.get("skipped_steps", 0),
-        )
+        ema = state.get("ema")
+        # one running mean per micro-batch position: with ``split_by_length`` the i-th micro-batch of every
+        # step holds the i-th shortest examples, whose loss level differs from the longest ones'
+        self.ema: dict[str, float] = ema if isinstance(ema, dict) else {} if ema is None else {"0": ema}
+        self.in_row, self.skipped = state.get("spikes_in_row", 0), state.get("skipped_steps", 0)
+        self.pending: dict[str, float] = {}
 
     def state(self) -> dict:
         return {"ema": self.ema, "spikes_in_row": self.in_row, "skipped_steps": self.skipped}
 
-    def is_bad(self, step: int, value: float) -> bool:
-        tc, ema = self.tc, self.ema
+    def is_bad(self, step: int, value: float, key: int = 0) -> bool:
+        """Whether micro-batch ``key`` of ``step`` (its mean loss ``value``) is skipped."""
+        tc, ema = self.tc, self.ema.get(str(key))
         bad = not math.isfinite(value) or (
             ema is not None and step >= tc.spike_warmup and value > max(tc.spike_factor * ema, ema + self.MIN_RISE)
         )
@@ -428,9 +430,12 @@ class SpikeGuard:
                 "not finite" if not math.isfinite(value) else "a spike",
                 f"{ema:.4g}" if ema else "n/a",
             )
+        else:
+            self.pending[str(key)] = value
         return bad
 
     def step_skipped(self, step: int, any_backward: bool) -> None:
+        self.pending = {}
         self.skipped += 1
         self.in_row += 1
         if any_backward:
@@ -442,9 +447,12 @@ class SpikeGuard:
                 "distill.train.spike_factor / max_spikes if spikes are expected."
             )
 
-    def step_done(self, loss: float) -> None:
+    def step_done(self) -> None:
+        """A step was applied: its micro-batches' losses enter their running means."""
         self.in_row = 0
-        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        for key, loss in self.pending.items():
+            self.ema[key] = loss if key not in self.ema else 0.9 * self.ema[key] + 0.1 * loss
+        self.pending = {}
 
 
 class Checkpoints:
@@ -508,9 +516,15 @@ class _Loop:
         acc, tc = self.acc, self.tc
         rank = acc.process_index
         batches, indices = [], []
-        for micro in range(tc.grad_accum):
-            j = step * tc.grad_accum + micro
-            idx = self.stream.global_batch(j)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
+        parts = [
+            self.stream.global_batch(step * tc.grad_accum + micro)[rank * tc.batch_size : (rank + 1) * tc.batch_size]
+            for micro in range(tc.grad_accum)
+        ]
+        if tc.split_by_length > 1:  # the same examples, cut into micro-batches of similar lengths
+            flat = sorted((i for part in parts for i in part), key=lambda i: len(self.data[i]["input_ids"]))
+            k = min(tc.split_by_length, tc.batch_size) * tc.grad_accum  # equal on every process
+            parts = [flat[round(a * len(flat) / k) : round((a + 1) * len(flat) / k)] for a in range(k)]
+        for idx in parts:
             batch = {
                 k: v.to(acc.device)
                 for k, v in collate([self.data[i] for i in idx], self.tokenizer.pad_token_id).items()
@@ -623,8 +637,8 @@ def train(
         batches, indices, n_step = loop.micro_batches(step, use_policy)
         weights = mode.weights(use_policy)
         for micro, batch in enumerate(batches):
-            last = micro == tc.grad_accum - 1
-            skip = functools.partial(guard.is_bad, step)
+            last = micro == len(batches) - 1
+            skip = functools.partial(guard.is_bad, step, key=micro)
             done = loop.forward_backward(batch, indices[micro], weights, n_step, last, skip)
             if done is None:
                 continue
@@ -644,7 +658,7 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        guard.step_done(terms["loss"])
+        guard.step_done()
         row = {
             "step": step + 1,
             **terms,

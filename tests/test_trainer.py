@@ -136,6 +136,32 @@ def test_spike_guard_needs_a_real_rise_not_only_a_ratio(rc):
     assert not guard.is_bad(10, 4.9) and guard.is_bad(10, 5.1)  # the ratio decides above ~0.1 nats
 
 
+def test_split_by_length_trains_the_same_examples_to_the_same_weights_with_less_padding(
+    rc, tokenizer, data, teacher_dir, acc
+):
+    """train.split_by_length: each batch runs as micro-batches of similar lengths. The step's examples and
+    its token-mean loss are unchanged, so the weights after training equal the unsplit run's (up to float
+    summation order), while the model sees fewer padded positions."""
+    teacher = load_causal_lm(teacher_dir)
+    tc = copy.deepcopy(rc.distill.train)
+    tc.steps, tc.batch_size, tc.grad_accum = 3, 8, 2
+    weights, seen = {}, {}
+    for split in (1, 3):
+        tc.split_by_length = split
+        student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=6)
+        positions = []
+        hook = student.model.register_forward_pre_hook(
+            lambda m, args, kw, out=positions: out.append(kw["input_ids"].numel()), with_kwargs=True
+        )
+        train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
+        hook.remove()
+        weights[split], seen[split] = student.state_dict(), (len(positions), sum(positions))
+    assert seen[1][0] == 3 * 2 and seen[3][0] == 3 * 6  # micro-batches run: grad_accum x split per step
+    assert seen[3][1] < seen[1][1]  # fewer padded positions
+    for k, v in weights[1].items():
+        torch.testing.assert_close(weights[3][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_repeated_spikes_stop_with_a_clear_error(rc, tokenizer, data, acc):
     student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=4)
     _poison(student, None)
