@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -21,17 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench.memory import peak_mb, rss_mb  # noqa: E402
 
 
 def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) -> dict:
@@ -99,7 +88,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    base = _rss_mb()
+    base = rss_mb()
     losses = [step()]  # warm-up (allocator, kernels)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -107,7 +96,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
     dt = time.perf_counter() - t0
     return {
         "mode": mode,
-        "peak_mb_over_baseline": _peak_mb() - base,
+        "peak_mb_over_baseline": peak_mb() - base,
         "baseline_mb": base,
         "tokens_per_s": batch * seq * steps / dt,
         "s_per_step": dt / steps,

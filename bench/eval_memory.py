@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -24,17 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from bench.memory import peak_mb, rss_mb  # noqa: E402
 
 
 def worker(mode: str, vocab: int, seq: int, batch: int, answer: int, chunk: int) -> dict:
@@ -75,7 +64,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, answer: int, chunk: int)
         def __len__(self):
             return vocab
 
-    base = _rss_mb()
+    base = rss_mb()
     t0 = time.perf_counter()
     with torch.no_grad():
         if mode == "chunked":
@@ -98,7 +87,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, answer: int, chunk: int)
     return {
         "mode": mode,
         "batch": batch,
-        "peak_mb_over_baseline": round(_peak_mb() - base, 1),
+        "peak_mb_over_baseline": round(peak_mb() - base, 1),
         "seconds": round(time.perf_counter() - t0, 2),
         **{k: round(v, 6) for k, v in out.items()},
     }
