@@ -1,6 +1,7 @@
-"""Seconds per step of the demo's teacher bootstrap with each batch run whole or split into N
-micro-batches sorted by length (``train.split_by_length``), in float32 and bf16 autocast. Same batches,
-same gradient; only padding and per-call overhead differ. Also prints how much each split pads.
+"""Seconds per step of the demo's teacher bootstrap with each batch run whole, split into N micro-batches
+sorted by length (``train.split_by_length``) or packed into shared rows (``train.pack``; variant
+``PRECISION:pack``), in float32 and bf16 autocast. Same batches, same gradient; only padding and per-call
+overhead differ. Also prints how much each way pads.
 
 Run: python bench/split_by_length.py --teacher ~/.cache/distill/teachers/<bootstrapped> [--steps 120]
 (any bootstrapped teacher folder: its tokenizer encodes the data, its config is the model trained)
@@ -48,6 +49,14 @@ def main() -> None:
             real += sum(b)
             padded += sum(len(b[i : i + bs // n]) * max(b[i : i + bs // n]) for i in range(0, bs, bs // n))
         padding[n] = round(padded / real, 3)
+    from core.chat import collate_packed
+
+    real = padded = 0
+    for _ in range(2000):
+        b = rng.sample(enc, bs)
+        real += sum(len(e["input_ids"]) for e in b)
+        padded += collate_packed(b, 0)["input_ids"].numel()
+    padding["pack"] = round(padded / real, 3)
     print("padded / real tokens by split:", padding, flush=True)
     from transformers import AutoConfig
 
@@ -56,7 +65,8 @@ def main() -> None:
     for spec in a.variants.split(","):
         precision, split = spec.split(":")
         tc = copy.deepcopy(rc.teacher.bootstrap.train)
-        tc.steps, tc.log_every, tc.split_by_length = a.steps, 10_000, int(split)
+        tc.steps, tc.log_every = a.steps, 10_000
+        tc.split_by_length, tc.pack = (1, True) if split == "pack" else (int(split), False)
         model = build_from_config(cfg, 0)
         AcceleratorState._reset_state(True)
         acc = make_accelerator(precision)
@@ -66,7 +76,7 @@ def main() -> None:
         rows.append(
             {
                 "precision": precision,
-                "split_by_length": int(split),
+                "split_by_length": split,
                 "s_per_step": round(sec / a.steps, 4),
                 "tokens_per_s": round(res.tokens / sec),
             }

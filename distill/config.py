@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from core.schema import choice, non_negative, positive, problem, unit
+from distill.sharding import SHARDING
 from export.gate import THRESHOLDS
 from export.onnx import EXPORTERS
 from prune.plan import SIZE_KEYS
@@ -73,6 +74,8 @@ class TrainConfig:
         positive()
     )  # each batch runs as N micro-batches of similar lengths: same examples and gradient, less padding
     eval_generate: int = non_negative()  # validation examples greedy-generated at each eval_every (exact match)
+    pack: bool  # each micro-batch's examples packed into rows (per-example attention, positions): no padding
+    sharding: str = choice(*SHARDING)  # none: every process holds whole models (DDP); fsdp: FSDP2 per decoder layer
 
 
 @dataclass
@@ -331,6 +334,11 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
                 f"distill.train.mixed_precision={mp}: one process trains the teacher and the student under one "
                 "accelerate setting (distill.train.mixed_precision); set both to the same value"
             )
+    if c.distill.train.sharding == "fsdp" and t.quantization != "none":
+        problems.append(
+            f"teacher.quantization={t.quantization} with distill.train.sharding=fsdp: FSDP shards full-precision "
+            "weights; set teacher.quantization=none (sharding already splits the teacher across processes)"
+        )
     if t.path is not None:
         from families.gguf import gguf_problems, is_gguf
 
@@ -483,7 +491,7 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
 
 
 # Knobs added after caches and stage keys existed: at these values a key is what it was before the knob.
-NEUTRAL = {"group_by_length": False, "eval_generate": 0, "split_by_length": 1}
+NEUTRAL = {"group_by_length": False, "eval_generate": 0, "split_by_length": 1, "pack": False, "sharding": "none"}
 
 
 def key_settings(d: dict) -> dict:

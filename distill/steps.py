@@ -59,6 +59,9 @@ class LazyTeacher:
                 )
         return self.model
 
+    def forget(self) -> None:
+        self.model = None
+
 
 @dataclass
 class Run:
@@ -346,7 +349,7 @@ def _train_student(r: Run, st: Stage) -> None:
     from transformers import AutoConfig
 
     from core.chat import stop_ids
-    from distill.trainer import apply_lora, gathered_student_state, make_mode, merge_lora, train
+    from distill.trainer import apply_lora, final_model, make_mode, train
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
     rc, tok = r.rc, r.tokenizer
@@ -399,8 +402,9 @@ def _train_student(r: Run, st: Stage) -> None:
         desc="distill",
         log_prefix="distill/",
     )
-    student = merge_lora(trainable)
-    state = gathered_student_state(r.acc, result.module)
+    student = final_model(r.acc, trainable, result)  # gathered to the main process when sharded
+    if result.sharded:
+        r.teacher.forget()  # its weights were sharded in place; a later stage reloads it whole
     if r.main:
         info = {
             "teacher": str(r.teacher_dir),
@@ -415,7 +419,7 @@ def _train_student(r: Run, st: Stage) -> None:
             "teacher_val_exact_match": teacher_val,
             "history": result.history,
         }
-        save_model_atomically(student, tok, st.folder, {"distill_info.json": info}, state_dict=state)
+        save_model_atomically(student, tok, st.folder, {"distill_info.json": info})
     r.acc.wait_for_everyone()
 
 

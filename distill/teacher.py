@@ -137,7 +137,7 @@ def finetune_teacher(
     from transformers import AutoTokenizer
 
     from core.chat import ensure_pad
-    from distill.trainer import apply_lora, merge_lora
+    from distill.trainer import apply_lora
     from families.hf import load_causal_lm
 
     f = tc.finetune
@@ -175,7 +175,6 @@ def finetune_teacher(
         min_exact_match=f.min_exact_match,
         what="fine-tuned",
         hint="raise teacher.finetune.train.steps or lr",
-        finish=merge_lora,
     )
     return dest
 
@@ -194,7 +193,6 @@ def train_teacher(
     min_exact_match: float,
     what: str,
     hint: str,
-    finish=None,
 ) -> None:
     """Cross-entropy on the answers, test scores, then an atomic save of ``dest`` with ``teacher.json``
     (settings, parameters, training time and tokens/s, test scores). A killed run leaves no folder that
@@ -203,7 +201,7 @@ def train_teacher(
 
     from distill.data import encode_records
     from distill.evaluate import OWN_EVAL, OWN_TOPK, eval_settings, evaluate_model, split_key
-    from distill.trainer import CrossEntropy, train
+    from distill.trainer import CrossEntropy, final_model, train
     from families.hf import param_count, save_model_atomically
 
     acc = accelerator
@@ -218,12 +216,10 @@ def train_teacher(
         desc=f"teacher ({what})",
         log_prefix="teacher/",
     )
-    model = acc.unwrap_model(model)
-    if finish is not None:
-        model = finish(model)
+    model = final_model(acc, model, result)  # LoRA merged; gathered to the main process when sharded
     info = {
         **info,
-        "num_params": param_count(model),
+        "num_params": param_count(model) if model is not None else None,
         "train_seconds": result.seconds,
         "train_tokens": result.tokens,
         "tokens_per_s": result.tokens / max(result.seconds, 1e-9),

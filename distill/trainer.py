@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.chat import IGNORE, collate, stop_ids
+from core.chat import IGNORE, collate, collate_packed, real_tokens, stop_ids
+from distill import sharding
 from distill.config import DistillConfig, LoraConfig, TrainConfig
 from distill.losses import chunked_kd_loss, divergence, feature_loss
 from families import backbone_and_head, decoder_layers, layer_module
@@ -45,6 +46,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     module: nn.Module | None = None  # the prepared (possibly DDP / FSDP wrapped) DistillModule
+    sharded: bool = False  # trained under ``train.sharding: fsdp``: the models hold only their shards
 
 
 class _Capture:
@@ -83,12 +85,20 @@ def teacher_signals(teacher, batch: dict, layer_map: Sequence[Sequence[int]], at
     try:
         with torch.no_grad():
             body, head = backbone_and_head(teacher)
-            h = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = body(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"),  # packed rows (``train.pack``)
+                use_cache=False,  # a cache would also turn off transformers' packed-sequence masks
+            ).last_hidden_state
     finally:
         if cap:
             cap.close()
     feats = {k: _select(v, sel) for k, v in cap.out.items()} if cap else {}
     return {"hidden": _select(h, sel), "head": head.weight, "feats": feats}
+
+
+INSIDE = {"inside": True}  # signals placeholder: the sharded teacher runs inside DistillModule.forward
 
 
 class DistillModule(nn.Module):
@@ -103,6 +113,7 @@ class DistillModule(nn.Module):
         super().__init__()
         self.chunk_size = chunk_size
         self.student = student
+        self.teacher = None  # the frozen teacher, held here only when sharded (``distill.sharding.shard``)
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.proj = nn.ModuleDict()
@@ -123,20 +134,34 @@ class DistillModule(nn.Module):
         teacher: dict | None,
         kd_weight: float,
         ce_weight: float,
+        position_ids=None,
     ):
         """Summed losses of one micro-batch: ``logit`` = kd_weight * KD + ce_weight * CE (differentiable),
         ``kd`` and ``ce`` (detached, for logging), ``feat`` (differentiable), ``tokens``.
 
-        ``teacher``: live signals from ``teacher_signals`` or ``{"topk": (indices, logp, tail)}`` read from
-        the cache (``distill.signals``)."""
+        ``teacher``: live signals from ``teacher_signals``, ``{"topk": (indices, logp, tail)}`` read from
+        the cache (``distill.signals``), or ``INSIDE``: run ``self.teacher`` here, inside the (FSDP root's)
+        forward, where its sharded embeddings and LM head are gathered."""
         sel = labels[:, 1:] != IGNORE
+        if teacher is INSIDE:
+            batch = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "labels": labels,
+                "position_ids": position_ids,
+            }
+            teacher = teacher_signals(
+                self.teacher, batch, self.layer_map, bool(self.cfg and self.cfg.features.attention)
+            )
         attention = bool(self.cfg and self.cfg.features.attention)
         cap = (
             _Capture(self.student, [s for s, _ in self.layer_map], attention) if (self.layer_map and teacher) else None
         )
         try:
             body, head = backbone_and_head(self.student)
-            h = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            h = body(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         finally:
             if cap:
                 cap.close()
@@ -257,8 +282,9 @@ def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | No
     return acc
 
 
-def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
-    """GKD on-policy batch: the student's own sampled answers to the batch's prompts, labels on them."""
+def _sample_on_policy(student, batch: dict, tokenizer, cfg, synced: bool = False) -> dict:
+    """GKD on-policy batch: the student's own sampled answers to the batch's prompts, labels on them.
+    ``synced``: every process keeps stepping until all are done (sharded layers gather collectively)."""
     from distill.evaluate import left_pad
 
     prompts = []
@@ -280,6 +306,7 @@ def _sample_on_policy(student, batch: dict, tokenizer, cfg) -> dict:
             max_new_tokens=cfg.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stops[0] if len(stops) == 1 else stops,
+            synced_gpus=synced,
         )
     student.train(was_training)
     feats = []
@@ -340,6 +367,7 @@ class LiveKD(_KD):
         super().__init__(dcfg)
         self.teacher = teacher
         self.teacher_hidden_size = teacher.config.hidden_size
+        self.inside = False  # set by train() when the teacher is sharded into the DistillModule
 
     def prepare(self, acc) -> None:
         t = self.teacher
@@ -350,6 +378,8 @@ class LiveKD(_KD):
             t.to(acc.device)
 
     def signals(self, batch: dict, idx: list[int], device, layer_map) -> dict | None:
+        if self.inside:
+            return INSIDE
         return teacher_signals(self.teacher, batch, layer_map, self.dcfg.features.attention)
 
 
@@ -459,8 +489,9 @@ class Checkpoints:
     """accelerate state (model, optimizer, RNG) + step, history and spike-guard state every ``every``
     steps under ``root``, keyed: a resume only takes checkpoints written under the same ``key``."""
 
-    def __init__(self, root: Path, key: str | None, every: int, keep: int, desc: str):
+    def __init__(self, root: Path, key: str | None, every: int, keep: int, desc: str, fsdp=None):
         self.root, self.key, self.every, self.keep, self.desc = Path(root), key, every, keep, desc
+        self.fsdp = fsdp  # (module, optimizer) when sharded: torch.distributed.checkpoint, one shard per process
 
     def resume(self, acc) -> dict | None:
         """Load the newest checkpoint of this key into ``acc``'s prepared objects; returns its record
@@ -482,7 +513,12 @@ class Checkpoints:
                 shutil.rmtree(self.root, ignore_errors=True)
             acc.wait_for_everyone()
             return None
-        acc.load_state(str(self.root / state["dir"]))
+        if self.fsdp:
+            from distill import sharding
+
+            sharding.load(*self.fsdp, self.root / state["dir"], acc.process_index)
+        else:
+            acc.load_state(str(self.root / state["dir"]))
         log.info("%s: resumed from %s at step %d", self.desc, self.root / state["dir"], state["step"])
         return state
 
@@ -490,7 +526,7 @@ class Checkpoints:
         return bool(self.every) and done % self.every == 0 and done < total
 
     def save(self, acc, step: int, history: list[dict], guard: dict) -> None:
-        save_checkpoint(acc, self.root, step, history, self.keep, self.key, guard)
+        save_checkpoint(acc, self.root, step, history, self.keep, self.key, guard, self.fsdp)
 
 
 # ---- the loop ----
@@ -508,6 +544,12 @@ class _Loop:
     tc: TrainConfig
     mode: CrossEntropy
     stream: _BatchStream
+    sharded: bool = False  # FSDP2: ``module`` is the root, the layers of student (and teacher) its units
+
+    def full_params(self):
+        """Context in which the student runs outside the root's forward (validation, sampling): the root's
+        sharded embeddings, norms and heads gathered (layers gather themselves); nothing when unsharded."""
+        return _gathered_root(self.module) if self.sharded else nullcontext()
 
     def micro_batches(self, step: int, use_policy: bool) -> tuple[list[dict], list[list[int]], float]:
         """This process's micro-batches of optimizer step ``step``, their example indices, and the response
@@ -525,12 +567,16 @@ class _Loop:
             k = min(tc.split_by_length, tc.batch_size) * tc.grad_accum  # equal on every process
             parts = [flat[round(a * len(flat) / k) : round((a + 1) * len(flat) / k)] for a in range(k)]
         for idx in parts:
-            batch = {
-                k: v.to(acc.device)
-                for k, v in collate([self.data[i] for i in idx], self.tokenizer.pad_token_id).items()
-            }
+            packed = tc.pack and not use_policy  # on-policy sampling reads one prompt per row
+            rows = (collate_packed if packed else collate)([self.data[i] for i in idx], self.tokenizer.pad_token_id)
+            if "order" in rows:  # packed: examples (and their answer tokens) in row-major order
+                idx = [idx[j] for j in rows.pop("order")]
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in rows.items()}
             if use_policy:
-                batch = _sample_on_policy(self.raw.student, batch, self.tokenizer, self.mode.dcfg.on_policy)
+                with self.full_params():
+                    batch = _sample_on_policy(
+                        self.raw.student, batch, self.tokenizer, self.mode.dcfg.on_policy, synced=self.sharded
+                    )
             batches.append(batch)
             indices.append(idx)
         local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
@@ -545,9 +591,11 @@ class _Loop:
         w_kd, w_ce, w_feat = weights
         with acc.autocast():  # the live teacher's forward in the student's precision (bf16: ~2x faster on CPU too)
             sig = self.mode.signals(batch, idx, acc.device, self.raw.layer_map)
-        no_sync = nullcontext() if last or world == 1 else acc.no_sync(module)
+        no_sync = nullcontext() if last or world == 1 or self.sharded else acc.no_sync(module)
         with no_sync, acc.autocast():
-            out = module(batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce)
+            out = module(
+                batch["input_ids"], batch["attention_mask"], batch["labels"], sig, w_kd, w_ce, batch.get("position_ids")
+            )
             loss_sum = out["logit"] + w_feat * out["feat"]
             # DDP averages gradients over processes: scale so the result is the global token mean.
             loss = loss_sum * world / n_step
@@ -557,19 +605,30 @@ class _Loop:
                 out["kd"].detach().float(),
                 out["ce"].detach().float(),
                 out["feat"].detach().float(),
-                batch["attention_mask"].sum().float(),
+                torch.tensor(float(real_tokens(batch)), device=acc.device),
                 out["tokens"].float(),
             ]
         )
         parts = acc.reduce(parts, reduction="sum")
         n_tokens_all, n_micro = int(parts[4]), max(float(parts[5]), 1.0)
-        if skip(float(parts[0]) / n_micro):  # this micro-batch's mean loss
+        if skip(float(parts[0]) / n_micro):  # this micro-batch's mean loss (the same on every process)
+            if self.sharded:  # FSDP reduces each backward: every process skips this one together
+                return None
             zero = sum(p.sum() for p in module.parameters() if p.requires_grad) * 0.0
             with nullcontext() if last or world == 1 else acc.no_sync(module):
                 acc.backward(zero)
             return None
         acc.backward(loss)
         return (parts[:4] / n_step).tolist(), n_tokens_all
+
+
+@contextmanager
+def _gathered_root(root):
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
 
 
 def train(
@@ -599,6 +658,13 @@ def train(
     acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
     torch.manual_seed(tc.seed)
     module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer), mode.chunk_size)
+    mode.prepare(acc)
+    fsdp = sharding.sharded(acc, tc)
+    if fsdp:
+        live = isinstance(mode, LiveKD)
+        sharding.shard(module.to(acc.device), mode.teacher if live else None, acc)
+        if live:
+            mode.inside = True
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -607,15 +673,22 @@ def train(
         lr=tc.lr,
         betas=(0.9, 0.95),
     )
-    module, optimizer = acc.prepare(module, optimizer)
+    if not fsdp:
+        module, optimizer = acc.prepare(module, optimizer)
     # Not passed to accelerate.prepare: its wrapper steps the schedule once per *process* per step, which
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
-    mode.prepare(acc)
     lengths = [len(e["input_ids"]) for e in train_data] if tc.group_by_length else None
     stream = _BatchStream(len(train_data), tc.batch_size * acc.num_processes, tc.seed, lengths)
     ckpt = (
-        Checkpoints(checkpoint_dir, checkpoint_key, tc.checkpoint_every, tc.keep_checkpoints, desc)
+        Checkpoints(
+            checkpoint_dir,
+            checkpoint_key,
+            tc.checkpoint_every,
+            tc.keep_checkpoints,
+            desc,
+            (module, optimizer) if fsdp else None,
+        )
         if checkpoint_dir
         else None
     )
@@ -629,7 +702,9 @@ def train(
     t0, tokens_seen = time.time(), 0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
     module.train()
-    loop = _Loop(acc, module, acc.unwrap_model(module), tokenizer, train_data, tc, mode, stream)
+    loop = _Loop(
+        acc, module, module if fsdp else acc.unwrap_model(module), tokenizer, train_data, tc, mode, stream, fsdp
+    )
     for step in range(start_step, tc.steps):
         use_policy = mode.on_policy(step, tc.seed)
         terms = {"kd": 0.0, "ce": 0.0, "feat": 0.0, "loss": 0.0}
@@ -649,6 +724,8 @@ def train(
         grad_norm = (
             acc.clip_grad_norm_(module.parameters(), tc.max_grad_norm) if any_backward else torch.tensor(float("nan"))
         )
+        if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm is a DTensor over all processes
+            grad_norm = grad_norm.full_tensor()
         if not any_backward or not math.isfinite(float(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             guard.step_skipped(step, any_backward)
@@ -670,9 +747,12 @@ def train(
         }
         row["elapsed_s"], row["tokens"] = time.time() - t0, tokens_seen
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
-            row["val_loss"] = validation_loss(loop.raw.student, tokenizer, val_data, tc.batch_size * 4, mode.chunk_size)
-            if tc.eval_generate:
-                row["val_exact_match"] = generated_exact_match(loop.raw.student, tokenizer, val_data, tc)
+            with loop.full_params():  # every process runs the same validation (its collectives line up)
+                row["val_loss"] = validation_loss(
+                    loop.raw.student, tokenizer, val_data, tc.batch_size * 4, mode.chunk_size
+                )
+                if tc.eval_generate:
+                    row["val_exact_match"] = generated_exact_match(loop.raw.student, tokenizer, val_data, tc)
             module.train()
         result.history.append(row)
         if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
@@ -689,19 +769,29 @@ def train(
     result.tokens = tokens_seen
     result.seconds = time.time() - t0
     result.module = module
+    result.sharded = fsdp
     acc.wait_for_everyone()
     return result
 
 
-def gathered_student_state(acc, module) -> dict | None:
-    """Full student weights on the main process when training sharded them (FSDP / DeepSpeed ZeRO-3);
-    None when the in-memory student already holds them."""
+def final_model(acc, trainable, result: TrainResult):
+    """The trained model as a plain Hugging Face model (LoRA merged) on the main process.
+
+    Unsharded training: ``trainable`` itself, merged. Sharded (``train.sharding: fsdp``, or accelerate's
+    FSDP / DeepSpeed ZeRO-3): the full weights are gathered to the main process and a fresh model is
+    built there; the other processes get None. A collective: every process must call it."""
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return None
-    full = acc.get_state_dict(module)  # collective: every process must call it
-    return {k.removeprefix("student."): v for k, v in (full or {}).items() if k.startswith("student.")}
+    from distill import sharding
+
+    if result.sharded:
+        state = sharding.gather(result.module.student, acc.is_main_process)
+    elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        full = acc.get_state_dict(result.module)
+        state = {k.removeprefix("student."): v for k, v in (full or {}).items() if k.startswith("student.")}
+    else:
+        return merge_lora(trainable)
+    return sharding.rebuild(trainable, state) if acc.is_main_process else None
 
 
 def _process():
@@ -721,12 +811,29 @@ def _memory_mb(proc, device) -> float:
 
 
 def save_checkpoint(
-    acc, root: Path, step: int, history: list[dict], keep: int, key: str | None = None, guard: dict | None = None
+    acc,
+    root: Path,
+    step: int,
+    history: list[dict],
+    keep: int,
+    key: str | None = None,
+    guard: dict | None = None,
+    fsdp=None,
 ) -> None:
-    """accelerate state (model, optimizer, scheduler, RNG) + step, written under a temp name then renamed."""
+    """accelerate state (model, optimizer, scheduler, RNG) + step, written under a temp name then renamed;
+    ``fsdp`` = (module, optimizer): a sharded checkpoint (``distill.sharding.save``) instead."""
     name = f"step-{step:08d}"
     tmp = root / f".{name}.tmp"
-    acc.save_state(str(tmp))  # every process must call it (FSDP / DeepSpeed shard their state)
+    if fsdp:
+        from distill import sharding
+
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        sharding.save(*fsdp, tmp, acc.process_index)  # every process writes its shard
+    else:
+        acc.save_state(str(tmp))  # every process must call it (FSDP / DeepSpeed shard their state)
     acc.wait_for_everyone()
     if acc.is_main_process:
         if (root / name).exists():

@@ -1,11 +1,19 @@
-"""Run by test_trainer under 1 or 2 processes: distil a tiny student for a few steps, dump the loss curve.
+"""Run by test_trainer / test_sharding under 1 or 2 processes: distil a tiny student, dump the loss curve.
 
-Usage: python tests/ddp_train.py OUT_DIR BATCH_SIZE [fsdp]
+Usage: python tests/ddp_train.py OUT_DIR BATCH_SIZE [--fsdp] [--lora] [--features] [--accum N] [--steps N]
+       [--checkpoint-every N] [--kill-at STEP] [--plant-outside-read]
+
+``--kill-at``: rank 0 SIGKILLs itself after optimizer step STEP (a crash, nothing cleaned up); a rerun
+with the same OUT_DIR resumes from its checkpoints. ``--plant-outside-read``: the sharded teacher's
+signals are computed outside the FSDP root's forward (the bug sharding must not allow).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,25 +22,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from distill import trainer  # noqa: E402
 from distill.config import compose  # noqa: E402
 from distill.data import encode_records, load_records  # noqa: E402
 from distill.data.tokenize import train_tokenizer  # noqa: E402
-from distill.trainer import gathered_student_state, make_accelerator, make_mode, train  # noqa: E402
+from distill.trainer import apply_lora, final_model, make_accelerator, make_mode, train  # noqa: E402
 from families.hf import build_from_config, save_model_atomically  # noqa: E402
 
 
-def main(out: Path, batch_size: int) -> None:
+def main(a) -> None:
     from conftest import tiny_config
 
+    out = Path(a.out)
     rc = compose(
         [
             "+exp=smoke",
-            f"distill.train.batch_size={batch_size}",
-            "distill.train.steps=8",
-            "distill.train.checkpoint_every=0",
+            f"distill.train.batch_size={a.batch}",
+            f"distill.train.grad_accum={a.accum}",
+            f"distill.train.steps={a.steps}",
+            f"distill.train.checkpoint_every={a.checkpoint_every}",
             "distill.train.eval_every=0",
             "distill.train.warmup_steps=0",
             "distill.train.lr=1e-2",
+            f"distill.train.sharding={'fsdp' if a.fsdp else 'none'}",
+            *(["distill.features.weight=0.5", "distill.features.layer_map=[[0,0],[1,1]]"] if a.features else []),
         ]
     )
     acc = make_accelerator("no")
@@ -40,19 +53,46 @@ def main(out: Path, batch_size: int) -> None:
     tok = train_tokenizer([m["content"] for r in recs for m in r["messages"]], 400)
     teacher = build_from_config(tiny_config(tok), seed=1)
     student = build_from_config(tiny_config(tok, hidden=32, heads=2, kv=1, inter=64), seed=2)
+    trainable = student
+    if a.lora:
+        rc.student.lora.target_modules = ["q_proj", "v_proj", "down_proj"]
+        trainable = apply_lora(student, rc.student.lora)
     data = encode_records(tok, recs, 256)
-    result = train(student, tok, data, rc.distill.train, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
-    state = gathered_student_state(acc, result.module)  # full weights when FSDP sharded them
+    mode = make_mode(rc.distill, teacher=teacher)
+    if a.plant_outside_read:
+        mode.signals = lambda batch, idx, device, layer_map: trainer.teacher_signals(teacher, batch, layer_map, False)
+    if a.kill_at:
+        done = trainer.SpikeGuard.step_done
+
+        def step_done(self):
+            done(self)
+            if acc.is_main_process and len(getattr(self, "_n", [])) + 1 == a.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._n = [*getattr(self, "_n", []), 1]
+
+        trainer.SpikeGuard.step_done = step_done
+    result = train(
+        trainable,
+        tok,
+        data,
+        rc.distill.train,
+        accelerator=acc,
+        mode=mode,
+        checkpoint_dir=out / "checkpoints" if a.checkpoint_every else None,
+        checkpoint_key="test",
+    )
+    model = final_model(acc, trainable, result)  # gathered to rank 0 when sharded
     if acc.is_main_process:
-        save_model_atomically(student, tok, out / "student", state_dict=state)
+        save_model_atomically(model, tok, out / "student")
         (out / "history.json").write_text(json.dumps(result.history))
     # every rank reports what it holds; only rank 0 may have written the student
-    local = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in student.state_dict().items()}
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in trainable.state_dict().items()}
     (out / f"rank{acc.process_index}.json").write_text(
         json.dumps(
             {
                 "world": acc.num_processes,
-                "distributed_type": str(acc.distributed_type),
+                "sharded": result.sharded,
+                "local_numel": int(sum(v.numel() for v in local.values())),
                 "param_sum": float(sum(v.double().sum() for v in local.values())),
             }
         )
@@ -65,4 +105,15 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(1)
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("batch", type=int)
+    ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--features", action="store_true")
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--checkpoint-every", type=int, default=0)
+    ap.add_argument("--kill-at", type=int, default=0)
+    ap.add_argument("--plant-outside-read", action="store_true")
+    main(ap.parse_args())

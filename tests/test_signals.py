@@ -105,9 +105,11 @@ def test_forward_kl_gap_is_the_tail_term(peaked_teacher, tokenizer, data):
     assert float(approx) >= 0.95 * float(full.sum().detach())
 
 
-def test_training_on_cached_signals_equals_the_live_teacher(peaked_teacher, tokenizer, data, tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_on_cached_signals_equals_the_live_teacher(pack, peaked_teacher, tokenizer, data, tmp_path):
     """Planted truth: with k = vocabulary the cached signals carry the full distribution, so three
-    optimizer steps on them give the same student as three steps against the live teacher."""
+    optimizer steps on them give the same student as three steps against the live teacher. With
+    ``train.pack`` the examples change order inside a batch: their signals must follow them."""
     rc = compose(["+exp=smoke", "distill.features.weight=0.0", "distill.features.layer_map=[]"])
     tc = copy.deepcopy(rc.distill.train)
     tc.steps, tc.batch_size, tc.warmup_steps, tc.checkpoint_every, tc.eval_every = 3, 8, 0, 0, 0
@@ -126,7 +128,9 @@ def test_training_on_cached_signals_equals_the_live_teacher(peaked_teacher, toke
 
     live, cached = student(), student()
     r1 = train(live, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=peaked_teacher))
-    r2 = train(cached, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, signals=TopKSignals(tmp_path)))
+    tc2 = copy.deepcopy(tc)
+    tc2.pack = pack
+    r2 = train(cached, tokenizer, data, tc2, accelerator=acc, mode=make_mode(rc.distill, signals=TopKSignals(tmp_path)))
     for a, b in zip(r1.history, r2.history, strict=True):
         assert abs(a["kd"] - b["kd"]) < 1e-4 * max(1.0, abs(a["kd"])) and a["kd"] > 0
     for p, q in zip(live.parameters(), cached.parameters(), strict=True):

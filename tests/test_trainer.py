@@ -136,18 +136,19 @@ def test_spike_guard_needs_a_real_rise_not_only_a_ratio(rc):
     assert not guard.is_bad(10, 4.9) and guard.is_bad(10, 5.1)  # the ratio decides above ~0.1 nats
 
 
-def test_split_by_length_trains_the_same_examples_to_the_same_weights_with_less_padding(
-    rc, tokenizer, data, teacher_dir, acc
-):
-    """train.split_by_length: each batch runs as micro-batches of similar lengths. The step's examples and
-    its token-mean loss are unchanged, so the weights after training equal the unsplit run's (up to float
-    summation order), while the model sees fewer padded positions."""
+@pytest.mark.parametrize("knob", ["split_by_length", "pack"])
+def test_less_padding_trains_the_same_examples_to_the_same_weights(knob, rc, tokenizer, data, teacher_dir, acc):
+    """train.split_by_length: each batch runs as micro-batches of similar lengths; train.pack: each micro-
+    batch's examples share rows (block-diagonal attention, positions from 0). The step's examples and its
+    token-mean loss (logit and feature KD, CE) are unchanged, so the weights after training equal the plain
+    run's (up to float summation order), while the models see fewer padded positions."""
     teacher = load_causal_lm(teacher_dir)
     tc = copy.deepcopy(rc.distill.train)
     tc.steps, tc.batch_size, tc.grad_accum = 3, 8, 2
+    assert rc.distill.features.weight > 0 and rc.distill.features.layer_map  # feature KD runs on packed rows too
     weights, seen = {}, {}
-    for split in (1, 3):
-        tc.split_by_length = split
+    for on in (False, True):
+        tc.split_by_length, tc.pack = (3 if on else 1, False) if knob == "split_by_length" else (1, on)
         student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=6)
         positions = []
         hook = student.model.register_forward_pre_hook(
@@ -155,11 +156,39 @@ def test_split_by_length_trains_the_same_examples_to_the_same_weights_with_less_
         )
         train(student, tokenizer, data, tc, accelerator=acc, mode=make_mode(rc.distill, teacher=teacher))
         hook.remove()
-        weights[split], seen[split] = student.state_dict(), (len(positions), sum(positions))
-    assert seen[1][0] == 3 * 2 and seen[3][0] == 3 * 6  # micro-batches run: grad_accum x split per step
-    assert seen[3][1] < seen[1][1]  # fewer padded positions
-    for k, v in weights[1].items():
-        torch.testing.assert_close(weights[3][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        weights[on], seen[on] = student.state_dict(), (len(positions), sum(positions))
+    assert seen[False][0] == 3 * 2  # micro-batches run: grad_accum per step
+    assert seen[True][0] == 3 * (6 if knob == "split_by_length" else 2)
+    assert seen[True][1] < seen[False][1]  # fewer padded positions
+    for k, v in weights[False].items():
+        torch.testing.assert_close(weights[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_packed_rows_give_every_example_the_logits_it_has_alone(model_type, tokenizer, data):
+    """Planted truth for train.pack: each example's logits inside a packed row equal its logits run alone
+    (no attention across examples, positions restart at 0), and the targets are the example's own."""
+    from core.chat import IGNORE, collate_packed
+
+    model = build_from_config(tiny_config(tokenizer, model_type=model_type), seed=9).eval()
+    examples = data[:7]
+    packed = collate_packed(examples, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[0] < len(examples)  # several examples share a row
+    with torch.no_grad():
+        rows = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    width, r, s = packed["input_ids"].shape[1], 0, 0
+    for i in packed["order"]:  # row-major: an example that does not start here starts the next row
+        ex = examples[i]
+        k = len(ex["input_ids"])
+        if s + k > width or packed["input_ids"][r, s : s + k].tolist() != ex["input_ids"]:
+            r, s = r + 1, 0
+        assert packed["input_ids"][r, s : s + k].tolist() == ex["input_ids"]
+        assert packed["position_ids"][r, s : s + k].tolist() == list(range(k))
+        assert packed["labels"][r, s + 1 : s + k].tolist() == ex["labels"][1:] and packed["labels"][r, s] == IGNORE
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0]
+        torch.testing.assert_close(rows[r, s : s + k], alone, rtol=1e-4, atol=1e-5)
+        s += k
 
 
 def test_repeated_spikes_stop_with_a_clear_error(rc, tokenizer, data, acc):
