@@ -87,7 +87,10 @@ def save(module, optimizer, folder: Path, rank: int) -> None:
 
     msd, osd = _trained_state(module, optimizer)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder))
-    save_file({"cpu": torch.get_rng_state()}, str(folder / f"rng-{rank}.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(folder / f"rng-{rank}.safetensors"))
 
 
 def load(module, optimizer, folder: Path, rank: int) -> None:
@@ -109,7 +112,10 @@ def load(module, optimizer, folder: Path, rank: int) -> None:
     )
     rng = folder / f"rng-{rank}.safetensors"
     if rng.is_file():
-        torch.set_rng_state(load_file(str(rng))["cpu"])
+        states = load_file(str(rng))
+        torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
 
 
 def gather(model, main: bool) -> dict | None:

@@ -301,17 +301,29 @@ def test_bad_config_fails_fast_with_every_problem(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_pipeline_under_two_processes(tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_pipeline_under_two_processes(sharding, tmp_path):
+    """The whole pipeline under 2 processes, data parallel or FSDP2-sharded (teacher bootstrap and
+    distillation, with validation and sharded checkpoints): only rank 0 writes, and the sharded run's
+    models (gathered, rebuilt) are then evaluated, exported and gated like any other."""
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
-    run_dir = tmp_path / "ddp"
+    run_dir = tmp_path / sharding
     proc = _run(
-        ["+exp=smoke", f"hydra.run.dir={run_dir}", "eval.num_test=8"],
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={run_dir}",
+            "eval.num_test=8",
+            f"distill.train.sharding={sharding}",
+            f"teacher.bootstrap.train.sharding={sharding}",  # the teacher's own training (CE) sharded too
+        ],
         env,
         launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     )
     assert proc.returncode == 0, proc.log[-4000:]
     assert json.loads((run_dir / "manifest.json").read_text())["processes"] == 2
     assert "rank 0 wrote" in proc.log and "rank 1 wrote" not in proc.log
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["student"]["num_params"] > 0 and (run_dir / "onnx" / "int8").is_dir()
 
 
 def test_pruned_student_pipeline(smoke_run, tmp_path):

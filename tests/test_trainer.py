@@ -24,6 +24,7 @@ from distill.trainer import (
     teacher_signals,
     train,
 )
+from families import FAMILIES
 from families.hf import build_from_config, load_causal_lm
 
 
@@ -164,7 +165,7 @@ def test_less_padding_trains_the_same_examples_to_the_same_weights(knob, rc, tok
         torch.testing.assert_close(weights[True][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_packed_rows_give_every_example_the_logits_it_has_alone(model_type, tokenizer, data):
     """Planted truth for train.pack: each example's logits inside a packed row equal its logits run alone
     (no attention across examples, positions restart at 0), and the targets are the example's own."""
