@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "real_teacher_speed.json"))
+    ap.add_argument("--pack-only", action="store_true", help="only grouped vs packed batches (full, bf16)")
     a = ap.parse_args()
 
     import torch
@@ -42,23 +43,27 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(folder))
     rows = []
     short = "In-car assistant. Reply with one JSON tool call."
-    variants = [
-        ("full", False, None, "no"),
-        ("full", True, None, "no"),
-        ("full", True, short, "no"),
-        ("full", True, short, "bf16"),
-        ("lora", True, short, "no"),
-        ("lora", True, short, "bf16"),
+    variants = [  # (method, group_by_length, system prompt, precision, pack)
+        ("full", False, None, "no", False),
+        ("full", True, None, "no", False),
+        ("full", True, short, "no", False),
+        ("full", True, short, "bf16", False),
+        ("lora", True, short, "no", False),
+        ("lora", True, short, "bf16", False),
+        ("full", False, short, "bf16", True),
     ]
+    if a.pack_only:
+        variants = [v for v in variants if v[0] == "full" and v[2] and v[3] == "bf16"]
     from accelerate.state import AcceleratorState
 
-    for method, grouped, system, precision in variants:
+    for method, grouped, system, precision, pack in variants:
         rc = compose(
             [
                 "+exp=car_assistant_smollm2",
                 f"teacher.finetune.train.steps={a.steps}",
                 f"teacher.finetune.train.batch_size={a.batch}",
                 f"teacher.finetune.train.group_by_length={str(grouped).lower()}",
+                f"teacher.finetune.train.pack={str(pack).lower()}",
                 f"teacher.finetune.lora.enabled={str(method == 'lora').lower()}",
                 "data.system_prompt=" + (f"'{system}'" if system else "null"),
                 "teacher.finetune.train.log_every=1000",
@@ -77,7 +82,7 @@ def main() -> None:
             rc.teacher.finetune.train,
             accelerator=acc,
             mode=CrossEntropy(1024),
-            desc=f"{method} grouped={grouped} {precision}",
+            desc=f"{method} grouped={grouped} pack={pack} {precision}",
         )
         seconds = time.time() - t
         prompt_tokens = sum(len(e["input_ids"]) for e in enc) / len(enc)
@@ -85,6 +90,7 @@ def main() -> None:
             {
                 "method": method,
                 "group_by_length": grouped,
+                "pack": pack,
                 "system_prompt": system,
                 "mixed_precision": precision,
                 "mean_example_tokens": round(prompt_tokens, 1),
