@@ -143,6 +143,7 @@ class DistillModule(nn.Module):
         the cache (``distill.signals``), or ``INSIDE``: run ``self.teacher`` here, inside the (FSDP root's)
         forward, where its sharded embeddings and LM head are gathered."""
         sel = labels[:, 1:] != IGNORE
+        attention = bool(self.cfg and self.cfg.features.attention)
         if teacher is INSIDE:
             batch = {
                 "input_ids": input_ids,
@@ -150,10 +151,7 @@ class DistillModule(nn.Module):
                 "labels": labels,
                 "position_ids": position_ids,
             }
-            teacher = teacher_signals(
-                self.teacher, batch, self.layer_map, bool(self.cfg and self.cfg.features.attention)
-            )
-        attention = bool(self.cfg and self.cfg.features.attention)
+            teacher = teacher_signals(self.teacher, batch, self.layer_map, attention)
         cap = (
             _Capture(self.student, [s for s, _ in self.layer_map], attention) if (self.layer_map and teacher) else None
         )
@@ -660,11 +658,11 @@ def train(
     module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer), mode.chunk_size)
     mode.prepare(acc)
     fsdp = sharding.sharded(acc, tc)
+    live = isinstance(mode, LiveKD)
+    if live:
+        mode.inside = fsdp  # a mode object reused for an unsharded call runs its teacher outside again
     if fsdp:
-        live = isinstance(mode, LiveKD)
         sharding.shard(module.to(acc.device), mode.teacher if live else None, acc)
-        if live:
-            mode.inside = True
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

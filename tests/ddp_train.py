@@ -62,13 +62,13 @@ def main(a) -> None:
     if a.plant_outside_read:
         mode.signals = lambda batch, idx, device, layer_map: trainer.teacher_signals(teacher, batch, layer_map, False)
     if a.kill_at:
-        done = trainer.SpikeGuard.step_done
+        done, steps = trainer.SpikeGuard.step_done, [0]
 
         def step_done(self):
             done(self)
-            if acc.is_main_process and len(getattr(self, "_n", [])) + 1 == a.kill_at:
+            steps[0] += 1
+            if acc.is_main_process and steps[0] == a.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            self._n = [*getattr(self, "_n", []), 1]
 
         trainer.SpikeGuard.step_done = step_done
     result = train(
