@@ -197,6 +197,7 @@ class ExportConfig:
     verify_rtol: float = non_negative()  # ... plus this times the largest |logit|
     openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
     openvino_examples: int | None = positive()  # test examples compared under OpenVINO; null = all
+    deploy_batch: int = positive()  # the batch the application runs: ONNX variants are scored at it
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
     latency_tokens: int = positive()  # tokens generated per timed prompt
 
@@ -205,7 +206,11 @@ class ExportConfig:
 # (export.gate.THRESHOLDS): adding a scheme or a gate metric touches its own module, not this one.
 QuantizeConfig = dataclasses.make_dataclass(
     "QuantizeConfig",
-    [("variants", list[str]), *((name, scheme.settings) for name, scheme in SCHEMES.items())],
+    [
+        ("variants", list[str]),
+        ("probe_examples", int, non_negative()),  # validation sequences for each variant's KL to fp32; 0: none
+        *((name, scheme.settings) for name, scheme in SCHEMES.items()),
+    ],
 )
 GateConfig = dataclasses.make_dataclass(
     "GateConfig",

@@ -631,6 +631,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         out["fp16"] = r.stage(
             "export:fp16", onnx_dir / "fp16", {}, src, lambda st: to_float16(fp32.folder, st.folder), on="main-only"
         )
+    probe = [ex["input_ids"] for ex in r.enc["validation"][: r.rc.quantize.probe_examples]]
     for v in r.rc.quantize.variants:
         scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
         cal = scheme.calibration(settings, calibration)
@@ -638,8 +639,10 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             f"quantize:{v}",
             onnx_dir / v,
             dataclasses.asdict(settings),
-            {**src, **({"calibration": digest(cal)} if cal else {})},
-            lambda st, scheme=scheme, settings=settings: scheme.build(fp32.folder, st.folder, settings, calibration),
+            {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})},
+            lambda st, scheme=scheme, settings=settings: scheme.build(
+                fp32.folder, st.folder, settings, calibration, probe
+            ),
             on="main-only",
         )
     return out
@@ -678,6 +681,7 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
             {
                 "eval": dataclasses.asdict(rc.eval),
                 "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
+                "deploy_batch": rc.export.deploy_batch,
                 "openvino": ov,
                 **({"openvino_examples": rc.export.openvino_examples} if ov else {}),
             },
@@ -706,13 +710,20 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
     with torch.no_grad():
         runner = OnnxCausalLM(folder)
         ref = teacher_reference(r, teacher_answers(r), "test")
-        scores, answers = evaluate_onnx(runner, r.tokenizer, enc["test"], teacher=ref, teacher_answers=t_ans, **_ev(rc))
+        settings = {**_ev(rc), "batch_size": rc.export.deploy_batch}  # scored at the batch that ships
+        scores, answers = evaluate_onnx(
+            runner, r.tokenizer, enc["test"], teacher=ref, teacher_answers=t_ans, **settings
+        )
+    scores["batch"] = rc.export.deploy_batch
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
     scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
     scores["bytes"] = onnx_bytes(folder)
     qinfo = folder / "quantization.json"
     if qinfo.is_file():
-        scores["quantization"] = json.loads(qinfo.read_text())["settings"]
+        info = json.loads(qinfo.read_text())
+        scores["quantization"] = info["settings"]
+        if "vs_source" in info:
+            scores["vs_fp32"] = info["vs_source"]
     if use_ov:
         from distill.evaluate import answer_budget
 
@@ -721,7 +732,7 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
             rc.eval.max_new_tokens or answer_budget(enc["test"]),
         )
         scores["openvino"] = cross_runtime(
-            folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.eval.batch_size, rc.eval.chunk_size
+            folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.export.deploy_batch, rc.eval.chunk_size
         )
     log.info(
         "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",

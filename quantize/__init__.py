@@ -3,13 +3,18 @@
 - ``quantize_int8_dynamic``: int8 weights (per output channel), activations quantized on the fly.
 - ``quantize_int8_static``: int8 weights and activations in QDQ format, activation ranges calibrated on
   task sequences.
+- ``quantize_int8_weights``: int8 weight-only ``MatMulNBits`` (8 bits, blocks along the input dimension):
+  activations are never quantized across rows, so the answers do not depend on the batch, and ONNX
+  Runtime and OpenVINO compute the same numbers.
 - ``quantize_int4``: int4 weight-only ``MatMulNBits`` with a block size and an algorithm: ``rtn``
   (round to nearest, ORT's default quantizer), ``hqq`` (half-quadratic, data-free), ``gptq``
   (calibrated on task sequences).
 
 All of them cover every MatMul with a constant weight, the LM head included (tied heads are exported
 as their own transposed initializer), and optionally the embedding (``Gather``). Each folder gets
-``quantization.json``: scheme, settings, which ops were quantized how, and bytes on disk.
+``quantization.json``: scheme, settings, which ops were quantized how, bytes on disk, and, given probe
+sequences, how far the variant's next-token distributions are from the source's (``vs_source``: KL,
+argmax agreement, largest logit difference; each sequence run alone, as the car runs it).
 
 bitsandbytes remains the tool for low-precision weights during training (``teacher.quantization``).
 """
@@ -93,7 +98,36 @@ def _meta(src: Path) -> dict:
     return json.loads((src / "onnx_config.json").read_text())
 
 
-def _finish(src: Path, tmp: Path, scheme: str, settings: dict) -> None:
+def compare_to_source(src: str | Path, variant: str | Path, sequences: Sequence[Sequence[int]]) -> dict:
+    """Next-token distributions of ``variant`` against ``src`` (two exported folders) on ``sequences``, each
+    run alone with an empty cache (batch 1): mean KL(src || variant) per token, share of positions whose
+    argmax agrees, largest absolute logit difference. ONNX Runtime only: this is what a quantizer changed."""
+    import numpy as np
+    import onnxruntime as ort
+
+    src, variant = Path(src), Path(variant)
+    sessions = [ort.InferenceSession(str(f / ONNX_FILE), providers=["CPUExecutionProvider"]) for f in (src, variant)]
+    kl, agree, tokens, diff = 0.0, 0, 0, 0.0
+    for feed in SequenceReader(sequences, _meta(src)):
+        p, q = (s.run(["logits"], feed)[0][0].astype(np.float64) for s in sessions)
+        lp = p - p.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        lq = q - q.max(-1, keepdims=True)
+        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+        kl += float((np.exp(lp) * (lp - lq)).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        tokens += p.shape[0]
+        diff = max(diff, float(np.abs(p - q).max()))
+    return {
+        "sequences": len(sequences),
+        "tokens": tokens,
+        "kl": kl / max(tokens, 1),
+        "agreement": agree / max(tokens, 1),
+        "max_logit_diff": diff,
+    }
+
+
+def _finish(src: Path, tmp: Path, scheme: str, settings: dict, probe: Sequence[Sequence[int]] = ()) -> None:
     copy_runtime_files(src, tmp)
     weights, left = _const_matmuls(src / ONNX_FILE), _const_matmuls(tmp / ONNX_FILE)
     info = {
@@ -111,13 +145,17 @@ def _finish(src: Path, tmp: Path, scheme: str, settings: dict) -> None:
         "bytes": onnx_bytes(tmp),
         "source_bytes": onnx_bytes(src),
     }
+    if probe:
+        info["vs_source"] = compare_to_source(src, tmp, probe)
     (tmp / "quantization.json").write_text(json.dumps(info, indent=2))
+    vs = info.get("vs_source")
     log.info(
-        "quantize %s: %s -> %s bytes (%.2fx)",
+        "quantize %s: %s -> %s bytes (%.2fx)%s",
         scheme,
         info["source_bytes"],
         info["bytes"],
         info["bytes"] / info["source_bytes"],
+        f", KL to the source {vs['kl']:.5f}, agreement {vs['agreement']:.4f}" if vs else "",
     )
 
 
@@ -137,9 +175,15 @@ def _guard(dest: Path, build) -> Path:
 
 
 def quantize_int8_dynamic(
-    src: str | Path, dest: str | Path, *, per_channel: bool = True, embedding: bool = False
+    src: str | Path,
+    dest: str | Path,
+    *,
+    per_channel: bool = True,
+    embedding: bool = False,
+    probe: Sequence[Sequence[int]] = (),
 ) -> Path:
-    """int8 weights per output channel (symmetric), activations quantized per call (ORT dynamic)."""
+    """int8 weights per output channel (symmetric), activations quantized per call (ORT dynamic: one scale
+    over the whole input of each MatMul, so a row's numbers depend on the other rows and on padding)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dest = Path(src), Path(dest)
@@ -155,13 +199,18 @@ def quantize_int8_dynamic(
             extra_options={"MatMulConstBOnly": True},
         )
         settings = {"per_channel": per_channel, "weight_type": "int8", "embedding": embedding}
-        _finish(src, tmp, "int8_dynamic", settings)
+        _finish(src, tmp, "int8_dynamic", settings, probe)
 
     return _guard(dest, build)
 
 
 def quantize_int8_static(
-    src: str | Path, dest: str | Path, calibration: Sequence[Sequence[int]], *, per_channel: bool = True
+    src: str | Path,
+    dest: str | Path,
+    calibration: Sequence[Sequence[int]],
+    *,
+    per_channel: bool = True,
+    probe: Sequence[Sequence[int]] = (),
 ) -> Path:
     """int8 QDQ: weights per channel, activation ranges from MinMax calibration on ``calibration`` sequences."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -190,7 +239,7 @@ def quantize_int8_static(
         )
         pre.unlink()
         settings = {"per_channel": per_channel, "calibration_sequences": len(calibration), "calibrate": "minmax"}
-        _finish(src, tmp, "int8_static_qdq", settings)
+        _finish(src, tmp, "int8_static_qdq", settings, probe)
 
     return _guard(dest, build)
 
@@ -205,19 +254,39 @@ def quantize_int4(
     accuracy_level: int | None = 4,
     embedding: bool = False,
     calibration: Sequence[Sequence[int]] | None = None,
+    probe: Sequence[Sequence[int]] = (),
 ) -> Path:
     """int4 weight-only ``MatMulNBits`` (blocks of ``block_size`` along the input dimension).
 
-    ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel compute with int8 activations (fastest on x86);
-    ``embedding`` also stores the embedding table as ``GatherBlockQuantized`` (rtn only).
+    ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel compute with int8 activations (fastest on x86; the
+    activations are quantized per row and block, so rows stay independent); ``embedding`` also stores the
+    embedding table as ``GatherBlockQuantized`` (rtn only).
     """
+    return _weight_only(src, dest, 4, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe)
+
+
+def quantize_int8_weights(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int | None = None,
+    probe: Sequence[Sequence[int]] = (),
+) -> Path:
+    """int8 weight-only ``MatMulNBits`` (8 bits, round to nearest, blocks of ``block_size`` along the input
+    dimension). The embedding stays float (ONNX Runtime quantizes ``Gather`` at 4 bits only)."""
+    return _weight_only(src, dest, 8, block_size, "rtn", symmetric, accuracy_level, False, None, probe)
+
+
+def _weight_only(src, dest, bits, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     src, dest = Path(src), Path(dest)
     if algorithm not in INT4_ALGORITHMS:
         raise ValueError(f"int4 algorithm must be one of {', '.join(INT4_ALGORITHMS)}, got {algorithm!r}")
     if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"int4 block_size must be a power of two >= 16, got {block_size}")
+        raise ValueError(f"int{bits} block_size must be a power of two >= 16, got {block_size}")
     if embedding and algorithm != "rtn":
         raise ValueError("int4 embedding quantization is available with algorithm=rtn only (ONNX Runtime)")
     if algorithm == "gptq" and not calibration:
@@ -230,9 +299,10 @@ def quantize_int4(
             accuracy_level=accuracy_level,
             op_types_to_quantize=ops,
             quant_axes=(("MatMul", 0), ("Gather", 1)),
+            bits=bits,
         )
     elif algorithm == "hqq":
-        algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4, op_types_to_quantize=ops)
+        algo = mnb.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=ops)
     else:
         algo = mnb.GPTQWeightOnlyQuantConfig(
             calibration_data_reader=SequenceReader(calibration, _meta(src)),
@@ -246,6 +316,7 @@ def quantize_int4(
         model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
         q = mnb.MatMulNBitsQuantizer(
             model,
+            bits=bits,
             block_size=block_size,
             is_symmetric=symmetric,
             accuracy_level=accuracy_level,
@@ -255,7 +326,7 @@ def quantize_int4(
         q.process()
         q.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=onnx_bytes(src) >= TWO_GB)
         settings = {
-            "bits": 4,
+            "bits": bits,
             "block_size": block_size,
             "algorithm": algorithm,
             "symmetric": symmetric,
@@ -264,7 +335,7 @@ def quantize_int4(
         }
         if calibration and algorithm == "gptq":
             settings["calibration_sequences"] = len(calibration)
-        _finish(src, tmp, "int4_weight_only", settings)
+        _finish(src, tmp, f"int{bits}_weight_only", settings, probe)
 
     return _guard(dest, build)
 
@@ -290,6 +361,25 @@ class Int8StaticSettings:
         return []
 
 
+def _block_problems(key: str, block_size, accuracy_level) -> list[str]:
+    out = []
+    if isinstance(block_size, int) and (block_size < 16 or block_size & (block_size - 1)):
+        out.append(f"{key}.block_size: {block_size} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        out.append(f"{key}.accuracy_level: {accuracy_level} must be 0-4 or null")
+    return out
+
+
+@dataclass
+class Int8WeightsSettings:
+    block_size: int = positive()
+    symmetric: bool
+    accuracy_level: int | None  # ORT CPU compute type for activations; null = ORT's default
+
+    def problems(self, key: str) -> list[str]:
+        return _block_problems(key, self.block_size, self.accuracy_level)
+
+
 @dataclass
 class Int4Settings:
     block_size: int = positive()
@@ -300,14 +390,9 @@ class Int4Settings:
     calib_examples: int = positive()
 
     def problems(self, key: str) -> list[str]:
-        out = []
-        b = self.block_size
-        if isinstance(b, int) and (b < 16 or b & (b - 1)):
-            out.append(f"{key}.block_size: {b} must be a power of two >= 16 (ONNX Runtime MatMulNBits)")
+        out = _block_problems(key, self.block_size, self.accuracy_level)
         if self.embedding and self.algorithm != "rtn":
             out.append(f"{key}.embedding: true needs {key}.algorithm=rtn (ONNX Runtime quantizes Gather with RTN only)")
-        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
-            out.append(f"{key}.accuracy_level: {self.accuracy_level} must be 0-4 or null")
         return out
 
 
@@ -317,7 +402,8 @@ class Scheme:
     those settings read calibration sequences (task token ids, prompt + answer)."""
 
     settings: type
-    build: Callable[[Path, Path, Any, Sequence[Sequence[int]]], Path]  # (fp32 folder, dest, settings, calibration)
+    # (fp32 folder, dest, settings, calibration, probe): probe = sequences for quantization.json's vs_source
+    build: Callable[[Path, Path, Any, Sequence[Sequence[int]], Sequence[Sequence[int]]], Path]
     calibrated: Callable[[Any], bool]
     summary: str
 
@@ -331,19 +417,31 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme(
         Int8Settings,
-        lambda src, dest, s, cal: quantize_int8_dynamic(src, dest, per_channel=s.per_channel, embedding=s.embedding),
+        lambda src, dest, s, cal, probe=(): quantize_int8_dynamic(
+            src, dest, per_channel=s.per_channel, embedding=s.embedding, probe=probe
+        ),
         lambda s: False,
-        "int8 weights per channel, activations quantized per call (dynamic)",
+        "int8 weights per channel, activations quantized per call over the whole batch (dynamic)",
     ),
     "int8_static": Scheme(
         Int8StaticSettings,
-        lambda src, dest, s, cal: quantize_int8_static(src, dest, cal[: s.calib_examples], per_channel=s.per_channel),
+        lambda src, dest, s, cal, probe=(): quantize_int8_static(
+            src, dest, cal[: s.calib_examples], per_channel=s.per_channel, probe=probe
+        ),
         lambda s: True,
         "int8 weights and activations (QDQ), activation ranges calibrated on task data",
     ),
+    "int8_wo": Scheme(
+        Int8WeightsSettings,
+        lambda src, dest, s, cal, probe=(): quantize_int8_weights(
+            src, dest, block_size=s.block_size, symmetric=s.symmetric, accuracy_level=s.accuracy_level, probe=probe
+        ),
+        lambda s: False,
+        "int8 weight-only MatMulNBits (blocks): batch-invariant, same numbers in ONNX Runtime and OpenVINO",
+    ),
     "int4": Scheme(
         Int4Settings,
-        lambda src, dest, s, cal: quantize_int4(
+        lambda src, dest, s, cal, probe=(): quantize_int4(
             src,
             dest,
             block_size=s.block_size,
@@ -352,6 +450,7 @@ SCHEMES: dict[str, Scheme] = {
             accuracy_level=s.accuracy_level,
             embedding=s.embedding,
             calibration=cal[: s.calib_examples],
+            probe=probe,
         ),
         lambda s: s.algorithm == "gptq",
         "int4 weight-only MatMulNBits (rtn / hqq / gptq)",

@@ -111,7 +111,7 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def _negated_head(src, dest, settings, calibration):
+def _negated_head(src, dest, settings, calibration, probe=()):
     """A deliberately broken "quantizer": the fp32 graph with its LM head weight negated (argmax flips)."""
     import onnx
     from onnx import numpy_helper
@@ -154,15 +154,53 @@ def _default_gate(**changes) -> list[str]:
     return [f"gate.{k}={'null' if v is None else v}" for k, v in values.items() if k != "variants"]
 
 
-def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str]) -> dict:
+def _negated_at_batch_one(src, dest, settings, calibration, probe=()):
+    """A planted batch-dependent "quantizer": the fp32 graph whose logits are negated when the batch is 1
+    (what the car runs) and exact at any other batch, as a scheme whose numbers depend on the batch would be."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from core.files import building
+    from core.onnx_files import ONNX_FILE, copy_runtime_files
+
+    with building(dest) as tmp:
+        model = onnx.load(str(Path(src) / ONNX_FILE))
+        g = model.graph
+        (head,) = [n for n in g.node if "logits" in n.output]
+        head.output[list(head.output).index("logits")] = "logits_raw"
+        g.initializer.extend(
+            [
+                helper.make_tensor("planted_zero", TensorProto.INT64, [1], [0]),
+                helper.make_tensor("planted_one", TensorProto.INT64, [1], [1]),
+                helper.make_tensor("planted_minus_two", TensorProto.FLOAT, [1], [-2.0]),
+                helper.make_tensor("planted_one_f", TensorProto.FLOAT, [1], [1.0]),
+            ]
+        )
+        g.node.extend(  # logits = logits_raw * (1 - 2 [batch == 1])
+            [
+                helper.make_node("Shape", ["input_ids"], ["planted_shape"]),
+                helper.make_node("Gather", ["planted_shape", "planted_zero"], ["planted_batch"], axis=0),
+                helper.make_node("Equal", ["planted_batch", "planted_one"], ["planted_is_one"]),
+                helper.make_node("Cast", ["planted_is_one"], ["planted_f"], to=TensorProto.FLOAT),
+                helper.make_node("Mul", ["planted_f", "planted_minus_two"], ["planted_m"]),
+                helper.make_node("Add", ["planted_m", "planted_one_f"], ["planted_scale"]),
+                helper.make_node("Mul", ["logits_raw", "planted_scale"], ["logits"]),
+            ]
+        )
+        onnx.save(model, str(tmp / ONNX_FILE))
+        copy_runtime_files(Path(src), tmp)
+    return dest
+
+
+def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str], broken=_negated_head, more=()) -> dict:
     """The smoke pipeline with the teacher as its own student (one step at lr 1e-12), fp32 and a planted
-    broken "int8" (LM head negated) both gated."""
+    broken "int8" (``broken``: by default the LM head negated) both gated."""
     import quantize
     from distill.config import compose
     from distill.pipeline import run
 
     monkeypatch.setitem(
-        quantize.SCHEMES, "int8", quantize.Scheme(quantize.Int8Settings, _negated_head, lambda s: False, "broken")
+        quantize.SCHEMES, "int8", quantize.Scheme(quantize.Int8Settings, broken, lambda s: False, "broken")
     )
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     rc = compose(
@@ -181,6 +219,7 @@ def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str]) -> dict
             "quantize.variants=[int8]",
             "gate.variants=[fp32,int8]",
             *gate,
+            *more,
         ]
     )
     return run(rc, tmp_path / "run")
@@ -206,6 +245,23 @@ def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_th
     assert info["teacher_val_exact_match"] > 0 and probe == info["teacher_val_exact_match"]
     assert (tmp_path / "run" / "retention.png").is_file()
     assert m["onnx_fp32"]["agreement"] > 0.999 and m["onnx_int8"]["agreement"] < 0.5
+
+
+def test_variants_are_scored_at_the_batch_that_ships(task_teacher, tmp_path, monkeypatch):
+    """A planted "int8" that is exact at any batch but batch 1 (its logits negated there): scored at the
+    deployment batch (``export.deploy_batch``, default 1) it fails the gate; the same files scored at batch 4
+    look faithful, which is what scoring at a convenient evaluation batch would have shipped."""
+    gate = _default_gate(min_valid_json=None)
+    m = _student_is_teacher(task_teacher, tmp_path, monkeypatch, gate, broken=_negated_at_batch_one)
+    assert m["onnx_int8"]["batch"] == 1 and m["onnx_fp32"]["batch"] == 1
+    assert m["onnx_int8"]["agreement"] < 0.5 and m["onnx_fp32"]["agreement"] > 0.999
+    failed = {c["metric"] for c in m["gate"]["checks"] if c["variant"] == "onnx_int8" and not c["passed"]}
+    assert {"exact_match", "agreement", "kl"} <= failed and m["gate"]["passed"] is False
+    m4 = _student_is_teacher(
+        task_teacher, tmp_path, monkeypatch, gate, broken=_negated_at_batch_one, more=["export.deploy_batch=4"]
+    )
+    assert m4["onnx_int8"]["batch"] == 4 and m4["onnx_int8"]["agreement"] > 0.999
+    assert m4["onnx_int8"]["exact_match"] == m4["onnx_fp32"]["exact_match"] and m4["gate"]["passed"] is True
 
 
 def test_gate_fails_a_teacher_with_nothing_to_retain(teacher_dir, tmp_path, monkeypatch):
