@@ -198,6 +198,7 @@ class ExportConfig:
     openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
     openvino_examples: int | None = positive()  # test examples compared under OpenVINO; null = all
     deploy_batch: int = positive()  # the batch the application runs: ONNX variants are scored at it
+    invariance_examples: int = non_negative()  # test examples that must show a variant batch-invariant
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
     latency_tokens: int = positive()  # tokens generated per timed prompt
 

@@ -301,6 +301,38 @@ def evaluate_onnx(
     return _evaluate(gen, onnx_logits_fn(runner), tokenizer, data, batch_size, teacher, teacher_answers, chunk_size)
 
 
+# ONNX ops that compute one quantization scale over every row of a call: a row's numbers depend on the others.
+ROW_MIXING_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM")
+
+
+def batch_invariance(
+    runner, data: Sequence[dict], max_new_tokens: int, deploy_batch: int, batch_size: int, chunk_size: int
+) -> dict:
+    """Whether scoring ``runner`` (an ``export.runtime.OnnxCausalLM``) at ``batch_size`` gives what it gives at
+    ``deploy_batch``: its graph has no op that mixes rows (``ROW_MIXING_OPS``), and on ``data`` the greedy
+    answers and the teacher-forced argmax at every position are identical at both batches (teacher-forced
+    rows grouped as ``teacher_forced`` groups them, ``chunk_size`` tokens at a time)."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(runner.folder / "model.onnx"), load_external_data=False).graph.node}
+    out: dict = {"examples": len(data), "ops_mixing_rows": sorted(ops & set(ROW_MIXING_OPS))}
+    if out["ops_mixing_rows"] or not data:
+        return {**out, "invariant": False}
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
+    small = by_length(prompts, lambda p: runner.generate(p, max_new_tokens, batch_size=deploy_batch))
+    large = by_length(prompts, lambda p: runner.generate(p, max_new_tokens, batch_size=batch_size))
+    seqs = [ex["input_ids"] for ex in data]
+    rows = max(1, min(batch_size, chunk_size // max(len(x) for x in seqs)))
+    same_argmax = all(
+        bool((x.argmax(-1) == y.argmax(-1)).all())
+        for x, y in zip(runner.sequence_logits(seqs, deploy_batch), runner.sequence_logits(seqs, rows), strict=True)
+    )
+    out["identical_answers"] = sum(a == b for a, b in zip(small, large, strict=True)) / len(data)
+    out["identical_argmax"] = same_argmax
+    out["invariant"] = out["identical_answers"] == 1.0 and same_argmax
+    return out
+
+
 def latency(
     generate_n: Callable[[Sequence[int], int], object], prompts: Sequence[Sequence[int]], n_tokens: int
 ) -> dict:

@@ -681,7 +681,7 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
             {
                 "eval": dataclasses.asdict(rc.eval),
                 "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
-                "deploy_batch": rc.export.deploy_batch,
+                "deploy_batch": [rc.export.deploy_batch, rc.export.invariance_examples],
                 "openvino": ov,
                 **({"openvino_examples": rc.export.openvino_examples} if ov else {}),
             },
@@ -703,18 +703,37 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
     import torch
 
     from core.onnx_files import onnx_bytes
-    from distill.evaluate import evaluate_onnx, latency, onnx_generate_n
+    from distill.evaluate import answer_budget, batch_invariance, evaluate_onnx, latency, onnx_generate_n
     from export.runtime import OnnxCausalLM
 
     rc, enc = r.rc, r.enc
+    deploy, batch, check = rc.export.deploy_batch, rc.export.deploy_batch, None
     with torch.no_grad():
         runner = OnnxCausalLM(folder)
+        if rc.export.invariance_examples and rc.eval.batch_size != deploy:
+            # scored at the batch that ships, unless shown not to depend on the batch (then at eval.batch_size)
+            sample = enc["test"][: rc.export.invariance_examples]
+            budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
+            check = batch_invariance(runner, sample, budget, deploy, rc.eval.batch_size, rc.eval.chunk_size)
+            batch = rc.eval.batch_size if check["invariant"] else deploy
         ref = teacher_reference(r, teacher_answers(r), "test")
-        settings = {**_ev(rc), "batch_size": rc.export.deploy_batch}  # scored at the batch that ships
+        settings = {**_ev(rc), "batch_size": batch}
         scores, answers = evaluate_onnx(
             runner, r.tokenizer, enc["test"], teacher=ref, teacher_answers=t_ans, **settings
         )
-    scores["batch"] = rc.export.deploy_batch
+    scores["batch"], scores["deploy_batch"] = batch, deploy
+    if check is not None:
+        scores["batch_invariance"] = check
+        log.info(
+            "onnx %s: %s at batch %d (%s)",
+            folder.name,
+            "scored" if batch == deploy else "batch-invariant, scored",
+            batch,
+            f"ops mixing rows: {', '.join(check['ops_mixing_rows'])}"
+            if check["ops_mixing_rows"]
+            else f"{check['identical_answers']:.3f} of {check['examples']} answers identical at batch {deploy} and "
+            f"{rc.eval.batch_size}, argmax identical: {check['identical_argmax']}",
+        )
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
     scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
     scores["bytes"] = onnx_bytes(folder)
@@ -725,8 +744,6 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
         if "vs_source" in info:
             scores["vs_fp32"] = info["vs_source"]
     if use_ov:
-        from distill.evaluate import answer_budget
-
         n_ov, budget = (
             rc.export.openvino_examples or len(enc["test"]),
             rc.eval.max_new_tokens or answer_budget(enc["test"]),

@@ -244,18 +244,22 @@ def test_onnx_quantize_and_gate_problems():
                 "quantize.int4.block_size=24",
                 "quantize.int4.algorithm=awq",
                 "quantize.int4.embedding=true",
+                "quantize.int8_wo.block_size=8",
+                "quantize.probe_examples=-1",
                 "gate.min_agreement=1.5",
                 "gate.max_kl=-1",
             ]
         )
     msg = str(err.value)
     for expected in (
-        "quantize.variants: 'int3' is not one of int8, int8_static, int4",
+        "quantize.variants: 'int3' is not one of int8, int8_static, int8_wo, int4",
         "gate.variants: 'int8_static' is gated but not built; add it to quantize.variants",
-        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int4",
+        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int8_wo, int4",
         "quantize.int4.block_size: 24 must be a power of two >= 16",
         "quantize.int4.algorithm: 'awq' is not one of rtn, hqq, gptq",
         "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn",
+        "quantize.int8_wo.block_size: 8 must be a power of two >= 16",
+        "quantize.probe_examples: must be >= 0, got -1",
         "gate.min_agreement: must be between 0 and 1, got 1.5",
         "gate.max_kl: must be >= 0, got -1",
     ):

@@ -259,6 +259,16 @@ def test_weight_only_variants_do_not_depend_on_the_batch(qwen_onnx, tmp_path, to
         gap[name] = max(float(np.abs(x - y).max()) for x, y in zip(alone, together, strict=True))
     assert gap["int8_wo"] < 1e-4 and gap["int4"] < 1e-4, gap
     assert gap["int8"] > 100 * max(gap["int8_wo"], gap["int4"], 1e-6), gap
+    # the pipeline's check before it scores a variant at a larger batch than the deployed one
+    from core.chat import encode
+    from distill.data.car_assistant import generate
+    from distill.evaluate import batch_invariance
+
+    data = [encode(tokenizer, e.to_record()["messages"]) for e in generate("test", car_settings)[:6]]
+    dyn = batch_invariance(OnnxCausalLM(folders["int8"]), data, 8, 1, 4, 512)
+    assert dyn == {"examples": 6, "ops_mixing_rows": ["DynamicQuantizeLinear"], "invariant": False}
+    wo = batch_invariance(OnnxCausalLM(folders["int8_wo"]), data, 8, 1, 4, 512)
+    assert wo["ops_mixing_rows"] == [] and wo["identical_answers"] == 1.0 and wo["invariant"]
 
 
 def test_runner_cross_checks_under_openvino(qwen_onnx, tokenizer, car_settings):

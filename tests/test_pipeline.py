@@ -248,19 +248,24 @@ def test_gate_passes_a_faithful_artifact_and_fails_a_broken_one_under_default_th
 
 
 def test_variants_are_scored_at_the_batch_that_ships(task_teacher, tmp_path, monkeypatch):
-    """A planted "int8" that is exact at any batch but batch 1 (its logits negated there): scored at the
-    deployment batch (``export.deploy_batch``, default 1) it fails the gate; the same files scored at batch 4
-    look faithful, which is what scoring at a convenient evaluation batch would have shipped."""
+    """A planted "int8" that is exact at any batch but batch 1 (its logits negated there): its batch-invariance
+    check fails, so it is scored at the deployment batch (``export.deploy_batch``, default 1) and fails the
+    gate, while fp32 is shown batch-invariant and scored at eval.batch_size. Deployed at batch 4, the same
+    files look faithful: what scoring at a convenient evaluation batch would have shipped."""
     gate = _default_gate(min_valid_json=None)
     m = _student_is_teacher(task_teacher, tmp_path, monkeypatch, gate, broken=_negated_at_batch_one)
-    assert m["onnx_int8"]["batch"] == 1 and m["onnx_fp32"]["batch"] == 1
+    check = m["onnx_int8"]["batch_invariance"]  # no quantize op mixes rows, but the answers differ
+    assert check["ops_mixing_rows"] == [] and check["identical_answers"] < 0.5 and not check["invariant"]
+    assert m["onnx_int8"]["batch"] == m["onnx_int8"]["deploy_batch"] == 1
+    assert m["onnx_fp32"]["batch_invariance"]["invariant"] and m["onnx_fp32"]["batch"] == 64  # eval.batch_size
     assert m["onnx_int8"]["agreement"] < 0.5 and m["onnx_fp32"]["agreement"] > 0.999
     failed = {c["metric"] for c in m["gate"]["checks"] if c["variant"] == "onnx_int8" and not c["passed"]}
     assert {"exact_match", "agreement", "kl"} <= failed and m["gate"]["passed"] is False
     m4 = _student_is_teacher(
         task_teacher, tmp_path, monkeypatch, gate, broken=_negated_at_batch_one, more=["export.deploy_batch=4"]
     )
-    assert m4["onnx_int8"]["batch"] == 4 and m4["onnx_int8"]["agreement"] > 0.999
+    assert m4["onnx_int8"]["deploy_batch"] == 4 and m4["onnx_int8"]["batch_invariance"]["invariant"]
+    assert m4["onnx_int8"]["agreement"] > 0.999
     assert m4["onnx_int8"]["exact_match"] == m4["onnx_fp32"]["exact_match"] and m4["gate"]["passed"] is True
 
 
