@@ -35,7 +35,7 @@ def test_schema_fields_are_the_registries():
     import dataclasses
 
     assert [f.name for f in dataclasses.fields(GateConfig)] == ["variants", *THRESHOLDS, "min_teacher_score"]
-    assert [f.name for f in dataclasses.fields(QuantizeConfig)] == ["variants", *SCHEMES]
+    assert [f.name for f in dataclasses.fields(QuantizeConfig)] == ["variants", "probe_examples", *SCHEMES]
     for name, scheme in SCHEMES.items():
         assert isinstance(getattr(compose([]).quantize, name), scheme.settings)
     assert set(FAMILIES) >= {"llama", "qwen2", "qwen3", "mistral", "phi3"}
