@@ -708,12 +708,12 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
 
     rc, enc = r.rc, r.enc
     deploy, batch, check = rc.export.deploy_batch, rc.export.deploy_batch, None
+    budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
     with torch.no_grad():
         runner = OnnxCausalLM(folder)
         if rc.export.invariance_examples and rc.eval.batch_size != deploy:
             # scored at the batch that ships, unless shown not to depend on the batch (then at eval.batch_size)
             sample = enc["test"][: rc.export.invariance_examples]
-            budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
             check = batch_invariance(runner, sample, budget, deploy, rc.eval.batch_size, rc.eval.chunk_size)
             batch = rc.eval.batch_size if check["invariant"] else deploy
         ref = teacher_reference(r, teacher_answers(r), "test")
@@ -744,10 +744,7 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
         if "vs_source" in info:
             scores["vs_fp32"] = info["vs_source"]
     if use_ov:
-        n_ov, budget = (
-            rc.export.openvino_examples or len(enc["test"]),
-            rc.eval.max_new_tokens or answer_budget(enc["test"]),
-        )
+        n_ov = rc.export.openvino_examples or len(enc["test"])
         scores["openvino"] = cross_runtime(
             folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.export.deploy_batch, rc.eval.chunk_size
         )

@@ -110,10 +110,8 @@ def compare_to_source(src: str | Path, variant: str | Path, sequences: Sequence[
     kl, agree, tokens, diff = 0.0, 0, 0, 0.0
     for feed in SequenceReader(sequences, _meta(src)):
         p, q = (s.run(["logits"], feed)[0][0].astype(np.float64) for s in sessions)
-        lp = p - p.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
-        lq = q - q.max(-1, keepdims=True)
-        lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+        lp, lq = (x - x.max(-1, keepdims=True) for x in (p, q))
+        lp, lq = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (lp, lq))  # log-softmax
         kl += float((np.exp(lp) * (lp - lq)).sum())
         agree += int((p.argmax(-1) == q.argmax(-1)).sum())
         tokens += p.shape[0]
