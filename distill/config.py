@@ -477,6 +477,12 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
     for v in q.variants:
         if v not in SCHEMES:
             problems.append(f"quantize.variants: {v!r} is not one of {', '.join(SCHEMES)}")
+    trained = [v for v in q.variants if v in SCHEMES and SCHEMES[v].trained]
+    if trained and c.distill.train.sharding == "fsdp":
+        problems.append(
+            f"quantize.variants: {trained[0]} trains the student on its grid, which runs unsharded; set "
+            "distill.train.sharding=none for this run (or build it in a run without sharding)"
+        )
     built = {"fp32", *(["fp16"] if c.export.fp16 else []), *q.variants}
     for v in g.variants:
         if v not in onnx_variants():

@@ -635,17 +635,109 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
     for v in r.rc.quantize.variants:
         scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
         cal = scheme.calibration(settings, calibration)
+        inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
+        if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
+            student = qad(r, v, settings)
+            base = r.stage(
+                f"export:{v}",
+                r.dir / "qad" / v / "fp32",
+                {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
+                {"student_hash": student.output_hash},
+                lambda st, student=student: export_onnx(
+                    student.folder,
+                    st.folder,
+                    opset=e.opset,
+                    verify_atol=e.verify_atol,
+                    verify_rtol=e.verify_rtol,
+                    exporter=e.exporter,
+                ),
+                on="main-only",
+            )
+            inputs["qad_hash"] = base.output_hash
+            qad_info = json.loads((student.folder / "qad_info.json").read_text())
+            extra = {"qad": qad_info["summary"], "reference": fp32.folder}
+        else:
+            base, extra = fp32, {}
         out[v] = r.stage(
             f"quantize:{v}",
             onnx_dir / v,
             dataclasses.asdict(settings),
-            {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})},
-            lambda st, scheme=scheme, settings=settings: scheme.build(
-                fp32.folder, st.folder, settings, calibration, probe
+            inputs,
+            lambda st, scheme=scheme, settings=settings, base=base, extra=extra: scheme.build(
+                base.folder, st.folder, settings, calibration, probe, **extra
             ),
             on="main-only",
         )
     return out
+
+
+def qad(r: Run, name: str, s) -> Stage:
+    """Quantization-aware distillation for scheme ``name``: the distilled student, its weights on the
+    scheme's int4 grid in every forward (``quantize.fake``: ONNX Runtime's round-to-nearest blocks, straight-
+    through gradients), trained ``s.steps`` more steps against the teacher with the distillation's loss,
+    then baked onto the grid: ``DIR/qad/<name>/student``, a plain HF folder whose float weights are exactly
+    what the int4 file will hold."""
+    rc = r.rc
+    tc = dataclasses.replace(
+        rc.distill.train, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, eval_every=0, checkpoint_every=0
+    )
+    # the logit loss only: the feature projections of distillation were not kept, on-policy sampling is slow
+    dcfg = dataclasses.replace(
+        rc.distill,
+        features=dataclasses.replace(rc.distill.features, weight=0.0),
+        on_policy=dataclasses.replace(rc.distill.on_policy, fraction=0.0),
+        train=tc,
+    )
+    config = {
+        "grid": {"bits": 4, "block_size": s.block_size, "symmetric": True, "embedding": s.embedding},
+        "train": key_settings(dataclasses.asdict(dcfg)),
+        "max_length": rc.data.max_length,
+        "processes": r.acc.num_processes,
+    }
+    inputs = {"student_hash": r.student_hash, "teacher_hash": r.teacher_id, "data_hash": r.data_hash}
+
+    def work(st: Stage) -> None:
+        from distill.trainer import final_model, make_mode, train
+        from families.hf import load_causal_lm, save_model_atomically
+        from quantize import fake
+
+        student = load_causal_lm(r.dir / "student")
+        names = fake.attach(student, bits=4, block=s.block_size, embedding=s.embedding)
+        live = r.signals is None
+        result = train(
+            student,
+            r.tokenizer,
+            r.enc["train"],
+            tc,
+            accelerator=r.acc,
+            mode=make_mode(dcfg, teacher=r.teacher.get() if live else None, signals=None if live else r.signals),
+            desc=f"qad:{name}",
+            log_prefix=f"qad_{name}/",
+        )
+        student = final_model(r.acc, student, result)
+        if r.main:
+            written = fake.bake(student)
+            summary = {
+                "steps": tc.steps,
+                "lr": tc.lr,
+                "seconds": result.seconds,
+                "tokens": result.tokens,
+                "modules": len(names),
+                "tensors": written,
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+            }
+            info = {"summary": summary, "grid": config["grid"], "modules": names, "history": result.history}
+            save_model_atomically(student, r.tokenizer, st.folder, {"qad_info.json": info})
+            log.info(
+                "QAD %s: %d steps in %.0f s, %d weight tensors on the int4 grid",
+                name,
+                tc.steps,
+                result.seconds,
+                written,
+            )
+        r.acc.wait_for_everyone()
+
+    return r.stage(f"qad:{name}", r.dir / "qad" / name / "student", config, inputs, work)
 
 
 def ship(r: Run, t_test: dict, t_ans: list) -> dict:
@@ -743,6 +835,8 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
         scores["quantization"] = info["settings"]
         if "vs_source" in info:
             scores["vs_fp32"] = info["vs_source"]
+        if "vs_fake_quant" in info:  # QAD: the file against the fake-quantized model it was trained as
+            scores["vs_fake_quant"] = info["vs_fake_quant"]
     if use_ov:
         n_ov = rc.export.openvino_examples or len(enc["test"])
         scores["openvino"] = cross_runtime(

@@ -31,7 +31,7 @@ from typing import Any
 
 from core.files import building
 from core.onnx_files import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
-from core.schema import choice, positive
+from core.schema import choice, non_negative, positive
 
 log = logging.getLogger(__name__)
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
@@ -125,7 +125,17 @@ def compare_to_source(src: str | Path, variant: str | Path, sequences: Sequence[
     }
 
 
-def _finish(src: Path, tmp: Path, scheme: str, settings: dict, probe: Sequence[Sequence[int]] = ()) -> None:
+def _finish(
+    src: Path,
+    tmp: Path,
+    scheme: str,
+    settings: dict,
+    probe: Sequence[Sequence[int]] = (),
+    reference: Path | None = None,
+) -> None:
+    """Write ``quantization.json``. ``reference``: the fp32 student's export when ``src`` is another float
+    model (QAD's fake-quantized student): ``vs_source`` is then measured against the reference (what the
+    quantization costs), and ``vs_fake_quant`` against ``src`` (how exactly the file reproduces it)."""
     copy_runtime_files(src, tmp)
     weights, left = _const_matmuls(src / ONNX_FILE), _const_matmuls(tmp / ONNX_FILE)
     info = {
@@ -144,7 +154,9 @@ def _finish(src: Path, tmp: Path, scheme: str, settings: dict, probe: Sequence[S
         "source_bytes": onnx_bytes(src),
     }
     if probe:
-        info["vs_source"] = compare_to_source(src, tmp, probe)
+        info["vs_source"] = compare_to_source(reference or src, tmp, probe)
+        if reference:
+            info["vs_fake_quant"] = compare_to_source(src, tmp, probe)
     (tmp / "quantization.json").write_text(json.dumps(info, indent=2))
     vs = info.get("vs_source")
     log.info(
@@ -253,14 +265,25 @@ def quantize_int4(
     embedding: bool = False,
     calibration: Sequence[Sequence[int]] | None = None,
     probe: Sequence[Sequence[int]] = (),
+    qad: dict | None = None,
+    reference: str | Path | None = None,
 ) -> Path:
     """int4 weight-only ``MatMulNBits`` (blocks of ``block_size`` along the input dimension).
 
     ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel compute with int8 activations (fastest on x86; the
     activations are quantized per row and block, so rows stay independent); ``embedding`` also stores the
     embedding table as ``GatherBlockQuantized`` (rtn only).
+
+    ``qad``: ``src`` is the export of a student trained on the int4 grid (``quantize.fake``, rtn symmetric
+    at this ``block_size``): round to nearest finds that grid again, so the file holds the trained
+    integers and scales; ``qad`` (what training did) goes into ``quantization.json`` and ``reference`` is
+    the fp32 student's export that ``vs_source`` is measured against.
     """
-    return _weight_only(src, dest, 4, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe)
+    if qad is not None and (algorithm != "rtn" or not symmetric):
+        raise ValueError("a QAD-trained student is exported with algorithm=rtn, symmetric=true (its training grid)")
+    return _weight_only(
+        src, dest, 4, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe, qad, reference
+    )
 
 
 def quantize_int8_weights(
@@ -280,7 +303,9 @@ def quantize_int8_weights(
     return _weight_only(src, dest, 8, block_size, "rtn", symmetric, accuracy_level, False, None, probe)
 
 
-def _weight_only(src, dest, bits, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe):
+def _weight_only(
+    src, dest, bits, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe, qad=None, ref=None
+):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     src, dest = Path(src), Path(dest)
@@ -336,7 +361,10 @@ def _weight_only(src, dest, bits, block_size, algorithm, symmetric, accuracy_lev
         }
         if calibration and algorithm == "gptq":
             settings["calibration_sequences"] = len(calibration)
-        _finish(src, tmp, f"int{bits}_weight_only", settings, probe)
+        if qad is not None:
+            settings["qad"] = qad
+        name = f"int{bits}_weight_only" + ("_qad" if qad is not None else "")
+        _finish(src, tmp, name, settings, probe, Path(ref) if ref else None)
 
     return _guard(dest, build)
 
@@ -397,6 +425,19 @@ class Int4Settings:
         return out
 
 
+@dataclass
+class Int4QadSettings:
+    block_size: int = positive()
+    accuracy_level: int | None  # ORT CPU compute type for activations; null = ORT's default
+    embedding: bool
+    steps: int = positive()
+    lr: float = positive()
+    warmup_steps: int = non_negative()
+
+    def problems(self, key: str) -> list[str]:
+        return _block_problems(key, self.block_size, self.accuracy_level)
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One quantization scheme: its settings type, how to build it from the fp32 export, and whether
@@ -407,6 +448,9 @@ class Scheme:
     build: Callable[[Path, Path, Any, Sequence[Sequence[int]], Sequence[Sequence[int]]], Path]
     calibrated: Callable[[Any], bool]
     summary: str
+    # Trained: built from the export of a student distilled on the scheme's grid (quantization-aware
+    # distillation, ``quantize.fake``), ``build(..., qad=<training record>, reference=<fp32 folder>)``.
+    trained: bool = False
 
     def calibration(self, settings, sequences: Sequence[Sequence[int]]) -> list:
         """The calibration sequences these settings read (empty when uncalibrated)."""
@@ -455,6 +499,22 @@ SCHEMES: dict[str, Scheme] = {
         ),
         lambda s: s.algorithm == "gptq",
         "int4 weight-only MatMulNBits (rtn / hqq / gptq)",
+    ),
+    "int4_qad": Scheme(
+        Int4QadSettings,
+        lambda src, dest, s, cal, probe=(), qad=None, reference=None: quantize_int4(
+            src,
+            dest,
+            block_size=s.block_size,
+            accuracy_level=s.accuracy_level,
+            embedding=s.embedding,
+            probe=probe,
+            qad=qad or {},
+            reference=reference,
+        ),
+        lambda s: False,
+        "int4 weight-only MatMulNBits whose weights were distilled on the int4 grid (quantization-aware)",
+        trained=True,
     ),
 }
 EXPORTED = ("fp32", "fp16")  # the ONNX folders export writes; every scheme adds one more
