@@ -9,6 +9,10 @@
 - ``quantize_int4``: int4 weight-only ``MatMulNBits`` with a block size and an algorithm: ``rtn``
   (round to nearest, ORT's default quantizer), ``hqq`` (half-quadratic, data-free), ``gptq``
   (calibrated on task sequences).
+- ``int4_qad`` (scheme): int4 whose weights were distilled on the int4 grid first (quantization-aware
+  distillation; the training side is ``quantize.fake``, the loop is the pipeline's ``qad`` stage): the
+  baked student's export, quantized by ``quantize_int4`` (rtn, symmetric, the trained block size), holds
+  exactly the trained integers and scales.
 
 All of them cover every MatMul with a constant weight, the LM head included (tied heads are exported
 as their own transposed initializer), and optionally the embedding (``Gather``). Each folder gets

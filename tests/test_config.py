@@ -245,6 +245,8 @@ def test_onnx_quantize_and_gate_problems():
                 "quantize.int4.algorithm=awq",
                 "quantize.int4.embedding=true",
                 "quantize.int8_wo.block_size=8",
+                "quantize.int4_qad.block_size=48",
+                "quantize.int4_qad.steps=0",
                 "quantize.probe_examples=-1",
                 "gate.min_agreement=1.5",
                 "gate.max_kl=-1",
@@ -252,13 +254,15 @@ def test_onnx_quantize_and_gate_problems():
         )
     msg = str(err.value)
     for expected in (
-        "quantize.variants: 'int3' is not one of int8, int8_static, int8_wo, int4",
+        "quantize.variants: 'int3' is not one of int8, int8_static, int8_wo, int4, int4_qad",
         "gate.variants: 'int8_static' is gated but not built; add it to quantize.variants",
-        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int8_wo, int4",
+        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int8_wo, int4, int4_qad",
         "quantize.int4.block_size: 24 must be a power of two >= 16",
         "quantize.int4.algorithm: 'awq' is not one of rtn, hqq, gptq",
         "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn",
         "quantize.int8_wo.block_size: 8 must be a power of two >= 16",
+        "quantize.int4_qad.block_size: 48 must be a power of two >= 16",
+        "quantize.int4_qad.steps: must be > 0, got 0",
         "quantize.probe_examples: must be >= 0, got -1",
         "gate.min_agreement: must be between 0 and 1, got 1.5",
         "gate.max_kl: must be >= 0, got -1",
@@ -266,6 +270,8 @@ def test_onnx_quantize_and_gate_problems():
         assert expected in msg, msg
     rc = compose(["+exp=smoke", "gate.variants=[fp16,int4]", "export.fp16=true", "gate.max_kl=null"])
     assert rc.gate.variants == ["fp16", "int4"] and rc.gate.max_kl is None
+    with pytest.raises(ConfigError, match="int4_qad trains the student on its grid, which runs unsharded"):
+        compose(["+exp=smoke", "quantize.variants=[int4_qad]", "distill.train.sharding=fsdp"])
 
 
 def test_nightly_knobs_are_checked():

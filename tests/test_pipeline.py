@@ -304,6 +304,55 @@ def test_failed_gate_fails_the_command(smoke_run, tmp_path):
     assert (run_dir / "onnx" / "int8" / "model.onnx").is_file()  # the evidence stays for inspection
 
 
+def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_path):
+    """``int4_qad``: the distilled student trains on ONNX Runtime's int4 grid against the teacher (stage
+    ``qad:int4_qad``), is baked onto it (a plain HF folder), exported and quantized; the shipped file stores
+    exactly the trained weights (its MatMulNBits dequantize to the baked folder's tensors) and computes
+    what the fake-quantized model computes (``vs_fake_quant``), and the gate judges it."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from test_qad import _matmulnbits_weights
+    from transformers import AutoModelForCausalLM
+
+    from quantize import fake
+
+    run_src, env, _ = smoke_run
+    run_dir = tmp_path / "qad_run"
+    shutil.copytree(run_src, run_dir)  # the finished smoke run: only the QAD stages (and evaluation) run
+    proc = _run(
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={run_dir}",
+            "quantize.variants=[int8,int4,int4_qad]",
+            "gate.variants=[int4_qad]",
+            "quantize.int4_qad.steps=8",
+            "quantize.int4_qad.block_size=16",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.log[-3000:]
+    assert "stage distill: skipped" in proc.log and "stage qad:int4_qad: done" in proc.log
+    folder = run_dir / "qad" / "int4_qad" / "student"
+    info = json.loads((folder / "qad_info.json").read_text())
+    assert len(info["history"]) == 8 and info["history"][0]["kd"] > 0  # distilled against the teacher
+    qad_model = AutoModelForCausalLM.from_pretrained(str(folder))
+    student = AutoModelForCausalLM.from_pretrained(str(run_dir / "student"))
+    assert fake.on_grid(qad_model, 4, 16) and not fake.on_grid(student, 4, 16)
+    baked = [m.weight.detach().numpy() for m in fake.quantized_modules(qad_model).values()]
+    stored = _matmulnbits_weights(run_dir / "onnx" / "int4_qad")
+    assert len(stored) == 15 and all(any(np.array_equal(w, b) for b in baked) for w in stored)  # (== : 0.0 == -0.0)
+    moved = max(float((a - b).abs().max()) for a, b in zip(qad_model.parameters(), student.parameters(), strict=True))
+    assert moved > 0 and torch.equal(qad_model.lm_head.weight, qad_model.model.embed_tokens.weight)
+    q = json.loads((run_dir / "onnx" / "int4_qad" / "quantization.json").read_text())
+    assert q["scheme"] == "int4_weight_only_qad" and q["settings"]["qad"]["steps"] == 8
+    assert q["vs_fake_quant"]["kl"] < min(1e-3, q["vs_source"]["kl"])  # the file is the trained model, not fp32
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["onnx_int4_qad"]["vs_fake_quant"] == q["vs_fake_quant"]
+    assert {c["variant"] for c in m["gate"]["checks"]} == {"onnx_int4_qad"}
+
+
 def test_student_reloads_without_this_project(smoke_run):
     run_dir, env, _ = smoke_run
     code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""

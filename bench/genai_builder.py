@@ -1,0 +1,147 @@
+"""Our ONNX artifacts against onnxruntime-genai's model builder on the same student, as the car runs them.
+
+The builder (``python -m onnxruntime_genai.models.builder -p int4 -e cpu``, the reference LLM exporter for
+ONNX Runtime: GroupQueryAttention, a preallocated KV cache, int4 ``MatMulNBits`` with the tied embedding
+stored once) converts ``RUN/student`` (the distilled HF folder); its files run under onnxruntime-genai's own
+runtime. Ours are the run's ``onnx/<variant>`` folders under our torch-free runner. For each: MB on disk,
+exact match of greedy answers on the first ``--test`` test examples at batch 1, answers identical to our
+fp32's, decode ms/token and prefill ms at batch 1 (``distill.evaluate.latency``: the same method for both
+runtimes), all on ``--threads`` threads.
+
+Run:  pip install -e ".[bench]"
+      python bench/genai_builder.py --run runs/smollm2 --exp car_assistant_smollm2 \\
+          --variants fp32 int8_wo int4_qad --out bench/results/genai_builder_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build(student: Path, dest: Path, precision: str, extra: str | None) -> float:
+    """Run the builder; returns its seconds."""
+    shutil.rmtree(dest, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(student), "-o", str(dest)]
+    cmd += ["-p", precision, "-e", "cpu", "-c", str(dest.parent / "builder_cache")]
+    if extra:
+        cmd += ["--extra_options", *extra.split()]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+class GenaiRunner:
+    """Greedy generation through onnxruntime-genai's runtime, one prompt at a time (batch 1)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime_genai as og
+
+        cfg = json.loads((folder / "genai_config.json").read_text())
+        opts = cfg["model"]["decoder"].setdefault("session_options", {})
+        opts["intra_op_num_threads"], opts["inter_op_num_threads"] = threads, 1
+        (folder / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+        self.og, self.model = og, og.Model(str(folder))
+
+    def generate_one(self, prompt, max_new: int, min_new: int = 0) -> list[int]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(
+            do_sample=False, max_length=len(prompt) + max_new, min_length=len(prompt) + min_new, batch_size=1
+        )
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(list(prompt))
+        out = []
+        while not gen.is_done() and len(out) < max_new:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    def generate(self, prompts, max_new: int, stops: set[int]) -> list[list[int]]:
+        answers = []
+        for p in prompts:
+            toks = self.generate_one(p, max_new)
+            cut = next((i for i, t in enumerate(toks) if t in stops), len(toks))
+            answers.append(toks[:cut])
+        return answers
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a finished run folder (student/ and onnx/ inside)")
+    ap.add_argument("--exp", default="car_assistant_smollm2", help="the experiment whose data the run used")
+    ap.add_argument("--variants", nargs="*", default=["fp32", "int8_wo", "int4_qad"], help="our onnx/<variant>")
+    ap.add_argument("--precisions", nargs="*", default=["int4", "fp32"], help="builder precisions to build")
+    ap.add_argument("--extra", default=None, help="builder --extra_options, space separated k=v")
+    ap.add_argument("--test", type=int, default=150, help="test examples generated at batch 1")
+    ap.add_argument("--latency-prompts", type=int, default=8)
+    ap.add_argument("--latency-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/genai_builder"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "genai_builder.json")
+    a = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from core.chat import stop_ids
+    from core.onnx_files import onnx_bytes
+    from distill.config import compose
+    from distill.data import encode_records, load_records
+    from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n
+    from export.runtime import OnnxCausalLM
+
+    torch.set_num_threads(a.threads)
+    rc = compose([f"+exp={a.exp}"])
+    tok = AutoTokenizer.from_pretrained(str(a.run / "student"))
+    test = encode_records(tok, load_records(rc.data, "test"), rc.data.max_length)[: a.test]
+    budget = answer_budget(test)
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in test]
+    stops = set(stop_ids(tok))
+    results: dict = {"machine": f"{a.threads} threads, batch 1", "test_examples": len(test), "rows": {}}
+    base_answers = None
+
+    def record(name: str, row: dict, answers) -> None:
+        nonlocal base_answers
+        if base_answers is None:
+            base_answers = answers
+        row["answers_equal_our_fp32"] = sum(x == y for x, y in zip(answers, base_answers, strict=True)) / len(answers)
+        results["rows"][name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "metrics"}), flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=2))
+
+    for v in a.variants:
+        folder = a.run / "onnx" / v
+        rt = OnnxCausalLM(folder, threads=a.threads)
+        t = time.perf_counter()
+        s, answers = evaluate_generations(test, lambda p, rt=rt: rt.generate(p, budget, batch_size=1), tok)
+        row = {"bytes": onnx_bytes(folder), "exact_match": s["exact_match"], "eval_seconds": time.perf_counter() - t}
+        row.update(latency(onnx_generate_n(rt), prompts[: a.latency_prompts], a.latency_tokens))
+        record(f"ours {v}", row, answers)
+    for precision in a.precisions:
+        dest = a.work / f"builder_{precision}"
+        seconds = build(a.run / "student", dest, precision, a.extra)
+        rt = GenaiRunner(dest, a.threads)
+        t = time.perf_counter()
+        s, answers = evaluate_generations(test, lambda p, rt=rt: rt.generate(p, budget, stops), tok)
+        size = sum(f.stat().st_size for f in dest.glob("*.onnx*"))
+        row = {"bytes": size, "exact_match": s["exact_match"], "eval_seconds": time.perf_counter() - t}
+        row["build_seconds"] = seconds
+        row.update(
+            latency(lambda p, n, rt=rt: rt.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
+        )
+        record(f"builder {precision}", row, answers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
