@@ -11,6 +11,9 @@ runtimes), all on ``--threads`` threads.
 Run:  pip install -e ".[bench]"
       python bench/genai_builder.py --run runs/smollm2 --exp car_assistant_smollm2 \\
           --variants fp32 int8_wo int4_qad --out bench/results/genai_builder_smollm2.json
+
+``qad/int4_qad/student`` (a run with ``int4_qad``) is the QAD student baked onto the int4 grid: the
+builder's own int4 quantizer (symmetric round to nearest, block 32) finds that grid again.
 """
 
 from __future__ import annotations
@@ -79,7 +82,12 @@ def main(argv=None) -> int:
     ap.add_argument("--run", type=Path, required=True, help="a finished run folder (student/ and onnx/ inside)")
     ap.add_argument("--exp", default="car_assistant_smollm2", help="the experiment whose data the run used")
     ap.add_argument("--variants", nargs="*", default=["fp32", "int8_wo", "int4_qad"], help="our onnx/<variant>")
-    ap.add_argument("--precisions", nargs="*", default=["int4", "fp32"], help="builder precisions to build")
+    ap.add_argument(
+        "--builds",
+        nargs="*",
+        default=["student:int4", "student:fp32", "qad/int4_qad/student:int4"],
+        help="FOLDER:PRECISION pairs the builder converts (FOLDER relative to the run)",
+    )
     ap.add_argument("--extra", default=None, help="builder --extra_options, space separated k=v")
     ap.add_argument("--test", type=int, default=150, help="test examples generated at batch 1")
     ap.add_argument("--latency-prompts", type=int, default=8)
@@ -127,9 +135,10 @@ def main(argv=None) -> int:
         row = {"bytes": onnx_bytes(folder), "exact_match": s["exact_match"], "eval_seconds": time.perf_counter() - t}
         row.update(latency(onnx_generate_n(rt), prompts[: a.latency_prompts], a.latency_tokens))
         record(f"ours {v}", row, answers)
-    for precision in a.precisions:
-        dest = a.work / f"builder_{precision}"
-        seconds = build(a.run / "student", dest, precision, a.extra)
+    for spec in a.builds:
+        source, precision = spec.rsplit(":", 1)
+        dest = a.work / f"builder_{source.replace('/', '_')}_{precision}"
+        seconds = build(a.run / source, dest, precision, a.extra)
         rt = GenaiRunner(dest, a.threads)
         t = time.perf_counter()
         s, answers = evaluate_generations(test, lambda p, rt=rt: rt.generate(p, budget, stops), tok)
@@ -139,7 +148,8 @@ def main(argv=None) -> int:
         row.update(
             latency(lambda p, n, rt=rt: rt.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
         )
-        record(f"builder {precision}", row, answers)
+        row["builder_config"] = json.loads((dest / "genai_config.json").read_text())["search"]
+        record(f"builder {precision} of {source}", row, answers)
     return 0
 
 

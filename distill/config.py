@@ -491,6 +491,14 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
             problems.append(
                 f"gate.variants: {v!r} is gated but not built; add it to quantize.variants (or export.fp16=true)"
             )
+    if g.min_openvino_match is not None and c.export.enabled:
+        import importlib.util
+
+        if c.export.openvino is False or (c.export.openvino == "auto" and importlib.util.find_spec("openvino") is None):
+            problems.append(
+                f"gate.min_openvino_match={g.min_openvino_match} needs the OpenVINO check: set export.openvino=true "
+                "(pip install 'car-distill[openvino]'), or gate.min_openvino_match=null"
+            )
     if c.export.enabled and not g.variants:
         problems.append("gate.variants: empty; name the artifact that ships (e.g. [int8]) so the gate can judge it")
     if c.export.openvino is True:

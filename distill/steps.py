@@ -688,8 +688,9 @@ def qad(r: Run, name: str, s) -> Stage:
         on_policy=dataclasses.replace(rc.distill.on_policy, fraction=0.0),
         train=tc,
     )
-    config = {
-        "grid": {"bits": 4, "block_size": s.block_size, "symmetric": True, "embedding": s.embedding},
+    tied = json.loads((r.dir / "student" / "config.json").read_text()).get("tie_word_embeddings", False)
+    config = {  # a tied embedding trains on the grid either way: ``embedding`` changes training only when untied
+        "grid": {"bits": 4, "block_size": s.block_size, "symmetric": True, "embedding": s.embedding and not tied},
         "train": key_settings(dataclasses.asdict(dcfg)),
         "max_length": rc.data.max_length,
         "processes": r.acc.num_processes,
@@ -842,6 +843,8 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
         scores["openvino"] = cross_runtime(
             folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.export.deploy_batch, rc.eval.chunk_size
         )
+        if "generation_match" in scores["openvino"]:  # (absent when OpenVINO cannot load the file: not measured)
+            scores["openvino_match"] = scores["openvino"]["generation_match"]
     log.info(
         "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
         folder.name,

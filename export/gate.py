@@ -88,6 +88,7 @@ THRESHOLDS: dict[str, Threshold] = {
     "min_valid_json": Threshold("valid_json", ">=", relative=False, unit=True, tool_calls=True),
     "min_agreement": Threshold("agreement", ">=", relative=False, unit=True),
     "max_kl": Threshold("kl", "<=", relative=False, unit=False),
+    "min_openvino_match": Threshold("openvino_match", ">=", relative=False, unit=True),
 }
 
 

@@ -270,6 +270,8 @@ def test_onnx_quantize_and_gate_problems():
         assert expected in msg, msg
     rc = compose(["+exp=smoke", "gate.variants=[fp16,int4]", "export.fp16=true", "gate.max_kl=null"])
     assert rc.gate.variants == ["fp16", "int4"] and rc.gate.max_kl is None
+    with pytest.raises(ConfigError, match="gate.min_openvino_match=0.99 needs the OpenVINO check: set export.openvino"):
+        compose(["+exp=smoke", "gate.min_openvino_match=0.99", "export.openvino=false"])
     with pytest.raises(ConfigError, match="int4_qad trains the student on its grid, which runs unsharded"):
         compose(["+exp=smoke", "quantize.variants=[int4_qad]", "distill.train.sharding=fsdp"])
 

@@ -354,6 +354,14 @@ def test_gate_judges_planted_numbers():
     assert not r.passed and np.isnan(r.checks[0].value)
     with pytest.raises(ValueError, match="unknown gate thresholds"):
         evaluate_gate(teacher, {"x": ok}, {"min_accuracy": 0.5}, 0.0)
+    # cross-runtime: the share of answers identical under OpenVINO; a file OpenVINO cannot load has none
+    same = {"onnx_int4_qad": {**ok, "openvino_match": 1.0}, "onnx_int8": {**ok, "openvino_match": 0.97}}
+    r = evaluate_gate(teacher, {**same, "onnx_int4": ok}, {"min_openvino_match": 0.99}, 0.0)
+    assert {(c.variant, c.passed) for c in r.checks} == {
+        ("onnx_int4_qad", True),
+        ("onnx_int8", False),
+        ("onnx_int4", False),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ ONNX file built from a baked model (its logits must be the fake-quantized PyTorc
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,9 +128,14 @@ def test_exported_int4_computes_what_the_fake_quantized_model_computed(
     stored = _matmulnbits_weights(baked)
     trained = [fake.dequantize(*fake.block_grid(w, 4, 32), 4, w.shape[1]).numpy() for w in latent.values()]
     assert len(stored) == 2 * 7 + 1 and all(any(np.array_equal(w, t) for t in trained) for w in stored)  # exactly
-    if tie:  # the tied embedding as GatherBlockQuantized: the same grid again (blocks along the hidden size)
-        emb = OnnxCausalLM(int4(model, "emb", accuracy_level=1, embedding=True)).sequence_logits(seqs, 1)
+    if tie:  # the tied embedding as GatherBlockQuantized on the LM head's own integers: stored once
+        folder = int4(model, "emb", accuracy_level=1, embedding=True)
+        emb = OnnxCausalLM(folder).sequence_logits(seqs, 1)
         assert max(float(np.abs(a - b).max()) for a, b in zip(emb, want, strict=True)) < 1e-4
+        info = json.loads((folder / "quantization.json").read_text())
+        shared = info["settings"]["embedding_shared"]
+        assert shared["elements_changed"] == 0 and shared["bytes_saved"] >= 600 * 48 // 2
+        assert info["bytes"] < json.loads((baked / "quantization.json").read_text())["bytes"] - 600 * 48 * 4 // 2
     # int8 activations (accuracy_level 4, the fast CPU path): close, not equal
     fast = OnnxCausalLM(int4(model, "fast", accuracy_level=4)).sequence_logits(seqs, 1)
     fast_err = max(float(np.abs(a - b).max()) for a, b in zip(fast, want, strict=True))
