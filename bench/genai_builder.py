@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-prompts", type=int, default=8)
     ap.add_argument("--latency-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--label", default="", help="suffix for our rows' names (e.g. the run's settings)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/genai_builder"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "genai_builder.json")
     a = ap.parse_args(argv)
@@ -115,7 +116,20 @@ def main(argv=None) -> int:
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in test]
     stops = set(stop_ids(tok))
     results: dict = {"machine": f"{a.threads} threads, batch 1", "test_examples": len(test), "rows": {}}
+    if a.out.is_file():  # rows of earlier invocations (other runs, other labels) are kept
+        results["rows"] = json.loads(a.out.read_text()).get("rows", {})
     base_answers = None
+
+    def openvino_loads(model_file: Path) -> bool | str:
+        try:
+            import openvino
+
+            openvino.Core().read_model(str(model_file))
+            return True
+        except ImportError:
+            return "openvino not installed"
+        except Exception as err:  # the frontend's reason, e.g. an op input that must be a constant
+            return next((x for x in str(err).splitlines() if "must be" in x or "Conversion" in x), str(err)[:200])
 
     def record(name: str, row: dict, answers) -> None:
         nonlocal base_answers
@@ -134,7 +148,8 @@ def main(argv=None) -> int:
         s, answers = evaluate_generations(test, lambda p, rt=rt: rt.generate(p, budget, batch_size=1), tok)
         row = {"bytes": onnx_bytes(folder), "exact_match": s["exact_match"], "eval_seconds": time.perf_counter() - t}
         row.update(latency(onnx_generate_n(rt), prompts[: a.latency_prompts], a.latency_tokens))
-        record(f"ours {v}", row, answers)
+        row["openvino_loads"] = openvino_loads(folder / "model.onnx")
+        record(f"ours {v}{a.label}", row, answers)
     for spec in a.builds:
         source, precision = spec.rsplit(":", 1)
         dest = a.work / f"builder_{source.replace('/', '_')}_{precision}"
@@ -148,7 +163,7 @@ def main(argv=None) -> int:
         row.update(
             latency(lambda p, n, rt=rt: rt.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
         )
-        row["builder_config"] = json.loads((dest / "genai_config.json").read_text())["search"]
+        row["openvino_loads"] = openvino_loads(dest / "model.onnx")
         record(f"builder {precision} of {source}", row, answers)
     return 0
 
