@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--label", default="", help="suffix for our rows' names (e.g. the run's settings)")
+    ap.add_argument("--genai-runtime", action="store_true", help="also run our files under onnxruntime-genai")
     ap.add_argument("--work", type=Path, default=Path("/tmp/genai_builder"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "genai_builder.json")
     a = ap.parse_args(argv)
@@ -150,6 +151,27 @@ def main(argv=None) -> int:
         row.update(latency(onnx_generate_n(rt), prompts[: a.latency_prompts], a.latency_tokens))
         row["openvino_loads"] = openvino_loads(folder / "model.onnx")
         record(f"ours {v}{a.label}", row, answers)
+        if a.genai_runtime:  # the same file under onnxruntime-genai's runtime: graph cost vs runner cost
+            if not (folder / "genai_config.json").is_file():  # exported before export wrote it
+                from transformers import AutoConfig
+
+                from export.onnx import genai_config
+
+                meta = json.loads((folder / "onnx_config.json").read_text())
+                cfg = genai_config(meta, AutoConfig.from_pretrained(str(a.run / "student")))
+                (folder / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+            g = GenaiRunner(folder, a.threads)
+            t = time.perf_counter()
+            s, answers = evaluate_generations(test, lambda p, g=g: g.generate(p, budget, stops), tok)
+            row = {
+                "bytes": onnx_bytes(folder),
+                "exact_match": s["exact_match"],
+                "eval_seconds": time.perf_counter() - t,
+            }
+            row.update(
+                latency(lambda p, n, g=g: g.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
+            )
+            record(f"ours {v}{a.label} under onnxruntime-genai", row, answers)
     for spec in a.builds:
         source, precision = spec.rsplit(":", 1)
         dest = a.work / f"builder_{source.replace('/', '_')}_{precision}"

@@ -8,6 +8,7 @@ from pathlib import Path
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "onnx_config.json"
+GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's runtime (C, C++, C#, Java, Python) loads the folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TWO_GB = 2**31  # protobuf's hard limit for one message
 
@@ -19,7 +20,7 @@ def onnx_bytes(folder: str | Path) -> int:
 
 
 def copy_runtime_files(src: Path, dst: Path) -> None:
-    """Tokenizer files and ``onnx_config.json`` from one ONNX (or HF) folder to another."""
-    for name in (*TOKENIZER_FILES, CONFIG_FILE):
+    """Tokenizer files, ``onnx_config.json`` and ``genai_config.json`` from one ONNX (or HF) folder to another."""
+    for name in (*TOKENIZER_FILES, CONFIG_FILE, GENAI_CONFIG_FILE):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

@@ -611,21 +611,25 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
 
     e, onnx_dir = r.rc.export, r.dir / "onnx"
     out = {}
-    out["fp32"] = fp32 = r.stage(
-        "export",
-        onnx_dir / "fp32",
-        {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
-        {"student_hash": r.student_hash},
-        lambda st: export_onnx(
-            r.dir / "student",
-            st.folder,
-            opset=e.opset,
-            verify_atol=e.verify_atol,
-            verify_rtol=e.verify_rtol,
-            exporter=e.exporter,
-        ),
-        on="main-only",
-    )
+
+    def export_stage(name: str, folder: Path, student: Path, student_hash: str) -> Stage:
+        return r.stage(
+            name,
+            folder,
+            {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
+            {"student_hash": student_hash},
+            lambda st: export_onnx(
+                student,
+                st.folder,
+                opset=e.opset,
+                verify_atol=e.verify_atol,
+                verify_rtol=e.verify_rtol,
+                exporter=e.exporter,
+            ),
+            on="main-only",
+        )
+
+    out["fp32"] = fp32 = export_stage("export", onnx_dir / "fp32", r.dir / "student", r.student_hash)
     src = {"fp32_hash": fp32.output_hash}
     if e.fp16:
         out["fp16"] = r.stage(
@@ -638,21 +642,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
         if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
             student = qad(r, v, settings)
-            base = r.stage(
-                f"export:{v}",
-                r.dir / "qad" / v / "fp32",
-                {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
-                {"student_hash": student.output_hash},
-                lambda st, student=student: export_onnx(
-                    student.folder,
-                    st.folder,
-                    opset=e.opset,
-                    verify_atol=e.verify_atol,
-                    verify_rtol=e.verify_rtol,
-                    exporter=e.exporter,
-                ),
-                on="main-only",
-            )
+            base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)
             inputs["qad_hash"] = base.output_hash
             qad_info = json.loads((student.folder / "qad_info.json").read_text())
             extra = {"qad": qad_info["summary"], "reference": fp32.folder}

@@ -29,7 +29,15 @@ import warnings
 from pathlib import Path
 
 from core.files import building
-from core.onnx_files import CONFIG_FILE, EXTERNAL_DATA_FILE, ONNX_FILE, TOKENIZER_FILES, TWO_GB, copy_runtime_files
+from core.onnx_files import (
+    CONFIG_FILE,
+    EXTERNAL_DATA_FILE,
+    GENAI_CONFIG_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILES,
+    TWO_GB,
+    copy_runtime_files,
+)
 from families import head_dim
 
 log = logging.getLogger(__name__)
@@ -218,6 +226,7 @@ def export_onnx(
             "exporter": f"torch.onnx.export ({exporter}) torch {torch.__version__}",
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, config), indent=2))
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
@@ -227,6 +236,56 @@ def export_onnx(
         if dtype == "float16":
             _half_in_place(tmp, tmp, external_data_threshold)
     return dest
+
+
+def genai_config(meta: dict, config) -> dict:
+    """``genai_config.json`` for onnxruntime-genai's runtime: our graph's inputs and outputs by name (they
+    follow its conventions), the cache growing by concatenation (``past_present_share_buffer: false``),
+    greedy search by default. Apps in C, C++, C#, Java or Python then load the folder with
+    ``og.Model(folder)``."""
+    eos = meta["eos_token_id"]
+    return {
+        "model": {
+            "type": "llama",  # onnxruntime-genai's generic decoder-only pipeline; the names below drive it
+            "bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos[0],
+            "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": meta["pad_token_id"] if meta["pad_token_id"] is not None else eos[0],
+            "vocab_size": meta["vocab_size"],
+            "context_length": meta["max_position_embeddings"],
+            "decoder": {
+                "filename": ONNX_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": meta["head_dim"],
+                "hidden_size": meta["hidden_size"],
+                "num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": meta["num_key_value_heads"],
+                "num_hidden_layers": meta["num_hidden_layers"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "max_length": meta["max_position_embeddings"],
+            "min_length": 0,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
 
 
 def fold_transposed_weights(proto) -> None:

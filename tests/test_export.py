@@ -271,6 +271,37 @@ def test_weight_only_variants_do_not_depend_on_the_batch(qwen_onnx, tmp_path, to
     assert wo["ops_mixing_rows"] == [] and wo["identical_answers"] == 1.0 and wo["invariant"]
 
 
+def _until(tokens, stop):
+    return list(tokens[: tokens.index(stop)] if stop in tokens else tokens)
+
+
+def test_onnxruntime_genai_runs_the_exported_folders(qwen_onnx, tmp_path, tokenizer, car_settings):
+    """``genai_config.json`` (written by export, carried by every quantized variant): onnxruntime-genai's own
+    runtime, the one in-car apps embed from C/C++/C#/Java, loads the folder and its greedy answers are our
+    runner's (fp32 and the int4 file)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from quantize import quantize_int4
+
+    _, _, fp32 = qwen_onnx
+    prompts, _ = _prompts(tokenizer, car_settings, n=4)
+    int4 = quantize_int4(fp32, tmp_path / "int4", block_size=16)
+    assert json.loads((int4 / "genai_config.json").read_text()) == json.loads((fp32 / "genai_config.json").read_text())
+    eos = tokenizer.eos_token_id
+    for folder in (fp32, int4):
+        model = og.Model(str(folder))
+        ours = OnnxCausalLM(folder).generate(prompts, 12, batch_size=1)
+        for prompt, want in zip(prompts, ours, strict=True):
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(prompt) + 12, batch_size=1)
+            gen = og.Generator(model, params)
+            gen.append_tokens(prompt)
+            got = []
+            while not gen.is_done():
+                gen.generate_next_token()
+                got.append(int(gen.get_next_tokens()[0]))
+            assert _until(got, eos) == _until(want, eos) and len(_until(got, eos)) > 0
+
+
 def test_runner_cross_checks_under_openvino(qwen_onnx, tokenizer, car_settings):
     pytest.importorskip("openvino")
     _, _, folder = qwen_onnx
