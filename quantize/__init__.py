@@ -271,8 +271,13 @@ def quantize_int4(
     probe: Sequence[Sequence[int]] = (),
     qad: dict | None = None,
     reference: str | Path | None = None,
+    eight_bit: dict | None = None,
 ) -> Path:
     """int4 weight-only ``MatMulNBits`` (blocks of ``block_size`` along the input dimension).
+
+    ``eight_bit``: a mixed-precision plan (``quantize.mixed.plan``, with ``"nodes"``: the MatMul node names
+    of its 8-bit weights): those are quantized at 8 bits first (rtn), the rest at 4; the plan goes into
+    ``quantization.json``.
 
     ``accuracy_level`` 4 lets ONNX Runtime's CPU kernel compute with int8 activations (fastest on x86; the
     activations are quantized per row and block, so rows stay independent); ``embedding`` also stores the
@@ -286,7 +291,19 @@ def quantize_int4(
     if qad is not None and (algorithm != "rtn" or not symmetric):
         raise ValueError("a QAD-trained student is exported with algorithm=rtn, symmetric=true (its training grid)")
     return _weight_only(
-        src, dest, 4, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe, qad, reference
+        src,
+        dest,
+        4,
+        block_size,
+        algorithm,
+        symmetric,
+        accuracy_level,
+        embedding,
+        calibration,
+        probe,
+        qad,
+        reference,
+        eight_bit,
     )
 
 
@@ -308,7 +325,19 @@ def quantize_int8_weights(
 
 
 def _weight_only(
-    src, dest, bits, block_size, algorithm, symmetric, accuracy_level, embedding, calibration, probe, qad=None, ref=None
+    src,
+    dest,
+    bits,
+    block_size,
+    algorithm,
+    symmetric,
+    accuracy_level,
+    embedding,
+    calibration,
+    probe,
+    qad=None,
+    ref=None,
+    eight_bit=None,
 ):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
@@ -344,6 +373,20 @@ def _weight_only(
         import onnx
 
         model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
+        if eight_bit and eight_bit.get("nodes"):  # the plan's 8-bit weights first; the 4-bit pass skips them
+            first = mnb.MatMulNBitsQuantizer(
+                model,
+                bits=8,
+                block_size=block_size,
+                is_symmetric=symmetric,
+                accuracy_level=accuracy_level,
+                nodes_to_exclude=[n for n in _const_matmuls(src / ONNX_FILE) if n not in set(eight_bit["nodes"])],
+                algo_config=mnb.DefaultWeightOnlyQuantConfig(
+                    block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=8
+                ),
+            )
+            first.process()
+            model = first.model.model
         q = mnb.MatMulNBitsQuantizer(
             model,
             bits=bits,
@@ -370,6 +413,8 @@ def _weight_only(
             settings["calibration_sequences"] = len(calibration)
         if shared is not None:
             settings["embedding_shared"] = shared
+        if eight_bit is not None:
+            settings["mixed_precision"] = eight_bit
         if qad is not None:
             settings["qad"] = qad
         name = f"int{bits}_weight_only" + ("_qad" if qad is not None else "")

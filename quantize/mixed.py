@@ -1,0 +1,108 @@
+"""Sensitivity-aware mixed precision for weight-only ``MatMulNBits``: which weights get 8 bits, which 4.
+
+``sensitivity`` measures, on task sequences, how far the model's next-token distributions move when one
+weight alone is put on ONNX Runtime's int4 grid (``quantize.fake``, bit for bit the grid the file will
+hold): mean KL(float || one-weight-int4) over the answer positions. ``plan`` starts from every weight at
+4 bits and gives 8 bits to the weights that buy the most KL per extra byte until a size budget is spent
+(KL treated as additive over weights: a first-order assumption the measured frontier checks).
+``quantize_mixed`` builds the file with ONNX Runtime's own quantizer, 8-bit nodes first, then the rest
+at 4 bits, and records the plan in ``quantization.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from quantize import fake
+
+
+def weight_bytes(n: int, k: int, bits: int, block: int) -> int:
+    """Bytes ``MatMulNBits`` stores for an (n out, k in) weight: packed integers + one fp32 scale a block."""
+    blocks = -(-k // block)
+    return n * blocks * (block * bits // 8) + n * blocks * 4
+
+
+@torch.no_grad()
+def sensitivity(
+    model, sequences: Sequence[Sequence[int]], starts: Sequence[int], bits: int = 4, block: int = 32
+) -> dict[str, float]:
+    """Module name -> mean KL(float || model with that module's weight alone on the ``bits`` grid) per
+    position from ``starts[i]`` on in sequence i (the answer positions: what the task reads). A tied
+    embedding and LM head count as one weight (one tensor, one grid)."""
+    from torch.nn.utils import parametrize
+
+    model.eval()
+    rows = [torch.tensor([list(s)]) for s in sequences]
+
+    def logprobs():
+        return [torch.log_softmax(model(input_ids=x).logits[0, st:].double(), -1) for x, st in zip(rows, starts)]
+
+    base = logprobs()
+    tokens = sum(b.shape[0] for b in base)
+    out = {}
+    mods = fake.quantized_modules(model)
+    done = set()
+    for name, m in mods.items():
+        if id(m.weight) in done:  # the tied embedding: measured with the LM head
+            continue
+        done.add(id(m.weight))
+        tied = [x for x in mods.values() if x is not m and x.weight is m.weight]
+        for x in (m, *tied):
+            parametrize.register_parametrization(x, "weight", fake.BlockFakeQuant(bits, block))
+        try:
+            kl = sum(float((torch.exp(p) * (p - q)).sum()) for p, q in zip(base, logprobs()))
+        finally:
+            for x in (m, *tied):
+                parametrize.remove_parametrizations(x, "weight", leave_parametrized=False)
+        out[name] = kl / max(tokens, 1)
+    return out
+
+
+def plan(sens: dict[str, float], shapes: dict[str, tuple[int, int]], budget_bytes: int | None, block: int = 32) -> dict:
+    """8 bits for the weights with the most KL per extra byte, while the weights' bytes stay within
+    ``budget_bytes`` (None: the all-4-bit size, i.e. no 8-bit weight). Returns ``{"eight_bit": [...],
+    "bytes": ..., "predicted_kl": ...}`` (predicted: the sum of the 4-bit weights' sensitivities)."""
+    low = {n: weight_bytes(*shapes[n], 4, block) for n in sens}
+    high = {n: weight_bytes(*shapes[n], 8, block) for n in sens}
+    total = sum(low.values())
+    chosen = []
+    budget = total if budget_bytes is None else budget_bytes
+    for n in sorted(sens, key=lambda n: sens[n] / max(high[n] - low[n], 1), reverse=True):
+        extra = high[n] - low[n]
+        if total + extra <= budget:
+            chosen.append(n)
+            total += extra
+    return {
+        "eight_bit": chosen,
+        "bytes": total,
+        "predicted_kl": sum(v for n, v in sens.items() if n not in chosen),
+    }
+
+
+def onnx_nodes(model, onnx_file: str | Path) -> dict[str, str]:
+    """Module name -> the MatMul node in the exported graph that holds its weight (matched by value: the
+    export stores each Linear weight transposed, bit for bit)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_file)).graph
+    inits = {i.name: i for i in graph.initializer}
+
+    def key(a) -> str:
+        return hashlib.sha1(a.tobytes()).hexdigest() + str(a.shape)
+
+    by_value = {}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            by_value[key(numpy_helper.to_array(inits[node.input[1]]))] = node.name
+    out = {}
+    for name, m in fake.quantized_modules(model).items():
+        if isinstance(m, torch.nn.Linear):
+            k = key(m.weight.detach().float().T.contiguous().numpy())
+            if k in by_value:
+                out[name] = by_value[k]
+    return out
