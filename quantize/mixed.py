@@ -39,7 +39,10 @@ def sensitivity(
     rows = [torch.tensor([list(s)]) for s in sequences]
 
     def logprobs():
-        return [torch.log_softmax(model(input_ids=x).logits[0, st:].double(), -1) for x, st in zip(rows, starts)]
+        return [
+            torch.log_softmax(model(input_ids=x).logits[0, st:].double(), -1)
+            for x, st in zip(rows, starts, strict=True)
+        ]
 
     base = logprobs()
     tokens = sum(b.shape[0] for b in base)
@@ -54,7 +57,7 @@ def sensitivity(
         for x in (m, *tied):
             parametrize.register_parametrization(x, "weight", fake.BlockFakeQuant(bits, block))
         try:
-            kl = sum(float((torch.exp(p) * (p - q)).sum()) for p, q in zip(base, logprobs()))
+            kl = sum(float((torch.exp(p) * (p - q)).sum()) for p, q in zip(base, logprobs(), strict=True))
         finally:
             for x in (m, *tied):
                 parametrize.remove_parametrizations(x, "weight", leave_parametrized=False)
