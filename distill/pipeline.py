@@ -54,6 +54,8 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     elif rc.student.init == "folder":
         init_input["student_hash"] = folder_hash(rc.student.path)
     steps.distill(r, init_input)
+    if rc.export.enabled:
+        steps.quantization_aware(r)  # QAD trains on every process: before the main-only export section
     metrics: dict = {}
     if r.main:
         import torch

@@ -83,6 +83,7 @@ class Run:
     plan: Any = None  # prune.Plan of student.init=prune
     signals: Any = None  # distill.signals.TopKSignals with distill.signals=topk
     student_hash: str = ""
+    qad: dict[str, Stage] = field(default_factory=dict)  # scheme -> its finished quantization-aware student
 
     @property
     def main(self) -> bool:
@@ -641,7 +642,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         cal = scheme.calibration(settings, calibration)
         inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
         if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
-            student = qad(r, v, settings)
+            student = r.qad[v] if v in r.qad else qad(r, v, settings)
             base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)
             inputs["qad_hash"] = base.output_hash
             qad_info = json.loads((student.folder / "qad_info.json").read_text())
@@ -659,6 +660,16 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             on="main-only",
         )
     return out
+
+
+def quantization_aware(r: Run) -> None:
+    """Run the QAD stage of every trained scheme in ``quantize.variants`` (``r.qad``). Every process trains,
+    so this runs before the main-process-only export section (which then finds the stages finished)."""
+    from quantize import SCHEMES
+
+    for v in r.rc.quantize.variants:
+        if SCHEMES[v].trained:
+            r.qad[v] = qad(r, v, getattr(r.rc.quantize, v))
 
 
 def qad(r: Run, name: str, s) -> Stage:

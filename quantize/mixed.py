@@ -47,9 +47,11 @@ def sensitivity(
     base = logprobs()
     tokens = sum(b.shape[0] for b in base)
     out = {}
+    from tqdm.auto import tqdm
+
     mods = fake.quantized_modules(model)
     done = set()
-    for name, m in mods.items():
+    for name, m in tqdm(mods.items(), desc="int4 sensitivity", unit="weight"):
         if id(m.weight) in done:  # the tied embedding: measured with the LM head
             continue
         done.add(id(m.weight))

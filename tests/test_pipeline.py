@@ -418,6 +418,8 @@ def test_pipeline_under_two_processes(sharding, tmp_path):
     models (gathered, rebuilt) are then evaluated, exported and gated like any other."""
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
     run_dir = tmp_path / sharding
+    # data parallel: quantization-aware distillation too (every process trains; rank 0 bakes and exports)
+    qad = ["quantize.variants=[int8,int4_qad]", "quantize.int4_qad.steps=4"] if sharding == "none" else []
     proc = _run(
         [
             "+exp=smoke",
@@ -425,6 +427,7 @@ def test_pipeline_under_two_processes(sharding, tmp_path):
             "eval.num_test=8",
             f"distill.train.sharding={sharding}",
             f"teacher.bootstrap.train.sharding={sharding}",  # the teacher's own training (CE) sharded too
+            *qad,
         ],
         env,
         launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
@@ -434,6 +437,9 @@ def test_pipeline_under_two_processes(sharding, tmp_path):
     assert "rank 0 wrote" in proc.log and "rank 1 wrote" not in proc.log
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["student"]["num_params"] > 0 and (run_dir / "onnx" / "int8").is_dir()
+    if qad:
+        info = json.loads((run_dir / "qad" / "int4_qad" / "student" / "qad_info.json").read_text())
+        assert len(info["history"]) == 4 and "onnx_int4_qad" in m
 
 
 def test_pruned_student_pipeline(smoke_run, tmp_path):
