@@ -100,19 +100,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer
 
+    from bench.run_data import encoded_splits
     from core.chat import stop_ids
     from core.onnx_files import onnx_bytes
-    from distill.config import compose
-    from distill.data import encode_records, load_records
     from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n
     from export.runtime import OnnxCausalLM
 
     torch.set_num_threads(a.threads)
-    rc = compose([f"+exp={a.exp}"])
-    tok = AutoTokenizer.from_pretrained(str(a.run / "student"))
-    test = encode_records(tok, load_records(rc.data, "test"), rc.data.max_length)[: a.test]
+    _, tok, enc = encoded_splits(a.run / "student", a.exp, ("test",))
+    test = enc["test"][: a.test]
     budget = answer_budget(test)
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in test]
     stops = set(stop_ids(tok))

@@ -38,20 +38,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from distill.config import compose
-    from distill.data import encode_records, load_records
+    from bench.run_data import encoded_splits
     from distill.evaluate import answer_budget, evaluate_generations
     from export.runtime import OnnxCausalLM
     from quantize import compare_to_source, mixed, quantize_int4
 
     torch.set_num_threads(2)
-    rc = compose([f"+exp={a.exp}"])
     fp32 = a.run / "onnx" / "fp32"
-    tok = AutoTokenizer.from_pretrained(str(fp32))
-    val = encode_records(tok, load_records(rc.data, "validation"), rc.data.max_length)[: a.probe]
-    test = encode_records(tok, load_records(rc.data, "test"), rc.data.max_length)[: a.test]
+    _, tok, enc = encoded_splits(fp32, a.exp, ("validation", "test"))
+    val, test = enc["validation"][: a.probe], enc["test"][: a.test]
     probe = [ex["input_ids"] for ex in val]
     model = AutoModelForCausalLM.from_pretrained(str(a.run / "student"), dtype=torch.float32)
     t = time.perf_counter()

@@ -84,20 +84,14 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from transformers import AutoTokenizer
 
-    from distill.config import compose
-    from distill.data import encode_records, load_records
+    from bench.run_data import encoded_splits
     from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n
     from export.runtime import OnnxCausalLM
 
     torch.set_num_threads(2)
-    rc = compose([f"+exp={a.exp}"])
     fp32 = a.run / "onnx" / "fp32"
-    tok = AutoTokenizer.from_pretrained(str(fp32))
-    enc = {
-        s: encode_records(tok, load_records(rc.data, s), rc.data.max_length) for s in ("train", "validation", "test")
-    }
+    _, tok, enc = encoded_splits(fp32, a.exp, ("train", "validation", "test"))
     probe = [ex["input_ids"] for ex in enc["validation"][: a.probe]]
     calibration = [ex["input_ids"] for ex in enc["train"][:64]]
     test = enc["test"][: a.test]

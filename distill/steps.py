@@ -642,7 +642,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         cal = scheme.calibration(settings, calibration)
         inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
         if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
-            student = r.qad[v] if v in r.qad else qad(r, v, settings)
+            student = r.qad[v]  # trained by ``quantization_aware`` on every process, before this main-only section
             base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)
             inputs["qad_hash"] = base.output_hash
             qad_info = json.loads((student.folder / "qad_info.json").read_text())

@@ -373,6 +373,7 @@ def _weight_only(
         import onnx
 
         model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
+        tied = _tied_tables(model) if embedding and bits == 4 else set()  # before the quantizer rewrites it
         if eight_bit and eight_bit.get("nodes"):  # the plan's 8-bit weights first; the 4-bit pass skips them
             first = mnb.MatMulNBitsQuantizer(
                 model,
@@ -397,9 +398,7 @@ def _weight_only(
             algo_config=algo,
         )
         q.process()
-        shared = None
-        if embedding and bits == 4:  # (the quantizer rewrote ``model`` in place: read the source again)
-            shared = _share_tied_embedding(q.model.model, onnx.load(str(src / ONNX_FILE), load_external_data=True))
+        shared = _share_tied_embedding(q.model.model, tied) if tied else None
         q.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=onnx_bytes(src) >= TWO_GB)
         settings = {
             "bits": bits,
@@ -429,11 +428,31 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _share_tied_embedding(model, source) -> dict | None:
+def _tied_tables(model) -> set[tuple[str, str]]:
+    """(MatMul weight, Gather table) initializer names of a float graph that hold the same tensor, the
+    weight transposed: a tied LM head and embedding."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    shapes = {name: tuple(inits[name].dims) for name in tables | weights}
+    return {
+        (w, t)
+        for t in tables
+        for w in weights
+        if shapes[w] == shapes[t][::-1]
+        and np.array_equal(numpy_helper.to_array(inits[w]).T, numpy_helper.to_array(inits[t]))
+    }
+
+
+def _share_tied_embedding(model, tied: set[tuple[str, str]]) -> dict | None:
     """Store a tied embedding once (in place): the int4 embedding lookup (``GatherBlockQuantized``, its own
     copy of the table) is rewired to read the LM head's ``MatMulNBits`` integers (as onnxruntime-genai's
     builder does, but as the constant itself, not through a Reshape, which OpenVINO refuses). Only when the
-    source graph's embedding table and LM head weight are the same tensor and both are blocked the same way; the table then takes the head's grid (round-half-away,
+    source graph's embedding table and LM head weight are the same tensor (``tied``, from ``_tied_tables``)
+    and both are blocked the same way; the table then takes the head's grid (round-half-away,
     where ORT's embedding quantizer rounds half to even: a few exact ties may move one step;
     ``elements_changed`` counts them, 0 for a QAD-trained grid). Returns what was done, or None."""
     import numpy as np
@@ -441,7 +460,6 @@ def _share_tied_embedding(model, source) -> dict | None:
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    src_inits = {i.name: i for i in source.graph.initializer}
     gathers = [n for n in g.node if n.op_type == "GatherBlockQuantized" and n.input[0] in inits]
     if len(gathers) != 1 or (len(gathers[0].input) > 3 and gathers[0].input[3]):
         return None
@@ -459,11 +477,7 @@ def _share_tied_embedding(model, source) -> dict | None:
         if (ha["N"], ha["K"], ha["bits"], ha["block_size"]) != (vocab, hidden, 4, block):
             continue
         # tied in the source: the float embedding table is the LM head weight (stored transposed)
-        float_head = src_inits.get(head.input[1].removesuffix("_Q4"))
-        float_emb = src_inits.get(emb.input[0].removesuffix("_Q4"))
-        if float_head is None or float_emb is None:
-            continue
-        if not np.array_equal(numpy_helper.to_array(float_head).T, numpy_helper.to_array(float_emb)):
+        if (head.input[1].removesuffix("_Q4"), emb.input[0].removesuffix("_Q4")) not in tied:
             continue
         packed = numpy_helper.to_array(inits[head.input[1]])  # (vocab, blocks, block / 2), low nibble first
         q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(vocab, -1)[:, :hidden].astype(np.int16) - 8
