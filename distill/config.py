@@ -499,6 +499,24 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
                 f"gate.min_openvino_match={g.min_openvino_match} needs the OpenVINO check: set export.openvino=true "
                 "(pip install 'car-distill[openvino]'), or gate.min_openvino_match=null"
             )
+    if c.export.enabled and c.export.exporter == "fused":
+        import importlib.util
+
+        from export.fused import UnsupportedForFused, check_fusable
+
+        t_cfg = teacher_config_dict(c)
+        try:
+            if t_cfg is not None:  # (an unreadable teacher is reported by the folder checks)
+                check_fusable(t_cfg)
+        except UnsupportedForFused as err:
+            problems.append(f"export.exporter: {err}")
+        ov = c.export.openvino is True or (c.export.openvino == "auto" and importlib.util.find_spec("openvino"))
+        if ov and c.export.deploy_batch > 1:
+            problems.append(
+                f"export.exporter=fused with export.deploy_batch={c.export.deploy_batch}: OpenVINO runs the fused "
+                "graph's GroupQueryAttention at batch 1 only; set export.openvino=false, export.deploy_batch=1 or "
+                "export.exporter=dynamo"
+            )
     if c.export.enabled and not g.variants:
         problems.append("gate.variants: empty; name the artifact that ships (e.g. [int8]) so the gate can judge it")
     if c.export.openvino is True:

@@ -104,10 +104,18 @@ def onnx_nodes(model, onnx_file: str | Path) -> dict[str, str]:
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             by_value[key(numpy_helper.to_array(inits[node.input[1]]))] = node.name
-    out = {}
+    out, missing = {}, []
     for name, m in fake.quantized_modules(model).items():
         if isinstance(m, torch.nn.Linear):
             k = key(m.weight.detach().float().T.contiguous().numpy())
             if k in by_value:
                 out[name] = by_value[k]
+            else:
+                missing.append(name)
+    if missing:  # e.g. the fused graph's packed q / k / v: one node, so one precision for the three
+        raise ValueError(
+            f"{onnx_file}: no MatMul holds the weight of {', '.join(missing[:3])}"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; a per-module plan needs the graph "
+            "exported from this model with export.exporter=dynamo (the fused graph packs q, k and v)"
+        )
     return out

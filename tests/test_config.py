@@ -274,6 +274,11 @@ def test_onnx_quantize_and_gate_problems():
         compose(["+exp=smoke", "gate.min_openvino_match=0.99", "export.openvino=false"])
     with pytest.raises(ConfigError, match="int4_qad trains the student on its grid, which runs unsharded"):
         compose(["+exp=smoke", "quantize.variants=[int4_qad]", "distill.train.sharding=fsdp"])
+    assert compose(["+exp=smoke", "export.exporter=fused"]).export.exporter == "fused"  # head_dim 16
+    with pytest.raises(ConfigError, match="export.exporter: head_dim 12 is not a multiple of 8"):
+        compose(["+exp=smoke", "export.exporter=fused", "teacher.bootstrap.hidden_size=48"])
+    with pytest.raises(ConfigError, match="OpenVINO runs the fused graph's GroupQueryAttention at batch 1 only"):
+        compose(["+exp=smoke", "export.exporter=fused", "export.deploy_batch=2", "export.openvino=true"])
 
 
 def test_nightly_knobs_are_checked():

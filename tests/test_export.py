@@ -56,7 +56,11 @@ def qwen_onnx(tmp_path_factory, tokenizer):
     return model, hf, export_onnx(hf, base / "fp32")
 
 
-CASES = [(f, "dynamo") for f in FAMILIES] + [(FAMILIES[0], "torchscript"), (FAMILIES[1], "torchscript")]
+CASES = (
+    [(f, "dynamo") for f in FAMILIES]
+    + [(FAMILIES[0], "torchscript"), (FAMILIES[1], "torchscript")]
+    + [(f, "fused") for f in FAMILIES if f[0] != "phi3"]
+)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +72,8 @@ def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family,
     folder = export_onnx(hf, tmp_path / "onnx", exporter=exporter)
     import onnx
 
-    onnx.checker.check_model(str(folder / ONNX_FILE))
+    if exporter != "fused":  # (ONNX's checker does not know ORT's SimplifiedLayerNormalization)
+        onnx.checker.check_model(str(folder / ONNX_FILE))
     meta = json.loads((folder / "onnx_config.json").read_text())
     assert meta["num_key_value_heads"] == family[3] and meta["eos_token_id"] == [tokenizer.eos_token_id]
     # the LM head is a plain weight matmul (tied heads included), so quantizers can reach it
@@ -275,6 +280,21 @@ def _until(tokens, stop):
     return list(tokens[: tokens.index(stop)] if stop in tokens else tokens)
 
 
+def _genai_answers_are_ours(og, folder, prompts, eos) -> None:
+    model = og.Model(str(folder))
+    ours = OnnxCausalLM(folder).generate(prompts, 12, batch_size=1)
+    for prompt, want in zip(prompts, ours, strict=True):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + 12, batch_size=1)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        got = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        assert _until(got, eos) == _until(want, eos) and len(_until(got, eos)) > 0
+
+
 def test_onnxruntime_genai_runs_the_exported_folders(qwen_onnx, tmp_path, tokenizer, car_settings):
     """``genai_config.json`` (written by export, carried by every quantized variant): onnxruntime-genai's own
     runtime, the one in-car apps embed from C/C++/C#/Java, loads the folder and its greedy answers are our
@@ -286,20 +306,62 @@ def test_onnxruntime_genai_runs_the_exported_folders(qwen_onnx, tmp_path, tokeni
     prompts, _ = _prompts(tokenizer, car_settings, n=4)
     int4 = quantize_int4(fp32, tmp_path / "int4", block_size=16)
     assert json.loads((int4 / "genai_config.json").read_text()) == json.loads((fp32 / "genai_config.json").read_text())
-    eos = tokenizer.eos_token_id
     for folder in (fp32, int4):
-        model = og.Model(str(folder))
-        ours = OnnxCausalLM(folder).generate(prompts, 12, batch_size=1)
-        for prompt, want in zip(prompts, ours, strict=True):
-            params = og.GeneratorParams(model)
-            params.set_search_options(do_sample=False, max_length=len(prompt) + 12, batch_size=1)
-            gen = og.Generator(model, params)
-            gen.append_tokens(prompt)
-            got = []
-            while not gen.is_done():
-                gen.generate_next_token()
-                got.append(int(gen.get_next_tokens()[0]))
-            assert _until(got, eos) == _until(want, eos) and len(_until(got, eos)) > 0
+        _genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
+
+
+def test_fused_graph_is_fused_and_runs_everywhere(tmp_path, tokenizer, car_settings):
+    """``export.exporter: fused`` (logits and left-padded generation against PyTorch: the ``fused`` cases of
+    ``test_fp32_onnx_reproduces_pytorch``): one GroupQueryAttention and no attention glue per layer; its int4
+    file holds every weight as MatMulNBits; onnxruntime-genai runs both in one preallocated cache buffer with
+    our runner's answers; OpenVINO at the deployment batch (1) gives ONNX Runtime's answers."""
+    import onnx
+
+    from quantize import quantize_int4
+
+    family = FAMILIES[0]  # qwen2: q / k / v biases in the packed MatMul
+    model = _model(tokenizer, family)
+    hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
+    fp32 = export_onnx(hf, tmp_path / "fused", exporter="fused")
+    nodes = onnx.load(str(fp32 / ONNX_FILE)).graph.node
+    ops = [n.op_type for n in nodes]
+    layers = model.config.num_hidden_layers
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert not {"Softmax", "Transpose", "Pow", "ReduceMean"} & set(ops)
+    assert ops.count("MatMul") == 5 * layers + 1 and len(nodes) <= 12 * layers + 25  # q, k, v in one MatMul
+    meta = json.loads((fp32 / "onnx_config.json").read_text())
+    assert meta["graph"] == "fused"
+    assert json.loads((fp32 / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    int4 = quantize_int4(fp32, tmp_path / "int4", block_size=16)
+    info = json.loads((int4 / "quantization.json").read_text())
+    assert info["quantized"]["weight_matmuls"] == 5 * layers + 1 and not info["quantized"]["weight_matmuls_left_float"]
+    prompts, seqs = _prompts(tokenizer, car_settings, n=4)
+    og = pytest.importorskip("onnxruntime_genai")
+    for folder in (fp32, int4):
+        _genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
+    pytest.importorskip("openvino")
+    ort_rt, ov_rt = OnnxCausalLM(fp32), OnnxCausalLM(fp32, backend="openvino")
+    for a, b in zip(ort_rt.sequence_logits(seqs, 1), ov_rt.sequence_logits(seqs, 1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3)
+    assert ort_rt.generate(prompts, 10, batch_size=1) == ov_rt.generate(prompts, 10, batch_size=1)
+
+
+def test_fused_exporter_refuses_what_it_does_not_implement(tmp_path, tokenizer):
+    from export.fused import UnsupportedForFused, check_fusable
+
+    for cfg, says in (
+        ({"model_type": "phi3"}, "export.exporter=dynamo"),
+        ({"model_type": "llama", "hidden_act": "gelu"}, "SiLU"),
+        ({"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 128}, "sliding_window 64"),
+        ({"model_type": "qwen2", "hidden_size": 48, "num_attention_heads": 4}, "head_dim 12"),
+    ):
+        with pytest.raises(UnsupportedForFused, match=says):
+            check_fusable(cfg)
+    check_fusable({"model_type": "mistral", "sliding_window": None, "max_position_embeddings": 128})
+    hf = save_model_atomically(_model(tokenizer, FAMILIES[4]), tokenizer, tmp_path / "hf")  # phi3
+    with pytest.raises(UnsupportedForFused, match="phi3"):
+        export_onnx(hf, tmp_path / "onnx", exporter="fused")
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_runner_cross_checks_under_openvino(qwen_onnx, tokenizer, car_settings):

@@ -74,9 +74,9 @@ def _matmulnbits_weights(folder):
     return out
 
 
-def _trained_off_grid(tokenizer, model_type, tie, seqs):
+def _trained_off_grid(tokenizer, model_type, tie, seqs, hidden=48):
     """A tiny model, fake-quantized and trained a few steps, so its float weights are off the grid."""
-    cfg = tiny_config(tokenizer, model_type=model_type, hidden=48, inter=96, heads=4, kv=2, tie=tie)
+    cfg = tiny_config(tokenizer, model_type=model_type, hidden=hidden, inter=96, heads=4, kv=2, tie=tie)
     model = build_from_config(cfg, 0)
     names = fake.attach(model, bits=4, block=32)
     assert len(names) == 2 * 7 + (2 if tie else 1)  # 7 Linears a layer, the LM head, a tied embedding
@@ -90,18 +90,22 @@ def _trained_off_grid(tokenizer, model_type, tie, seqs):
     return model.eval()
 
 
-@pytest.mark.parametrize("model_type,tie", [("qwen2", True), ("llama", False)])
+@pytest.mark.parametrize(
+    "model_type,tie,exporter", [("qwen2", True, "dynamo"), ("llama", False, "dynamo"), ("qwen2", True, "fused")]
+)
 def test_exported_int4_computes_what_the_fake_quantized_model_computed(
-    tmp_path, tokenizer, car_settings, model_type, tie
+    tmp_path, tokenizer, car_settings, model_type, tie, exporter
 ):
     """QAD's promise: train with ``fake.attach``, ``bake``, export, quantize with ORT's int4 (rtn, symmetric,
     the same block): the file holds exactly the trained grid and its logits are the fake-quantized PyTorch
     model's to float tolerance (ORT computing in float, ``accuracy_level`` 1), while the trained float
-    weights themselves are far off (the tolerance resolves the grid)."""
+    weights themselves are far off (the tolerance resolves the grid). The fused graph packs q, k and v into
+    one MatMul: int4 blocks run along the input, so the packed weight is the three grids side by side."""
     from tests.test_export import _prompts
 
     _, seqs = _prompts(tokenizer, car_settings, n=4)
-    model = _trained_off_grid(tokenizer, model_type, tie, seqs)
+    # (the fused graph's GroupQueryAttention needs head_dim a multiple of 8)
+    model = _trained_off_grid(tokenizer, model_type, tie, seqs, hidden=64 if exporter == "fused" else 48)
     with torch.no_grad():
         want = [model(input_ids=torch.tensor([s])).logits[0].numpy() for s in seqs]
         latent = {n: m.parametrizations.weight.original.clone() for n, m in fake.quantized_modules(model).items()}
@@ -118,7 +122,7 @@ def test_exported_int4_computes_what_the_fake_quantized_model_computed(
 
     def int4(m, name, **kw):
         hf = save_model_atomically(m, tokenizer, tmp_path / name / "hf")
-        fp32 = export_onnx(hf, tmp_path / name / "fp32")
+        fp32 = export_onnx(hf, tmp_path / name / "fp32", exporter=exporter)
         return quantize_int4(fp32, tmp_path / name / "int4", block_size=32, algorithm="rtn", **kw)
 
     baked = int4(model, "baked", accuracy_level=1)
@@ -126,16 +130,23 @@ def test_exported_int4_computes_what_the_fake_quantized_model_computed(
     err = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
     assert err < 1e-4, err
     stored = _matmulnbits_weights(baked)
-    trained = [fake.dequantize(*fake.block_grid(w, 4, 32), 4, w.shape[1]).numpy() for w in latent.values()]
-    assert len(stored) == 2 * 7 + 1 and all(any(np.array_equal(w, t) for t in trained) for w in stored)  # exactly
+    grids = {n: fake.dequantize(*fake.block_grid(w, 4, 32), 4, w.shape[1]).numpy() for n, w in latent.items()}
+    if exporter == "fused":  # q, k, v packed: (q_out + 2 kv_out, K)
+        for i in range(2):
+            p = f"model.layers.{i}.self_attn."
+            grids[p + "qkv_proj"] = np.concatenate([grids.pop(p + f"{x}_proj") for x in "qkv"], 0)
+    trained = list(grids.values())
+    per_layer = 5 if exporter == "fused" else 7
+    assert len(stored) == 2 * per_layer + 1 and all(any(np.array_equal(w, t) for t in trained) for w in stored)
     if tie:  # the tied embedding as GatherBlockQuantized on the LM head's own integers: stored once
         folder = int4(model, "emb", accuracy_level=1, embedding=True)
         emb = OnnxCausalLM(folder).sequence_logits(seqs, 1)
         assert max(float(np.abs(a - b).max()) for a, b in zip(emb, want, strict=True)) < 1e-4
         info = json.loads((folder / "quantization.json").read_text())
         shared = info["settings"]["embedding_shared"]
-        assert shared["elements_changed"] == 0 and shared["bytes_saved"] >= 600 * 48 // 2
-        assert info["bytes"] < json.loads((baked / "quantization.json").read_text())["bytes"] - 600 * 48 * 4 // 2
+        h = model.config.hidden_size
+        assert shared["elements_changed"] == 0 and shared["bytes_saved"] >= 600 * h // 2
+        assert info["bytes"] < json.loads((baked / "quantization.json").read_text())["bytes"] - 600 * h * 4 // 2
     # int8 activations (accuracy_level 4, the fast CPU path): close, not equal
     fast = OnnxCausalLM(int4(model, "fast", accuracy_level=4)).sequence_logits(seqs, 1)
     fast_err = max(float(np.abs(a - b).max()) for a, b in zip(fast, want, strict=True))
