@@ -604,20 +604,29 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
 # ---- ship: export -> quantize -> evaluate every ONNX variant -> gate ----
 
 
+def openvino_on(rc) -> bool:
+    """Whether the shipped files are also run under OpenVINO (``export.openvino``: true, or auto and installed)."""
+    import importlib.util
+
+    return bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))
+
+
 def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage]:
     """Export the student (fp32, optionally fp16) and quantize it: variant name -> its finished ``Stage``
     (folder ``DIR/onnx/<variant>``). Each folder is a stage (``export``, ``export:fp16``, ``quantize:<v>``)."""
-    from export.onnx import export_onnx, to_float16
+    from export.onnx import export_onnx, resolve_exporter, to_float16
+    from families.hf import read_config
     from quantize import SCHEMES
 
     e, onnx_dir = r.rc.export, r.dir / "onnx"
     out = {}
 
     def export_stage(name: str, folder: Path, student: Path, student_hash: str) -> Stage:
+        exporter = resolve_exporter(e.exporter, read_config(student), openvino_on(r.rc) and e.deploy_batch > 1)
         return r.stage(
             name,
             folder,
-            {"exporter": e.exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
+            {"exporter": exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
             {"student_hash": student_hash},
             lambda st: export_onnx(
                 student,
@@ -625,7 +634,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
                 opset=e.opset,
                 verify_atol=e.verify_atol,
                 verify_rtol=e.verify_rtol,
-                exporter=e.exporter,
+                exporter=exporter,
             ),
             on="main-only",
         )
@@ -747,7 +756,6 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
 
     Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
     ``bytes``, ``ms_per_token``, ``prefill_ms``, quantization settings, OpenVINO agreement) and ``gate``."""
-    import importlib.util
 
     from quantize import SCHEMES
 
@@ -756,7 +764,7 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
     n_calib = max(getattr(s, "calib_examples", 0) for s in settings)  # not a knob: schemes without calibration
     calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
     variants = build_onnx_variants(r, calibration)
-    use_ov = bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))
+    use_ov = openvino_on(rc)
     out: dict = {}
     for v, made in variants.items():
         name = f"onnx_{v}"

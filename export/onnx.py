@@ -11,9 +11,10 @@ The folder also holds the tokenizer files and ``onnx_config.json`` (shapes, name
 runs without this project and without torch.
 
 A small wrapper rebuilds the HF ``DynamicCache`` from the flat past inputs, and eager attention keeps
-every mask explicit. Three exporters, all tested on Llama, Qwen2, Qwen3 and Mistral:
+every mask explicit. Three exporters, all tested on Llama, Qwen2, Qwen3 and Mistral; ``auto`` (default)
+takes ``fused`` where the model allows it, else ``dynamo``:
 
-- ``dynamo`` (default): ``torch.export`` with symbolic batch / sequence / past dimensions, then
+- ``dynamo``: ``torch.export`` with symbolic batch / sequence / past dimensions, then
   onnxscript's optimizer. Shape arithmetic is folded, so the graph has a fraction of the nodes and
   decodes faster (bench/onnx_latency.py); export takes seconds longer.
 - ``torchscript``: the legacy tracer (``dynamo=False``), quick to export but every ``view`` leaves
@@ -45,7 +46,25 @@ from families import head_dim
 
 log = logging.getLogger(__name__)
 
-EXPORTERS = ("dynamo", "torchscript", "fused")
+EXPORTERS = ("auto", "fused", "dynamo", "torchscript")
+
+
+def resolve_exporter(exporter: str, config, batched_openvino: bool = False) -> str:
+    """``auto``: ``fused`` when the model's config allows it (``export.fused.check_fusable``) and OpenVINO is
+    not asked to run it at a batch above 1 (its GroupQueryAttention runs batch 1 only), else ``dynamo``.
+    Other names are returned as they are. Reads the config only."""
+    if exporter != "auto":
+        return exporter
+    from export.fused import UnsupportedForFused, check_fusable
+
+    if batched_openvino:
+        return "dynamo"
+    try:
+        check_fusable(config)
+    except UnsupportedForFused as err:
+        log.info("export: exporter auto -> dynamo (%s)", err)
+        return "dynamo"
+    return "fused"
 
 
 class ExportError(RuntimeError):
@@ -132,7 +151,7 @@ def export_onnx(
     verify: bool = True,
     verify_atol: float = 1e-3,
     verify_rtol: float = 1e-4,
-    exporter: str = "dynamo",
+    exporter: str = "auto",
 ) -> Path:
     """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (+ tokenizer, ``onnx_config.json``).
 
@@ -150,12 +169,15 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     model_dir, dest = Path(model_dir), Path(dest)
-    if exporter == "fused":  # refuse an unsupported family before the weights load
+    if exporter in ("auto", "fused"):  # choose, or refuse an unsupported family, before the weights load
         from transformers import AutoConfig
 
         from export.fused import check_fusable
 
-        check_fusable(AutoConfig.from_pretrained(str(model_dir)))
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+        exporter = resolve_exporter(exporter, hf_config)
+        if exporter == "fused":
+            check_fusable(hf_config)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     config = model.config

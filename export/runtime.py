@@ -116,6 +116,11 @@ class OnnxCausalLM:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.asarray(attention_mask, dtype=np.int64)
         b, s = input_ids.shape
+        if b > 1 and self.backend == "openvino" and self.meta.get("graph") == "fused":
+            raise ValueError(
+                f"{self.folder}: OpenVINO runs the fused graph (GroupQueryAttention) at batch 1 only, got batch {b}; "
+                "run it one prompt at a time (batch_size=1) or export with exporter=dynamo"
+            )
         past = past if past is not None else self.empty_past(b)
         position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)[:, -s:]
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}

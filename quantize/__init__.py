@@ -198,6 +198,7 @@ def quantize_int8_dynamic(
 ) -> Path:
     """int8 weights per output channel (symmetric), activations quantized per call (ORT dynamic: one scale
     over the whole input of each MatMul, so a row's numbers depend on the other rows and on padding)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dest = Path(src), Path(dest)
@@ -210,7 +211,8 @@ def quantize_int8_dynamic(
             per_channel=per_channel,
             weight_type=QuantType.QInt8,
             use_external_data_format=onnx_bytes(src) >= TWO_GB,
-            extra_options={"MatMulConstBOnly": True},
+            # DefaultTensorType: the fused graph's com.microsoft ops have no ONNX shape inference to type by
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         settings = {"per_channel": per_channel, "weight_type": "int8", "embedding": embedding}
         _finish(src, tmp, "int8_dynamic", settings, probe)
@@ -227,6 +229,7 @@ def quantize_int8_static(
     probe: Sequence[Sequence[int]] = (),
 ) -> Path:
     """int8 QDQ: weights per channel, activation ranges from MinMax calibration on ``calibration`` sequences."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     src, dest = Path(src), Path(dest)
@@ -249,7 +252,8 @@ def quantize_int8_static(
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             use_external_data_format=onnx_bytes(src) >= TWO_GB,
-            extra_options={"MatMulConstBOnly": True},
+            # DefaultTensorType: the fused graph's com.microsoft ops have no ONNX shape inference to type by
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         pre.unlink()
         settings = {"per_channel": per_channel, "calibration_sequences": len(calibration), "calibrate": "minmax"}

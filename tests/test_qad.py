@@ -74,6 +74,16 @@ def _matmulnbits_weights(folder):
     return out
 
 
+def as_exported(weights: dict, folder) -> list:
+    """Module weights (name -> (out, in) array) as the MatMuls of the ONNX file in ``folder`` hold them: the
+    fused graph packs each layer's q, k and v into one (q_out + 2 kv_out, in) weight."""
+    weights = dict(weights)
+    if json.loads((folder / "onnx_config.json").read_text()).get("graph") == "fused":
+        for p in sorted({n.rsplit(".", 1)[0] + "." for n in weights if n.endswith("self_attn.q_proj")}):
+            weights[p + "qkv_proj"] = np.concatenate([weights.pop(p + f"{x}_proj") for x in "qkv"], 0)
+    return list(weights.values())
+
+
 def _trained_off_grid(tokenizer, model_type, tie, seqs, hidden=48):
     """A tiny model, fake-quantized and trained a few steps, so its float weights are off the grid."""
     cfg = tiny_config(tokenizer, model_type=model_type, hidden=hidden, inter=96, heads=4, kv=2, tie=tie)
@@ -131,11 +141,7 @@ def test_exported_int4_computes_what_the_fake_quantized_model_computed(
     assert err < 1e-4, err
     stored = _matmulnbits_weights(baked)
     grids = {n: fake.dequantize(*fake.block_grid(w, 4, 32), 4, w.shape[1]).numpy() for n, w in latent.items()}
-    if exporter == "fused":  # q, k, v packed: (q_out + 2 kv_out, K)
-        for i in range(2):
-            p = f"model.layers.{i}.self_attn."
-            grids[p + "qkv_proj"] = np.concatenate([grids.pop(p + f"{x}_proj") for x in "qkv"], 0)
-    trained = list(grids.values())
+    trained = as_exported(grids, baked)
     per_layer = 5 if exporter == "fused" else 7
     assert len(stored) == 2 * per_layer + 1 and all(any(np.array_equal(w, t) for t in trained) for w in stored)
     if tie:  # the tied embedding as GatherBlockQuantized on the LM head's own integers: stored once
