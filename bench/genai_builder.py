@@ -93,6 +93,12 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-prompts", type=int, default=8)
     ap.add_argument("--latency-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="then time every row again this many rounds, interleaved (a shared machine drifts; medians compare)",
+    )
     ap.add_argument("--label", default="", help="suffix for our rows' names (e.g. the run's settings)")
     ap.add_argument("--genai-runtime", action="store_true", help="also run our files under onnxruntime-genai")
     ap.add_argument("--work", type=Path, default=Path("/tmp/genai_builder"))
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
     if a.out.is_file():  # rows of earlier invocations (other runs, other labels) are kept
         results["rows"] = json.loads(a.out.read_text()).get("rows", {})
     base_answers = None
+    timers: dict = {}  # row name -> generate_n function, for the interleaved rounds
 
     def openvino_loads(model_file: Path) -> bool | str:
         try:
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         s, answers = evaluate_generations(test, lambda p, rt=rt: rt.generate(p, budget, batch_size=1), tok)
         row = {"bytes": onnx_bytes(folder), "exact_match": s["exact_match"], "eval_seconds": time.perf_counter() - t}
-        row.update(latency(onnx_generate_n(rt), prompts[: a.latency_prompts], a.latency_tokens))
+        timers[f"ours {v}{a.label}"] = onnx_generate_n(rt)
+        row.update(latency(timers[f"ours {v}{a.label}"], prompts[: a.latency_prompts], a.latency_tokens))
         row["openvino_loads"] = openvino_loads(folder / "model.onnx")
         record(f"ours {v}{a.label}", row, answers)
         if a.genai_runtime:  # the same file under onnxruntime-genai's runtime: graph cost vs runner cost
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
                 "exact_match": s["exact_match"],
                 "eval_seconds": time.perf_counter() - t,
             }
+            timers[f"ours {v}{a.label} under onnxruntime-genai"] = lambda p, n, g=g: g.generate_one(p, n, n)
             row.update(
                 latency(lambda p, n, g=g: g.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
             )
@@ -183,7 +192,19 @@ def main(argv=None) -> int:
             latency(lambda p, n, rt=rt: rt.generate_one(p, n, n), prompts[: a.latency_prompts], a.latency_tokens)
         )
         row["openvino_loads"] = openvino_loads(dest / "model.onnx")
+        timers[f"builder {precision} of {source}"] = lambda p, n, rt=rt: rt.generate_one(p, n, n)
         record(f"builder {precision} of {source}", row, answers)
+    if a.rounds:
+        import statistics
+
+        times: dict = {name: [] for name in timers}
+        for _ in range(a.rounds):
+            for name, fn in timers.items():
+                times[name].append(latency(fn, prompts[: a.latency_prompts], a.latency_tokens)["ms_per_token"])
+        for name, ts in times.items():
+            results["rows"][name]["interleaved"] = {"rounds": ts, "median": statistics.median(ts), "min": min(ts)}
+            print(f"{name:70s} decode ms/token median {statistics.median(ts):.2f}  min {min(ts):.2f}", flush=True)
+        a.out.write_text(json.dumps(results, indent=2))
     return 0
 
 
