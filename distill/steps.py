@@ -656,6 +656,11 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             inputs["qad_hash"] = base.output_hash
             qad_info = json.loads((student.folder / "qad_info.json").read_text())
             extra = {"qad": qad_info["summary"], "reference": fp32.folder}
+        elif scheme.needs_student:  # the PyTorch student and answer starts: per-weight sensitivity
+            val = r.enc["validation"][: settings.examples]
+            seqs, starts = [ex["input_ids"] for ex in val], [ex["prompt_len"] - 1 for ex in val]
+            inputs.update({"student_hash": r.student_hash, "sensitivity_data": digest([seqs, starts])})
+            base, extra = fp32, {"student": r.dir / "student", "sequences": seqs, "starts": starts}
         else:
             base, extra = fp32, {}
         out[v] = r.stage(

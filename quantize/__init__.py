@@ -35,7 +35,7 @@ from typing import Any
 
 from core.files import building
 from core.onnx_files import ONNX_FILE, TWO_GB, copy_runtime_files, onnx_bytes
-from core.schema import choice, non_negative, positive
+from core.schema import choice, non_negative, positive, unit
 
 log = logging.getLogger(__name__)
 logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
@@ -605,6 +605,58 @@ class Int4QadSettings:
         return _block_problems(key, self.block_size, self.accuracy_level)
 
 
+@dataclass
+class Int4MixedSettings:
+    block_size: int = positive()
+    accuracy_level: int | None  # ORT CPU compute type for activations; null = ORT's default
+    embedding: bool
+    budget: float = unit()  # share of the bytes 8 bits everywhere would add: 0 = all int4, 1 = all 8-bit
+    examples: int = positive()  # validation sequences the per-weight sensitivity is measured on
+
+    def problems(self, key: str) -> list[str]:
+        return _block_problems(key, self.block_size, self.accuracy_level)
+
+
+def quantize_int4_mixed(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    student: str | Path,
+    sequences: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    budget: float,
+    block_size: int = 32,
+    accuracy_level: int | None = 4,
+    embedding: bool = False,
+    probe: Sequence[Sequence[int]] = (),
+) -> Path:
+    """Sensitivity-aware 4/8-bit ``MatMulNBits`` (``quantize.mixed``): each weight of the HF ``student`` (the
+    model ``src`` was exported from) alone on the int4 grid, KL on the answer positions of ``sequences``
+    (from ``starts``); 8 bits for the weights with the most KL per extra byte within ``budget`` (a share of
+    what 8 bits everywhere would add); then ONNX Runtime's quantizer, 8-bit nodes first. The plan and every
+    weight's sensitivity go into ``quantization.json`` (``settings.mixed_precision``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantize import mixed
+
+    model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
+    sens = mixed.sensitivity(model, sequences, starts, bits=4, block=block_size)
+    p = mixed.budget_plan(model, Path(src) / ONNX_FILE, sens, budget, block_size)
+    p["sensitivity"] = dict(sorted(sens.items(), key=lambda kv: -kv[1]))
+    p["sensitivity_sequences"] = len(sequences)
+    del model
+    return quantize_int4(
+        src,
+        dest,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        embedding=embedding,
+        probe=probe,
+        eight_bit=p,
+    )
+
+
 @dataclass(frozen=True)
 class Scheme:
     """One quantization scheme: its settings type, how to build it from the fp32 export, and whether
@@ -618,6 +670,9 @@ class Scheme:
     # Trained: built from the export of a student distilled on the scheme's grid (quantization-aware
     # distillation, ``quantize.fake``), ``build(..., qad=<training record>, reference=<fp32 folder>)``.
     trained: bool = False
+    # Reads the PyTorch student and task sequences with their answer starts:
+    # ``build(..., student=<HF folder>, sequences=[...], starts=[...])`` (``settings.examples`` of them).
+    needs_student: bool = False
 
     def calibration(self, settings, sequences: Sequence[Sequence[int]]) -> list:
         """The calibration sequences these settings read (empty when uncalibrated)."""
@@ -682,6 +737,24 @@ SCHEMES: dict[str, Scheme] = {
         lambda s: False,
         "int4 weight-only MatMulNBits whose weights were distilled on the int4 grid (quantization-aware)",
         trained=True,
+    ),
+    "int4_mixed": Scheme(
+        Int4MixedSettings,
+        lambda src, dest, s, cal, probe=(), student=None, sequences=(), starts=(): quantize_int4_mixed(
+            src,
+            dest,
+            student=student,
+            sequences=sequences,
+            starts=starts,
+            budget=s.budget,
+            block_size=s.block_size,
+            accuracy_level=s.accuracy_level,
+            embedding=s.embedding,
+            probe=probe,
+        ),
+        lambda s: False,
+        "int4/8-bit MatMulNBits: 8 bits for the weights whose int4 grid moves the answers most, within a size budget",
+        needs_student=True,
     ),
 }
 EXPORTED = ("fp32", "fp16")  # the ONNX folders export writes; every scheme adds one more

@@ -67,25 +67,55 @@ def sensitivity(
     return out
 
 
-def plan(sens: dict[str, float], shapes: dict[str, tuple[int, int]], budget_bytes: int | None, block: int = 32) -> dict:
+def plan(
+    sens: dict[str, float],
+    shapes: dict[str, tuple[int, int]],
+    budget_bytes: int | None,
+    block: int = 32,
+    nodes: dict[str, str] | None = None,
+) -> dict:
     """8 bits for the weights with the most KL per extra byte, while the weights' bytes stay within
-    ``budget_bytes`` (None: the all-4-bit size, i.e. no 8-bit weight). Returns ``{"eight_bit": [...],
-    "bytes": ..., "predicted_kl": ...}`` (predicted: the sum of the 4-bit weights' sensitivities)."""
-    low = {n: weight_bytes(*shapes[n], 4, block) for n in sens}
-    high = {n: weight_bytes(*shapes[n], 8, block) for n in sens}
+    ``budget_bytes`` (None: the all-4-bit size, i.e. no 8-bit weight). ``nodes`` (module -> graph node,
+    ``onnx_nodes``): modules sharing a node (the fused graph's q, k, v) are one choice, their KL and bytes
+    summed. Returns ``{"eight_bit": [modules], "nodes": [8-bit nodes] (with ``nodes``), "bytes": ...,
+    "predicted_kl": ...}`` (predicted: the sum of the 4-bit weights' sensitivities)."""
+    unit_of = {n: (nodes or {}).get(n, n) for n in sens}
+    units: dict[str, list[str]] = {}
+    for n in sens:
+        units.setdefault(unit_of[n], []).append(n)
+    low = {u: sum(weight_bytes(*shapes[n], 4, block) for n in ms) for u, ms in units.items()}
+    high = {u: sum(weight_bytes(*shapes[n], 8, block) for n in ms) for u, ms in units.items()}
+    kl = {u: sum(sens[n] for n in ms) for u, ms in units.items()}
     total = sum(low.values())
     chosen = []
     budget = total if budget_bytes is None else budget_bytes
-    for n in sorted(sens, key=lambda n: sens[n] / max(high[n] - low[n], 1), reverse=True):
-        extra = high[n] - low[n]
-        if total + extra <= budget:
-            chosen.append(n)
+    for u in sorted(units, key=lambda u: kl[u] / max(high[u] - low[u], 1), reverse=True):
+        extra = high[u] - low[u]
+        if kl[u] > 0 and total + extra <= budget:  # (8 bits where int4 moves nothing buys nothing)
+            chosen.append(u)
             total += extra
-    return {
-        "eight_bit": chosen,
+    eight = [n for u in chosen for n in units[u]]
+    out = {
+        "eight_bit": eight,
         "bytes": total,
-        "predicted_kl": sum(v for n, v in sens.items() if n not in chosen),
+        "predicted_kl": sum(v for n, v in sens.items() if n not in eight),
     }
+    if nodes is not None:
+        out["nodes"] = sorted(set(chosen))
+    return out
+
+
+def budget_plan(model, onnx_file, sens: dict[str, float], fraction: float, block: int = 32) -> dict:
+    """The plan for a budget given as a share of what 8 bits everywhere would add: 0 = all int4, 1 = every
+    weight at 8 bits (sizes of the weight matrices; the embedding and scales aside)."""
+    mods = fake.quantized_modules(model)
+    shapes = {n: tuple(mods[n].weight.shape) for n in sens}
+    nodes = onnx_nodes(model, onnx_file)
+    low = sum(weight_bytes(*shapes[n], 4, block) for n in sens)
+    high = sum(weight_bytes(*shapes[n], 8, block) for n in sens)
+    out = plan(sens, shapes, int(low + fraction * (high - low)), block, nodes=nodes)
+    out.update({"budget_fraction": fraction, "budget_bytes": int(low + fraction * (high - low))})
+    return out
 
 
 def onnx_nodes(model, onnx_file: str | Path) -> dict[str, str]:
@@ -104,18 +134,24 @@ def onnx_nodes(model, onnx_file: str | Path) -> dict[str, str]:
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits:
             by_value[key(numpy_helper.to_array(inits[node.input[1]]))] = node.name
-    out, missing = {}, []
-    for name, m in fake.quantized_modules(model).items():
-        if isinstance(m, torch.nn.Linear):
-            k = key(m.weight.detach().float().T.contiguous().numpy())
-            if k in by_value:
-                out[name] = by_value[k]
-            else:
-                missing.append(name)
-    if missing:  # e.g. the fused graph's packed q / k / v: one node, so one precision for the three
+    mods = fake.quantized_modules(model)
+    linear = {n: m.weight.detach().float() for n, m in mods.items() if isinstance(m, torch.nn.Linear)}
+    out = {}
+    for name, w in linear.items():
+        k = key(w.T.contiguous().numpy())
+        if k in by_value:
+            out[name] = by_value[k]
+        elif name.endswith("self_attn.q_proj"):  # the fused graph: q, k, v packed in one MatMul
+            p = name[: -len("q_proj")]
+            parts = [linear.get(p + x) for x in ("q_proj", "k_proj", "v_proj")]
+            if all(t is not None for t in parts):
+                k = key(torch.cat(parts, 0).T.contiguous().numpy())
+                if k in by_value:
+                    out.update({p + x: by_value[k] for x in ("q_proj", "k_proj", "v_proj")})
+    missing = [n for n in linear if n not in out]
+    if missing:
         raise ValueError(
             f"{onnx_file}: no MatMul holds the weight of {', '.join(missing[:3])}"
-            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; a per-module plan needs the graph "
-            "exported from this model with export.exporter=dynamo (the fused graph packs q, k and v)"
+            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}: was it exported from this model?"
         )
     return out

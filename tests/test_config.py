@@ -254,9 +254,9 @@ def test_onnx_quantize_and_gate_problems():
         )
     msg = str(err.value)
     for expected in (
-        "quantize.variants: 'int3' is not one of int8, int8_static, int8_wo, int4, int4_qad",
+        "quantize.variants: 'int3' is not one of int8, int8_static, int8_wo, int4, int4_qad, int4_mixed",
         "gate.variants: 'int8_static' is gated but not built; add it to quantize.variants",
-        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int8_wo, int4, int4_qad",
+        "gate.variants: 'fp64' is not one of fp32, fp16, int8, int8_static, int8_wo, int4, int4_qad, int4_mixed",
         "quantize.int4.block_size: 24 must be a power of two >= 16",
         "quantize.int4.algorithm: 'awq' is not one of rtn, hqq, gptq",
         "quantize.int4.embedding: true needs quantize.int4.algorithm=rtn",

@@ -325,10 +325,13 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
         [
             "+exp=smoke",
             f"hydra.run.dir={run_dir}",
-            "quantize.variants=[int8,int4,int4_qad]",
+            "quantize.variants=[int8,int4,int4_qad,int4_mixed]",
             "gate.variants=[int4_qad]",
             "quantize.int4_qad.steps=8",
             "quantize.int4_qad.block_size=16",
+            "quantize.int4_mixed.block_size=16",
+            "quantize.int4_mixed.budget=0.3",
+            "quantize.int4_mixed.examples=4",
         ],
         env,
     )
@@ -353,6 +356,23 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["onnx_int4_qad"]["vs_fake_quant"] == q["vs_fake_quant"]
     assert {c["variant"] for c in m["gate"]["checks"]} == {"onnx_int4_qad"}
+    # int4_mixed, in the same run: the student's per-weight sensitivity, a plan within 30% of the 8-bit bytes,
+    # the file holding exactly the plan's nodes at 8 bits
+    import onnx
+    from onnx import helper
+
+    mp = json.loads((run_dir / "onnx" / "int4_mixed" / "quantization.json").read_text())["settings"]["mixed_precision"]
+    assert mp["budget_fraction"] == 0.3 and mp["sensitivity_sequences"] == 4 and len(mp["sensitivity"]) == 15
+    assert mp["nodes"] and mp["bytes"] <= mp["budget_bytes"]
+    graph = onnx.load(str(run_dir / "onnx" / "int4_mixed" / "model.onnx"), load_external_data=False).graph
+    eight = {
+        n.name.rsplit("_Q", 1)[0]
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        and helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits")) == 8
+    }
+    assert eight == set(mp["nodes"]), (eight, mp["nodes"])
+    assert m["onnx_int4_mixed"]["bytes"] > m["onnx_int4"]["bytes"]
 
 
 def test_student_reloads_without_this_project(smoke_run):
