@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     }
     budget_tokens = answer_budget(test)
     for share in a.budgets:
-        p = mixed.plan(sens, shapes, int(low + share * (high - low)), a.block)
-        p["nodes"] = [nodes[n] for n in p["eight_bit"]]
+        p = mixed.plan(sens, shapes, int(low + share * (high - low)), a.block, nodes=nodes)  # packed q/k/v: one
         dest = a.work / f"mixed_{share:g}"
         shutil.rmtree(dest, ignore_errors=True)
         folder = quantize_int4(fp32, dest, block_size=a.block, embedding=a.embedding, eight_bit=p)
