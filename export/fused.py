@@ -60,6 +60,11 @@ def check_fusable(config) -> None:
     act = get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedForFused(f"export.exporter=fused implements SiLU MLPs; this model's is {act!r}")
+    partial = get("partial_rotary_factor", 1.0)
+    if partial is not None and partial < 1.0:
+        raise UnsupportedForFused(
+            f"partial_rotary_factor {partial}: export.exporter=fused rotates whole heads; set export.exporter=dynamo"
+        )
     hd = head_dim(config) if get("head_dim") or get("num_attention_heads") else 8
     if hd % 8:
         raise UnsupportedForFused(
@@ -171,17 +176,17 @@ def build_fused(model, opset: int = 18, pack: bool = True):
             h, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization", [x, residual, norm_w], 4, f"{p}/input_norm", MS, epsilon=eps
             )
-        qkv_names = [f"{p}.self_attn.{x}_proj" for x in "qkv"]
+        qkv_names = [f"{p}.self_attn.{c}_proj" for c in "qkv"]
         if pack and f"{p}.self_attn.q_norm.weight" not in sd:
             # One MatMul for q, k, v; GroupQueryAttention applies rotary itself, at positions counted from
             # the first column of the cache (a left-padded row is shifted by its padding, every key and
             # query alike, and rotary attention depends on position differences only)
-            wqkv = np.concatenate([w(x + ".weight") for x in qkv_names], 0)
+            wqkv = np.concatenate([w(c + ".weight") for c in qkv_names], 0)
             qkv = g.op(
                 "MatMul", [h, g.const(f"{p}.self_attn.qkv_proj.weight.T", wqkv.T)], name=f"{p}/attn/qkv_proj/MatMul"
             )
             if qkv_names[0] + ".bias" in sd:
-                b = np.concatenate([w(x + ".bias") for x in qkv_names], 0)
+                b = np.concatenate([w(c + ".bias") for c in qkv_names], 0)
                 qkv = g.op("Add", [qkv, g.const(f"{p}.self_attn.qkv_proj.bias", b)], name=f"{p}/attn/qkv_proj/Add")
             attn_in, rotary, rot_in = [qkv, "", ""], {"do_rotary": 1}, [cos, sin]
         else:

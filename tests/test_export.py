@@ -371,6 +371,7 @@ def test_fused_exporter_refuses_what_it_does_not_implement(tmp_path, tokenizer):
         ({"model_type": "llama", "hidden_act": "gelu"}, "SiLU"),
         ({"model_type": "mistral", "sliding_window": 64, "max_position_embeddings": 128}, "sliding_window 64"),
         ({"model_type": "qwen2", "hidden_size": 48, "num_attention_heads": 4}, "head_dim 12"),
+        ({"model_type": "llama", "partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
     ):
         with pytest.raises(UnsupportedForFused, match=says):
             check_fusable(cfg)
