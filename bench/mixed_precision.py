@@ -57,8 +57,6 @@ def main(argv=None) -> int:
     mods = dict(model.named_modules())
     shapes = {n: tuple(mods[n].weight.shape) for n in sens}
     nodes = mixed.onnx_nodes(model, fp32 / "model.onnx")
-    low = mixed.plan(sens, shapes, None, a.block)["bytes"]
-    high = sum(mixed.weight_bytes(*shapes[n], 8, a.block) for n in sens)
     results = {
         "machine": "2 threads, batch 1",
         "sensitivity_seconds": sens_s,
@@ -67,7 +65,7 @@ def main(argv=None) -> int:
     }
     budget_tokens = answer_budget(test)
     for share in a.budgets:
-        p = mixed.plan(sens, shapes, int(low + share * (high - low)), a.block, nodes=nodes)  # packed q/k/v: one
+        p = mixed.budget_plan(sens, shapes, nodes, share, a.block)  # (the fused graph's packed q/k/v: one choice)
         dest = a.work / f"mixed_{share:g}"
         shutil.rmtree(dest, ignore_errors=True)
         folder = quantize_int4(fp32, dest, block_size=a.block, embedding=a.embedding, eight_bit=p)

@@ -492,16 +492,12 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
                 f"gate.variants: {v!r} is gated but not built; add it to quantize.variants (or export.fp16=true)"
             )
     if g.min_openvino_match is not None and c.export.enabled:
-        import importlib.util
-
-        if c.export.openvino is False or (c.export.openvino == "auto" and importlib.util.find_spec("openvino") is None):
+        if not openvino_on(c):
             problems.append(
                 f"gate.min_openvino_match={g.min_openvino_match} needs the OpenVINO check: set export.openvino=true "
                 "(pip install 'car-distill[openvino]'), or gate.min_openvino_match=null"
             )
     if c.export.enabled and c.export.exporter == "fused":
-        import importlib.util
-
         from export.fused import UnsupportedForFused, check_fusable
 
         t_cfg = teacher_config_dict(c)
@@ -510,8 +506,7 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
                 check_fusable(t_cfg)
         except UnsupportedForFused as err:
             problems.append(f"export.exporter: {err}")
-        ov = c.export.openvino is True or (c.export.openvino == "auto" and importlib.util.find_spec("openvino"))
-        if ov and c.export.deploy_batch > 1:
+        if openvino_on(c) and c.export.deploy_batch > 1:
             problems.append(
                 f"export.exporter=fused with export.deploy_batch={c.export.deploy_batch}: OpenVINO runs the fused "
                 "graph's GroupQueryAttention at batch 1 only; set export.openvino=false, export.deploy_batch=1 or "
@@ -538,6 +533,13 @@ def key_settings(d: dict) -> dict:
     return {
         k: key_settings(v) if isinstance(v, dict) else v for k, v in d.items() if not (k in NEUTRAL and v == NEUTRAL[k])
     }
+
+
+def openvino_on(c: RunConfig) -> bool:
+    """Whether the shipped files are also run under OpenVINO (``export.openvino``: true, or auto and installed)."""
+    import importlib.util
+
+    return bool(c.export.openvino is True or (c.export.openvino == "auto" and importlib.util.find_spec("openvino")))
 
 
 def teacher_config_dict(c: RunConfig) -> dict | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from core.files import building, write_json
 from core.hashing import digest, flatten
-from distill.config import ConfigError, RunConfig, key_settings, settled_plan, student_sizes, to_dict
+from distill.config import ConfigError, RunConfig, key_settings, openvino_on, settled_plan, student_sizes, to_dict
 from distill.stages import Stage, Stages, guard
 
 log = logging.getLogger("distill")
@@ -604,13 +604,6 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
 # ---- ship: export -> quantize -> evaluate every ONNX variant -> gate ----
 
 
-def openvino_on(rc) -> bool:
-    """Whether the shipped files are also run under OpenVINO (``export.openvino``: true, or auto and installed)."""
-    import importlib.util
-
-    return bool(rc.export.openvino is True or (rc.export.openvino == "auto" and importlib.util.find_spec("openvino")))
-
-
 def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage]:
     """Export the student (fp32, optionally fp16) and quantize it: variant name -> its finished ``Stage``
     (folder ``DIR/onnx/<variant>``). Each folder is a stage (``export``, ``export:fp16``, ``quantize:<v>``)."""
@@ -761,7 +754,6 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
 
     Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
     ``bytes``, ``ms_per_token``, ``prefill_ms``, quantization settings, OpenVINO agreement) and ``gate``."""
-
     from quantize import SCHEMES
 
     rc = r.rc

@@ -52,11 +52,13 @@ EXPORTERS = ("auto", "fused", "dynamo", "torchscript")
 def resolve_exporter(exporter: str, config, batched_openvino: bool = False) -> str:
     """``auto``: ``fused`` when the model's config allows it (``export.fused.check_fusable``) and OpenVINO is
     not asked to run it at a batch above 1 (its GroupQueryAttention runs batch 1 only), else ``dynamo``.
-    Other names are returned as they are. Reads the config only."""
-    if exporter != "auto":
-        return exporter
+    ``fused``: itself, or ``UnsupportedForFused`` naming what the model needs. Reads the config only."""
     from export.fused import UnsupportedForFused, check_fusable
 
+    if exporter == "fused":
+        check_fusable(config)
+    if exporter != "auto":
+        return exporter
     if batched_openvino:
         return "dynamo"
     try:
@@ -172,12 +174,7 @@ def export_onnx(
     if exporter in ("auto", "fused"):  # choose, or refuse an unsupported family, before the weights load
         from transformers import AutoConfig
 
-        from export.fused import check_fusable
-
-        hf_config = AutoConfig.from_pretrained(str(model_dir))
-        exporter = resolve_exporter(exporter, hf_config)
-        if exporter == "fused":
-            check_fusable(hf_config)
+        exporter = resolve_exporter(exporter, AutoConfig.from_pretrained(str(model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     config = model.config

@@ -49,11 +49,13 @@ def _op_counts(path: Path) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def _const_matmuls(path: Path) -> list[str]:
-    """MatMul nodes whose second input is an initializer: the weight matmuls (LM head included)."""
+def _const_matmuls(model) -> list[str]:
+    """MatMul nodes whose second input is an initializer: the weight matmuls (LM head included). ``model``:
+    a loaded ``ModelProto`` or the path of one."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
 
@@ -297,17 +299,17 @@ def quantize_int4(
     return _weight_only(
         src,
         dest,
-        4,
-        block_size,
-        algorithm,
-        symmetric,
-        accuracy_level,
-        embedding,
-        calibration,
-        probe,
-        qad,
-        reference,
-        eight_bit,
+        bits=4,
+        block_size=block_size,
+        algorithm=algorithm,
+        symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        embedding=embedding,
+        calibration=calibration,
+        probe=probe,
+        qad=qad,
+        ref=reference,
+        eight_bit=eight_bit,
     )
 
 
@@ -325,12 +327,24 @@ def quantize_int8_weights(
     ``accuracy_level`` 4: int8 activations per row and block (OpenVINO's CPU plugin computes the same way:
     the two runtimes agree at block 32); 1 keeps float activations through an 8-bit kernel ~16x slower
     on this CPU (SmolLM2 student: 146.6 vs 9.1 ms/token)."""
-    return _weight_only(src, dest, 8, block_size, "rtn", symmetric, accuracy_level, False, None, probe)
+    return _weight_only(
+        src,
+        dest,
+        bits=8,
+        block_size=block_size,
+        algorithm="rtn",
+        symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        embedding=False,
+        calibration=None,
+        probe=probe,
+    )
 
 
 def _weight_only(
     src,
     dest,
+    *,
     bits,
     block_size,
     algorithm,
@@ -385,7 +399,7 @@ def _weight_only(
                 block_size=block_size,
                 is_symmetric=symmetric,
                 accuracy_level=accuracy_level,
-                nodes_to_exclude=[n for n in _const_matmuls(src / ONNX_FILE) if n not in set(eight_bit["nodes"])],
+                nodes_to_exclude=[n for n in _const_matmuls(model) if n not in set(eight_bit["nodes"])],
                 algo_config=mnb.DefaultWeightOnlyQuantConfig(
                     block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level, bits=8
                 ),
@@ -638,11 +652,13 @@ def quantize_int4_mixed(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from quantize import mixed
+    from quantize import fake, mixed
 
     model = AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32)
     sens = mixed.sensitivity(model, sequences, starts, bits=4, block=block_size)
-    p = mixed.budget_plan(model, Path(src) / ONNX_FILE, sens, budget, block_size)
+    mods = fake.quantized_modules(model)
+    shapes = {n: tuple(mods[n].weight.shape) for n in sens}
+    p = mixed.budget_plan(sens, shapes, mixed.onnx_nodes(model, Path(src) / ONNX_FILE), budget, block_size)
     p["sensitivity"] = dict(sorted(sens.items(), key=lambda kv: -kv[1]))
     p["sensitivity_sequences"] = len(sequences)
     del model

@@ -105,17 +105,15 @@ def plan(
     return out
 
 
-def budget_plan(model, onnx_file, sens: dict[str, float], fraction: float, block: int = 32) -> dict:
-    """The plan for a budget given as a share of what 8 bits everywhere would add: 0 = all int4, 1 = every
+def budget_plan(
+    sens: dict[str, float], shapes: dict[str, tuple[int, int]], nodes: dict[str, str], fraction: float, block: int = 32
+) -> dict:
+    """``plan`` for a budget given as a share of what 8 bits everywhere would add: 0 = all int4, 1 = every
     weight at 8 bits (sizes of the weight matrices; the embedding and scales aside)."""
-    mods = fake.quantized_modules(model)
-    shapes = {n: tuple(mods[n].weight.shape) for n in sens}
-    nodes = onnx_nodes(model, onnx_file)
     low = sum(weight_bytes(*shapes[n], 4, block) for n in sens)
     high = sum(weight_bytes(*shapes[n], 8, block) for n in sens)
-    out = plan(sens, shapes, int(low + fraction * (high - low)), block, nodes=nodes)
-    out.update({"budget_fraction": fraction, "budget_bytes": int(low + fraction * (high - low))})
-    return out
+    budget = int(low + fraction * (high - low))
+    return {**plan(sens, shapes, budget, block, nodes=nodes), "budget_fraction": fraction, "budget_bytes": budget}
 
 
 def onnx_nodes(model, onnx_file: str | Path) -> dict[str, str]:
