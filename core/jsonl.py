@@ -1,5 +1,7 @@
 """A user's JSONL data: one example per line, either chat ``messages`` (system / user / assistant,
-the last one the assistant's answer) or a ``prompt`` / ``completion`` pair."""
+the last one the assistant's answer) or a ``prompt`` / ``completion`` pair. Optional string fields
+``part``, ``lang`` and ``intent`` name the slices the report scores the example under (e.g. the part of
+a held-out file: ``"part": "names"``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
+TAGS = ("part", "lang", "intent")  # optional per-line string fields kept with the example (report slices)
 
 
 class DataError(ValueError):
@@ -29,6 +32,10 @@ def read_jsonl(path: str | Path, key: str = "data") -> list[dict]:
                 problems.append(f"{path}:{n}: not valid JSON ({err.msg})")
                 continue
             rec, why = _to_messages(obj)
+            if not why:
+                bad = [t for t in TAGS if t in obj and not isinstance(obj[t], str)]
+                why = f"{bad[0]!r} must be a string (a report slice name)" if bad else None
+                rec = rec and {**rec, **{t: obj[t] for t in TAGS if t in obj}}
             if why:
                 problems.append(f"{path}:{n}: {why}")
             else:

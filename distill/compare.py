@@ -1,7 +1,8 @@
 """``python -m distill.compare RUN_A RUN_B``: what changed between two runs, and whether B regressed.
 
 Prints the config keys that differ, the data / teacher / student hashes and library versions, then every
-metric of the student and its ONNX variants side by side (A, B, change), sizes and latency, and the gate.
+metric of the student and its ONNX variants side by side (A, B, change; accuracy on the heldout split too),
+sizes and latency, and the gate.
 Exit code 1 when a metric of B is worse than A's by more than its tolerance (or B's gate failed where A's
 passed), 0 otherwise, 2 when a run folder cannot be read. For use after a nightly run::
 
@@ -33,6 +34,7 @@ RULES: dict[str, tuple[str, str, float]] = {
     "ms_per_token": ("down", "rel", 0.25),
     "prefill_ms": ("down", "rel", 0.25),
 }
+HELDOUT = ("exact_match", "tool_accuracy", "arg_f1", "agreement", "kl")  # also compared on the heldout split
 # Below these absolute changes a relative increase is noise (KL of a near-perfect student, a few bytes).
 FLOORS = {"kl": 0.002, "perplexity": 0.01, "bytes": 4096, "ms_per_token": 0.05, "prefill_ms": 0.2}
 
@@ -98,12 +100,14 @@ def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dic
             if who != "teacher":
                 rows.append({"artifact": who, "metric": "-", "a": None, "b": None, "verdict": "only in B"})
             continue
-        for metric in RULES:
-            x, y = ma[who].get(metric), mb[who].get(metric)
+        for split, metric in [("test", m) for m in RULES] + [("heldout", m) for m in HELDOUT]:
+            xa, xb = (ma[who], mb[who]) if split == "test" else (ma[who].get(split, {}), mb[who].get(split, {}))
+            x, y = xa.get(metric), xb.get(metric)
             if not isinstance(x, int | float) or not isinstance(y, int | float):
                 continue
             verdict = judge(metric, x, y, tol[metric]) if who != "teacher" else "reference"
-            rows.append({"artifact": who, "metric": metric, "a": x, "b": y, "verdict": verdict})
+            name = metric if split == "test" else f"{split}.{metric}"
+            rows.append({"artifact": who, "metric": name, "a": x, "b": y, "verdict": verdict})
     ga, gb = ma.get("gate", {}).get("passed"), mb.get("gate", {}).get("passed")
     regressions = [
         f"{r['artifact']}.{r['metric']}: {r['a']:.4g} -> {r['b']:.4g}" for r in rows if r["verdict"] == "regressed"
@@ -138,13 +142,14 @@ def render(c: dict) -> str:
     out += [f"  {k}: {x} -> {y}" for k, x, y in c["inputs"]]
     out.append("versions: " + ("unchanged" if not c["versions"] else ""))
     out += [f"  {k}: {x} -> {y}" for k, x, y in c["versions"]]
-    out += ["", f"{'artifact':<14} {'metric':<14} {'A':>12} {'B':>12} {'change':>10}  verdict"]
+    out += ["", f"{'artifact':<14} {'metric':<22} {'A':>12} {'B':>12} {'change':>10}  verdict"]
     for r in c["rows"]:
         a, b = r["a"], r["b"]
         change = ""
         if isinstance(a, int | float) and isinstance(b, int | float):
-            change = f"{(b - a) / abs(a) * 100:+.1f}%" if RULES[r["metric"]][1] == "rel" and a else f"{b - a:+.4f}"
-        out.append(f"{r['artifact']:<14} {r['metric']:<14} {_v(a):>12} {_v(b):>12} {change:>10}  {r['verdict']}")
+            rule = RULES[r["metric"].rpartition(".")[2]]
+            change = f"{(b - a) / abs(a) * 100:+.1f}%" if rule[1] == "rel" and a else f"{b - a:+.4f}"
+        out.append(f"{r['artifact']:<14} {r['metric']:<22} {_v(a):>12} {_v(b):>12} {change:>10}  {r['verdict']}")
     ga, gb = c["gate"]
     fmt = {True: "passed", False: "FAILED", None: "-"}
     out += ["", f"gate: {fmt[ga]} -> {fmt[gb]}", ""]

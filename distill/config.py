@@ -39,13 +39,13 @@ class DataConfig:
     num_train: int = positive()
     num_validation: int = non_negative()
     num_test: int = positive()
-    num_hard: int = non_negative()
-    held_out_fraction: float = unit()
+    num_heldout: int = non_negative()  # unseen values / phrasings / both (car_assistant.HELDOUT_PARTS)
     reserve_modulus: int = positive()
+    cross_script: float = unit()  # share of held-out values in the other script
     train_file: str | None  # jsonl source: files with "messages" or "prompt"/"completion" per line
     validation_file: str | None
     test_file: str | None
-    hard_file: str | None
+    heldout_file: str | None  # requests unlike training (new phrasings, names, places): gated apart
     max_length: int = positive()  # examples longer than this (prompt + answer tokens) are an error
     system_prompt: str | None  # given to every example that has no system message (null: none added)
 
@@ -128,6 +128,7 @@ class PruneConfig:
     align: int = positive()  # hidden / MLP sizes are multiples of this
     prune_heads: bool  # budget pruning may remove attention heads (whole KV groups / equal heads per group)
     calib_examples: int = positive()  # training examples whose activations rank channels, heads and layers
+    calib_general: int = non_negative()  # + this many general-text sequences (distill.general) in the calibration
 
 
 @dataclass
@@ -161,6 +162,28 @@ class OnPolicyConfig:
 
 
 @dataclass
+class AugmentConfig:
+    examples: int = (
+        non_negative()
+    )  # new requests: training requests with random open values, answered by the teacher; 0: off
+    share: float = unit()  # of every training batch
+    cross_script: float = unit()  # share of random values in the other script
+    batch_size: int = positive()  # teacher generation batch
+    seed: int
+
+
+@dataclass
+class GeneralConfig:
+    examples: int = non_negative()  # general-text sequences (the teacher's own samples, or data.general_file); 0: off
+    share: float = unit()  # of every training batch
+    length: int = positive()  # tokens per sequence
+    temperature: float = positive()  # sampling temperature of the teacher's sequences
+    batch_size: int = positive()  # generation batch
+    file: str | None  # a text corpus instead (JSONL with "text" per line), cut into sequences of `length` tokens
+    seed: int
+
+
+@dataclass
 class DistillConfig:
     divergence: str  # a name in distill.losses.DIVERGENCES (checked in validate)
     temperature: float = positive()
@@ -172,6 +195,8 @@ class DistillConfig:
     topk: int = positive()  # tokens kept per position by signals=topk
     features: FeatureConfig
     on_policy: OnPolicyConfig
+    augment: AugmentConfig  # teacher-labelled requests with new open values (distill.augment)
+    general: GeneralConfig  # general text mixed into KD (distill.general)
     train: TrainConfig
 
 
@@ -183,7 +208,7 @@ class EvalConfig:
     kl_topk: int = (
         non_negative()
     )  # KL / agreement against the teacher's cached top-k log-probs; 0: exact (teacher reruns)
-    num_test: int | None = positive()  # evaluate on the first N test / hard examples; null = all
+    num_test: int | None = positive()  # evaluate on the first N test / heldout examples; null = all
     retention_target: float = unit()  # student test exact match / teacher's; reported
 
 
@@ -242,6 +267,14 @@ class RunConfig:
     plan_teacher: ClassVar[dict] = {}  # the teacher numbers the plan was made from
 
 
+# Keys that existed once: the fix, instead of "unknown key".
+RENAMED = {
+    "data.hard_file": "renamed to data.heldout_file (requests unlike training, gated with gate.min_heldout_*)",
+    "data.num_hard": "renamed to data.num_heldout",
+    "data.held_out_fraction": "removed: the held-out values are their own pools (distill.data.car_assistant); drop it",
+}
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -268,6 +301,10 @@ def _build(cls: type, node: Any, path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in node:
+        full = f"{path}.{key}" if path else str(key)
+        if full in RENAMED:
+            problems.append(f"{full}: {RENAMED[full]}")
+            continue
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = (
@@ -326,7 +363,9 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
         for name in ("train_file", "test_file"):
             if not getattr(d, name):
                 problems.append(f"data.{name}: required when data.source=jsonl")
-        for name in ("train_file", "validation_file", "test_file", "hard_file"):
+        from distill.data import FILES
+
+        for name in FILES:
             p = getattr(d, name)
             if p and not Path(p).is_file():
                 problems.append(f"data.{name}: file {p} does not exist")
@@ -402,6 +441,7 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
         problems.append(
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
+    _check_mix(c, problems)
     _check_onnx(c, problems)
     _check_gate_metrics(c, problems)
     _check_run(c, problems)
@@ -449,9 +489,38 @@ def _check_run(c: RunConfig, problems: list[str]) -> None:
             )
 
 
+def _check_mix(c: RunConfig, problems: list[str]) -> None:
+    """The extra training pools (augmented requests, general text) beside the task data."""
+    a, g = c.distill.augment, c.distill.general
+    used = (a.share if a.examples else 0.0) + (g.share if g.examples else 0.0)
+    if used >= 1:
+        problems.append(
+            f"distill.augment.share + distill.general.share = {used:g}: every batch must keep some task data; "
+            "lower the shares so that they sum below 1"
+        )
+    if g.file and not Path(g.file).is_file():
+        problems.append(f"distill.general.file: file {g.file} does not exist")
+    p = c.student.prune
+    if c.student.init == "prune" and p.calib_general > min(g.examples, p.calib_general):
+        problems.append(
+            f"student.prune.calib_general={p.calib_general} needs general text: set distill.general.examples >= "
+            f"{p.calib_general} (it may keep distill.general.share small), or calib_general=0"
+        )
+
+
 def _check_gate_metrics(c: RunConfig, problems: list[str]) -> None:
-    """The gate checks only what the data can produce: tool-call metrics need tool-call references."""
+    """The gate checks only what the data can produce: held-out checks need a held-out split, tool-call
+    metrics need tool-call references."""
     d = c.data
+    no_heldout = d.heldout_file is None if d.source == "jsonl" else d.num_heldout == 0
+    if c.export.enabled and no_heldout:
+        for name, spec in THRESHOLDS.items():
+            if spec.split == "heldout" and getattr(c.gate, name) is not None:
+                fix = "set data.heldout_file" if d.source == "jsonl" else "set data.num_heldout > 0"
+                problems.append(
+                    f"gate.{name}: there is no heldout split to measure it on; {fix} (requests unlike training: "
+                    f"new phrasings, names, places; a test drawn like training measures memorization), or gate.{name}=null"
+                )
     if not c.export.enabled or d.source != "jsonl" or not d.test_file or not Path(d.test_file).is_file():
         return  # the built-in data is all tool calls; a missing file is reported above
     from core.jsonl import DataError, read_jsonl

@@ -80,12 +80,16 @@ def by_length(prompts: Sequence[Sequence[int]], generate: GenerateFn) -> list[li
 
 
 def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) -> tuple[dict, list[list[int]]]:
-    """Task metrics of ``generate`` on encoded examples (each with ``input_ids``, ``prompt_len``, ``answer``);
-    generation batches are formed by prompt length."""
+    """Task metrics of ``generate`` on encoded examples (each with ``input_ids``, ``prompt_len``, ``answer``,
+    optionally ``tags``: then also per slice, under ``slices``); generation batches are formed by prompt length."""
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
     answers = by_length(prompts, generate)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-    return metrics.score(texts, [ex["answer"] for ex in data]), answers
+    refs = [ex["answer"] for ex in data]
+    scores = metrics.score(texts, refs)
+    if any(ex.get("tags") for ex in data):  # per part / language / intent (distill.data.tags_of)
+        scores["slices"] = metrics.slice_scores(texts, refs, [ex.get("tags", {}) for ex in data])
+    return scores, answers
 
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> (B, T, V)

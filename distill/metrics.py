@@ -101,6 +101,46 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     return out
 
 
+def is_exact(prediction: str, reference: str) -> bool:
+    """Exact match as ``score`` counts it: a tool call compared as canonical JSON, free text normalized."""
+    ref = parse_tool_call(reference)
+    if ref is None:
+        return normalize(prediction) == normalize(reference)
+    pred = parse_tool_call(prediction)
+    return pred is not None and _canon(pred) == _canon(ref)
+
+
+SLICE_KEYS = ("part", "lang", "intent")  # what an example's tags slice the scores by (distill.data.tags_of)
+SLICE_METRICS = ("exact_match", "tool_accuracy", "arg_f1")
+
+
+def slice_scores(
+    predictions: Sequence[str], references: Sequence[str], tags: Sequence[dict]
+) -> dict[str, dict[str, dict]]:
+    """``score`` per slice: ``{key: {value: {"n", "exact_match", ...}}}`` for each key of ``SLICE_KEYS``
+    that the examples' ``tags`` carry (e.g. ``part`` -> ``values`` / ``phrasing`` / ``both``)."""
+    out: dict[str, dict[str, dict]] = {}
+    for key in SLICE_KEYS:
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(tags):
+            if key in t:
+                groups.setdefault(t[key], []).append(i)
+        if not groups:
+            continue
+        out[key] = {}
+        for value, idx in sorted(groups.items()):
+            sc = score([predictions[i] for i in idx], [references[i] for i in idx])
+            out[key][value] = {"n": len(idx), **{m: sc[m] for m in SLICE_METRICS if m in sc}}
+    return out
+
+
+def slice_retention(student: dict, teacher: dict, key: str, metric: str = "exact_match") -> dict[str, float | None]:
+    """Per value of slice ``key``: the student's ``metric`` / the teacher's on that slice (None when the
+    teacher scores 0 there: nothing to retain)."""
+    s, t = student.get("slices", {}).get(key, {}), teacher.get("slices", {}).get(key, {})
+    return {v: (s[v][metric] / t[v][metric] if t[v].get(metric) else None) for v in t if v in s}
+
+
 def has_tool_calls(references: Sequence[str]) -> bool:
     """Whether the tool-call metrics can be measured on these references."""
     return any(parse_tool_call(r) is not None for r in references)

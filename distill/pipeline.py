@@ -46,6 +46,8 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     r = start(rc, Path(run_dir), force)
     steps.load_data(r)
     steps.teacher(r)
+    steps.augment(r)  # teacher-labelled requests with new open values (distill.augment)
+    steps.general(r)  # general text mixed into KD (distill.general)
     if rc.distill.signals == "topk":
         steps.signals(r)
     init_input: dict = {"init": rc.student.init}
@@ -65,7 +67,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
         info = json.loads((r.dir / "student" / "distill_info.json").read_text())
         metrics = steps.retention_metrics(r, scores, info)
         if rc.export.enabled:
-            metrics.update(steps.ship(r, scores["teacher"], scores["teacher_answers"]))
+            metrics.update(steps.ship(r, scores["teacher"]))
         report(r, metrics, info)
     r.acc.wait_for_everyone()
     r.acc.end_training()  # also tears down the process group: nothing collective after this
@@ -88,7 +90,15 @@ def start(rc: RunConfig, run_dir: Path, force) -> steps.Run:
 
 def report(r: steps.Run, metrics: dict, info: dict) -> None:
     """metrics.json, report.md with plots, manifest.json, and the closing log lines."""
-    from distill.report import plot_history, plot_retention, plot_training, plot_variants, render_report
+    from distill.report import (
+        plot_history,
+        plot_retention,
+        plot_slices,
+        plot_training,
+        plot_variants,
+        render_report,
+        shipped,
+    )
 
     rc, stages = r.rc, r.stages
     history = info.get("history", [])
@@ -101,10 +111,14 @@ def report(r: steps.Run, metrics: dict, info: dict) -> None:
     ]
     if rc.export.enabled:
         made.append(plot_variants(metrics, r.dir / "variants.png"))
+    made.append(plot_slices(metrics, r.dir / "slices.png"))
     metrics["stages"] = stages.record
     metrics["seconds"] = time.time() - r.started
     write_json(r.dir / "metrics.json", metrics)
-    (r.dir / "report.md").write_text(render_report(metrics, [p.name for p in made if p]))
+    ship = shipped(metrics)  # the shipped artifact's misses, else the PyTorch student's
+    missed = r.dir / "eval" / (ship or "pytorch") / steps.MISSES
+    misses = json.loads(missed.read_text()) if missed.is_file() else {}
+    (r.dir / "report.md").write_text(render_report(metrics, [p.name for p in made if p], misses))
     write_json(
         r.dir / "manifest.json",
         {

@@ -104,7 +104,9 @@ def plot_training(history: list[dict], path: str | Path, title: str) -> Path | N
     return Path(path)
 
 
-def render_report(metrics: dict, plots: list[str]) -> str:
+def render_report(metrics: dict, plots: list[str], misses: dict | None = None) -> str:
+    """report.md: scores per split, retention, the release table, scores per slice, the misses, the plots.
+    ``misses``: split -> the shipped artifact's misses (``distill.steps.misses``)."""
     t, s = metrics["teacher"], metrics["student"]
     lines = [
         f"# Distillation report: {metrics['name']}",
@@ -117,7 +119,7 @@ def render_report(metrics: dict, plots: list[str]) -> str:
         "|---|---|---:|" + "---:|" * (len(COLUMNS) + 2),
     ]
     for name, m in (("teacher", t), ("student", s)):
-        for split, row in (("test", m), ("hard", m.get("hard", {}))):
+        for split, row in (("test", m), ("heldout", m.get("heldout", {}))):
             if not row:
                 continue
             cells = [_fmt(row.get(c)) for c in COLUMNS] + [_fmt(row.get("agreement")), _fmt(row.get("kl"))]
@@ -127,13 +129,22 @@ def render_report(metrics: dict, plots: list[str]) -> str:
         "",
         f"- Student size: **{r['param_ratio']:.3f}x** the teacher's parameters.",
         f"- Test exact-match retention: **{r['exact_match']:.3f}** of the teacher "
-        f"(target {r['target']:.2f}: {'met' if r['met'] else 'NOT met'}); hard split: {r['hard_exact_match']:.3f}.",
+        f"(target {r['target']:.2f}: {'met' if r['met'] else 'NOT met'}); heldout split (unlike training): "
+        + (
+            f"**{r['heldout_exact_match']:.3f}**"
+            + "".join(f", {p} {_fmt(v)}" for p, v in r.get("heldout_parts", {}).items())
+            if r.get("heldout_exact_match") is not None
+            else "not measured"
+        )
+        + ".",
         f"- Training: {metrics['train']['steps']} steps, {metrics['train']['seconds']:.0f} s, "
         f"{metrics['train']['tokens_per_s']:.0f} tokens/s, {metrics['train']['skipped_steps']} skipped steps.",
         "",
     ]
     if "gate" in metrics:
         lines += release_table(metrics)
+    lines += slice_table(metrics)
+    lines += misses_table(misses or {})
     if metrics.get("stages"):
         lines += [
             "## Stages",
@@ -152,6 +163,110 @@ def render_report(metrics: dict, plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def shipped(metrics: dict) -> str | None:
+    """The first gated ONNX variant's key (``onnx_<variant>``), or None without a gate."""
+    checks = metrics.get("gate", {}).get("checks", [])
+    return checks[0]["variant"] if checks else None
+
+
+def slice_table(metrics: dict) -> list[str]:
+    """Exact match per slice of the heldout and test splits (part, language, intent): teacher, PyTorch
+    student and the shipped artifact, and the shipped (or PyTorch) student's share of the teacher's."""
+    ship = shipped(metrics)
+    who = [("teacher", metrics["teacher"]), ("student", metrics["student"])]
+    if ship:
+        who.append((ship[5:], metrics[ship]))
+    lines: list[str] = []
+    for split in ("heldout", "test"):
+        rows = []
+        t_split = metrics["teacher"] if split == "test" else metrics["teacher"].get("heldout", {})
+        for key, values in t_split.get("slices", {}).items():
+            for value, t_row in values.items():
+                cells = []
+                for _, m in who:
+                    row = (m if split == "test" else m.get("heldout", {})).get("slices", {}).get(key, {}).get(value, {})
+                    cells.append(row.get("exact_match"))
+                last = cells[-1]
+                ret = last / t_row["exact_match"] if last is not None and t_row.get("exact_match") else None
+                rows.append(
+                    f"| {key} | {value} | {t_row['n']} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(ret)} |"
+                )
+        if rows:
+            names = " | ".join(n for n, _ in who)
+            lines += [
+                f"## Exact match per slice: {split} split" + (" (unlike training)" if split == "heldout" else ""),
+                "",
+                f"| slice | value | n | {names} | {who[-1][0]} / teacher |",
+                "|---|---|---:|" + "---:|" * (len(who) + 1),
+                *rows,
+                "",
+            ]
+    return lines
+
+
+def _cell(text: str, width: int = 70) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def misses_table(misses: dict, limit: int = 15) -> list[str]:
+    """The shipped artifact's misses beside the teacher's answers: first those the teacher got right
+    (what compression lost), heldout split first; the full lists are in the evaluation folders."""
+    lines: list[str] = []
+    for split in ("heldout", "test"):
+        rows = misses.get(split) or []
+        if not rows:
+            continue
+        lost = sorted(rows, key=lambda m: not m.get("teacher_right"))
+        n_lost = sum(1 for m in rows if m.get("teacher_right"))
+        lines += [
+            f"## Misses on the {split} split: {len(rows)} ({n_lost} that the teacher answers right)",
+            "",
+            "| part | lang | request | reference | student | teacher |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in lost[:limit]:
+            lines.append(
+                f"| {m.get('part', '')} | {m.get('lang', '')} | {_cell(m['request'])} | `{_cell(m['reference'])}` | "
+                f"`{_cell(m['answer'])}` | `{_cell(m['teacher'])}`{' ✓' if m.get('teacher_right') else ''} |"
+            )
+        lines.append("")
+    return lines
+
+
+def plot_slices(metrics: dict, path: str | Path) -> Path | None:
+    """Exact match per part of the heldout split (and the test split) for the teacher, the PyTorch
+    student and the shipped artifact, as grouped bars: where the student leaves the teacher."""
+    t_held = metrics["teacher"].get("heldout", {})
+    parts = list(t_held.get("slices", {}).get("part", {}))
+    if not parts:
+        return None
+    from matplotlib.figure import Figure
+
+    ship = shipped(metrics)
+    who = [("teacher", metrics["teacher"]), ("student (PyTorch)", metrics["student"])]
+    if ship:
+        who.append((f"{ship[5:]} (ONNX)", metrics[ship]))
+    groups = ["test", *parts]
+    fig = Figure(figsize=(8, 3.8))
+    ax = fig.subplots()
+    width = 0.8 / len(who)
+    for i, (name, m) in enumerate(who):
+        ys = [m.get("exact_match", 0.0)]
+        ys += [m.get("heldout", {}).get("slices", {}).get("part", {}).get(p, {}).get("exact_match", 0.0) for p in parts]
+        ax.bar([g + i * width for g in range(len(groups))], ys, width, label=name, color=f"C{i}")
+    ax.set_xticks([g + width * (len(who) - 1) / 2 for g in range(len(groups))])
+    ax.set_xticklabels(["test (in distribution)", *(f"heldout: {p}" for p in parts)], fontsize=8)
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metrics['name']}: requests like training vs unlike it")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
 def onnx_variants(metrics: dict) -> list[str]:
     return [k for k in metrics if k.startswith("onnx_")]
 
@@ -166,10 +281,10 @@ def release_table(metrics: dict) -> list[str]:
     gated = {c["variant"] for c in gate["checks"]}
     failed = {c["variant"] for c in gate["checks"] if not c["passed"]}
     lines = [
-        "## Release: the shipped artifact under ONNX Runtime vs the teacher (test split)",
+        "## Release: the shipped artifact under ONNX Runtime vs the teacher",
         "",
-        "| model | runtime | size MB | decode ms/token | prefill ms | exact match | agreement | KL | gate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| model | runtime | size MB | decode ms/token | prefill ms | exact match | heldout exact match | agreement | KL | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     rows = [("teacher", "PyTorch", metrics["teacher"]), ("student", "PyTorch", metrics["student"])]
     rows += [(f"student {k[5:]}", "ONNX Runtime", metrics[k]) for k in onnx_variants(metrics)]
@@ -178,7 +293,8 @@ def release_table(metrics: dict) -> list[str]:
         verdict = ("**FAIL**" if key in failed else "pass") if key in gated else ""
         lines.append(
             f"| {name} | {runtime} | {_mb(m.get('bytes'))} | {_fmt(m.get('ms_per_token'))} | {_fmt(m.get('prefill_ms'))} "
-            f"| {_fmt(m.get('exact_match'))} | {_fmt(m.get('agreement'))} | {_fmt(m.get('kl'))} | {verdict} |"
+            f"| {_fmt(m.get('exact_match'))} | {_fmt(m.get('heldout', {}).get('exact_match'))} "
+            f"| {_fmt(m.get('agreement'))} | {_fmt(m.get('kl'))} | {verdict} |"
         )
     lines += ["", f"**Release gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
     lines += [f"- {line.strip().removeprefix('- ')}" for line in gate["summary"].splitlines()[1:]]

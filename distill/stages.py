@@ -29,7 +29,20 @@ from core.hashing import MANIFEST, changed_keys, digest, file_hashes
 
 log = logging.getLogger("distill")
 
-STAGES = ("gguf", "teacher", "signals", "prune", "distill", "evaluate", "export", "quantize", "gate")
+STAGES = (
+    "gguf",
+    "teacher",
+    "augment",
+    "general",
+    "signals",
+    "prune",
+    "distill",
+    "qad",
+    "evaluate",
+    "export",
+    "quantize",
+    "gate",
+)
 RUN_MANIFEST = "manifest.json"
 # Hydra writes these into the run folder before our code runs.
 HYDRA_ENTRIES = (".hydra",)

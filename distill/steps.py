@@ -23,7 +23,8 @@ from distill.config import ConfigError, RunConfig, key_settings, openvino_on, se
 from distill.stages import Stage, Stages, guard
 
 log = logging.getLogger("distill")
-SPLITS = ("train", "validation", "test", "hard")
+SPLITS = ("train", "validation", "test", "heldout")
+EVAL_SPLITS = ("test", "heldout")  # scored and gated: in distribution, and unlike training
 # TrainConfig knobs that do not change the trained weights: changing them does not redo distillation.
 NOT_IN_RESULT = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_generate")
 
@@ -84,6 +85,18 @@ class Run:
     signals: Any = None  # distill.signals.TopKSignals with distill.signals=topk
     student_hash: str = ""
     qad: dict[str, Stage] = field(default_factory=dict)  # scheme -> its finished quantization-aware student
+    # extra training pools beside the task data, by name (augment, general): encoded examples, and the
+    # output hash of the stage that made them (part of every later stage key that trains on them)
+    mix: dict[str, list[dict]] = field(default_factory=dict)
+    mix_hash: dict[str, str] = field(default_factory=dict)
+    general_sequences: list[list[int]] = field(default_factory=list)
+
+    def train_data(self):
+        """The distillation data: the task's training split, with each extra pool at its share of a batch."""
+        from distill.trainer import Mixture
+
+        shares = {"augment": self.rc.distill.augment.share, "general": self.rc.distill.general.share}
+        return Mixture(self.enc["train"], [(self.mix[k], shares[k]) for k in sorted(self.mix)])
 
     @property
     def main(self) -> bool:
@@ -169,7 +182,7 @@ def teacher(r: Run) -> None:
         log.info("the tokenizer has no pad token: padding with %s (masked out of attention and every loss)", pad)
     r.enc = {s: encode_records(r.tokenizer, r.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
     n_eval = rc.eval.num_test or None
-    r.enc["test"], r.enc["hard"] = r.enc["test"][:n_eval], r.enc["hard"][:n_eval]
+    r.enc["test"], r.enc["heldout"] = r.enc["test"][:n_eval], r.enc["heldout"][:n_eval]
     r.teacher_hash = folder_hash(r.teacher_dir)
     r.stages.record["teacher"]["hash"] = r.teacher_hash
     q = rc.teacher.quantization
@@ -254,6 +267,128 @@ def bootstrapped_teacher(r: Run) -> Path:
     return dest
 
 
+# ---- extra training pools: teacher-labelled augmented requests, general text (cached per teacher) ----
+
+
+def augment(r: Run) -> None:
+    """``distill.augment``: training requests with random open values, answered by the teacher, kept where
+    it is consistent (``distill.augment``); cached per (teacher, data, settings) under the cache folder."""
+    a = r.rc.distill.augment
+    if not a.examples:
+        return
+    from distill.augment import candidates, label
+    from distill.data import encode_records, read_jsonl
+    from distill.teacher import cache_root
+
+    avoid = heldout_avoid(r)
+    settings = {k: v for k, v in dataclasses.asdict(a).items() if k != "share"}
+    key = {
+        "teacher": r.teacher_id,
+        "data": r.data_hash,
+        "max_length": r.rc.data.max_length,
+        "avoid": digest(sorted(avoid)),
+    }
+    folder = cache_root(r.rc.teacher) / "augment" / digest({**key, **settings})
+
+    def work(st: Stage) -> dict:
+        cands = candidates(r.records["train"], a.examples, a.seed, avoid, a.cross_script)
+        kept, stats = label(
+            r.teacher.get(), r.tokenizer, cands, max_length=r.rc.data.max_length, batch_size=a.batch_size
+        )
+        with building(folder) as tmp:
+            (tmp / "records.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
+            write_json(tmp / "stats.json", stats)
+        return {"kept": stats["kept"], "rejected": stats["rejected"]}
+
+    st = r.stage("augment", folder, settings, key, work, on="main")
+    kept = read_jsonl(folder / "records.jsonl", key="augment") if (folder / "records.jsonl").stat().st_size else []
+    if not kept:
+        log.warning(
+            "augment: the teacher answered none of the %d new requests consistently (%s): it does not copy new "
+            "values either, so there is nothing to distil from them; the run goes on without them",
+            a.examples,
+            folder / "stats.json",
+        )
+    r.mix["augment"] = encode_records(r.tokenizer, kept, r.rc.data.max_length, "augment")
+    r.mix_hash["augment"] = st.output_hash
+    log.info("augment: %d teacher-labelled requests at %.0f%% of every batch", len(kept), 100 * a.share)
+
+
+def heldout_avoid(r: Run) -> frozenset[str]:
+    """Words and characters random values must not contain: those of the held-out values, so that no
+    augmented request can carry one (the heldout split stays unseen)."""
+    if r.rc.data.source == "car_assistant":
+        from distill.data.car_assistant import heldout_vocabulary
+
+        return heldout_vocabulary()
+    from distill.data.augment import heldout_units
+
+    return heldout_units(r.records["heldout"])
+
+
+def general(r: Run) -> None:
+    """``distill.general``: general-text sequences, the teacher's own samples from random first tokens
+    (data-free) or a user's corpus, cached per (teacher, settings)."""
+    g = r.rc.distill.general
+    if not g.examples:
+        return
+    from core.hashing import sha256_file
+    from distill.general import as_examples, sample_general
+    from distill.teacher import cache_root
+
+    settings = {k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")}
+    key = {
+        "teacher": r.teacher_id,
+        "tokens": len(r.tokenizer),
+        **({"file": sha256_file(Path(g.file))} if g.file else {}),
+    }
+    folder = cache_root(r.rc.teacher) / "general" / digest({**key, **settings})
+
+    def work(st: Stage) -> dict:
+        if g.file:
+            seqs = corpus_sequences(g.file, r.tokenizer, g.examples, g.length)
+        else:
+            seqs = sample_general(
+                r.teacher.get(), r.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
+            )
+        with building(folder) as tmp:
+            write_json(tmp / "sequences.json", seqs)
+        return {"sequences": len(seqs)}
+
+    st = r.stage("general", folder, settings, key, work, on="main")
+    r.general_sequences = json.loads((folder / "sequences.json").read_text())
+    r.mix["general"] = as_examples(r.general_sequences)
+    r.mix_hash["general"] = st.output_hash
+    log.info(
+        "general text: %d sequences of %d tokens at %.0f%% of every batch",
+        len(r.general_sequences),
+        g.length,
+        100 * g.share,
+    )
+
+
+def corpus_sequences(path: str, tokenizer, n: int, length: int) -> list[list[int]]:
+    """The first ``n`` ``length``-token windows of a JSONL corpus (``{"text": ...}`` per line)."""
+    from distill.data import DataError
+
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f'distill.general.file: {path}:{lineno}: expected {{"text": ...}} ({err})') from err
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= n * length:
+                break
+    seqs = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:n]
+    if not seqs:
+        raise DataError(f"distill.general.file: {path} holds fewer than {length} tokens of text")
+    return seqs
+
+
 # ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
 
 
@@ -262,24 +397,23 @@ def signals(r: Run) -> None:
     from distill.teacher import cache_root
 
     d, tok = r.rc.distill, r.tokenizer
+    data = list(r.train_data())  # the task data and the extra pools, in the order train() indexes them
     key = signals_key(r.teacher_id, r.data_hash, r.rc.data.max_length, d.topk, d.temperature, len(tok))
+    if r.mix_hash:
+        key["mix"] = dict(r.mix_hash)
     folder = cache_root(r.rc.teacher) / "signals" / digest(key)
 
     def compute(st: Stage) -> dict:
-        tensors = compute_topk(
-            r.teacher.get(), r.enc["train"], tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size
-        )
+        tensors = compute_topk(r.teacher.get(), data, tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size)
         with building(folder) as tmp:
             save_signals(tensors, tmp, key)
-        return {"tokens": int(tensors["offsets"][-1]), "examples": len(r.enc["train"])}
+        return {"tokens": int(tensors["offsets"][-1]), "examples": len(data)}
 
     st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main")
     r.signals = TopKSignals(folder)
     r.signals.key = st.output_hash
-    if len(r.signals) != len(r.enc["train"]):
-        raise RuntimeError(
-            f"{folder}: cached signals cover {len(r.signals)} examples, the data has {len(r.enc['train'])}"
-        )
+    if len(r.signals) != len(data):
+        raise RuntimeError(f"{folder}: cached signals cover {len(r.signals)} examples, the data has {len(data)}")
     log.info("teacher signals: top-%d of %d tokens from %s", r.signals.k, r.signals.tokens, folder)
 
 
@@ -295,11 +429,12 @@ def prune(r: Run) -> Stage:
     def work(st: Stage) -> None:
         from families.hf import load_causal_lm, save_model_atomically
         from prune import prune_model
-        from prune.calibration import calibration_batches
+        from prune.calibration import calibration_batches, sequence_batches
 
         model = r.teacher.get()
         source = model if rc.teacher.quantization == "none" else load_causal_lm(r.teacher_dir)  # full precision
         batches = calibration_batches(r.tokenizer, r.records["train"], p.calib_examples, max_length=rc.data.max_length)
+        batches += sequence_batches(r.tokenizer.pad_token_id, r.general_sequences[: p.calib_general])
         pruned, report = prune_model(
             source, batches if p.method == "activation" else None, method=p.method, plan=r.plan
         )
@@ -311,7 +446,12 @@ def prune(r: Run) -> Stage:
         "prune",
         r.dir / "pruned",
         {"prune": dataclasses.asdict(p), "sizes": student_sizes(rc)},
-        {"teacher_hash": r.teacher_hash, "data_hash": r.data_hash, "max_length": rc.data.max_length},
+        {
+            "teacher_hash": r.teacher_hash,
+            "data_hash": r.data_hash,
+            "max_length": rc.data.max_length,
+            **({"general": r.mix_hash["general"]} if p.calib_general else {}),
+        },
         work,
     )
 
@@ -335,6 +475,7 @@ def distill(r: Run, init_input: dict) -> None:
         "data_hash": r.data_hash,
         **init_input,
         **({"signals": r.signals.key} if r.signals else {}),
+        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
     }
 
     def work(st: Stage) -> None:
@@ -393,7 +534,7 @@ def _train_student(r: Run, st: Stage) -> None:
     result = train(
         trainable,
         tok,
-        r.enc["train"],
+        r.train_data(),
         rc.distill.train,
         accelerator=r.acc,
         mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals),
@@ -459,7 +600,7 @@ def _teacher_own_eval(r: Run, split: str):
 
 
 def teacher_answers(r: Run) -> dict:
-    """The teacher's test / hard scores and greedy answers, and with ``eval.kl_topk`` its top-k log-probs
+    """The teacher's test / heldout scores and greedy answers, and with ``eval.kl_topk`` its top-k log-probs
     at every answer position (``TopK``, under ``signals``), cached per (teacher, data, eval settings):
     every student of a sweep, and every ONNX variant, is compared with them without another teacher pass."""
     from safetensors.torch import load_file, save_file
@@ -474,12 +615,12 @@ def teacher_answers(r: Run) -> dict:
         "teacher_hash": r.teacher_id,
         "data_hash": r.data_hash,
         "eval": ev,
-        "n": [len(enc["test"]), len(enc["hard"])],
+        "n": [len(enc["test"]), len(enc["heldout"])],
         **({"kl_topk": k} if k else {}),  # absent when off: caches made before the knob stay valid
     }
     folder = cache_root(r.rc.teacher) / "teacher_eval" / digest(key)
     path = folder / "scores.json"
-    splits = [s for s in ("test", "hard") if enc[s]]
+    splits = [s for s in EVAL_SPLITS if enc[s]]
     if path.is_file():
         log.info("teacher test answers: reusing %s", folder)
         out = json.loads(path.read_text())
@@ -492,7 +633,7 @@ def teacher_answers(r: Run) -> dict:
     }
     signals = {s: res[s][0].pop("signals", None) for s in splits}
     t_test, t_ans = res["test"]
-    t_hard, t_hard_ans = res.get("hard", ({}, None))
+    t_held, t_held_ans = res.get("heldout", ({}, None))
     out = {
         "key": key,
         "test": {
@@ -500,10 +641,10 @@ def teacher_answers(r: Run) -> dict:
             "num_params": config_param_count(
                 AutoConfig.from_pretrained(str(r.teacher_dir), trust_remote_code=r.rc.teacher.trust_remote_code)
             ),
-            "hard": t_hard,
+            "heldout": t_held,
         },
         "answers": t_ans,
-        "hard_answers": t_hard_ans,
+        "heldout_answers": t_held_ans,
     }
     with guard("evaluate", folder):
         with building(folder) as tmp:
@@ -520,14 +661,17 @@ def teacher_reference(r: Run, t: dict, split: str):
 
 
 def evaluate(r: Run) -> dict:
-    """Teacher and student scores on test / hard (and PyTorch bytes and latency when exporting)."""
+    """Teacher and student scores on test / heldout (and PyTorch bytes and latency when exporting); the
+    student's misses beside the teacher's answers in ``misses.json``."""
     e = r.rc.export
     scores: dict = {}
 
     def work(st: Stage) -> None:
-        scores.update(_evaluate_student(r))
+        got, missed = _evaluate_student(r)
+        scores.update(got)
         with building(st.folder) as tmp:
             write_json(tmp / "scores.json", scores)
+            write_json(tmp / MISSES, missed)
 
     st = r.stage(
         "evaluate",
@@ -543,23 +687,28 @@ def evaluate(r: Run) -> dict:
     return scores or json.loads((st.folder / "scores.json").read_text())
 
 
-def _evaluate_student(r: Run) -> dict:
+MISSES = "misses.json"  # in each evaluation folder: the examples the model got wrong, beside the teacher's answers
+
+
+def _evaluate_student(r: Run) -> tuple[dict, dict]:
     from distill.evaluate import evaluate_model, hf_generate_n, latency
     from families.hf import config_param_count, load_causal_lm
 
     ev, enc, tok, e = _ev(r.rc), r.enc, r.tokenizer, r.rc.export
     t = teacher_answers(r)
     student = load_causal_lm(r.dir / "student")  # score the artifact we ship, exactly as a user would load it
-    ref = lambda split: teacher_reference(r, t, split)  # noqa: E731
-    s_test, _ = evaluate_model(student, tok, enc["test"], teacher=ref("test"), teacher_answers=t["answers"], **ev)
-    s_hard, _ = (
-        evaluate_model(student, tok, enc["hard"], teacher=ref("hard"), teacher_answers=t["hard_answers"], **ev)
-        if enc["hard"]
-        else ({}, None)
-    )
+    got, missed = {}, {}
+    for split in EVAL_SPLITS:
+        if not enc[split]:
+            continue
+        t_ans = teacher_split_answers(t, split)
+        got[split], answers = evaluate_model(
+            student, tok, enc[split], teacher=teacher_reference(r, t, split), teacher_answers=t_ans, **ev
+        )
+        missed[split] = misses(tok, enc[split], answers, t_ans)
     scores = {
         "teacher": dict(t["test"]),
-        "student": {**s_test, "num_params": config_param_count(student.config), "hard": s_hard},
+        "student": {**got["test"], "num_params": config_param_count(student.config), "heldout": got.get("heldout", {})},
         "teacher_answers": t["answers"],
     }
     if e.enabled:
@@ -568,7 +717,36 @@ def _evaluate_student(r: Run) -> dict:
         for who, m, folder in (("teacher", model, r.teacher.folder), ("student", student, r.dir / "student")):
             gen = hf_generate_n(m, tok.pad_token_id)
             scores[who].update({"bytes": safetensors_bytes(folder), **latency(gen, timed_prompts, e.latency_tokens)})
-    return scores
+    return scores, missed
+
+
+def teacher_split_answers(t: dict, split: str) -> list[list[int]]:
+    """The teacher's greedy answers on ``split`` from ``teacher_answers``' record."""
+    return t["answers"] if split == "test" else t["heldout_answers"]
+
+
+def misses(tok, data: list[dict], answers: list[list[int]], t_answers: list[list[int]]) -> list[dict]:
+    """The examples whose answer is not the reference (as ``distill.metrics.score`` judges exact match),
+    each with the request, reference, the model's and the teacher's answers and the example's tags."""
+    from distill.metrics import is_exact
+
+    out = []
+    for ex, a, ta in zip(data, answers, t_answers, strict=True):
+        text = tok.decode(a, skip_special_tokens=True)
+        if is_exact(text, ex["answer"]):
+            continue
+        teacher = tok.decode(ta, skip_special_tokens=True)
+        out.append(
+            {
+                "request": ex.get("request", ""),
+                "reference": ex["answer"],
+                "answer": text,
+                "teacher": teacher,
+                "teacher_right": is_exact(teacher, ex["answer"]),
+                **ex.get("tags", {}),
+            }
+        )
+    return out
 
 
 def safetensors_bytes(folder: Path) -> int:
@@ -578,8 +756,10 @@ def safetensors_bytes(folder: Path) -> int:
 def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
     """metrics.json's core: teacher and student scores, retention, training summary (``info``: the
     student's distill_info.json)."""
+    from distill.metrics import slice_retention
+
     t_test, s_test = scores["teacher"], scores["student"]
-    t_hard, s_hard = t_test.get("hard", {}), s_test.get("hard", {})
+    t_held, s_held = t_test.get("heldout", {}), s_test.get("heldout", {})
     return {
         "name": r.rc.name,
         "data_hash": r.data_hash,
@@ -593,9 +773,10 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
             "target": r.rc.eval.retention_target,
             "met": ret >= r.rc.eval.retention_target,
             "param_ratio": s_test["num_params"] / t_test["num_params"],
-            "hard_exact_match": (s_hard.get("exact_match", 0.0) / max(t_hard.get("exact_match", 0.0), 1e-9))
-            if t_hard
-            else 0.0,
+            "heldout_exact_match": (s_held.get("exact_match", 0.0) / max(t_held.get("exact_match", 0.0), 1e-9))
+            if t_held
+            else None,
+            "heldout_parts": slice_retention(s_held, t_held, "part") if t_held else {},
         },
         "train": {k: v for k, v in info.items() if k != "history"},
     }
@@ -703,7 +884,12 @@ def qad(r: Run, name: str, s) -> Stage:
         "max_length": rc.data.max_length,
         "processes": r.acc.num_processes,
     }
-    inputs = {"student_hash": r.student_hash, "teacher_hash": r.teacher_id, "data_hash": r.data_hash}
+    inputs = {
+        "student_hash": r.student_hash,
+        "teacher_hash": r.teacher_id,
+        "data_hash": r.data_hash,
+        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
+    }
 
     def work(st: Stage) -> None:
         from distill.trainer import final_model, make_mode, train
@@ -716,7 +902,7 @@ def qad(r: Run, name: str, s) -> Stage:
         result = train(
             student,
             r.tokenizer,
-            r.enc["train"],
+            r.train_data(),
             tc,
             accelerator=r.acc,
             mode=make_mode(dcfg, teacher=r.teacher.get() if live else None, signals=None if live else r.signals),
@@ -749,7 +935,7 @@ def qad(r: Run, name: str, s) -> Stage:
     return r.stage(f"qad:{name}", r.dir / "qad" / name / "student", config, inputs, work)
 
 
-def ship(r: Run, t_test: dict, t_ans: list) -> dict:
+def ship(r: Run, t_test: dict) -> dict:
     """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
 
     Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
@@ -761,6 +947,7 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
     n_calib = max(getattr(s, "calib_examples", 0) for s in settings)  # not a knob: schemes without calibration
     calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
     variants = build_onnx_variants(r, calibration)
+    t_answers = teacher_answers(r)
     use_ov = openvino_on(rc)
     out: dict = {}
     for v, made in variants.items():
@@ -769,9 +956,11 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
         ov = use_ov and v in rc.gate.variants  # the files that ship are also checked under OpenVINO
 
         def work(st: Stage, made=made, scores=scores, ov=ov) -> None:
-            scores.update(_evaluate_onnx(r, made.folder, t_ans, ov))
+            got, missed = _evaluate_onnx(r, made.folder, ov)
+            scores.update(got)
             with building(st.folder) as tmp:
                 write_json(tmp / "scores.json", scores)
+                write_json(tmp / MISSES, missed)
             write_json(made.folder / "metrics.json", scores)  # the artifact carries its own numbers
 
         st = r.stage(
@@ -787,7 +976,7 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
             {
                 "model_hash": made.output_hash,
                 "teacher_hash": r.teacher_id,
-                "teacher_answers": digest(t_ans),
+                "teacher_answers": digest([t_answers["answers"], t_answers.get("heldout_answers")]),
                 "data_hash": r.data_hash,
             },
             work,
@@ -798,7 +987,10 @@ def ship(r: Run, t_test: dict, t_ans: list) -> dict:
     return out
 
 
-def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
+def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
+    """One ONNX variant under ONNX Runtime on test and heldout: (scores, misses). The test scores are the
+    top level, the heldout ones under ``heldout``; with ``use_ov`` the same file under OpenVINO on the first
+    ``export.openvino_examples`` of each split (``openvino_match``: the lower share of identical answers)."""
     import torch
 
     from core.onnx_files import onnx_bytes
@@ -807,19 +999,26 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
 
     rc, enc = r.rc, r.enc
     deploy, batch, check = rc.export.deploy_batch, rc.export.deploy_batch, None
-    budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
+    t = teacher_answers(r)
+    got, answers, missed = {}, {}, {}
     with torch.no_grad():
         runner = OnnxCausalLM(folder)
         if rc.export.invariance_examples and rc.eval.batch_size != deploy:
             # scored at the batch that ships, unless shown not to depend on the batch (then at eval.batch_size)
             sample = enc["test"][: rc.export.invariance_examples]
+            budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
             check = batch_invariance(runner, sample, budget, deploy, rc.eval.batch_size, rc.eval.chunk_size)
             batch = rc.eval.batch_size if check["invariant"] else deploy
-        ref = teacher_reference(r, teacher_answers(r), "test")
         settings = {**_ev(rc), "batch_size": batch}
-        scores, answers = evaluate_onnx(
-            runner, r.tokenizer, enc["test"], teacher=ref, teacher_answers=t_ans, **settings
-        )
+        for split in EVAL_SPLITS:
+            if enc[split]:
+                t_ans = teacher_split_answers(t, split)
+                ref = teacher_reference(r, t, split)
+                got[split], answers[split] = evaluate_onnx(
+                    runner, r.tokenizer, enc[split], teacher=ref, teacher_answers=t_ans, **settings
+                )
+                missed[split] = misses(r.tokenizer, enc[split], answers[split], t_ans)
+    scores = {**got["test"], **({"heldout": got["heldout"]} if "heldout" in got else {})}
     scores["batch"], scores["deploy_batch"] = batch, deploy
     if check is not None:
         scores["batch_invariance"] = check
@@ -845,22 +1044,29 @@ def _evaluate_onnx(r: Run, folder: Path, t_ans: list, use_ov: bool) -> dict:
         if "vs_fake_quant" in info:  # QAD: the file against the fake-quantized model it was trained as
             scores["vs_fake_quant"] = info["vs_fake_quant"]
     if use_ov:
-        n_ov = rc.export.openvino_examples or len(enc["test"])
-        scores["openvino"] = cross_runtime(
-            folder, runner, answers[:n_ov], enc["test"][:n_ov], budget, rc.export.deploy_batch, rc.eval.chunk_size
-        )
-        if "generation_match" in scores["openvino"]:  # (absent when OpenVINO cannot load the file: not measured)
-            scores["openvino_match"] = scores["openvino"]["generation_match"]
+        matches = []
+        for split in answers:
+            n_ov = rc.export.openvino_examples or len(enc[split])
+            budget = rc.eval.max_new_tokens or answer_budget(enc[split])
+            ov = cross_runtime(
+                folder, runner, answers[split][:n_ov], enc[split][:n_ov], budget, deploy, rc.eval.chunk_size
+            )
+            (scores if split == "test" else scores[split])["openvino"] = ov
+            if "generation_match" in ov:  # (absent when OpenVINO cannot load the file: not measured)
+                matches.append(ov["generation_match"])
+        if matches and len(matches) == len(answers):
+            scores["openvino_match"] = min(matches)
     log.info(
-        "onnx %s: exact match %.3f, agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
+        "onnx %s: exact match %.3f (heldout %s), agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
         folder.name,
         scores["exact_match"],
+        f"{scores['heldout']['exact_match']:.3f}" if "heldout" in scores else "-",
         scores["agreement"],
         scores["kl"],
         scores["bytes"],
         scores["ms_per_token"],
     )
-    return scores
+    return scores, missed
 
 
 def gate(r: Run, t_test: dict, measured: dict) -> dict:

@@ -30,6 +30,8 @@ COLUMNS = (
     "ms_per_token",
     "exact_match",
     "retention",
+    "heldout_exact_match",
+    "heldout_retention",
     "agreement",
     "kl",
     "gate",
@@ -64,6 +66,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         cfg = _config(job)
         thresholds = thresholds_of(cfg.get("gate", {}))
         t_em = m["teacher"]["exact_match"]
+        t_held = m["teacher"].get("heldout", {}).get("exact_match", 0.0)
         variants = [k for k in m if k.startswith("onnx_")] or ["student"]
         for v in variants:
             s = m[v]
@@ -78,6 +81,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
                     "ms_per_token": s.get("ms_per_token"),
                     "exact_match": s["exact_match"],
                     "retention": s["exact_match"] / max(t_em, 1e-9),
+                    "heldout_exact_match": s.get("heldout", {}).get("exact_match"),
+                    "heldout_retention": s["heldout"]["exact_match"] / max(t_held, 1e-9) if "heldout" in s else None,
                     "agreement": s.get("agreement"),
                     "kl": s.get("kl"),
                     "gate": "-" if verdict is None else ("pass" if verdict.passed else "fail"),

@@ -8,6 +8,7 @@ with batch B/N follow the same loss curve as one process with batch B.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import logging
@@ -247,6 +248,65 @@ class _BatchStream:
         for pos in range(j * self.gb, (j + 1) * self.gb):
             out.append(self._perm(pos // self.n)[pos % self.n])
         return out
+
+
+class Mixture(Sequence):
+    """Training examples from several pools, each extra pool at a fixed share of every global batch (the
+    first pool takes the rest): task data with teacher-labelled augmented requests and general text at,
+    say, a quarter of each batch however many of each there are. Indexes like one list (the pools one
+    after another); ``train`` draws each pool's part of a batch from its own seeded order."""
+
+    def __init__(self, main: Sequence[dict], extra: Sequence[tuple[Sequence[dict], float]] = ()):
+        extra = [(d, share) for d, share in extra if len(d) and share > 0]
+        if sum(share for _, share in extra) >= 1:
+            raise ValueError("the extra pools' shares must leave part of every batch to the main data")
+        self.pools = [main, *(d for d, _ in extra)]
+        self.shares = [share for _, share in extra]
+        self.offsets = [0]
+        for d in self.pools:
+            self.offsets.append(self.offsets[-1] + len(d))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        p = bisect.bisect_right(self.offsets, i) - 1
+        return self.pools[p][i - self.offsets[p]]
+
+    def counts(self, global_batch: int) -> list[int]:
+        """Examples per pool in a global batch: each extra pool its share (at least one), the main the rest."""
+        extra = [max(1, round(share * global_batch)) for share in self.shares]
+        if global_batch - sum(extra) < 1:
+            raise ValueError(f"a global batch of {global_batch} cannot hold the extra pools' shares {self.shares}")
+        return [global_batch - sum(extra), *extra]
+
+
+class _MixedStream:
+    """``_BatchStream`` over a ``Mixture``: one stream per pool at its count per global batch, the extra
+    examples spread evenly through the batch (so every process gets its share)."""
+
+    def __init__(self, data: Mixture, global_batch: int, seed: int, group_by_length: bool):
+        self.offsets = data.offsets
+        self.streams = [
+            _BatchStream(
+                len(pool), k, seed + 7919 * p, [len(e["input_ids"]) for e in pool] if group_by_length else None
+            )
+            for p, (pool, k) in enumerate(zip(data.pools, data.counts(global_batch), strict=True))
+        ]
+
+    def global_batch(self, j: int) -> list[int]:
+        placed = []
+        for p, stream in enumerate(self.streams):
+            part = stream.global_batch(j)
+            placed += [((q + 0.5) / len(part), p, self.offsets[p] + i) for q, i in enumerate(part)]
+        return [i for *_, i in sorted(placed)]
+
+
+def _stream(data: Sequence[dict], global_batch: int, seed: int, group_by_length: bool):
+    if isinstance(data, Mixture) and len(data.pools) > 1:
+        return _MixedStream(data, global_batch, seed, group_by_length)
+    lengths = [len(e["input_ids"]) for e in data] if group_by_length else None
+    return _BatchStream(len(data), global_batch, seed, lengths)
 
 
 def _schedule(optimizer, tc: TrainConfig):
@@ -676,8 +736,7 @@ def train(
     # Not passed to accelerate.prepare: its wrapper steps the schedule once per *process* per step, which
     # runs the schedule N times too fast under N processes. The schedule is a pure function of the step.
     scheduler = _schedule(optimizer, tc)
-    lengths = [len(e["input_ids"]) for e in train_data] if tc.group_by_length else None
-    stream = _BatchStream(len(train_data), tc.batch_size * acc.num_processes, tc.seed, lengths)
+    stream = _stream(train_data, tc.batch_size * acc.num_processes, tc.seed, tc.group_by_length)
     ckpt = (
         Checkpoints(
             checkpoint_dir,

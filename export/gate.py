@@ -5,7 +5,11 @@ re-judge a ``metrics.json`` with other thresholds.
 
 Each check compares one number of a variant (e.g. ``onnx_int8``) with its threshold. ``relative``
 checks divide the variant's number by the teacher's own (PyTorch) number first: "keep at least 97% of
-the teacher's exact match" is ``exact_match`` relative, at least 0.97.
+the teacher's exact match" is ``exact_match`` relative, at least 0.97. A check reads the in-distribution
+``test`` split (the top level of a variant's metrics) or the ``heldout`` split (requests unlike training:
+``metrics["heldout"]``), and a ``per_part`` check one number for each part of the held-out split
+(``metrics["heldout"]["slices"]["part"]``: unseen values, unseen phrasings, both), so a student that
+copies no unseen name fails however well it does on the rest.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class Check:
     variant: str
-    metric: str  # e.g. exact_match, agreement, kl
+    metric: str  # e.g. exact_match, agreement, kl; heldout/exact_match, heldout[values]/exact_match
     value: float  # what was measured (relative to the teacher where ``relative``)
     threshold: float
     op: str  # ">=" or "<="
     relative: bool
     passed: bool
     note: str = ""  # why a check failed other than by its number (e.g. a teacher with nothing to retain)
+    name: str = ""  # the threshold (THRESHOLDS key) this check applies
 
     @property
     def margin(self) -> float:
@@ -76,6 +81,8 @@ class Threshold:
     relative: bool
     unit: bool
     tool_calls: bool = False
+    split: str = "test"  # test (in distribution) | heldout (unlike training)
+    per_part: bool = False  # one check per part of the split (its slices["part"]; the whole split if none)
 
 
 # The one list of gate thresholds: conf/gate/default.yaml sets each (null disables it), the config
@@ -89,7 +96,28 @@ THRESHOLDS: dict[str, Threshold] = {
     "min_agreement": Threshold("agreement", ">=", relative=False, unit=True),
     "max_kl": Threshold("kl", "<=", relative=False, unit=False),
     "min_openvino_match": Threshold("openvino_match", ">=", relative=False, unit=True),
+    "min_heldout_exact_match_retention": Threshold("exact_match", ">=", relative=True, unit=False, split="heldout"),
+    "min_heldout_tool_accuracy_retention": Threshold(
+        "tool_accuracy", ">=", relative=True, unit=False, tool_calls=True, split="heldout"
+    ),
+    "min_heldout_part_retention": Threshold(
+        "exact_match", ">=", relative=True, unit=False, split="heldout", per_part=True
+    ),
 }
+SPLITS = ("test", "heldout")
+
+
+def _numbers(m: dict, spec: Threshold) -> dict[str, dict]:
+    """Label -> the metrics a check of ``spec`` reads in ``m`` (a variant's or the teacher's metrics)."""
+    if spec.split == "test":
+        return {spec.metric: m}
+    held = m.get("heldout") or {}
+    if not spec.per_part:
+        return {f"heldout/{spec.metric}": held}
+    parts = held.get("slices", {}).get("part")
+    if not parts:
+        return {f"heldout/{spec.metric}": held}
+    return {f"heldout[{p}]/{spec.metric}": row for p, row in parts.items()}
 
 
 def thresholds_of(gate_cfg) -> dict[str, float | None]:
@@ -116,23 +144,29 @@ def evaluate_gate(
             if threshold is None:
                 continue
             spec = THRESHOLDS[name]
-            metric, op, relative = spec.metric, spec.op, spec.relative
-            value = m.get(metric)
-            if value is None:
-                checks.append(Check(variant, metric, float("nan"), threshold, op, relative, False, "not measured"))
-                continue
-            if relative:
-                t = teacher.get(metric, 0.0)
-                if t < min_teacher_score or t <= 0:
-                    note = (
-                        f"the teacher scores {t:.4f} on {metric} (below gate.min_teacher_score={min_teacher_score}): "
-                        "there is nothing to retain; fix the teacher (or its data) before gating a student on it"
+            op, relative = spec.op, spec.relative
+            mine, theirs = _numbers(m, spec), _numbers(teacher, spec)
+            for label in sorted(theirs) if spec.per_part else mine:  # the parts the teacher was measured on
+                value = mine.get(label, {}).get(spec.metric)
+                if value is None:
+                    checks.append(
+                        Check(variant, label, float("nan"), threshold, op, relative, False, "not measured", name)
                     )
-                    checks.append(Check(variant, metric, float("nan"), float(threshold), op, True, False, note))
                     continue
-                value = value / t
-            ok = value >= threshold if op == ">=" else value <= threshold
-            checks.append(Check(variant, metric, float(value), float(threshold), op, relative, bool(ok)))
+                if relative:
+                    t = theirs.get(label, {}).get(spec.metric) or 0.0
+                    if t < min_teacher_score or t <= 0:
+                        note = (
+                            f"the teacher scores {t:.4f} on {label} (below gate.min_teacher_score={min_teacher_score}): "
+                            "there is nothing to retain; fix the teacher (or its data) before gating a student on it"
+                        )
+                        checks.append(
+                            Check(variant, label, float("nan"), float(threshold), op, True, False, note, name)
+                        )
+                        continue
+                    value = value / t
+                ok = value >= threshold if op == ">=" else value <= threshold
+                checks.append(Check(variant, label, float(value), float(threshold), op, relative, bool(ok), "", name))
     return GateResult(all(c.passed for c in checks), checks, min_teacher_score)
 
 
@@ -150,14 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-teacher-score", type=float, help="default: the run's own (gate.min_teacher_score)")
     a = ap.parse_args(argv)
     m = json.loads(open(a.metrics).read())
-    previous = {c["metric"]: c for c in m.get("gate", {}).get("checks", [])}
+    previous = {c.get("name") or c["metric"]: c for c in m.get("gate", {}).get("checks", [])}
     thresholds = {}
     for name, spec in THRESHOLDS.items():
-        metric = spec.metric
         given = getattr(a, name)
-        thresholds[name] = (
-            given if given is not None else (previous[metric]["threshold"] if metric in previous else None)
-        )
+        old = previous.get(name) or (
+            previous.get(spec.metric) if spec.split == "test" else None
+        )  # older runs: by metric
+        thresholds[name] = given if given is not None else (old["threshold"] if old else None)
     variants = (
         a.variants
         or sorted({c["variant"] for c in m.get("gate", {}).get("checks", [])})

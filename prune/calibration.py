@@ -21,3 +21,12 @@ def calibration_batches(
         b = collate(enc[i : i + batch_size], tokenizer.pad_token_id)
         out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
     return out
+
+
+def sequence_batches(pad_id: int, sequences: list[list[int]], batch_size: int = 16) -> list[dict]:
+    """Padded batches of token sequences (e.g. general text, ``distill.general``) for the same statistics."""
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        b = collate([{"input_ids": s, "labels": s} for s in sequences[i : i + batch_size]], pad_id)
+        out.append({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+    return out

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 def car_settings():
     from distill.data.car_assistant import GeneratorSettings
 
-    return GeneratorSettings(num_train=800, num_validation=40, num_test=60, num_hard=60)
+    return GeneratorSettings(num_train=800, num_validation=40, num_test=60, num_heldout=60)
 
 
 @pytest.fixture(scope="session")

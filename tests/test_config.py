@@ -47,7 +47,7 @@ def test_every_knob_in_conf_has_a_comment():
 _SELF_EXPLAINING = {
     "validation_file",
     "test_file",
-    "hard_file",
+    "heldout_file",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",

@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
-from distill.data.car_assistant import INTENTS, GeneratorSettings, _reserved, build_pools, generate
+from distill.data.car_assistant import (
+    HELDOUT_CORES,
+    HELDOUT_PARTS,
+    HO_EN_MSG,
+    HO_ZH_MSG,
+    INTENT_BY_NAME,
+    INTENTS,
+    OPEN_INTENTS,
+    SPLITS,
+    GeneratorSettings,
+    _reserved,
+    _unseen,
+    build_pools,
+    generate,
+    heldout_vocabulary,
+    training_vocabulary,
+    units,
+)
 
 
 def test_deterministic_and_versioned(car_settings):
@@ -20,7 +38,7 @@ def test_deterministic_and_versioned(car_settings):
 
 
 def test_answers_are_compact_tool_calls(car_settings):
-    for split in ("train", "test", "hard"):
+    for split in ("train", "test", "heldout"):
         for e in generate(split, car_settings):
             call = json.loads(e.answer)
             assert set(call) == {"tool", "args"} and isinstance(call["args"], dict)
@@ -60,38 +78,79 @@ def test_test_split_pairs_never_seen_in_training():
     assert checked > 200
 
 
-def _matches(core: str, request: str) -> bool:
-    fixed = [p for part in core.split("{") for p in [part.split("}")[-1]] if p.strip()]
-    return all(f.strip().lower() in request.lower() for f in fixed)
+def _core_pattern(core: str) -> re.Pattern:
+    """A phrasing as a regex: its fixed text in order, any slot value between."""
+    fixed = re.split(r"\{\w+\}", core)
+    return re.compile("(.+)".join(re.escape(f) for f in fixed), re.IGNORECASE)
 
 
-def test_hard_split_values_and_phrasings_never_in_training():
-    s = GeneratorSettings(num_train=4000, num_hard=300)
-    train, hard = generate("train", s), generate("hard", s)
-    train_answers = " ".join(e.answer for e in train)
-    pools = build_pools(s.held_out_fraction)
-    hard_values = {v for p in pools.values() for pool in (p.names, p.places, p.artists) for v in pool["hard"]}
-    copied = [e for e in hard if e.intent in ("navigate_to", "call_contact", "play_music", "send_message")]
-    assert len(copied) > 30
-    for e in copied:
+@pytest.fixture(scope="module")
+def big_splits():
+    s = GeneratorSettings(num_train=20000, num_validation=400, num_test=600, num_heldout=900)
+    return {split: generate(split, s) for split in SPLITS}
+
+
+def test_heldout_values_share_no_word_or_character_with_training(big_splits):
+    """The planted truth of the heldout split: every open value of its ``values`` and ``both`` parts (names,
+    destinations, artists) has no English word and no Chinese character that any training request has; the
+    message texts use templates no training request contains; a quarter cross scripts."""
+    train_units = set().union(*(units(e.request) for e in big_splits["train"]))
+    held_messages = [_core_pattern(m.replace("{n}", "{p}")) for m in (*HO_EN_MSG, *HO_ZH_MSG)]
+    held = big_splits["heldout"]
+    assert {e.part for e in held} == set(HELDOUT_PARTS) and all(e.split == "heldout" for e in held)
+    new_values = [e for e in held if e.part in ("values", "both")]
+    assert len(new_values) == 600 and {e.intent for e in new_values} == set(OPEN_INTENTS)
+    for e in new_values:
+        args = e.call["args"]
         for key in ("destination", "name", "artist"):
-            v = e.call["args"].get(key)
-            if v:
-                assert v in hard_values and f'"{v}"' not in train_answers
-    # held-out phrasings: every hard request uses its intent's last core, which no training request does
-    for i in INTENTS:
-        if i.primary is None:
-            continue
-        for lang, cores in (("en", i.en), ("zh", i.zh)):
-            ours = [e for e in hard if e.intent == i.name and e.lang == lang]
-            assert ours and all(e.core == len(cores) - 1 and _matches(cores[-1], e.request) for e in ours)
-            assert all(e.core < len(cores) - 1 for e in train if e.intent == i.name and e.lang == lang)
+            if key in args:
+                assert args[key] in e.request and not units(args[key]) & train_units, (e.request, args[key])
+        if "text" in args:  # a held-out template: no training request holds its wording
+            assert any(p.fullmatch(args["text"]) for p in held_messages), args["text"]
+    for e in big_splits["train"]:
+        assert not any(p.search(e.request) for p in held_messages), e.request
+    cross = [e for e in new_values if e.cross_script]
+    assert 0.15 < len(cross) / len(new_values) < 0.35
+    latin_in_zh = [e for e in cross if e.lang == "zh" and re.search(r"[A-Za-z]{3}", e.call["args"].get("name", "x"))]
+    cjk_in_en = [
+        e for e in cross if e.lang == "en" and units(e.request) - set(re.findall(r"[a-z]+", e.request.lower()))
+    ]
+    assert latin_in_zh and cjk_in_en
+    # the filter that makes this true, on a planted collision: a training word is dropped, a new one kept
+    assert _unseen(["Alice", "Zorblax", "Kai Smith"]) == ("Zorblax",)
+    assert not heldout_vocabulary() & training_vocabulary()
+
+
+def test_heldout_phrasings_never_match_a_training_request(big_splits):
+    held = big_splits["heldout"]
+    patterns = {
+        (name, lang): [_core_pattern(c) for c in cores[i]]
+        for name, cores in HELDOUT_CORES.items()
+        for i, lang in enumerate(("en", "zh"))
+    }
+    assert set(HELDOUT_CORES) == {i.name for i in INTENTS}
+    new_phrasing = [e for e in held if e.part in ("phrasing", "both")]
+    for e in new_phrasing:
+        assert patterns[e.intent, e.lang][e.core].search(e.request), (e.request, e.core)
+    for e in (x for split in ("train", "validation", "test") for x in big_splits[split]):
+        assert not any(p.search(e.request) for p in patterns[e.intent, e.lang]), e.request
+    # the phrasing part keeps training values: only the wording is new
+    pools = build_pools()
+    for e in held:
+        if e.part == "phrasing" and e.intent in ("call_contact", "navigate_to"):
+            v = e.call["args"].get("name") or e.call["args"]["destination"]
+            assert v in pools[e.lang, "train"].names + pools[e.lang, "train"].places
+    # and the values part keeps training phrasings
+    for e in held:
+        if e.part == "values":
+            cores = INTENT_BY_NAME[e.intent].en if e.lang == "en" else INTENT_BY_NAME[e.intent].zh
+            assert _core_pattern(cores[e.core]).search(e.request), e.request
 
 
 def test_tokenizer_makes_values_copyable(tokenizer, car_settings):
     from core.chat import encode
 
-    for e in generate("hard", car_settings)[:40]:
+    for e in generate("heldout", car_settings)[:40]:
         enc = encode(tokenizer, e.to_record()["messages"])
         prompt = enc["input_ids"][: enc["prompt_len"]]
         answer = enc["input_ids"][enc["prompt_len"] :]
@@ -170,7 +229,7 @@ def test_autotokenizer_reload_is_faithful(tmp_path, tokenizer, teacher_dir, car_
 
     reloaded = AutoTokenizer.from_pretrained(str(teacher_dir))
     assert len(reloaded) == len(tokenizer) and reloaded.get_vocab() == tokenizer.get_vocab()
-    for split in ("train", "test", "hard"):
+    for split in ("train", "test", "heldout"):
         for e in generate(split, car_settings)[:300]:
             for text in (e.request, e.answer):
                 assert (

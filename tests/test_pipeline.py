@@ -48,7 +48,7 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
     m = json.loads((run_dir / "metrics.json").read_text())
     for who in ("teacher", "student"):
         for key in REQUIRED:
-            assert key in m[who] and key in {**m[who]["hard"], "num_params": 0}, (who, key)
+            assert key in m[who] and key in {**m[who]["heldout"], "num_params": 0}, (who, key)
     assert {"agreement", "kl", "generation_match"} <= set(m["student"])
     assert 0 <= m["student"]["agreement"] <= 1 and m["student"]["kl"] >= 0
     assert m["student"]["num_params"] < m["teacher"]["num_params"]
@@ -64,9 +64,25 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
             assert key in o, (v, key)
         assert o["bytes"] == sum(p.stat().st_size for p in (run_dir / "onnx" / v).glob("model.onnx*"))
         assert json.loads((run_dir / "onnx" / v / "metrics.json").read_text())["exact_match"] == o["exact_match"]
-    # fp32 ONNX is the PyTorch student: same answers, same numbers
+    # fp32 ONNX is the PyTorch student: same answers, same numbers, on both splits
     assert m["onnx_fp32"]["generation_match"] == m["student"]["generation_match"]
     assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
+    for who in ("onnx_fp32", "onnx_int8"):
+        held = m[who]["heldout"]
+        assert {"exact_match", "kl", "agreement", "tool_accuracy"} <= set(held)
+        assert set(held["slices"]["part"]) == {"values", "phrasing", "both"}
+        assert sum(r["n"] for r in held["slices"]["part"].values()) == 48
+    assert m["onnx_fp32"]["heldout"]["generation_match"] == m["student"]["heldout"]["generation_match"]
+    assert m["onnx_fp32"]["heldout"]["slices"] == m["student"]["heldout"]["slices"]
+    assert set(m["retention"]["heldout_parts"]) <= {"values", "phrasing", "both"}
+    # every miss of the shipped file beside the teacher's answer: as many as its exact match says
+    misses = json.loads((run_dir / "eval" / "onnx_int8" / "misses.json").read_text())
+    for split, key in (("test", m["onnx_int8"]), ("heldout", m["onnx_int8"]["heldout"])):
+        assert len(misses[split]) == round((1 - key["exact_match"]) * 48)
+        assert all(
+            {"request", "reference", "answer", "teacher", "teacher_right", "lang", "intent"} <= set(x)
+            for x in misses[split]
+        )
     assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
     assert m["onnx_int4"]["bytes"] < m["onnx_int8"]["bytes"] < m["onnx_fp32"]["bytes"]
     assert m["onnx_int8"]["quantization"]["per_channel"] is True and m["onnx_int4"]["quantization"]["bits"] == 4
@@ -75,7 +91,10 @@ def test_smoke_pipeline_writes_a_self_describing_run_folder(smoke_run):
         assert m[who]["bytes"] > 0 and m[who]["ms_per_token"] > 0
     report = (run_dir / "report.md").read_text()
     assert "Release gate: PASSED" in report and "| student int8 | ONNX Runtime |" in report
+    assert "## Exact match per slice: heldout split" in report and "| part | values |" in report
+    assert "## Misses on the heldout split" in report
     assert (run_dir / "variants.png").is_file() and "release gate PASSED" in proc.log
+    assert (run_dir / "slices.png").is_file()
 
 
 def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from core.jsonl import DataError, read_jsonl
 from distill.data.car_assistant import GeneratorSettings, generate
 
-__all__ = ["DataError", "load_records", "data_hash", "encode_records", "generator_settings"]
+__all__ = ["DataError", "load_records", "data_hash", "encode_records", "generator_settings", "tags_of", "FILES"]
+FILES = ("train_file", "validation_file", "test_file", "heldout_file")  # data.<split>_file of the jsonl source
 
 
 def generator_settings(dc) -> GeneratorSettings:
@@ -17,9 +19,9 @@ def generator_settings(dc) -> GeneratorSettings:
         num_train=dc.num_train,
         num_validation=dc.num_validation,
         num_test=dc.num_test,
-        num_hard=dc.num_hard,
-        held_out_fraction=dc.held_out_fraction,
+        num_heldout=dc.num_heldout,
         reserve_modulus=dc.reserve_modulus,
+        cross_script=dc.cross_script,
     )
 
 
@@ -36,7 +38,7 @@ def _source_hash(dc) -> str:
     if dc.source == "car_assistant":
         return generator_settings(dc).data_hash()
     h = hashlib.sha256()
-    for name in ("train_file", "validation_file", "test_file", "hard_file"):
+    for name in FILES:
         p = getattr(dc, name)
         h.update(name.encode())
         if p:
@@ -71,6 +73,8 @@ def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "
             too_long.append((i, len(ex["input_ids"])))
             continue
         ex["answer"] = r["messages"][-1]["content"]
+        ex["tags"] = tags_of(r)
+        ex["request"] = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
         out.append(ex)
     if too_long:
         shown = ", ".join(f"#{i} ({n} tokens)" for i, n in too_long[:5])
@@ -79,3 +83,24 @@ def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "
             "shorten them or raise data.max_length (up to the model's max_position_embeddings)"
         )
     return out
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+
+def tags_of(record: dict) -> dict[str, str]:
+    """The slices an example is reported under: ``lang`` (``zh`` when the last user message has CJK
+    characters, else ``en``, unless the record says), ``intent`` (the record's, else the reference tool
+    call's name, else ``text``) and ``part`` (the record's held-out part, e.g. ``values``, if any)."""
+    from distill.metrics import parse_tool_call
+
+    msgs = record["messages"]
+    user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+    call = parse_tool_call(msgs[-1]["content"])
+    tags = {
+        "lang": record.get("lang") or ("zh" if _CJK.search(user) else "en"),
+        "intent": record.get("intent") or (call["tool"] if call else "text"),
+    }
+    if record.get("part"):
+        tags["part"] = record["part"]
+    return tags

@@ -4,10 +4,15 @@ Deterministic and seeded. Four splits, built so that each one measures something
 
 - ``train`` / ``validation``: training phrasings ("cores") with slot values from the training pools.
 - ``test``: training phrasings and training values, but every (phrasing, primary value) pair is one
-  that training never shows together (a hash of the pair reserves it). Gated by the release gate.
-- ``hard``: phrasings held out of training entirely (built from words training uses) and slot values
-  from held-out pools (recombinations of name / place / artist parts that training never shows).
-  Reported beside ``test``, never gated: it separates good compression from poor.
+  that training never shows together (a hash of the pair reserves it). In distribution: gated.
+- ``heldout``: what users judge a student by, requests it never saw, in three parts (``Example.part``):
+  ``values`` (training phrasings, open values from held-out pools: contact names, destinations, artists
+  and message texts whose every part never occurs in training, a quarter of them in the other script:
+  Latin names in Chinese requests and the reverse), ``phrasing`` (phrasings no training request uses,
+  training values) and ``both``. Disjoint from training by construction: the held-out pools keep only
+  parts none of whose English words or Chinese characters occur in any training string
+  (``heldout_vocabulary``), and no held-out phrasing matches a training request (tests/test_data.py).
+  Gated with its own thresholds.
 
 Names, places, artists and message texts are composed procedurally (hundreds to thousands of values
 per pool) so that a model must learn to *copy* them from the request into the JSON rather than
@@ -16,14 +21,18 @@ memorise a short list. Pure Python; no torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-GENERATOR_VERSION = "car_assistant/1"
-SPLITS = ("train", "validation", "test", "hard")
+GENERATOR_VERSION = "car_assistant/2"
+SPLITS = ("train", "validation", "test", "heldout")
+HELDOUT_PARTS = ("values", "phrasing", "both")  # the parts of the heldout split, in the order they cycle
+OPEN_INTENTS = ("navigate_to", "play_music", "call_contact", "send_message")  # intents whose values are copied
 
 
 @dataclass(frozen=True)
@@ -35,14 +44,16 @@ class Example:
     lang: str  # "en" | "zh"
     intent: str
     split: str
-    core: int  # index of the phrasing in the intent's core list (the last one is hard-only)
+    core: int  # index of the phrasing in the intent's core list (held-out phrasings: in HELDOUT_CORES)
+    part: str = ""  # heldout only: values | phrasing | both
+    cross_script: bool = False  # an open value in the other language's script
 
     @property
     def answer(self) -> str:
         return tool_call_json(self.call)
 
     def to_record(self) -> dict:
-        return {
+        rec = {
             "messages": [
                 {"role": "user", "content": self.request},
                 {"role": "assistant", "content": self.answer},
@@ -52,6 +63,9 @@ class Example:
             "split": self.split,
             "core": self.core,
         }
+        if self.part:
+            rec["part"] = self.part
+        return rec
 
 
 def tool_call_json(call: dict) -> str:
@@ -60,8 +74,7 @@ def tool_call_json(call: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Value pools. Each pool is a list of (surface text, canonical value). Composed pools are split
-# into a training part and a held-out ("hard") part by a stable hash of the value.
+# Training value parts. Pools are their recombinations (first x last name, head x tail place, ...).
 # --------------------------------------------------------------------------------------------
 
 EN_FIRST = (
@@ -142,42 +155,219 @@ ZH_MSG = [
     "我带了{n}个包",
 ]
 
+# --------------------------------------------------------------------------------------------
+# Held-out value parts: candidates, of which ``build_pools`` keeps only those sharing no English word
+# and no Chinese character with any training string (``training_vocabulary``).
+# --------------------------------------------------------------------------------------------
+
+HO_EN_FIRST = (
+    "Aaron Bianca Caleb Delia Ethan Freya Gavin Hazel Ivan Jasmine Kieran Leila Miles Naomi Owen Priya "
+    "Quentin Rosa Silas Tara Umar Violet Wesley Ximena Yusuf Zara Brent Celine Dmitri Elise Felix Gemma "
+    "Hugo Ingrid Jonas Kenji Lena Marco Nadia Otto Pablo Rhea Soren Theo Ursula Vince Wanda Yara Zeke "
+    "Anton Beatrix Cyrus Darius Esme Farah Gideon Harriet Ines Jude Kai Luca Mina Nico"
+).split()
+HO_EN_LAST = (
+    "Nguyen Patel Garcia Kowalski Okafor Schmidt Rossi Larsen Dubois Novak Tanaka Silva Fischer Moreau "
+    "Costa Jensen Horvath Romero Bianchi Lindqvist Mendez Kaur Petrov Haddad Suzuki Weber Castillo Ortega "
+    "Fernandes Becker Ivanova Yilmaz Andersen Kumar Santos Hoffmann"
+).split()
+HO_ZH_SURNAME = "欧阳 司马 诸葛 上官 慕容 孔 严 柳 秦 魏 姜 范 姚 谭 廖 邹 熊 陆 郝 孟 毛 邱 尹 汪 段 钱 侯 史 陶 黎 贺 顾 武 乔 薛 纪 简 柯 贾 单".split()
+HO_ZH_GIVEN = (
+    "昊 俊熙 诗涵 梦琪 紫轩 依诺 可馨 沐辰 奕 泽楷 嫣 曜 婧 琦 蓓 骁 锐 璇 瑶 翊 骏 菁 茜 蕾 昕 睿 熠 彤 桦 靖 "
+    "珂 琛 妍 娴 晗 笛 芮 萌 烨 霖 骞 沁 翎 珊 璐 歆 蔓 莹"
+).split()
+HO_EN_CITY = (
+    "Seattle Denver Boston Austin Portland Phoenix Dallas Atlanta Toronto Dublin Vienna Lisbon Geneva Oslo "
+    "Prague Sydney Auckland Cairo Nairobi Kyoto Osaka Seoul Mumbai Helsinki Zurich Montreal Memphis Tucson"
+).split()
+HO_EN_PLACE_TAIL = "Pier Terrace Boulevard Quay Crescent Arena Campus Gardens Lane Wharf Observatory Aquarium".split()
+HO_ZH_CITY = (
+    "拉萨 哈尔滨 昆明 贵阳 兰州 银川 呼和浩特 桂林 洛阳 敦煌 珠海 汕头 烟台 潍坊 绍兴 嘉兴 泉州 漳州 赣州 遵义 鄂尔多斯 "
+    "齐齐哈尔 佳木斯 牡丹江 秦皇岛 葫芦岛 景德镇 攀枝花 乌鲁木齐 喀什 吐鲁番 伊犁 九寨沟 峨眉 婺源 凤凰 宜宾 泸州 钦州 三亚 "
+    "莆田 宁德 舟山 湖州 衢州 台州 温州 芜湖 蚌埠 淮南 亳州 阜阳"
+).split()
+HO_ZH_PLACE_TAIL = (
+    "码头 剧院 隧道 植物园 游乐园 会展馆 步行街 湿地 渡口 溜冰场 水族馆 港湾 灯塔 驿站 栈桥 缆车 古镇 寺 塔 庙 瀑布 峡谷 "
+    "沙滩 草原 雪场 营地 牧场 枢纽 客运站 服务区 收费站"
+).split()
+HO_EN_BAND_ADJ = "Amber Scarlet Hollow Savage Mellow Radiant Restless Stray Distant Faded Jagged Lunar Solar Rapid Copper Marble Tender Fierce Humble".split()
+HO_EN_BAND_NOUN = "Comets Ravens Pirates Wizards Hornets Jaguars Nomads Orchids Prophets Rangers Sparrows Thieves Vikings Mirrors Canyons Meteors".split()
+HO_EN_ARTISTS = "Metallica Coldplay Adele Radiohead Nirvana Shakira Eminem Abba Oasis Blur Muse Rihanna Drake Sting Bjork Beyonce".split()
+HO_ZH_BAND_HEAD = (
+    "琥珀 猎户 极光 仲夏 暮色 萤火 潮汐 霓虹 冰川 候鸟 鲸鱼 蒲公英 薄荷 橘子 松鼠 刺猬 企鹅 狐狸 麋鹿 蜻蜓 蝴蝶 孔雀 沙漠 "
+    "火焰 雷霆 闪电 彩虹 琉璃 翡翠 玛瑙"
+).split()
+HO_ZH_BAND_TAIL = "俱乐部 二重唱 剧团 工厂 计划 派对 剧社 公社 联盟 舞团".split()
+HO_EN_MSG = [
+    "I forgot my keys at {p}",
+    "dinner is ready in {n} minutes",
+    "the meeting moved to {p}",
+    "bring an umbrella to {p}",
+    "save me a seat at {p}",
+    "do not wait up for me",
+    "grab some milk on your way home",
+    "the kids need a ride at {n}",
+]
+HO_ZH_MSG = [
+    "钥匙忘在{p}了",
+    "晚饭{n}分钟后好",
+    "会议挪到{p}了",
+    "记得带伞到{p}",
+    "帮我在{p}占个座",
+    "不用等我吃饭",
+    "回家路上买点牛奶",
+    "孩子们{n}点要人接",
+]
+
+# Held-out phrasings: no training request uses them (tests/test_data.py matches each against every training
+# request). Same slots as the intent's training cores; the heldout split's ``phrasing`` and ``both`` parts.
+HELDOUT_CORES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "set_temperature": (
+        ("bump the {zone} temp to {deg}", "{deg} on the {zone} side"),
+        ("{zone}那边温度给我弄成{deg}", "{zone}温度来个{deg}"),
+    ),
+    "set_fan_speed": (
+        ("blow the fan at level {level}", "give me fan level {level}"),
+        ("我要{level}档风", "风给我开{level}档"),
+    ),
+    "climate_control": (
+        ("{feature} should be {state}", "get the {feature} {state} for me"),
+        ("帮忙把{feature}给{state}", "{feature}给我{state}了"),
+    ),
+    "navigate_to": (("I need to get to {place}", "head over to {place}"), ("去{place}怎么走", "导我到{place}去")),
+    "find_nearby": (
+        ("any {poi} around here", "is there a {poi} close by"),
+        ("帮我搜一下周边的{poi}", "周围有没有{poi}"),
+    ),
+    "play_music": (("shuffle {artist}", "queue up {artist}"), ("来首{artist}的", "给我放{artist}")),
+    "set_volume": (("turn the sound to {level}", "audio level {level}"), ("声音调成{level}", "把声音弄到{level}")),
+    "tune_radio": (("go to station {freq}", "listen to station {freq}"), ("切到{freq}兆赫", "听一下{freq}频道")),
+    "call_contact": (("give {name} a call", "ring {name}"), ("给{name}拨个电话", "联系一下{name}")),
+    "send_message": (
+        ("let {name} know {text}", "drop {name} a note: {text}"),
+        ("跟{name}说一声{text}", "帮我回复{name}{text}"),
+    ),
+    "open_window": (
+        ("lower the {window} window to {pct} percent", "crack the {window} window {pct} percent"),
+        ("{window}窗户降到{pct}%", "把{window}的窗摇到百分之{pct}"),
+    ),
+    "set_seat_heating": (
+        ("warm up the {seat} seat to level {level}", "{seat} seat warmer at {level}"),
+        ("给{seat}座椅热一下开{level}档", "{seat}的座椅加个热开{level}档"),
+    ),
+    "set_lights": (
+        ("flip the {light} {state}", "get the {light} {state}"),
+        ("帮我{state}一下{light}", "{light}给我{state}"),
+    ),
+    "get_vehicle_info": (("how is the {item}", "give me the {item} reading"), ("{item}还有多少", "看看{item}")),
+    "refuse": (("would you {req}", "go ahead and {req}"), ("你能{req}吗", "麻烦你现在就{req}")),
+}
+
 
 def _stable_hash(*parts: object) -> int:
     return int(hashlib.md5("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
 
 
-def _is_held_out(value: str, fraction: float) -> bool:
-    return (_stable_hash("value", value) % 1000) < fraction * 1000
+_EN_WORD = re.compile(r"[a-z]+")
+_ZH_CHAR = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
-@dataclass
+def units(text: str) -> set[str]:
+    """What "a part occurs" means for disjointness: the lower-cased English words and the Chinese characters of ``text``."""
+    return set(_EN_WORD.findall(text.lower())) | set(_ZH_CHAR.findall(text))
+
+
+@dataclass(frozen=True)
 class Pools:
-    """Composed value pools for one language, split into train and held-out parts."""
+    """Open values of one language and one side (training or held out)."""
 
-    names: dict[str, list[str]] = field(default_factory=dict)
-    places: dict[str, list[str]] = field(default_factory=dict)
-    artists: dict[str, list[str]] = field(default_factory=dict)
-
-
-def _split_pool(values: list[str], fraction: float) -> dict[str, list[str]]:
-    held = [v for v in values if _is_held_out(v, fraction)]
-    kept = [v for v in values if not _is_held_out(v, fraction)]
-    return {"train": kept, "hard": held}
+    names: tuple[str, ...]
+    places: tuple[str, ...]
+    artists: tuple[str, ...]
+    messages: tuple[str, ...]  # message templates with {n} (a number) and {p} (a place)
 
 
-def build_pools(held_out_fraction: float) -> dict[str, Pools]:
+def _training_strings() -> list[str]:
+    """Every string a training request can be built from: value parts, message templates, phrasings,
+    enumerated slot surfaces, refusals, politeness wrappers."""
+    out = [*EN_FIRST, *EN_LAST, *ZH_SURNAME, *ZH_GIVEN, *EN_PLACE_HEAD, *EN_PLACE_TAIL, *ZH_PLACE_HEAD]
+    out += [*ZH_PLACE_TAIL, *EN_BAND_ADJ, *EN_BAND_NOUN, *ZH_BAND_HEAD, *ZH_BAND_TAIL, *EN_MSG, *ZH_MSG]
+    out += ["The", "degrees fahrenheit", "degrees", "度", *REFUSALS_EN, *REFUSALS_ZH]
+    for i in INTENTS:
+        out += [*i.en, *i.zh]
+    for table in (ZONES, WINDOWS, SEATS, LIGHTS, CLIMATE_FEATURES, POI, INFO, ON_OFF):
+        for en, zh, _ in table:
+            out += [*en, *zh]
+    for lang in ("en", "zh"):
+        out += [*PREFIX[lang], *SUFFIX[lang]]
+    return out
+
+
+@functools.cache
+def training_vocabulary() -> frozenset[str]:
+    """The English words and Chinese characters of every training string (``units``)."""
+    return frozenset(u for s in _training_strings() for u in units(s))
+
+
+def _unseen(parts: list[str]) -> tuple[str, ...]:
+    seen = training_vocabulary()
+    return tuple(p for p in parts if not units(p) & seen)
+
+
+@functools.cache
+def build_pools() -> dict[tuple[str, str], Pools]:
+    """(language, "train" | "heldout") -> its pools. Held-out parts that share a word or a character
+    with a training string are dropped, so no held-out value has a part training shows."""
     en_names = [f"{a} {b}" for a in EN_FIRST for b in EN_LAST]
     zh_names = [a + b for a in ZH_SURNAME for b in ZH_GIVEN]
-    en_places = [f"{a} {b}" for a in EN_PLACE_HEAD for b in EN_PLACE_TAIL]
-    zh_places = [a + b for a in ZH_PLACE_HEAD for b in ZH_PLACE_TAIL]
-    en_artists = [f"The {a} {b}" for a in EN_BAND_ADJ for b in EN_BAND_NOUN] + en_names[::7]
-    zh_artists = [a + b for a in ZH_BAND_HEAD for b in ZH_BAND_TAIL] + zh_names[::5]
-    f = held_out_fraction
-    return {
-        "en": Pools(_split_pool(en_names, f), _split_pool(en_places, f), _split_pool(en_artists, f)),
-        "zh": Pools(_split_pool(zh_names, f), _split_pool(zh_places, f), _split_pool(zh_artists, f)),
+    train = {
+        "en": Pools(
+            tuple(en_names),
+            tuple(f"{a} {b}" for a in EN_PLACE_HEAD for b in EN_PLACE_TAIL),
+            tuple([f"The {a} {b}" for a in EN_BAND_ADJ for b in EN_BAND_NOUN] + en_names[::7]),
+            tuple(EN_MSG),
+        ),
+        "zh": Pools(
+            tuple(zh_names),
+            tuple(a + b for a in ZH_PLACE_HEAD for b in ZH_PLACE_TAIL),
+            tuple([a + b for a in ZH_BAND_HEAD for b in ZH_BAND_TAIL] + zh_names[::5]),
+            tuple(ZH_MSG),
+        ),
     }
+    ho_en_names = [f"{a} {b}" for a in _unseen(HO_EN_FIRST) for b in _unseen(HO_EN_LAST)]
+    ho_zh_names = [a + b for a in _unseen(HO_ZH_SURNAME) for b in _unseen(HO_ZH_GIVEN)]
+    cities_en, cities_zh = _unseen(HO_EN_CITY), _unseen(HO_ZH_CITY)
+    held = {
+        "en": Pools(
+            tuple(ho_en_names),
+            cities_en + tuple(f"{a} {b}" for a in cities_en for b in _unseen(HO_EN_PLACE_TAIL)),
+            tuple(
+                [f"{a} {b}" for a in _unseen(HO_EN_BAND_ADJ) for b in _unseen(HO_EN_BAND_NOUN)]
+                + list(_unseen(HO_EN_ARTISTS))
+                + ho_en_names[::7]
+            ),
+            tuple(HO_EN_MSG),
+        ),
+        "zh": Pools(
+            tuple(ho_zh_names),
+            cities_zh + tuple(a + b for a in cities_zh for b in _unseen(HO_ZH_PLACE_TAIL)),
+            tuple([a + b for a in _unseen(HO_ZH_BAND_HEAD) for b in _unseen(HO_ZH_BAND_TAIL)] + ho_zh_names[::5]),
+            tuple(HO_ZH_MSG),
+        ),
+    }
+    return {**{(k, "train"): v for k, v in train.items()}, **{(k, "heldout"): v for k, v in held.items()}}
+
+
+@functools.cache
+def heldout_vocabulary() -> frozenset[str]:
+    """The words and characters of every held-out open value (``units``): a generator of random values
+    for training (``distill.data.augment``) avoids them, so augmentation cannot leak the heldout split."""
+    out: set[str] = set()
+    for (_, side), p in build_pools().items():
+        if side == "heldout":
+            for v in (*p.names, *p.places, *p.artists):
+                out |= units(v)
+    return frozenset(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,12 +470,11 @@ SUFFIX = {"en": ["", " please", " now", " thanks", " right now"], "zh": ["", "�
 
 
 # --------------------------------------------------------------------------------------------
-# Intents. Each has per-language "cores" (phrasings with {slots}); the LAST core of each list is the
-# held-out phrasing used only by the hard split, written from words the other cores use.
-# A slot sampler returns (surface per slot, canonical args).
+# Intents. Each has per-language training "cores" (phrasings with {slots}); HELDOUT_CORES holds the
+# phrasings only the heldout split uses. A slot sampler returns (surface per slot, canonical args).
 # --------------------------------------------------------------------------------------------
 
-Sampler = Callable[[random.Random, str, Pools, str], tuple[dict, dict]]
+Sampler = Callable[[random.Random, str, Pools], tuple[dict, dict]]
 
 
 def _enum(rng: random.Random, table: list, lang: str) -> tuple[str, str]:
@@ -293,11 +482,7 @@ def _enum(rng: random.Random, table: list, lang: str) -> tuple[str, str]:
     return rng.choice(en if lang == "en" else zh), canon
 
 
-def _pick(rng: random.Random, pool: dict[str, list[str]], part: str) -> str:
-    return rng.choice(pool[part])
-
-
-def _temp(rng, lang, pools, part):
+def _temp(rng, lang, pools):
     zone_s, zone = _enum(rng, ZONES, lang)
     if lang == "en" and rng.random() < 0.3:
         value, unit = rng.randint(60, 85), "fahrenheit"
@@ -308,83 +493,78 @@ def _temp(rng, lang, pools, part):
     return {"zone": zone_s, "deg": deg}, {"zone": zone, "value": value, "unit": unit}
 
 
-def _fan(rng, lang, pools, part):
+def _fan(rng, lang, pools):
     level = rng.randint(1, 7)
     return {"level": str(level)}, {"level": level}
 
 
-def _climate_toggle(rng, lang, pools, part):
+def _climate_toggle(rng, lang, pools):
     feat_s, feat = _enum(rng, CLIMATE_FEATURES, lang)
     st_s, st = _enum(rng, ON_OFF, lang)
     return {"feature": feat_s, "state": st_s}, {"feature": feat, "state": st}
 
 
-def _navigate(rng, lang, pools, part):
-    place = _pick(rng, pools.places, part)
+def _navigate(rng, lang, pools):
+    place = rng.choice(pools.places)
     return {"place": place}, {"destination": place}
 
 
-def _nearby(rng, lang, pools, part):
+def _nearby(rng, lang, pools):
     poi_s, poi = _enum(rng, POI, lang)
     return {"poi": poi_s}, {"category": poi}
 
 
-def _play(rng, lang, pools, part):
-    artist = _pick(rng, pools.artists, part)
+def _play(rng, lang, pools):
+    artist = rng.choice(pools.artists)
     return {"artist": artist}, {"artist": artist}
 
 
-def _volume(rng, lang, pools, part):
+def _volume(rng, lang, pools):
     level = rng.randint(0, 30)
     return {"level": str(level)}, {"level": level}
 
 
-def _radio(rng, lang, pools, part):
+def _radio(rng, lang, pools):
     freq = round(rng.randint(875, 1080) / 10, 1)
     return {"freq": f"{freq:.1f}"}, {"frequency": freq}
 
 
-def _call(rng, lang, pools, part):
-    name = _pick(rng, pools.names, part)
+def _call(rng, lang, pools):
+    name = rng.choice(pools.names)
     return {"name": name}, {"name": name}
 
 
-def _message(rng, lang, pools, part):
-    name = _pick(rng, pools.names, part)
-    tmpl = rng.choice(EN_MSG if lang == "en" else ZH_MSG)
-    text = tmpl.format(n=rng.randint(2, 59), p=_pick(rng, pools.places, part))
+def _message(rng, lang, pools):
+    name = rng.choice(pools.names)
+    text = rng.choice(pools.messages).format(n=rng.randint(2, 59), p=rng.choice(pools.places))
     return {"name": name, "text": text}, {"name": name, "text": text}
 
 
-def _window(rng, lang, pools, part):
+def _window(rng, lang, pools):
     win_s, win = _enum(rng, WINDOWS, lang)
     pct = rng.choice([0, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 100])
     return {"window": win_s, "pct": str(pct)}, {"position": win, "percent": pct}
 
 
-def _seat_heat(rng, lang, pools, part):
+def _seat_heat(rng, lang, pools):
     seat_s, seat = _enum(rng, SEATS, lang)
     level = rng.randint(0, 3)
     return {"seat": seat_s, "level": str(level)}, {"seat": seat, "level": level}
 
 
-def _lights(rng, lang, pools, part):
+def _lights(rng, lang, pools):
     light_s, light = _enum(rng, LIGHTS, lang)
     st_s, st = _enum(rng, ON_OFF, lang)
     return {"light": light_s, "state": st_s}, {"light": light, "state": st}
 
 
-def _info(rng, lang, pools, part):
+def _info(rng, lang, pools):
     item_s, item = _enum(rng, INFO, lang)
     return {"item": item_s}, {"item": item}
 
 
-def _refuse(rng, lang, pools, part):
-    table = REFUSALS_EN if lang == "en" else REFUSALS_ZH
-    # The last quarter of the unsupported requests is held out for the hard split.
-    cut = len(table) * 3 // 4
-    req = rng.choice(table[cut:] if part == "hard" else table[:cut])
-    return {"req": req}, {"reason": "unsupported"}
+def _refuse(rng, lang, pools):
+    return {"req": rng.choice(REFUSALS_EN if lang == "en" else REFUSALS_ZH)}, {"reason": "unsupported"}
 
 
 @dataclass(frozen=True)
@@ -581,6 +761,7 @@ INTENTS: tuple[Intent, ...] = (
     ),
 )
 INTENT_BY_NAME = {i.name: i for i in INTENTS}
+INTENT_BY_NAME = {i.name: i for i in INTENTS}
 
 
 @dataclass(frozen=True)
@@ -591,9 +772,9 @@ class GeneratorSettings:
     num_train: int = 20000
     num_validation: int = 400
     num_test: int = 600
-    num_hard: int = 600
-    held_out_fraction: float = 0.2  # share of each composed value pool kept for the hard split
+    num_heldout: int = 600
     reserve_modulus: int = 7  # 1 in N (phrasing, primary value) pairs is reserved for test/validation
+    cross_script: float = 0.25  # share of heldout values / both requests whose open values are in the other script
 
     def data_hash(self) -> str:
         blob = json.dumps({"version": GENERATOR_VERSION, **self.__dict__}, sort_keys=True)
@@ -604,43 +785,66 @@ def _reserved(intent: str, lang: str, core: int, key: object, modulus: int) -> b
     return _stable_hash("pair", intent, lang, core, key) % modulus == 0
 
 
-def _one(rng: random.Random, split: str, pools: dict[str, Pools], s: GeneratorSettings) -> Example | None:
+def _wrap(rng: random.Random, lang: str, core: str) -> str:
+    request = rng.choice(PREFIX[lang]) + core + rng.choice(SUFFIX[lang])
+    return request[0].upper() + request[1:] if lang == "en" else request
+
+
+def _one(rng: random.Random, split: str, s: GeneratorSettings) -> Example | None:
+    """A train / validation / test example: a training phrasing and training values; test and validation
+    hold exactly the reserved (phrasing, primary value) pairs, train none of them."""
     intent = rng.choice(INTENTS)
     lang = rng.choice(("en", "zh"))
     cores = intent.en if lang == "en" else intent.zh
-    part = "hard" if split == "hard" else "train"
-    core_idx = len(cores) - 1 if split == "hard" else rng.randrange(len(cores) - 1)
-    surf, args = intent.sampler(rng, lang, pools[lang], part)
+    core_idx = rng.randrange(len(cores))
+    surf, args = intent.sampler(rng, lang, build_pools()[lang, "train"])
     key = args[intent.primary] if intent.primary else surf.get("req")
-    if split in ("test", "validation", "train"):
-        reserved = _reserved(intent.name, lang, core_idx, key, s.reserve_modulus)
-        if reserved != (split != "train"):
-            return None
-    core = cores[core_idx].format(**surf)
-    request = rng.choice(PREFIX[lang]) + core + rng.choice(SUFFIX[lang])
-    if lang == "en":
-        request = request[0].upper() + request[1:]
+    if _reserved(intent.name, lang, core_idx, key, s.reserve_modulus) != (split != "train"):
+        return None
+    request = _wrap(rng, lang, cores[core_idx].format(**surf))
     return Example(request, {"tool": intent.name, "args": args}, lang, intent.name, split, core_idx)
+
+
+def _heldout_one(rng: random.Random, part: str, s: GeneratorSettings) -> Example:
+    """A heldout example of ``part``: held-out values (``values``), phrasings (``phrasing``) or both."""
+    new_values = part in ("values", "both")
+    intent = INTENT_BY_NAME[rng.choice(OPEN_INTENTS)] if new_values else rng.choice(INTENTS)
+    lang = rng.choice(("en", "zh"))
+    pools = build_pools()
+    values = pools[lang, "heldout" if new_values else "train"]
+    cross = new_values and rng.random() < s.cross_script
+    if cross:  # names, places and artists of the other script; the message template stays in the request's
+        values = replace(pools["zh" if lang == "en" else "en", "heldout"], messages=values.messages)
+    surf, args = intent.sampler(rng, lang, values)
+    if part == "values":
+        cores = intent.en if lang == "en" else intent.zh
+    else:
+        cores = HELDOUT_CORES[intent.name][0 if lang == "en" else 1]
+    core_idx = rng.randrange(len(cores))
+    request = _wrap(rng, lang, cores[core_idx].format(**surf))
+    return Example(request, {"tool": intent.name, "args": args}, lang, intent.name, "heldout", core_idx, part, cross)
 
 
 def generate(split: str, settings: GeneratorSettings = GeneratorSettings()) -> list[Example]:
     """All examples of one split, deterministically from ``settings``.
 
     ``test`` never repeats a (phrasing, primary value) pair from ``train``; ``validation`` is drawn
-    like ``test`` with another seed and never repeats a test request; ``hard`` uses held-out phrasings
-    and held-out values only.
+    like ``test`` with another seed and never repeats a test request; ``heldout`` cycles through its
+    parts (``HELDOUT_PARTS``) with held-out values and / or phrasings only.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     s = settings
-    n = {"train": s.num_train, "validation": s.num_validation, "test": s.num_test, "hard": s.num_hard}[split]
-    pools = build_pools(settings.held_out_fraction)
+    n = {"train": s.num_train, "validation": s.num_validation, "test": s.num_test, "heldout": s.num_heldout}[split]
     rng = random.Random(_stable_hash(settings.seed, split))
     exclude = {e.request for e in generate("test", settings)} if split == "validation" else set()
     out: list[Example] = []
     seen: set[str] = set()
     while len(out) < n:
-        ex = _one(rng, split, pools, settings)
+        if split == "heldout":
+            ex = _heldout_one(rng, HELDOUT_PARTS[len(out) % len(HELDOUT_PARTS)], s)
+        else:
+            ex = _one(rng, split, s)
         if ex is None or ex.request in exclude:
             continue
         if split != "train" and ex.request in seen:

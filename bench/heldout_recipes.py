@@ -1,0 +1,139 @@
+"""Which recipe makes a pruned student generalize like its teacher? Each recipe is one pipeline run (its own
+run folder, sharing the cached teacher, its augmented requests and general text); the table compares them
+on the heldout split (unseen names / places / artists / messages, unseen phrasings, both) beside the
+in-distribution test split, with the minutes each spent making extra data and distilling.
+
+    python bench/heldout_recipes.py --exp car_assistant_smollm2 --root runs/recipes \\
+        --common export.enabled=false eval.num_test=200 \\
+        --recipe baseline= \\
+        --recipe augment=distill.augment.examples=3000,distill.train.steps=260 \\
+        --out bench/results/heldout_recipes_smollm2.json
+
+A recipe whose folder holds a finished run (``metrics.json``) is read, not run again. Equal wall time: give
+each recipe the distillation steps that its extra data's minutes leave (see BENCHMARKS.md section 15).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRA_STAGES = ("augment", "general", "prune", "distill", "qad")
+
+
+def run_recipe(exp: str, folder: Path, overrides: list[str], log: Path) -> float:
+    """Run the pipeline once (a fresh process, as a user would); the wall seconds."""
+    cmd = [sys.executable, "-m", "distill", f"+exp={exp}", f"hydra.run.dir={folder}", *overrides]
+    t = time.time()
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy())
+    if proc.returncode not in (0, 3):  # 3: the gate failed, the run is complete
+        raise SystemExit(f"{folder}: the run failed (exit {proc.returncode}); see {log}")
+    return time.time() - t
+
+
+def summary(name: str, overrides: list[str], folder: Path, wall: float | None) -> dict:
+    m = json.loads((folder / "metrics.json").read_text())
+    t, s = m["teacher"], m["student"]
+    th, sh = t.get("heldout", {}), s.get("heldout", {})
+    parts = {}
+    for p, row in th.get("slices", {}).get("part", {}).items():
+        srow = sh.get("slices", {}).get("part", {}).get(p, {})
+        parts[p] = {
+            "teacher": row["exact_match"],
+            "student": srow.get("exact_match"),
+            "retention": srow.get("exact_match", 0.0) / row["exact_match"] if row["exact_match"] else None,
+        }
+    seconds = {k: v.get("seconds") or v.get("ran_seconds") for k, v in m["stages"].items() if k in EXTRA_STAGES}
+    info = m.get("train", {})
+    return {
+        "recipe": name,
+        "overrides": overrides,
+        "folder": str(folder),
+        "wall_s": wall,
+        "stage_seconds": seconds,
+        "minutes": sum(v for v in seconds.values() if v) / 60,
+        "steps": info.get("steps"),
+        "param_ratio": m["retention"]["param_ratio"],
+        "teacher_test": t["exact_match"],
+        "student_test": s["exact_match"],
+        "test_retention": m["retention"]["exact_match"],
+        "teacher_heldout": th.get("exact_match"),
+        "student_heldout": sh.get("exact_match"),
+        "heldout_retention": m["retention"].get("heldout_exact_match"),
+        "parts": parts,
+        "kl_heldout": sh.get("kl"),
+        **({"gate": m["gate"]["passed"]} if "gate" in m else {}),
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    parts = sorted({p for r in rows for p in r["parts"]})
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
+    width = 0.8 / max(len(rows), 1)
+    groups = ["test", *parts]
+    for i, r in enumerate(rows):
+        ys = [r["test_retention"], *(r["parts"].get(p, {}).get("retention") or 0 for p in parts)]
+        a.bar([g + i * width for g in range(len(groups))], ys, width, label=r["recipe"], color=f"C{i}")
+        b.scatter(r["minutes"], r["heldout_retention"], color=f"C{i}", s=50)
+        b.annotate(
+            r["recipe"], (r["minutes"], r["heldout_retention"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    a.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(groups))])
+    a.set_xticklabels(["test", *(f"heldout: {p}" for p in parts)], fontsize=8)
+    a.set_ylabel("student / teacher exact match")
+    a.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
+    a.legend(fontsize=7)
+    b.set_xlabel("minutes: extra data + pruning + distillation")
+    b.set_ylabel("heldout retention")
+    b.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--exp", default="car_assistant_smollm2")
+    ap.add_argument("--root", default="runs/recipes", help="one run folder per recipe under it")
+    ap.add_argument("--common", nargs="*", default=[], help="overrides for every recipe")
+    ap.add_argument("--recipe", action="append", default=[], metavar="NAME=OVERRIDE,OVERRIDE")
+    ap.add_argument("--out", default=None, help="results JSON (and a PNG beside it)")
+    a = ap.parse_args()
+    rows = []
+    for item in a.recipe:
+        name, _, rest = item.partition("=")
+        overrides = [o for o in rest.split(",") if o]
+        folder = Path(a.root) / name
+        wall = None
+        if not (folder / "metrics.json").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            wall = run_recipe(a.exp, folder, [*a.common, *overrides], folder.with_suffix(".log"))
+        rows.append(summary(name, [*a.common, *overrides], folder, wall))
+        r = rows[-1]
+        print(
+            f"{name:<28} {r['minutes']:6.1f} min  test {r['student_test']:.3f} ({r['test_retention']:.3f})  heldout "
+            f"{r['student_heldout']:.3f} ({r['heldout_retention']:.3f})  "
+            + "  ".join(f"{p} {v['student']:.3f}/{v['teacher']:.3f}" for p, v in r["parts"].items()),
+            flush=True,
+        )
+    if a.out:
+        out = Path(a.out)
+        out.write_text(json.dumps({"exp": a.exp, "common": a.common, "rows": rows}, indent=2))
+        plot(rows, out.with_suffix(".png"), f"{a.exp}: what the student keeps of the teacher")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

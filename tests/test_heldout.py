@@ -1,0 +1,286 @@
+"""Requests unlike training: the heldout split in the gate and the report, augmentation that cannot leak it,
+and the extra training pools' shares."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from distill.data.car_assistant import GeneratorSettings, generate, heldout_vocabulary, units
+from export.gate import THRESHOLDS, evaluate_gate
+
+HELDOUT_CHECKS = {k: None for k in THRESHOLDS}
+
+
+def _gate(**on):
+    return {**HELDOUT_CHECKS, **on}
+
+
+def test_per_part_gate_names_the_part_that_fails():
+    """Each part of the heldout split is its own check, relative to the teacher on that part."""
+    teacher = {
+        "exact_match": 0.9,
+        "heldout": {
+            "exact_match": 0.8,
+            "slices": {"part": {"values": {"n": 10, "exact_match": 0.8}, "phrasing": {"n": 10, "exact_match": 0.9}}},
+        },
+    }
+    student = {
+        "exact_match": 0.9,
+        "heldout": {
+            "exact_match": 0.6,
+            "slices": {"part": {"values": {"n": 10, "exact_match": 0.4}, "phrasing": {"n": 10, "exact_match": 0.9}}},
+        },
+    }
+    res = evaluate_gate(
+        teacher,
+        {"onnx_int4": student},
+        _gate(min_exact_match_retention=0.97, min_heldout_part_retention=0.9, min_heldout_exact_match_retention=0.7),
+        0.05,
+    )
+    by = {c.metric: c for c in res.checks}
+    assert by["exact_match"].passed and by["heldout[phrasing]/exact_match"].passed
+    assert not by["heldout[values]/exact_match"].passed and by["heldout[values]/exact_match"].value == pytest.approx(
+        0.5
+    )
+    assert by["heldout/exact_match"].value == pytest.approx(0.75) and by["heldout/exact_match"].passed
+    assert not res.passed and by["heldout[values]/exact_match"].name == "min_heldout_part_retention"
+    # a variant measured without the heldout split fails the held-out checks: nobody measured them
+    res = evaluate_gate(teacher, {"onnx_int4": {"exact_match": 0.9}}, _gate(min_heldout_part_retention=0.9), 0.05)
+    assert not res.passed and {c.note for c in res.checks} == {"not measured"} and len(res.checks) == 2
+
+
+def test_gate_cli_rejudges_heldout_thresholds(tmp_path):
+    from export.gate import main
+
+    teacher = {"exact_match": 0.9, "heldout": {"exact_match": 0.8}}
+    m = {"teacher": teacher, "onnx_int8": {"exact_match": 0.9, "heldout": {"exact_match": 0.6}}}
+    res = evaluate_gate(teacher, {"onnx_int8": m["onnx_int8"]}, _gate(min_heldout_exact_match_retention=0.7), 0.05)
+    m["gate"] = res.to_dict()
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(m))
+    assert main([str(path)]) == 0  # the run's own threshold, read back by its name
+    assert main([str(path), "--min-heldout-exact-match-retention", "0.8"]) == 3
+
+
+def test_slices_and_misses_carry_the_examples_tags(tokenizer):
+    from distill.data import encode_records
+    from distill.metrics import slice_retention, slice_scores
+
+    recs = [e.to_record() for e in generate("heldout", GeneratorSettings(num_heldout=30))]
+    enc = encode_records(tokenizer, recs, 256)
+    assert {ex["tags"]["part"] for ex in enc} == {"values", "phrasing", "both"}
+    assert all(ex["request"] == r["messages"][0]["content"] for ex, r in zip(enc, recs, strict=True))
+    refs = [ex["answer"] for ex in enc]
+    preds = [r if ex["tags"]["part"] != "values" else "{}" for r, ex in zip(refs, enc, strict=True)]
+    sl = slice_scores(preds, refs, [ex["tags"] for ex in enc])
+    assert sl["part"]["values"]["exact_match"] == 0 and sl["part"]["phrasing"]["exact_match"] == 1
+    assert sum(v["n"] for v in sl["lang"].values()) == 30
+    perfect = {"slices": slice_scores(refs, refs, [ex["tags"] for ex in enc])}
+    assert slice_retention({"slices": sl}, perfect, "part") == {"both": 1.0, "phrasing": 1.0, "values": 0.0}
+
+
+def test_jsonl_heldout_file_is_read_sliced_and_required_by_the_gate(tmp_path):
+    from distill.config import ConfigError, compose
+    from distill.data import load_records
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    lines = [e.to_record() for e in generate("train", GeneratorSettings(num_train=10))]
+    train.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in lines))
+    held.write_text(
+        "".join(json.dumps({"messages": r["messages"], "part": "names"}) + "\n" for r in lines[:4])
+        + json.dumps({"prompt": "hi", "completion": "hello", "part": 3})
+        + "\n"
+    )
+    base = ["+exp=smoke", "data=jsonl", f"data.train_file={train}", f"data.test_file={train}"]
+    with pytest.raises(ConfigError, match="gate.min_heldout_part_retention: there is no heldout split"):
+        compose([*base, "gate.min_heldout_part_retention=0.9"])
+    rc = compose([*base, f"data.heldout_file={held}", "gate.min_heldout_part_retention=0.9"])
+    from distill.data import DataError
+
+    with pytest.raises(DataError, match=r"held.jsonl:5: 'part' must be a string"):
+        load_records(rc.data, "heldout")
+    held.write_text("".join(json.dumps({"messages": r["messages"], "part": "names"}) + "\n" for r in lines[:4]))
+    assert [r["part"] for r in load_records(rc.data, "heldout")] == ["names"] * 4
+
+
+def test_old_split_keys_say_what_they_became():
+    from distill.config import ConfigError, compose
+
+    with pytest.raises(ConfigError) as err:
+        compose(["+exp=smoke", "+data.hard_file=x.jsonl", "+data.held_out_fraction=0.2"])
+    assert "data.hard_file: renamed to data.heldout_file" in str(err.value)
+    assert "data.held_out_fraction: removed" in str(err.value)
+
+
+# ---- augmentation ----
+
+
+def test_random_values_replace_open_values_and_never_a_heldout_unit():
+    from distill.augment import candidates
+    from distill.data.augment import open_values, random_value
+
+    train = [e.to_record() for e in generate("train", GeneratorSettings(num_train=3000))]
+    avoid = heldout_vocabulary()
+    cands = candidates(train, 1500, 0, avoid, 0.25)
+    assert len(cands) == 1500
+    cross = 0
+    for rec, new in cands:
+        request, call = rec["messages"][0]["content"], json.loads(rec["messages"][1]["content"])
+        assert not units(request) & avoid, request  # nothing of the heldout split's values
+        for key, value in new.items():
+            assert value in request and call["args"][key] == value
+        cross += any(
+            ("a" <= c.lower() <= "z") != (rec["messages"][0]["content"].isascii()) for c in new.get("name", "")[:1]
+        )
+    assert cross > 0
+    # enumerated codes are chosen, not copied: never treated as open values
+    rec = {
+        "messages": [
+            {"role": "user", "content": "switch the driver seat heater on"},
+            {"role": "assistant", "content": '{"tool":"x","args":{"seat":"driver","state":"on"}}'},
+        ]
+    }
+    assert open_values(rec) == []
+    # a planted avoid list that holds every one-syllable word of the generator's alphabet: never drawn
+    rng = random.Random(1)
+    planted = frozenset({"ba", "be", "bi"}) | frozenset(chr(c) for c in range(0x4E00, 0x4E00 + 5000))
+    for _ in range(300):
+        v = random_value(rng, "Alice Smith", planted, 0.5)
+        assert not units(v) & planted
+
+
+def test_augmentation_keeps_only_what_the_teacher_answers_consistently(tokenizer, teacher_dir, monkeypatch):
+    """A planted teacher: right on every other request, one wrong argument on the rest. Only the right
+    ones are kept, each with the teacher's own answer as its target."""
+    import distill.augment as aug
+    from core.chat import encode
+    from families.hf import load_causal_lm
+
+    train = [e.to_record() for e in generate("train", GeneratorSettings(num_train=400))]
+    cands = aug.candidates(train, 40, 0, heldout_vocabulary(), 0.25)
+    by_prompt = {}
+    for i, (rec, _) in enumerate(cands):
+        ex = encode(tokenizer, rec["messages"])
+        answer = json.loads(rec["messages"][-1]["content"])
+        if i % 2:
+            key = next(iter(answer["args"]))
+            answer["args"][key] = "Wrong Value"
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ": "))  # other spacing: still consistent
+        by_prompt[tuple(ex["input_ids"][: ex["prompt_len"]])] = (
+            i,
+            tokenizer(text, add_special_tokens=False)["input_ids"],
+        )
+
+    def planted(model, tok, max_new_tokens, batch_size):
+        return lambda prompts: [by_prompt[tuple(p)][1] for p in prompts]
+
+    monkeypatch.setattr(aug, "hf_generate_fn", planted)
+    kept, stats = aug.label(load_causal_lm(teacher_dir), tokenizer, cands, max_length=256, batch_size=8)
+    assert stats["kept"] == len(kept) == 20 and stats["rejected"] == 20
+    expected = {json.dumps(json.loads(cands[i][0]["messages"][-1]["content"]), sort_keys=True) for i in range(0, 40, 2)}
+    got = {json.dumps(json.loads(r["messages"][-1]["content"]), sort_keys=True) for r in kept}
+    assert got == expected
+    assert all(": " in r["messages"][-1]["content"] for r in kept)  # the teacher's own text is the target
+    assert all("Wrong Value" in r["teacher"] for r in stats["rejected_examples"])
+
+
+# ---- extra pools in every batch ----
+
+
+def test_mixture_puts_each_pool_at_its_share_of_every_batch():
+    from distill.trainer import Mixture, _stream
+
+    main = [{"input_ids": [1] * (i % 7 + 1), "pool": "main", "i": i} for i in range(100)]
+    aug = [{"input_ids": [2] * 3, "pool": "aug", "i": i} for i in range(30)]
+    gen = [{"input_ids": [3] * 5, "pool": "gen", "i": i} for i in range(7)]
+    mix = Mixture(main, [(aug, 0.5), (gen, 0.25), ([], 0.1)])
+    assert len(mix) == 137 and mix[100]["pool"] == "aug" and mix[136]["pool"] == "gen"
+    for group in (False, True):
+        s = _stream(mix, 16, 3, group)
+        seen = {"aug": set(), "gen": set()}
+        for j in range(10):
+            batch = [mix[i] for i in s.global_batch(j)]
+            pools = [e["pool"] for e in batch]
+            assert pools.count("aug") == 8 and pools.count("gen") == 4 and pools.count("main") == 4
+            assert pools[:8].count("aug") == 4  # spread: each half (each of 2 processes) gets its share
+            for e in batch:
+                if e["pool"] != "main":
+                    seen[e["pool"]].add(e["i"])
+        assert len(seen["aug"]) == 30 and len(seen["gen"]) == 7  # every example before any repeats twice
+        assert s.global_batch(9) == _stream(mix, 16, 3, group).global_batch(9)  # a pure function of (seed, j)
+    with pytest.raises(ValueError, match="leave part of every batch"):
+        Mixture(main, [(aug, 0.6), (gen, 0.4)])
+
+
+# ---- the gate catches a student that memorised its names ----
+
+
+@pytest.mark.slow
+def test_student_trained_on_a_fixed_name_list_passes_in_distribution_and_fails_heldout(tokenizer):
+    """A tiny model trained from scratch on calls to 6 names answers calls to those names in new
+    wordings (the in-distribution test), and not calls to names it never saw (the heldout split's
+    ``values`` part). Against a teacher that copies every name (the references), the gate passes the
+    test checks and fails the held-out ones, naming the part."""
+    from distill.data import encode_records
+    from distill.data.car_assistant import INTENT_BY_NAME, Example, _wrap
+    from distill.evaluate import evaluate_model
+    from distill.metrics import score, slice_scores
+    from distill.trainer import CrossEntropy, make_accelerator, train
+    from families.hf import build_from_config
+
+    s = GeneratorSettings(num_heldout=600)
+    names = ["Alice Smith", "Bob Brown", "Carol King", "David Hall", "Emma Young", "Frank Green"]
+    rng = random.Random(0)
+    cores = INTENT_BY_NAME["call_contact"].en
+    fixed = {}
+    while len(fixed) < 400:
+        k, name = rng.randrange(len(cores)), rng.choice(names)
+        req = _wrap(rng, "en", cores[k].format(name=name))
+        fixed[req] = Example(req, {"tool": "call_contact", "args": {"name": name}}, "en", "call_contact", "train", k)
+    fixed = list(fixed.values())
+    train_recs, test_recs = [e.to_record() for e in fixed[:-40]], [e.to_record() for e in fixed[-40:]]
+    held = [e.to_record() for e in generate("heldout", s) if e.intent == "call_contact" and e.lang == "en"]
+    held = [r for r in held if r["part"] in ("values", "phrasing") and r["messages"][0]["content"].isascii()][:60]
+    enc = {
+        k: encode_records(tokenizer, v, 128) for k, v in (("train", train_recs), ("test", test_recs), ("heldout", held))
+    }
+    assert {"values", "phrasing"} == {ex["tags"]["part"] for ex in enc["heldout"]}
+
+    model = build_from_config(tiny_config(tokenizer, hidden=64, layers=2, heads=4, kv=2, inter=128), seed=0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    from distill.config import compose
+
+    tc = compose(["+exp=smoke"]).teacher.bootstrap.train
+    import dataclasses
+
+    tc = dataclasses.replace(tc, steps=300, batch_size=16, lr=3e-3, warmup_steps=10, log_every=50)
+    train(model, tokenizer, enc["train"], tc, accelerator=make_accelerator("no"), mode=CrossEntropy(1024))
+    with torch.no_grad():
+        got = {
+            k: evaluate_model(model, tokenizer, enc[k], max_new_tokens=None, batch_size=32)[0]
+            for k in ("test", "heldout")
+        }
+    assert got["test"]["exact_match"] >= 0.9, got["test"]
+    # the teacher: every reference answer (it copies any name)
+    refs = {k: [ex["answer"] for ex in enc[k]] for k in ("test", "heldout")}
+    teacher = {**score(refs["test"], refs["test"]), "heldout": score(refs["heldout"], refs["heldout"])}
+    teacher["heldout"]["slices"] = slice_scores(refs["heldout"], refs["heldout"], [ex["tags"] for ex in enc["heldout"]])
+    student = {**got["test"], "heldout": got["heldout"]}
+    res = evaluate_gate(
+        teacher,
+        {"onnx_fp32": student},
+        _gate(min_exact_match_retention=0.9, min_tool_accuracy_retention=0.99, min_heldout_part_retention=0.9),
+        0.05,
+    )
+    by = {c.metric: c for c in res.checks}
+    assert by["exact_match"].passed and by["tool_accuracy"].passed, res.describe()
+    assert not by["heldout[values]/exact_match"].passed and by["heldout[values]/exact_match"].value < 0.5, (
+        res.describe()
+    )
+    assert not res.passed
