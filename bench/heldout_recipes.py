@@ -52,6 +52,10 @@ def summary(name: str, overrides: list[str], folder: Path, wall: float | None) -
         }
     seconds = {k: v.get("seconds") or v.get("ran_seconds") for k, v in m["stages"].items() if k in EXTRA_STAGES}
     info = m.get("train", {})
+    prepared = next((o.split("=", 1)[1] for o in overrides if o.startswith("student.path=")), None)
+    if prepared and (Path(prepared) / "recover_info.json").is_file():  # bench/minitron_order.py's preparation
+        recover = json.loads((Path(prepared) / "recover_info.json").read_text())["seconds"]
+        seconds.update({f"minitron_{k}": v for k, v in recover.items()})
     return {
         "recipe": name,
         "overrides": overrides,

@@ -93,10 +93,10 @@ def main() -> None:
         m = run(compose(common + ["student=folder", f"student.path={rnd}"]), work / "b")
         results["b"] = _row("random init (same shape) + distill", m, time.time() - t0, None)
     out = {"steps": a.steps, "fraction": a.fraction, "results": dict(sorted(results.items()))}
-    print(f"{'':9} {'variant':48} {'params':>9} {'test EM':>8} {'hard EM':>8} {'ppl':>7} {'KL':>7} {'s':>6}")
+    print(f"{'':9} {'variant':48} {'params':>9} {'test EM':>8} {'heldout':>8} {'ppl':>7} {'KL':>7} {'s':>6}")
     for k, r in sorted(results.items()):
         print(
-            f"({k}) {r['name']:40} {r['params']:>9,} {r['test_em']:>8.3f} {r['hard_em']:>8.3f} {r['ppl']:>7.3f} "
+            f"({k}) {r['name']:40} {r['params']:>9,} {r['test_em']:>8.3f} {r['heldout_em']:>8.3f} {r['ppl']:>7.3f} "
             f"{r['kl']:>7.4f} {r['seconds']:>6.0f}"
         )
     if a.out:
@@ -129,11 +129,11 @@ def _row(name, m, seconds, report):
         "params": s["num_params"],
         "teacher_params": m["teacher"]["num_params"],
         "test_em": s["exact_match"],
-        "hard_em": s["hard"]["exact_match"],
+        "heldout_em": s["heldout"]["exact_match"],
         "ppl": s["perplexity"],
         "kl": s["kl"],
         "teacher_test_em": m["teacher"]["exact_match"],
-        "teacher_hard_em": m["teacher"]["hard"]["exact_match"],
+        "teacher_heldout_em": m["teacher"]["heldout"]["exact_match"],
         "seconds": seconds,
         "shape": report["shape"] if report else None,
     }

@@ -90,6 +90,7 @@ class BootstrapConfig:
     tie_word_embeddings: bool
     train: TrainConfig
     min_exact_match: float = unit()  # warn when the bootstrapped teacher scores below this on test
+    random_values: float = unit()  # share of its training examples with random open values (it learns to copy)
 
 
 @dataclass
@@ -492,7 +493,7 @@ def _check_run(c: RunConfig, problems: list[str]) -> None:
 def _check_mix(c: RunConfig, problems: list[str]) -> None:
     """The extra training pools (augmented requests, general text) beside the task data."""
     a, g = c.distill.augment, c.distill.general
-    used = (a.share if a.examples else 0.0) + (g.share if g.examples else 0.0)
+    used = sum(pool.share for pool in (a, g) if pool.examples)
     if used >= 1:
         problems.append(
             f"distill.augment.share + distill.general.share = {used:g}: every batch must keep some task data; "
@@ -593,7 +594,15 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
 
 
 # Knobs added after caches and stage keys existed: at these values a key is what it was before the knob.
-NEUTRAL = {"group_by_length": False, "eval_generate": 0, "split_by_length": 1, "pack": False, "sharding": "none"}
+NEUTRAL = {
+    "group_by_length": False,
+    "eval_generate": 0,
+    "split_by_length": 1,
+    "pack": False,
+    "sharding": "none",
+    "random_values": 0.0,
+    "calib_general": 0,
+}
 
 
 def key_settings(d: dict) -> dict:

@@ -261,6 +261,7 @@ def bootstrapped_teacher(r: Run) -> Path:
             accelerator=r.acc,
             max_length=rc.data.max_length,
             force=_forced(r, "teacher"),
+            avoid=heldout_avoid(r) if rc.teacher.bootstrap.random_values else frozenset(),
         )
 
     r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data_hash}, work)

@@ -23,6 +23,9 @@ FINETUNE_VERSION = "finetune/1"
 # Part of the bootstrap recipe (like BOOTSTRAP_VERSION, not a knob): tokens per logit chunk of its
 # cross-entropy. Every cached bootstrapped teacher was trained with it.
 BOOTSTRAP_CHUNK_SIZE = 1024
+# Part of the bootstrap recipe too: the share of ``teacher.bootstrap.random_values`` values drawn in the
+# other script (Latin names in Chinese requests and the reverse).
+RANDOM_CROSS_SCRIPT = 0.25
 
 
 def bootstrap_key(b: BootstrapConfig, data_hash: str) -> str:
@@ -65,11 +68,14 @@ def bootstrap_teacher(
     accelerator,
     max_length: int,
     force: bool = False,
+    avoid: frozenset[str] = frozenset(),
 ) -> Path:
     """Path of the cached bootstrapped teacher, training it first when the cache has none.
 
     Trains a byte-level BPE tokenizer on the training split, then a Qwen2 model with grouped-query
-    attention with plain cross-entropy on the answers (``train_teacher``).
+    attention with plain cross-entropy on the answers (``train_teacher``). With ``random_values``, that
+    share of the training examples carries random open values (never a word or character in ``avoid``:
+    the held-out values), so the teacher copies values it never saw as a pretrained teacher does.
     """
     from transformers import Qwen2Config
 
@@ -82,6 +88,11 @@ def bootstrap_teacher(
         log.info("teacher: reusing cached bootstrap %s", dest)
         return dest
     log.info("teacher: no cached teacher at %s; bootstrapping one (once)", dest)
+    if b.random_values:  # a stand-in for pretraining: the teacher learns to copy any name, place or text
+        from distill.data.augment import randomize
+
+        train = randomize(data["train"], b.random_values, b.train.seed, avoid, RANDOM_CROSS_SCRIPT)
+        data = {**data, "train": train}
     texts = [m["content"] for r in data["train"] for m in r["messages"]]
     tokenizer = train_tokenizer(texts, b.vocab_size)
     config = Qwen2Config(

@@ -51,7 +51,7 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice(_ONSET) + rng.choice(_VOWEL) for _ in range(rng.randint(1, 3))) + rng.choice(_CODA)
 
 
-def random_value(rng: random.Random, like: str, avoid: frozenset[str] = frozenset(), cross_script: float = 0.0) -> str:
+def random_value(rng: random.Random, like: str, avoid: frozenset[str], cross_script: float) -> str:
     """A random stand-in for ``like``: as many capitalised syllable words (or random CJK characters) as it
     has, a lower-case phrase for a long text; in the other script with probability ``cross_script``; none of
     its words or characters in ``avoid``."""
@@ -72,7 +72,7 @@ def random_value(rng: random.Random, like: str, avoid: frozenset[str] = frozense
 
 
 def substitute(
-    record: dict, rng: random.Random, avoid: frozenset[str] = frozenset(), cross_script: float = 0.0
+    record: dict, rng: random.Random, avoid: frozenset[str], cross_script: float
 ) -> tuple[dict, dict[str, str]] | None:
     """``record`` with every open value replaced by a random one in the request and in the tool call:
     (new record whose answer is the expected tool call, {argument: new value}); None when the record has no
@@ -105,3 +105,15 @@ def heldout_units(records: Iterable[dict]) -> frozenset[str]:
         for _, v in open_values(r):
             out |= units(v)
     return frozenset(out)
+
+
+def randomize(records: list[dict], share: float, seed: int, avoid: frozenset[str], cross_script: float) -> list[dict]:
+    """``records`` with a seeded ``share`` of them (among those with open values) given random open values,
+    the answer rewritten to match (``substitute``): data that teaches a model trained from scratch to copy
+    any value, as pretraining teaches a pretrained one."""
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        got = substitute(r, rng, avoid, cross_script) if rng.random() < share else None
+        out.append(got[0] if got else r)
+    return out
