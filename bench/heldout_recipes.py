@@ -56,8 +56,22 @@ def summary(name: str, overrides: list[str], folder: Path, wall: float | None) -
     if prepared and (Path(prepared) / "recover_info.json").is_file():  # bench/minitron_order.py's preparation
         recover = json.loads((Path(prepared) / "recover_info.json").read_text())["seconds"]
         seconds.update({f"minitron_{k}": v for k, v in recover.items()})
+    history = json.loads((folder / "student" / "distill_info.json").read_text()).get("history", [])
+    t_val, t_held = info.get("teacher_val_exact_match"), info.get("teacher_heldout_exact_match")
+    before = sum(v for k, v in seconds.items() if k != "distill" and v)  # extra data, pruning: before step 1
+    curve = [
+        {
+            "step": h["step"],
+            "minutes": (before + h["elapsed_s"] - h.get("probe_s", 0.0)) / 60,  # probes are not training time
+            "val_retention": h["val_exact_match"] / t_val if t_val else None,
+            "heldout_retention": h["heldout_exact_match"] / t_held if t_held else None,
+        }
+        for h in history
+        if "heldout_exact_match" in h
+    ]
     return {
         "recipe": name,
+        "curve": curve,
         "overrides": overrides,
         "folder": str(folder),
         "wall_s": wall,
@@ -88,17 +102,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for i, r in enumerate(rows):
         ys = [r["test_retention"], *(r["parts"].get(p, {}).get("retention") or 0 for p in parts)]
         a.bar([g + i * width for g in range(len(groups))], ys, width, label=r["recipe"], color=f"C{i}")
-        b.scatter(r["minutes"], r["heldout_retention"], color=f"C{i}", s=50)
-        b.annotate(
-            r["recipe"], (r["minutes"], r["heldout_retention"]), textcoords="offset points", xytext=(4, 4), fontsize=8
-        )
+        if r["curve"]:  # the probes during training: heldout retention against minutes spent so far
+            b.plot(
+                [c["minutes"] for c in r["curve"]],
+                [c["heldout_retention"] for c in r["curve"]],
+                "o-",
+                color=f"C{i}",
+                label=r["recipe"],
+            )
+        else:
+            b.scatter(r["minutes"], r["heldout_retention"], color=f"C{i}", s=50, label=r["recipe"])
+
     a.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(groups))])
     a.set_xticklabels(["test", *(f"heldout: {p}" for p in parts)], fontsize=8)
     a.set_ylabel("student / teacher exact match")
     a.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
     a.legend(fontsize=7)
     b.set_xlabel("minutes: extra data + pruning + distillation")
-    b.set_ylabel("heldout retention")
+    b.set_ylabel("heldout retention (probed examples)")
+    b.legend(fontsize=7)
     b.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
     for ax in (a, b):
         ax.grid(alpha=0.3)

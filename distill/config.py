@@ -60,7 +60,9 @@ class TrainConfig:
     warmup_steps: int = non_negative()
     schedule: str = choice("cosine", "linear", "constant")
     max_grad_norm: float = non_negative()
-    mixed_precision: str = choice("auto", "no", "bf16", "fp16")
+    mixed_precision: str = choice(
+        "auto", "no", "bf16", "fp16", "bf16_if_native"
+    )  # bf16_if_native: resolved by validate
     seed: int
     log_every: int = positive()
     eval_every: int = non_negative()  # steps between validation-loss evaluations; 0 disables
@@ -490,6 +492,27 @@ def _check_run(c: RunConfig, problems: list[str]) -> None:
             )
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a CUDA GPU with bf16, or a CPU with AMX / AVX512-BF16
+    (elsewhere bf16 autocast is emulated, many times slower than float32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _resolve_precision(c: RunConfig) -> None:
+    """``bf16_if_native`` becomes ``bf16`` or ``no`` for this machine, before any stage key is made: the
+    config, caches and stage keys record the precision that computes."""
+    blocks = [c.distill.train, c.teacher.bootstrap.train, c.teacher.finetune.train]
+    if any(tc.mixed_precision == "bf16_if_native" for tc in blocks):
+        value = "bf16" if native_bf16() else "no"
+        for tc in blocks:
+            if tc.mixed_precision == "bf16_if_native":
+                tc.mixed_precision = value
+
+
 def _check_mix(c: RunConfig, problems: list[str]) -> None:
     """The extra training pools (augmented requests, general text) beside the task data."""
     a, g = c.distill.augment, c.distill.general
@@ -736,6 +759,7 @@ def validate(cfg: Any) -> RunConfig:
         if rc.distill is not None:
             _check_names(rc, problems)
     if not structural:  # semantic checks need every key present and typed
+        _resolve_precision(rc)
         _check_semantics(rc, problems)
     if problems:
         raise ConfigError(problems)

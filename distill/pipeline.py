@@ -106,7 +106,11 @@ def report(r: steps.Run, metrics: dict, info: dict) -> None:
         plot_history(history, r.dir / "loss.png", f"{rc.name}: distillation"),
         plot_training(history, r.dir / "training.png", f"{rc.name}: training health"),
         plot_retention(
-            history, info.get("teacher_val_exact_match"), r.dir / "retention.png", f"{rc.name}: retention over training"
+            history,
+            info.get("teacher_val_exact_match"),
+            r.dir / "retention.png",
+            f"{rc.name}: retention over training",
+            info.get("teacher_heldout_exact_match"),
         ),
     ]
     if rc.export.enabled:

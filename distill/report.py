@@ -49,9 +49,12 @@ def plot_history(history: list[dict], path: str | Path, title: str) -> Path | No
     return Path(path)
 
 
-def plot_retention(history: list[dict], teacher_em: float | None, path: str | Path, title: str) -> Path | None:
-    """Student exact match on the probed validation examples / the teacher's, against minutes and tokens
-    of distillation (``train.eval_generate``): what more compute buys."""
+def plot_retention(
+    history: list[dict], teacher_em: float | None, path: str | Path, title: str, teacher_heldout: float | None = None
+) -> Path | None:
+    """Student exact match on the probed validation examples / the teacher's, and on the probed heldout
+    examples (requests unlike training) / the teacher's there, against minutes and tokens of distillation
+    (``train.eval_generate``): what more compute buys, in distribution and beyond it."""
     pts = [r for r in history if "val_exact_match" in r]
     if not pts or not teacher_em:
         return None
@@ -59,12 +62,18 @@ def plot_retention(history: list[dict], teacher_em: float | None, path: str | Pa
 
     fig = Figure(figsize=(9, 3.6))
     a, b = fig.subplots(1, 2, sharey=True)
-    ret = [r["val_exact_match"] / teacher_em for r in pts]
-    a.plot([r["elapsed_s"] / 60 for r in pts], ret, "o-")
-    b.plot([r["tokens"] / 1e6 for r in pts], ret, "o-", color="C1")
+    series = [("val_exact_match", teacher_em, "validation (like training)")]
+    if teacher_heldout and any("heldout_exact_match" in r for r in pts):
+        series.append(("heldout_exact_match", teacher_heldout, "heldout (unlike training)"))
+    for i, (key, ref, label) in enumerate(series):
+        rows = [r for r in pts if key in r]
+        ret = [r[key] / ref for r in rows]
+        a.plot([r["elapsed_s"] / 60 for r in rows], ret, "o-", color=f"C{i}", label=label)
+        b.plot([r["tokens"] / 1e6 for r in rows], ret, "o-", color=f"C{i}", label=label)
     a.set_xlabel("distillation minutes")
     b.set_xlabel("training tokens (millions)")
     a.set_ylabel("exact match / teacher's")
+    a.legend(fontsize=8)
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
@@ -139,6 +148,7 @@ def render_report(metrics: dict, plots: list[str], misses: dict | None = None) -
         + ".",
         f"- Training: {metrics['train']['steps']} steps, {metrics['train']['seconds']:.0f} s, "
         f"{metrics['train']['tokens_per_s']:.0f} tokens/s, {metrics['train']['skipped_steps']} skipped steps.",
+        *_train_data(metrics.get("train_data")),
         "",
     ]
     if "gate" in metrics:
@@ -161,6 +171,22 @@ def render_report(metrics: dict, plots: list[str], misses: dict | None = None) -
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)
+
+
+def _train_data(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    parts = [f"{d['task']:,} task examples"]
+    if "augment" in d:
+        a = d["augment"]
+        parts.append(
+            f"{a['kept']:,} augmented requests at {a['share']:.0%} of every batch (the teacher answered "
+            f"{a['kept']:,} of {a['candidates']:,} consistently; {a['rejected']:,} rejected)"
+        )
+    if "general" in d:
+        g = d["general"]
+        parts.append(f"{g['sequences']:,} general-text sequences of {g['length']} tokens at {g['share']:.0%}")
+    return ["- Training data: " + "; ".join(parts) + "."]
 
 
 def shipped(metrics: dict) -> str | None:

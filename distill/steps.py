@@ -89,6 +89,7 @@ class Run:
     # output hash of the stage that made them (part of every later stage key that trains on them)
     mix: dict[str, list[dict]] = field(default_factory=dict)
     mix_hash: dict[str, str] = field(default_factory=dict)
+    mix_info: dict[str, dict] = field(default_factory=dict)  # what each extra pool holds (metrics.json)
     general_sequences: list[list[int]] = field(default_factory=list)
 
     def train_data(self):
@@ -312,6 +313,12 @@ def augment(r: Run) -> None:
         )
     r.mix["augment"] = encode_records(r.tokenizer, kept, r.rc.data.max_length, "augment")
     r.mix_hash["augment"] = st.output_hash
+    stats = json.loads((folder / "stats.json").read_text())
+    r.mix_info["augment"] = {
+        **{k: stats[k] for k in ("candidates", "kept", "rejected", "too_long")},
+        "share": a.share,
+        "folder": str(folder),
+    }
     log.info("augment: %d teacher-labelled requests at %.0f%% of every batch", len(kept), 100 * a.share)
 
 
@@ -360,6 +367,7 @@ def general(r: Run) -> None:
     r.general_sequences = json.loads((folder / "sequences.json").read_text())
     r.mix["general"] = as_examples(r.general_sequences)
     r.mix_hash["general"] = st.output_hash
+    r.mix_info["general"] = {"sequences": len(r.general_sequences), "length": g.length, "share": g.share}
     log.info(
         "general text: %d sequences of %d tokens at %.0f%% of every batch",
         len(r.general_sequences),
@@ -518,14 +526,17 @@ def _train_student(r: Run, st: Stage) -> None:
                     [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
                 )
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
-    teacher_val = None
+    teacher_val = teacher_held = None
     tc = rc.distill.train
     if tc.eval_generate and tc.eval_every and r.enc["validation"]:
         from distill.trainer import generated_exact_match
 
-        # the teacher on the same validation examples: the reference of the retention curve
+        # the teacher on the same validation (and heldout) examples: the reference of the retention curves
         teacher_val = generated_exact_match(r.teacher.get(), tok, r.enc["validation"], tc)
         log.info("teacher exact match on the %d probed validation examples: %.3f", tc.eval_generate, teacher_val)
+        if r.enc["heldout"]:
+            teacher_held = generated_exact_match(r.teacher.get(), tok, r.enc["heldout"], tc)
+            log.info("teacher exact match on the %d probed heldout examples: %.3f", tc.eval_generate, teacher_held)
     n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher_dir)))
     n_student = config_param_count(student.config)
     log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
@@ -542,6 +553,7 @@ def _train_student(r: Run, st: Stage) -> None:
         checkpoint_dir=r.dir / "checkpoints",
         checkpoint_key=st.key,
         val_data=r.enc["validation"] or None,
+        heldout_data=r.enc["heldout"] or None,
         desc="distill",
         log_prefix="distill/",
     )
@@ -560,6 +572,7 @@ def _train_student(r: Run, st: Stage) -> None:
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
             "final_loss": result.history[-1]["loss"] if result.history else None,
             "teacher_val_exact_match": teacher_val,
+            "teacher_heldout_exact_match": teacher_held,
             "history": result.history,
         }
         save_model_atomically(student, tok, st.folder, {"distill_info.json": info})
@@ -780,6 +793,7 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
             "heldout_parts": slice_retention(s_held, t_held, "part") if t_held else {},
         },
         "train": {k: v for k, v in info.items() if k != "history"},
+        **({"train_data": {"task": len(r.enc["train"]), **r.mix_info}} if r.mix_info else {}),
     }
 
 

@@ -700,13 +700,16 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_key: str | None = None,
     val_data: Sequence[dict] | None = None,
+    heldout_data: Sequence[dict] | None = None,
     desc: str = "train",
     log_prefix: str = "",
 ) -> TrainResult:
     """Train ``student`` in place on encoded examples (``input_ids``/``labels`` lists) in ``mode``
     (CrossEntropy, or ``make_mode``'s LiveKD, OnPolicyKD, CachedTopK).
 
-    Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes.
+    Returns per-step history on the main process. Raises ``TrainingDiverged`` on repeated spikes. With
+    ``tc.eval_generate``, every ``tc.eval_every`` steps the history also records greedy exact match on that
+    many ``val_data`` and ``heldout_data`` examples (``val_exact_match``, ``heldout_exact_match``).
     Checkpoints go to ``checkpoint_dir`` every ``tc.checkpoint_every`` steps; a later call with the same
     directory and ``checkpoint_key`` resumes from the newest one.
     """
@@ -756,7 +759,7 @@ def train(
     result = TrainResult(history=state.get("history", []))
     guard = SpikeGuard(tc, desc, state.get("guard"))
     proc = _process()
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, probe_s = time.time(), 0, 0.0
     bar = tqdm(total=tc.steps, initial=start_step, desc=desc, disable=not acc.is_main_process, unit="step")
     module.train()
     loop = _Loop(
@@ -803,14 +806,21 @@ def train(
             "on_policy": use_policy,
         }
         row["elapsed_s"], row["tokens"] = time.time() - t0, tokens_seen
+        row["probe_s"] = probe_s  # of elapsed_s, spent in validation and probes (not training)
         if val_data is not None and tc.eval_every and (step + 1) % tc.eval_every == 0:
+            t_probe = time.time()
             with loop.full_params():  # every process runs the same validation (its collectives line up)
                 row["val_loss"] = validation_loss(
                     loop.raw.student, tokenizer, val_data, tc.batch_size * 4, mode.chunk_size
                 )
                 if tc.eval_generate:
                     row["val_exact_match"] = generated_exact_match(loop.raw.student, tokenizer, val_data, tc)
+                    if heldout_data:  # requests unlike training: does the student generalize as it trains?
+                        row["heldout_exact_match"] = generated_exact_match(
+                            loop.raw.student, tokenizer, heldout_data, tc
+                        )
             module.train()
+            probe_s += time.time() - t_probe
         result.history.append(row)
         if acc.is_main_process and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
             acc.log(

