@@ -270,8 +270,14 @@ class Mixture(Sequence):
         return self.offsets[-1]
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
         p = bisect.bisect_right(self.offsets, i) - 1
         return self.pools[p][i - self.offsets[p]]
+
+    def __iter__(self):
+        for pool in self.pools:
+            yield from pool
 
     def counts(self, global_batch: int) -> list[int]:
         """Examples per pool in a global batch: each extra pool its share (at least one), the main the rest."""

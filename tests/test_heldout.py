@@ -207,6 +207,32 @@ def test_augmentation_keeps_only_what_the_teacher_answers_consistently(tokenizer
     assert all("Wrong Value" in r["teacher"] for r in stats["rejected_examples"])
 
 
+def test_general_text_is_the_models_own_seeded_samples(tokenizer, teacher_dir, tmp_path):
+    from core.chat import IGNORE
+    from distill.general import as_examples, first_tokens, sample_general
+    from distill.steps import corpus_sequences
+    from families.hf import load_causal_lm
+
+    model = load_causal_lm(teacher_dir)
+    a = sample_general(model, tokenizer, 10, 12, 1.0, 0, 4, progress=False)
+    assert len(a) == 10 and all(len(x) == 12 for x in a)
+    assert a == sample_general(model, tokenizer, 10, 12, 1.0, 0, 4, progress=False)
+    assert a != sample_general(model, tokenizer, 10, 12, 1.0, 1, 4, progress=False)
+    starts = set(first_tokens(tokenizer))
+    assert all(x[0] in starts for x in a) and not starts & set(tokenizer.all_special_ids)
+    ex = as_examples(a)[0]
+    assert ex["labels"][0] == IGNORE and ex["labels"][1:] == a[0][1:]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"navigate to Maple Street number {i}"}) + "\n" for i in range(40)))
+    seqs = corpus_sequences(str(corpus), tokenizer, 5, 16)
+    assert len(seqs) == 5 and all(len(x) == 16 for x in seqs)
+    corpus.write_text('{"txt": 1}\n')
+    from distill.data import DataError
+
+    with pytest.raises(DataError, match=r"c.jsonl:1: expected"):
+        corpus_sequences(str(corpus), tokenizer, 5, 16)
+
+
 # ---- extra pools in every batch ----
 
 

@@ -203,3 +203,38 @@ def test_compare_flags_regressions(first, tmp_path, capsys):
     (worse / "metrics.json").unlink()
     assert main([str(first), str(worse)]) == 2
     assert "has no metrics.json: the run did not finish" in capsys.readouterr().err
+
+
+def test_extra_training_pools_are_cached_and_keyed(env, tmp_path):
+    """Augmented requests and general text are stages of their own, cached per teacher: a rerun reuses
+    them, a new share of a batch redoes distillation (and what follows) but neither pool, and the pruning
+    calibration's general text is part of the prune stage's key."""
+    run_dir = tmp_path / "mix"
+    mix = [
+        "distill.augment.examples=24",
+        "distill.augment.share=0.25",
+        "distill.general.examples=24",
+        "distill.general.length=16",
+        "student=pruned",
+        "student.prune.calib_general=8",
+    ]
+    proc = _run([*SMOKE, f"hydra.run.dir={run_dir}", *mix], env)
+    assert proc.returncode == 0, proc.log[-4000:]
+    st = _statuses(run_dir)
+    assert st["augment"] == st["general"] == st["prune"] == st["distill"] == "ran"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["train_data"]["general"] == {"sequences": 24, "length": 16, "share": 0.25}
+    assert m["train_data"]["augment"]["candidates"] == 24
+    distill_inputs = json.loads((run_dir / "student" / "stage.json").read_text())["inputs"]
+    assert {"augment_hash", "general_hash"} <= set(distill_inputs)
+    proc = _run([*SMOKE, f"hydra.run.dir={run_dir}", *mix], env)
+    assert proc.returncode == 0 and set(_statuses(run_dir).values()) == {"skipped"}, proc.log[-3000:]
+    proc = _run([*SMOKE, f"hydra.run.dir={run_dir}", *mix, "distill.general.share=0.5"], env)
+    assert proc.returncode == 0, proc.log[-3000:]
+    st = _statuses(run_dir)
+    assert st["augment"] == st["general"] == st["prune"] == "skipped" and st["distill"] == "ran", st
+    proc = _run(
+        [*SMOKE, f"hydra.run.dir={run_dir}", *mix, "distill.general.share=0.5", "student.prune.calib_general=4"], env
+    )
+    assert proc.returncode == 0, proc.log[-3000:]
+    assert _statuses(run_dir)["prune"] == "ran"
