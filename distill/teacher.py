@@ -88,13 +88,20 @@ def bootstrap_teacher(
         log.info("teacher: reusing cached bootstrap %s", dest)
         return dest
     log.info("teacher: no cached teacher at %s; bootstrapping one (once)", dest)
+    original = data["train"]
     if b.random_values:  # a stand-in for pretraining: the teacher learns to copy any name, place or text
         from distill.data.augment import randomize
 
-        train = randomize(data["train"], b.random_values, b.train.seed, avoid, RANDOM_CROSS_SCRIPT)
-        data = {**data, "train": train}
+        data = {**data, "train": randomize(original, b.random_values, b.train.seed, avoid, RANDOM_CROSS_SCRIPT)}
     texts = [m["content"] for r in data["train"] for m in r["messages"]]
     tokenizer = train_tokenizer(texts, b.vocab_size)
+    if b.random_values:  # a random value can spell long (a CJK character the vocabulary lacks is 2-3 bytes)
+        from core.chat import encode
+
+        data["train"] = [
+            new if new is old or len(encode(tokenizer, new["messages"])["input_ids"]) <= max_length else old
+            for new, old in zip(data["train"], original, strict=True)
+        ]
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=b.hidden_size,
