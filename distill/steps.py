@@ -1135,7 +1135,9 @@ def cross_runtime(
     same, total, diff = 0, 0, 0.0
     start = 0
     while start < len(seqs):
-        rows = max(1, min(batch_size, chunk_size // len(seqs[start])))
+        rows = 1  # as many rows as keep the chunk within chunk_size tokens (rows grow longer: sorted)
+        while rows < batch_size and start + rows < len(seqs) and len(seqs[start + rows]) * (rows + 1) <= chunk_size:
+            rows += 1
         part = seqs[start : start + rows]
         for x, y in zip(runner.sequence_logits(part, rows), ov.sequence_logits(part, rows), strict=True):
             same += int((x.argmax(-1) == y.argmax(-1)).sum())
