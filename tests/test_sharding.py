@@ -56,7 +56,9 @@ def test_fsdp_two_processes_follow_one_process(tmp_path):
     _run(one, 8, "--features")
     proc = _run(two, 2, "--features", "--fsdp", "--accum", "2", procs=2)
     assert "rank 0 wrote" in proc.stderr and "rank 1 wrote" not in proc.stderr
-    _same_curve(_history(one), _history(two), rel=1e-5)
+    # float32 sums in another order (rows split over processes, accumulated) drift about 2e-5 by step 6 on an
+    # AVX2 host; a lost gradient share or a missing average is off by 1e-1 or more
+    _same_curve(_history(one), _history(two), rel=1e-4)
     r0, r1 = (json.loads((two / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0["sharded"] and r1["sharded"] and r0["world"] == 2
     full = json.loads((one / "rank0.json").read_text())["local_numel"]
@@ -84,7 +86,9 @@ def test_fsdp_lora_follows_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(one, 8, "--lora")
     _run(two, 4, "--lora", "--fsdp", procs=2)
-    _same_curve(_history(one), _history(two), rel=1e-5)
+    # float32 sums in another order (rows split over processes, accumulated) drift about 2e-5 by step 6 on an
+    # AVX2 host; a lost gradient share or a missing average is off by 1e-1 or more
+    _same_curve(_history(one), _history(two), rel=1e-4)
     w1, w2 = _weights(one / "student"), _weights(two / "student")
     assert not any("lora" in k for k in w2)  # merged: a plain model
     _same_weights(w1, w2, tol=1e-4)
