@@ -1,8 +1,17 @@
-"""Teacher-labelled augmentation (sequence-level KD on new inputs): training requests with their open values
-replaced by random ones (``distill.data.augment``), answered by the teacher, kept only where the teacher is
-consistent: its answer is the tool call the substitution implies (same tool, the new values copied, every
-other argument unchanged). The student then distils on them beside the task data, at
-``distill.augment.share`` of every batch.
+"""Augmentation with new inputs: training requests with their open values replaced by random ones
+(``distill.data.augment``). Which of them the student trains on, and towards what answer, is
+``distill.augment.keep`` (``KEEP``):
+
+- ``consistent``: each is answered by the teacher and kept only where the teacher is consistent, its answer
+  being the tool call the substitution implies (same tool, the new values copied, every other argument
+  unchanged); the target is the teacher's own text (sequence-level KD). For a teacher that copies new values
+  (a pretrained one).
+- ``implied``: every one is kept with the call the substitution implies as its target: the student learns
+  to copy from those answers and the teacher's logits along them (the KD term) still carry its routing. For a
+  teacher that routes requests with new values but cannot copy them (the demo's toy teacher, trained from
+  scratch); no teacher generation.
+
+The student then distils on them beside the task data, at ``distill.augment.share`` of every batch.
 """
 
 from __future__ import annotations
@@ -99,4 +108,22 @@ def label(
         stats["rejected"],
         stats["too_long"],
     )
+    return kept, stats
+
+
+def implied(cands: Sequence[tuple[dict, dict]], tokenizer, *, max_length: int) -> tuple[list[dict], dict]:
+    """``distill.augment.keep=implied``: every candidate that fits ``max_length``, its target the call the
+    substitution implies; (records, statistics in ``label``'s shape, nothing rejected)."""
+    kept = [rec for rec, _ in cands if len(encode(tokenizer, rec["messages"])["input_ids"]) <= max_length]
+    stats = {
+        "candidates": len(cands),
+        "too_long": len(cands) - len(kept),
+        "kept": len(kept),
+        "rejected": 0,
+        "kept_examples": [
+            {"request": r["messages"][-2]["content"], "expected": r["messages"][-1]["content"]} for r in kept[:5]
+        ],
+        "rejected_examples": [],
+    }
+    log.info("augment: %d new requests kept with their implied answers; %d too long", len(kept), stats["too_long"])
     return kept, stats

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from core.schema import choice, non_negative, positive, problem, unit
+from distill.data.augment import KEEP as AUGMENT_KEEP
 from distill.sharding import SHARDING
 from export.gate import THRESHOLDS
 from export.onnx import EXPORTERS
@@ -173,6 +174,9 @@ class AugmentConfig:
     cross_script: float = unit()  # share of random values in the other script
     batch_size: int = positive()  # teacher generation batch
     seed: int
+    keep: str = choice(
+        *AUGMENT_KEEP
+    )  # consistent: the teacher's own consistent answers | implied: every one, its implied call
 
 
 @dataclass

@@ -179,10 +179,12 @@ def _train_data(d: dict | None) -> list[str]:
     parts = [f"{d['task']:,} task examples"]
     if "augment" in d:
         a = d["augment"]
-        parts.append(
-            f"{a['kept']:,} augmented requests at {a['share']:.0%} of every batch (the teacher answered "
-            f"{a['kept']:,} of {a['candidates']:,} consistently; {a['rejected']:,} rejected)"
+        how = (
+            f"each with the call its new values imply ({a['too_long']:,} too long)"
+            if a.get("keep") == "implied"
+            else f"the teacher answered {a['kept']:,} of {a['candidates']:,} consistently; {a['rejected']:,} rejected"
         )
+        parts.append(f"{a['kept']:,} augmented requests at {a['share']:.0%} of every batch ({how})")
     if "general" in d:
         g = d["general"]
         parts.append(f"{g['sequences']:,} general-text sequences of {g['length']} tokens at {g['share']:.0%}")

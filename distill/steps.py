@@ -273,12 +273,13 @@ def bootstrapped_teacher(r: Run) -> Path:
 
 
 def augment(r: Run) -> None:
-    """``distill.augment``: training requests with random open values, answered by the teacher, kept where
-    it is consistent (``distill.augment``); cached per (teacher, data, settings) under the cache folder."""
+    """``distill.augment``: training requests with random open values, kept where the teacher answers them
+    consistently or all with their implied calls (``distill.augment.keep``); cached per (teacher, data,
+    settings) under the cache folder."""
     a = r.rc.distill.augment
     if not a.examples:
         return
-    from distill.augment import candidates, label
+    from distill.augment import candidates, implied, label
     from distill.data import encode_records, read_jsonl
     from distill.teacher import cache_root
 
@@ -294,9 +295,12 @@ def augment(r: Run) -> None:
 
     def work(st: Stage) -> dict:
         cands = candidates(r.records["train"], a.examples, a.seed, avoid, a.cross_script)
-        kept, stats = label(
-            r.teacher.get(), r.tokenizer, cands, max_length=r.rc.data.max_length, batch_size=a.batch_size
-        )
+        if a.keep == "implied":
+            kept, stats = implied(cands, r.tokenizer, max_length=r.rc.data.max_length)
+        else:
+            kept, stats = label(
+                r.teacher.get(), r.tokenizer, cands, max_length=r.rc.data.max_length, batch_size=a.batch_size
+            )
         with building(folder) as tmp:
             (tmp / "records.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
             write_json(tmp / "stats.json", stats)
@@ -317,9 +321,10 @@ def augment(r: Run) -> None:
     r.mix_info["augment"] = {
         **{k: stats[k] for k in ("candidates", "kept", "rejected", "too_long")},
         "share": a.share,
+        "keep": a.keep,
         "folder": str(folder),
     }
-    log.info("augment: %d teacher-labelled requests at %.0f%% of every batch", len(kept), 100 * a.share)
+    log.info("augment: %d new requests (keep=%s) at %.0f%% of every batch", len(kept), a.keep, 100 * a.share)
 
 
 def heldout_avoid(r: Run) -> frozenset[str]:

@@ -90,6 +90,7 @@ def test_all_problems_reported_at_once_before_any_weights_load(tmp_path):
                 "distill.divergence=kl",
                 f"teacher.path={tmp_path / 'nope'}",
                 "student.num_attention_heads=3",
+                "distill.augment.keep=teacher",
             ]
         )
     msg = str(err.value)
@@ -99,9 +100,10 @@ def test_all_problems_reported_at_once_before_any_weights_load(tmp_path):
         "distill.train.lr: must be > 0",
         "distill.train.batch_size: must be > 0",
         "distill.divergence: 'kl' is not one of",
+        "distill.augment.keep: 'teacher' is not one of consistent, implied",
     ):
         assert expected in msg, msg
-    assert len(err.value.problems) == 5
+    assert len(err.value.problems) == 6
 
 
 def test_semantic_problems(tmp_path):

@@ -207,6 +207,29 @@ def test_augmentation_keeps_only_what_the_teacher_answers_consistently(tokenizer
     assert all("Wrong Value" in r["teacher"] for r in stats["rejected_examples"])
 
 
+def test_implied_augmentation_keeps_every_request_with_the_call_its_values_imply(tokenizer):
+    """``distill.augment.keep=implied``: no teacher answers; every candidate that fits is kept, its target
+    the substituted call (the new values copied into it); the long ones are counted, not kept."""
+    from core.chat import encode
+    from distill.augment import candidates, implied
+
+    train = [e.to_record() for e in generate("train", GeneratorSettings(num_train=400))]
+    cands = candidates(train, 60, 0, heldout_vocabulary(), 0.25)
+    lengths = [len(encode(tokenizer, rec["messages"])["input_ids"]) for rec, _ in cands]
+    limit = sorted(lengths)[45]  # a planted cut: those longer than it must be dropped
+    kept, stats = implied(cands, tokenizer, max_length=limit)
+    fits = [rec for (rec, _), n in zip(cands, lengths, strict=True) if n <= limit]
+    assert 0 < len(kept) == stats["kept"] == len(fits) < len(cands)
+    assert stats["too_long"] == len(cands) - len(fits) and stats["rejected"] == 0
+    assert kept == fits
+    for (rec, new), n in zip(cands, lengths, strict=True):
+        if n > limit:
+            continue
+        call = json.loads(rec["messages"][-1]["content"])
+        assert all(call["args"][k] == v and v in rec["messages"][-2]["content"] for k, v in new.items())
+        assert not units(rec["messages"][-2]["content"]) & heldout_vocabulary()
+
+
 def test_general_text_is_the_models_own_seeded_samples(tokenizer, teacher_dir, tmp_path):
     from core.chat import IGNORE
     from distill.general import as_examples, first_tokens, sample_general

@@ -25,6 +25,8 @@ _VOWEL = "a e i o u ai ea io ou".split()
 _CODA = ["", "", "", "n", "r", "s", "l", "m", "t", "x"]
 _CJK = (0x4E00, 0x9FA5)  # CJK Unified Ideographs, the common block
 _CODE = re.compile(r"[a-z0-9_]+")  # an enumerated value (a code the model chooses), not one it copies
+# distill.augment.keep: which augmented requests the student trains on, and towards what (distill.augment)
+KEEP = ("consistent", "implied")
 
 
 def open_values(record: dict) -> list[tuple[str, str]]:
