@@ -238,3 +238,12 @@ def test_extra_training_pools_are_cached_and_keyed(env, tmp_path):
     )
     assert proc.returncode == 0, proc.log[-3000:]
     assert _statuses(run_dir)["prune"] == "ran"
+    # keep=implied: a new augment entry (no teacher answers), every candidate kept with its implied call
+    implied = [*mix, "distill.general.share=0.5", "student.prune.calib_general=4", "distill.augment.keep=implied"]
+    proc = _run([*SMOKE, f"hydra.run.dir={run_dir}", *implied], env)
+    assert proc.returncode == 0, proc.log[-3000:]
+    st = _statuses(run_dir)
+    assert st["augment"] == st["distill"] == "ran" and st["general"] == st["prune"] == "skipped", st
+    a = json.loads((run_dir / "metrics.json").read_text())["train_data"]["augment"]
+    assert a["keep"] == "implied" and a["rejected"] == 0 and a["kept"] == 24 - a["too_long"] > 0, a
+    assert "each with the call its new values imply" in (run_dir / "report.md").read_text()
