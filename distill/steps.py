@@ -810,7 +810,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
     (folder ``DIR/onnx/<variant>``). Each folder is a stage (``export``, ``export:fp16``, ``quantize:<v>``)."""
     from export.onnx import export_onnx, resolve_exporter, to_float16
     from families.hf import read_config
-    from quantize import SCHEMES
+    from quantize import SCHEMES, Build
 
     e, onnx_dir = r.rc.export, r.dir / "onnx"
     out = {}
@@ -844,27 +844,24 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
         cal = scheme.calibration(settings, calibration)
         inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
+        build = {"src": fp32.folder, "settings": settings, "calibration": calibration, "probe": probe}
         if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
             student = r.qad[v]  # trained by ``quantization_aware`` on every process, before this main-only section
             base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)
             inputs["qad_hash"] = base.output_hash
             qad_info = json.loads((student.folder / "qad_info.json").read_text())
-            extra = {"qad": qad_info["summary"], "reference": fp32.folder}
-        elif scheme.needs_student:  # the PyTorch student and answer starts: per-weight sensitivity
+            build.update(src=base.folder, qad=qad_info["summary"], reference=fp32.folder)
+        if scheme.needs_student:  # the PyTorch student and answer starts: per-weight sensitivity
             val = r.enc["validation"][: settings.examples]
             seqs, starts = [ex["input_ids"] for ex in val], [ex["prompt_len"] - 1 for ex in val]
             inputs.update({"student_hash": r.student_hash, "sensitivity_data": digest([seqs, starts])})
-            base, extra = fp32, {"student": r.dir / "student", "sequences": seqs, "starts": starts}
-        else:
-            base, extra = fp32, {}
+            build.update(student=r.dir / "student", sequences=seqs, starts=starts)
         out[v] = r.stage(
             f"quantize:{v}",
             onnx_dir / v,
             dataclasses.asdict(settings),
             inputs,
-            lambda st, scheme=scheme, settings=settings, base=base, extra=extra: scheme.build(
-                base.folder, st.folder, settings, calibration, probe, **extra
-            ),
+            lambda st, scheme=scheme, build=build: scheme.build(Build(dest=st.folder, **build)),
             on="main-only",
         )
     return out

@@ -28,7 +28,7 @@ def _conf(name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from export.onnx import EXPORTERS
-    from quantize import INT4_ALGORITHMS, SCHEMES
+    from quantize import INT4_ALGORITHMS, SCHEMES, Build
 
     q, e = _conf("quantize"), _conf("export")
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         problems += s.problems(f"quantize.{v}")
         if SCHEMES[v].calibrated(s):
             problems.append(f"{v} with these settings needs calibration data: use the pipeline (python -m distill)")
+        if SCHEMES[v].trained or SCHEMES[v].needs_student:
+            why = "a student trained on its grid" if SCHEMES[v].trained else "task sequences to measure sensitivity on"
+            problems.append(f"{v} needs {why}: use the pipeline (python -m distill quantize.variants=[{v}])")
     if problems:
         print("cannot export:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return 2
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.fp16:
         to_float16(fp32, a.dest / "fp16")
     for v, s in settings.items():
-        SCHEMES[v].build(fp32, a.dest / v, s, [])
+        SCHEMES[v].build(Build(fp32, a.dest / v, s))
         logging.getLogger("export").info("%s: %s", v, dataclasses.asdict(s))
     return 0
 

@@ -130,7 +130,7 @@ def test_shipped_onnx_runs_without_torch_or_this_project(smoke_run, tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def _negated_head(src, dest, settings, calibration, probe=()):
+def _negated_head(b):
     """A deliberately broken "quantizer": the fp32 graph with its LM head weight negated (argmax flips)."""
     import onnx
     from onnx import numpy_helper
@@ -138,14 +138,14 @@ def _negated_head(src, dest, settings, calibration, probe=()):
     from core.files import building
     from core.onnx_files import ONNX_FILE, copy_runtime_files
 
-    with building(dest) as tmp:
-        model = onnx.load(str(Path(src) / ONNX_FILE))
+    with building(b.dest) as tmp:
+        model = onnx.load(str(b.src / ONNX_FILE))
         (head,) = [n for n in model.graph.node if "logits" in n.output]
         (w,) = [i for i in model.graph.initializer if i.name == head.input[1]]
         w.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w), w.name))
         onnx.save(model, str(tmp / ONNX_FILE))
-        copy_runtime_files(Path(src), tmp)
-    return dest
+        copy_runtime_files(b.src, tmp)
+    return b.dest
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def _default_gate(**changes) -> list[str]:
     return [f"gate.{k}={'null' if v is None else v}" for k, v in values.items() if k != "variants"]
 
 
-def _negated_at_batch_one(src, dest, settings, calibration, probe=()):
+def _negated_at_batch_one(b):
     """A planted batch-dependent "quantizer": the fp32 graph whose logits are negated when the batch is 1
     (what the car runs) and exact at any other batch, as a scheme whose numbers depend on the batch would be."""
     import onnx
@@ -182,8 +182,8 @@ def _negated_at_batch_one(src, dest, settings, calibration, probe=()):
     from core.files import building
     from core.onnx_files import ONNX_FILE, copy_runtime_files
 
-    with building(dest) as tmp:
-        model = onnx.load(str(Path(src) / ONNX_FILE))
+    with building(b.dest) as tmp:
+        model = onnx.load(str(b.src / ONNX_FILE))
         g = model.graph
         (head,) = [n for n in g.node if "logits" in n.output]
         head.output[list(head.output).index("logits")] = "logits_raw"
@@ -207,8 +207,8 @@ def _negated_at_batch_one(src, dest, settings, calibration, probe=()):
             ]
         )
         onnx.save(model, str(tmp / ONNX_FILE))
-        copy_runtime_files(Path(src), tmp)
-    return dest
+        copy_runtime_files(b.src, tmp)
+    return b.dest
 
 
 def _student_is_teacher(teacher, tmp_path, monkeypatch, gate: list[str], broken=_negated_head, more=()) -> dict:

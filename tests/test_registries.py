@@ -80,8 +80,8 @@ def test_a_new_quantization_scheme_is_one_registry_entry():
 
         quantize.SCHEMES["int8_tensor"] = quantize.Scheme(
             Int8TensorSettings,
-            lambda src, dest, s, cal, probe=(): quantize.quantize_int8_dynamic(
-                src, dest, per_channel=False, embedding=s.embedding, probe=probe
+            lambda b: quantize.quantize_int8_dynamic(
+                b.src, b.dest, per_channel=False, embedding=b.settings.embedding, probe=b.probe
             ),
             lambda s: False,
             "int8, one scale per tensor",
