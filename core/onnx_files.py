@@ -11,6 +11,17 @@ CONFIG_FILE = "onnx_config.json"
 GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's runtime (C, C++, C#, Java, Python) loads the folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TWO_GB = 2**31  # protobuf's hard limit for one message
+# The graph's contract, whatever the exporter: these inputs, then one past key / value pair per layer in;
+# logits, then one present key / value pair per layer out (B, kv_heads, length, head_dim)
+INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def onnx_bytes(folder: str | Path) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.onnx_files import past_names, present_names
 from families import head_dim
 
 MS = "com.microsoft"
@@ -108,28 +109,44 @@ class _Graph:
 def build_fused(model, opset: int = 18, pack: bool = True):
     """The fused ``onnx.ModelProto`` (float32) of an HF Llama / Mistral / Qwen2 / Qwen3 causal LM."""
     import torch
-    from onnx import TensorProto, helper
-
-    from export.onnx import past_names, present_names
 
     config = model.config
     check_fusable(config)
-    n, nh, kv, hd = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, head_dim(config)
-    eps = float(config.rms_norm_eps)
     sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
     g = _Graph()
+    shared = _shared_inputs(g, model)
+    table = sd["model.embed_tokens.weight"]
+    x = g.op("Gather", [g.const("model.embed_tokens.weight", table), "input_ids"], name="embed/Gather", axis=0)
+    residual = None
+    for i in range(config.num_hidden_layers):
+        x, residual = _layer(g, sd, model, i, x, residual, shared, pack)
+    h = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, g.const("model.norm.weight", sd["model.norm.weight"])],
+        4,
+        "final_norm",
+        MS,
+        epsilon=float(config.rms_norm_eps),
+    )[0]
+    head = sd["lm_head.weight"] if "lm_head.weight" in sd else table
+    g.op("MatMul", [h, g.const("lm_head.weight.T", head.T)], name="lm_head/MatMul", outputs=["logits"])
+    return _model(g, config, opset)
+
+
+def _linear(g: _Graph, sd: dict, x, prefix: str, label: str):
+    out = g.op("MatMul", [x, g.const(f"{prefix}.weight.T", sd[prefix + ".weight"].T)], name=f"{label}/MatMul")
+    if prefix + ".bias" in sd:
+        out = g.op("Add", [out, g.const(f"{prefix}.bias", sd[prefix + ".bias"])], name=f"{label}/Add")
+    return out
+
+
+def _shared_inputs(g: _Graph, model) -> dict:
+    """What every layer reads: the padding bias (B,1,S,T), the lengths GroupQueryAttention takes, and the
+    rotary tables for rows 0 .. T-1."""
+    import torch
+    from onnx import TensorProto
+
     f32 = np.float32
-
-    def w(name: str) -> np.ndarray:
-        return sd[name]
-
-    def linear(x, prefix: str, label: str):
-        out = g.op("MatMul", [x, g.const(f"{prefix}.weight.T", w(prefix + ".weight").T)], name=f"{label}/MatMul")
-        if prefix + ".bias" in sd:
-            out = g.op("Add", [out, g.const(f"{prefix}.bias", w(prefix + ".bias"))], name=f"{label}/Add")
-        return out
-
-    # -- shared by every layer: padding bias, lengths, rotary tables for these positions
     mask_f = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT, name="mask/Cast")
     pad = g.op("Sub", [g.const("one", np.array(1, f32)), mask_f], name="mask/Sub")  # 1 on padding
     bias = g.op("Mul", [pad, g.const("lowest", np.array(np.finfo(f32).min, f32))], name="mask/Mul")
@@ -162,87 +179,89 @@ def build_fused(model, opset: int = 18, pack: bool = True):
     if scaling != 1.0:
         s = g.const("rope_scaling", np.array(scaling, f32))
         cos, sin = g.op("Mul", [cos, s], name="rope/cos_scale"), g.op("Mul", [sin, s], name="rope/sin_scale")
+    return {"bias": bias, "total": total, "seqlens": seqlens, "cos": cos, "sin": sin}
 
-    table = w("model.embed_tokens.weight")
-    x = g.op("Gather", [g.const("model.embed_tokens.weight", table), "input_ids"], name="embed/Gather", axis=0)
-    residual = None
-    for i in range(n):
-        p = f"model.layers.{i}"
-        norm_w = g.const(f"{p}.input_layernorm.weight", w(f"{p}.input_layernorm.weight"))
-        if residual is None:
-            h = g.op("SimplifiedLayerNormalization", [x, norm_w], name=f"{p}/input_norm", axis=-1, epsilon=eps)
-            residual = x
-        else:
-            h, _, _, residual = g.op(
-                "SkipSimplifiedLayerNormalization", [x, residual, norm_w], 4, f"{p}/input_norm", MS, epsilon=eps
-            )
-        qkv_names = [f"{p}.self_attn.{c}_proj" for c in "qkv"]
-        if pack and f"{p}.self_attn.q_norm.weight" not in sd:
-            # One MatMul for q, k, v; GroupQueryAttention applies rotary itself, at positions counted from
-            # the first column of the cache (a left-padded row is shifted by its padding, every key and
-            # query alike, and rotary attention depends on position differences only)
-            wqkv = np.concatenate([w(c + ".weight") for c in qkv_names], 0)
-            qkv = g.op(
-                "MatMul", [h, g.const(f"{p}.self_attn.qkv_proj.weight.T", wqkv.T)], name=f"{p}/attn/qkv_proj/MatMul"
-            )
-            if qkv_names[0] + ".bias" in sd:
-                b = np.concatenate([w(c + ".bias") for c in qkv_names], 0)
-                qkv = g.op("Add", [qkv, g.const(f"{p}.self_attn.qkv_proj.bias", b)], name=f"{p}/attn/qkv_proj/Add")
-            attn_in, rotary, rot_in = [qkv, "", ""], {"do_rotary": 1}, [cos, sin]
-        else:
-            q = linear(h, qkv_names[0], f"{p}/attn/q_proj")
-            k = linear(h, qkv_names[1], f"{p}/attn/k_proj")
-            v = linear(h, qkv_names[2], f"{p}/attn/v_proj")
-            for which, heads in (("q", nh), ("k", kv)):
-                key = f"{p}.self_attn.{which}_norm.weight"
-                if key in sd:  # Qwen3: RMSNorm over each head's channels, before rotary
-                    t = q if which == "q" else k
-                    t = g.op("Reshape", [t, g.const(f"{p}/{which}_heads", np.array([0, 0, heads, hd], np.int64))])
-                    t = g.op("SimplifiedLayerNormalization", [t, g.const(key, w(key))], axis=-1, epsilon=eps)
-                    t = g.op("Reshape", [t, g.const(f"{p}/{which}_flat", np.array([0, 0, heads * hd], np.int64))])
-                    q, k = (t, k) if which == "q" else (q, t)
-            q = g.op(
-                "RotaryEmbedding", [q, "position_ids", cos, sin], name=f"{p}/attn/q_rotary", domain=MS, num_heads=nh
-            )
-            k = g.op(
-                "RotaryEmbedding", [k, "position_ids", cos, sin], name=f"{p}/attn/k_rotary", domain=MS, num_heads=kv
-            )
-            attn_in, rotary, rot_in = [q, k, v], {}, ["", ""]
-        attn = g.op(
-            "GroupQueryAttention",
-            [*attn_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, *rot_in, "", bias],
-            name=f"{p}/attn/GroupQueryAttention",
-            domain=MS,
-            outputs=[f"{p}/attn/out", f"present.{i}.key", f"present.{i}.value"],
-            num_heads=nh,
-            kv_num_heads=kv,
-            scale=float(getattr(model.model.layers[i].self_attn, "scaling", hd**-0.5)),
-            **rotary,
-        )[0]
-        o = linear(attn, f"{p}.self_attn.o_proj", f"{p}/attn/o_proj")
+
+def _layer(g: _Graph, sd: dict, model, i: int, x, residual, shared: dict, pack: bool):
+    """Decoder layer ``i``: returns (its output, the residual stream) for the next layer's fused norm."""
+    config = model.config
+    nh, kv, hd, eps = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        head_dim(config),
+        float(config.rms_norm_eps),
+    )
+    cos, sin = shared["cos"], shared["sin"]
+    p = f"model.layers.{i}"
+    norm_w = g.const(f"{p}.input_layernorm.weight", sd[f"{p}.input_layernorm.weight"])
+    if residual is None:
+        h = g.op("SimplifiedLayerNormalization", [x, norm_w], name=f"{p}/input_norm", axis=-1, epsilon=eps)
+        residual = x
+    else:
         h, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, g.const(f"{p}.post_attention_layernorm.weight", w(f"{p}.post_attention_layernorm.weight"))],
-            4,
-            f"{p}/post_attention_norm",
-            MS,
-            epsilon=eps,
+            "SkipSimplifiedLayerNormalization", [x, residual, norm_w], 4, f"{p}/input_norm", MS, epsilon=eps
         )
-        gate = linear(h, f"{p}.mlp.gate_proj", f"{p}/mlp/gate_proj")
-        up = linear(h, f"{p}.mlp.up_proj", f"{p}/mlp/up_proj")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
-        x = linear(g.op("Mul", [act, up], name=f"{p}/mlp/Mul"), f"{p}.mlp.down_proj", f"{p}/mlp/down_proj")
-    h = g.op(
+    qkv_names = [f"{p}.self_attn.{c}_proj" for c in "qkv"]
+    if pack and f"{p}.self_attn.q_norm.weight" not in sd:
+        # One MatMul for q, k, v; GroupQueryAttention applies rotary itself, at positions counted from
+        # the first column of the cache (a left-padded row is shifted by its padding, every key and
+        # query alike, and rotary attention depends on position differences only)
+        wqkv = np.concatenate([sd[c + ".weight"] for c in qkv_names], 0)
+        qkv = g.op("MatMul", [h, g.const(f"{p}.self_attn.qkv_proj.weight.T", wqkv.T)], name=f"{p}/attn/qkv_proj/MatMul")
+        if qkv_names[0] + ".bias" in sd:
+            b = np.concatenate([sd[c + ".bias"] for c in qkv_names], 0)
+            qkv = g.op("Add", [qkv, g.const(f"{p}.self_attn.qkv_proj.bias", b)], name=f"{p}/attn/qkv_proj/Add")
+        attn_in, rotary, rot_in = [qkv, "", ""], {"do_rotary": 1}, [cos, sin]
+    else:
+        q = _linear(g, sd, h, qkv_names[0], f"{p}/attn/q_proj")
+        k = _linear(g, sd, h, qkv_names[1], f"{p}/attn/k_proj")
+        v = _linear(g, sd, h, qkv_names[2], f"{p}/attn/v_proj")
+        for which, heads in (("q", nh), ("k", kv)):
+            key = f"{p}.self_attn.{which}_norm.weight"
+            if key in sd:  # Qwen3: RMSNorm over each head's channels, before rotary
+                t = q if which == "q" else k
+                t = g.op("Reshape", [t, g.const(f"{p}/{which}_heads", np.array([0, 0, heads, hd], np.int64))])
+                t = g.op("SimplifiedLayerNormalization", [t, g.const(key, sd[key])], axis=-1, epsilon=eps)
+                t = g.op("Reshape", [t, g.const(f"{p}/{which}_flat", np.array([0, 0, heads * hd], np.int64))])
+                q, k = (t, k) if which == "q" else (q, t)
+        q = g.op("RotaryEmbedding", [q, "position_ids", cos, sin], name=f"{p}/attn/q_rotary", domain=MS, num_heads=nh)
+        k = g.op("RotaryEmbedding", [k, "position_ids", cos, sin], name=f"{p}/attn/k_rotary", domain=MS, num_heads=kv)
+        attn_in, rotary, rot_in = [q, k, v], {}, ["", ""]
+    past_k, past_v = past_names(i + 1)[-2:]
+    present_k, present_v = present_names(i + 1)[-2:]
+    attn = g.op(
+        "GroupQueryAttention",
+        [*attn_in, past_k, past_v, shared["seqlens"], shared["total"], *rot_in, "", shared["bias"]],
+        name=f"{p}/attn/GroupQueryAttention",
+        domain=MS,
+        outputs=[f"{p}/attn/out", present_k, present_v],
+        num_heads=nh,
+        kv_num_heads=kv,
+        scale=float(getattr(model.model.layers[i].self_attn, "scaling", hd**-0.5)),
+        **rotary,
+    )[0]
+    o = _linear(g, sd, attn, f"{p}.self_attn.o_proj", f"{p}/attn/o_proj")
+    h, _, _, residual = g.op(
         "SkipSimplifiedLayerNormalization",
-        [x, residual, g.const("model.norm.weight", w("model.norm.weight"))],
+        [o, residual, g.const(f"{p}.post_attention_layernorm.weight", sd[f"{p}.post_attention_layernorm.weight"])],
         4,
-        "final_norm",
+        f"{p}/post_attention_norm",
         MS,
         epsilon=eps,
-    )[0]
-    head = w("lm_head.weight") if "lm_head.weight" in sd else table
-    g.op("MatMul", [h, g.const("lm_head.weight.T", head.T)], name="lm_head/MatMul", outputs=["logits"])
+    )
+    gate = _linear(g, sd, h, f"{p}.mlp.gate_proj", f"{p}/mlp/gate_proj")
+    up = _linear(g, sd, h, f"{p}.mlp.up_proj", f"{p}/mlp/up_proj")
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}/mlp/Sigmoid")], name=f"{p}/mlp/silu")
+    return _linear(
+        g, sd, g.op("Mul", [act, up], name=f"{p}/mlp/Mul"), f"{p}.mlp.down_proj", f"{p}/mlp/down_proj"
+    ), residual
 
+
+def _model(g: _Graph, config, opset: int):
+    """The graph's inputs and outputs (the contract of ``core.onnx_files``) around its nodes."""
+    from onnx import TensorProto, helper
+
+    n, kv, hd = config.num_hidden_layers, config.num_key_value_heads, head_dim(config)
     past_shape = ["batch", kv, "past_sequence", hd]
     present_shape = ["batch", kv, "total_sequence", hd]
     inputs = [

@@ -37,11 +37,15 @@ from core.onnx_files import (
     CONFIG_FILE,
     EXTERNAL_DATA_FILE,
     GENAI_CONFIG_FILE,
+    INPUTS,
     ONNX_FILE,
     TOKENIZER_FILES,
     TWO_GB,
     copy_runtime_files,
+    past_names,
+    present_names,
 )
+from export.fused import UnsupportedForFused, build_fused, check_fusable
 from families import head_dim
 
 log = logging.getLogger(__name__)
@@ -53,8 +57,6 @@ def resolve_exporter(exporter: str, config, batched_openvino: bool = False) -> s
     """``auto``: ``fused`` when the model's config allows it (``export.fused.check_fusable``) and OpenVINO is
     not asked to run it at a batch above 1 (its GroupQueryAttention runs batch 1 only), else ``dynamo``.
     ``fused``: itself, or ``UnsupportedForFused`` naming what the model needs. Reads the config only."""
-    from export.fused import UnsupportedForFused, check_fusable
-
     if exporter == "fused":
         check_fusable(config)
     if exporter != "auto":
@@ -71,14 +73,6 @@ def resolve_exporter(exporter: str, config, batched_openvino: bool = False) -> s
 
 class ExportError(RuntimeError):
     """The exported graph is invalid or does not reproduce the PyTorch model."""
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
 
 
 def _wrapper(model):
@@ -147,7 +141,6 @@ def export_onnx(
     model_dir: str | Path,
     dest: str | Path,
     *,
-    dtype: str = "float32",
     opset: int = 18,
     external_data_threshold: int = TWO_GB,
     verify: bool = True,
@@ -155,19 +148,16 @@ def export_onnx(
     verify_rtol: float = 1e-4,
     exporter: str = "auto",
 ) -> Path:
-    """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (+ tokenizer, ``onnx_config.json``).
+    """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (float32, + tokenizer,
+    ``onnx_config.json``, ``genai_config.json``); ``to_float16`` makes the fp16 folder from it.
 
-    ``dtype``: ``float32`` or ``float16`` (converted from the fp32 graph with ONNX Runtime's converter,
-    inputs and outputs included). With ``verify``, the fp32 graph is run once under ONNX Runtime on a
-    prefill and a decode step with padding and compared with PyTorch; a mismatch raises ``ExportError``.
-    The folder is written under a temporary name and renamed when complete.
+    With ``verify``, the graph is run once under ONNX Runtime on a padded prefill and a decode step and
+    compared with PyTorch; a mismatch raises ``ExportError``. The folder is written under a temporary name
+    and renamed when complete.
     """
-    import onnx
     import torch
     from transformers import AutoModelForCausalLM
 
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"export dtype must be float32 or float16, got {dtype!r}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     model_dir, dest = Path(model_dir), Path(dest)
@@ -177,104 +167,112 @@ def export_onnx(
         exporter = resolve_exporter(exporter, AutoConfig.from_pretrained(str(model_dir)))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
-    config = model.config
-    n = config.num_hidden_layers
-    inputs = ["input_ids", "attention_mask", "position_ids", *past_names(n)]
-    outputs = ["logits", *present_names(n)]
     with building(dest) as tmp:
-        if exporter == "fused":
-            from export.fused import build_fused
-
-            proto = build_fused(model, opset)
-        else:
-            raw = tmp / "raw"
-            raw.mkdir()
-            wrapper = _wrapper(model)
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes, axis renames
-                common = dict(input_names=inputs, output_names=outputs, opset_version=opset)
-                if exporter == "dynamo":
-                    from torch.export import Dim
-
-                    b, q, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
-                    shapes = ({0: b, 1: q}, {0: b, 1: t}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in range(2 * n)))
-                    # onnx_ir logs every folded initializer at INFO; torch.onnx warns that torchvision is absent
-                    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
-                    levels = [q.level for q in quiet]
-                    for q in quiet:
-                        q.setLevel(logging.ERROR)
-                    try:
-                        torch.onnx.export(
-                            wrapper,
-                            _example_inputs(config),
-                            str(raw / ONNX_FILE),
-                            dynamic_shapes=shapes,
-                            dynamo=True,
-                            optimize=True,
-                            verbose=False,
-                            **common,
-                        )
-                    finally:
-                        for q, level in zip(quiet, levels, strict=True):
-                            q.setLevel(level)
-                else:
-                    axes = {
-                        "input_ids": {0: "batch", 1: "sequence"},
-                        "attention_mask": {0: "batch", 1: "total_sequence"},
-                        "position_ids": {0: "batch", 1: "sequence"},
-                        "logits": {0: "batch", 1: "sequence"},
-                    }
-                    axes.update({k: {0: "batch", 2: "past_sequence"} for k in past_names(n)})
-                    axes.update({k: {0: "batch", 2: "total_sequence"} for k in present_names(n)})
-                    torch.onnx.export(
-                        wrapper,
-                        _example_inputs(config),
-                        str(raw / ONNX_FILE),
-                        dynamic_axes=axes,
-                        do_constant_folding=True,
-                        dynamo=False,
-                        **common,
-                    )
-            proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
-            proto.producer_name = "car-distill"
-            fold_transposed_weights(proto)
-            for node in proto.graph.node:  # the dynamo exporter's per-node debug records (FX nodes, stacks)
-                del node.metadata_props[:]
-            shutil.rmtree(raw)
+        proto = build_fused(model, opset) if exporter == "fused" else _traced(model, exporter, opset, tmp / "raw")
         save_onnx(proto, tmp, external_data_threshold)
-        meta = {
-            "model_type": config.model_type,
-            "num_hidden_layers": n,
-            "num_key_value_heads": config.num_key_value_heads,
-            "head_dim": head_dim(config),
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size,
-            "max_position_embeddings": config.max_position_embeddings,
-            "eos_token_id": _ids(model.generation_config.eos_token_id or config.eos_token_id),
-            "pad_token_id": model.generation_config.pad_token_id
-            if model.generation_config.pad_token_id is not None
-            else config.pad_token_id,
-            "dtype": "float32",
-            "inputs": inputs,
-            "outputs": outputs,
-            "opset": opset,
-            "source": str(model_dir),
-            "exporter": "export.fused"
-            if exporter == "fused"
-            else f"torch.onnx.export ({exporter}) torch {torch.__version__}",
-            "graph": "fused" if exporter == "fused" else "traced",
-        }
+        meta = _metadata(model, model_dir, exporter, opset)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, config), indent=2))
+        (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, model.config), indent=2))
         for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
         if verify:
             err = verify_against_torch(tmp, model, verify_atol, verify_rtol)
             log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
-        if dtype == "float16":
-            _half_in_place(tmp, tmp, external_data_threshold)
     return dest
+
+
+def _traced(model, exporter: str, opset: int, raw: Path):
+    """The ``dynamo`` or ``torchscript`` graph of ``model`` (written to ``raw``, loaded back, ``raw`` removed):
+    transposed weight constants folded, the dynamo exporter's per-node debug records dropped."""
+    import onnx
+    import torch
+
+    n = model.config.num_hidden_layers
+    raw.mkdir()
+    wrapper = _wrapper(model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes, axis renames
+        common = dict(
+            input_names=[*INPUTS, *past_names(n)], output_names=["logits", *present_names(n)], opset_version=opset
+        )
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            b, q, p, t = Dim("batch"), Dim("sequence"), Dim("past_sequence"), Dim("total_sequence")
+            shapes = ({0: b, 1: q}, {0: b, 1: t}, {0: b, 1: q}, tuple({0: b, 2: p} for _ in range(2 * n)))
+            # onnx_ir logs every folded initializer at INFO; torch.onnx warns that torchvision is absent
+            quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+            levels = [q.level for q in quiet]
+            for q in quiet:
+                q.setLevel(logging.ERROR)
+            try:
+                torch.onnx.export(
+                    wrapper,
+                    _example_inputs(model.config),
+                    str(raw / ONNX_FILE),
+                    dynamic_shapes=shapes,
+                    dynamo=True,
+                    optimize=True,
+                    verbose=False,
+                    **common,
+                )
+            finally:
+                for q, level in zip(quiet, levels, strict=True):
+                    q.setLevel(level)
+        else:
+            axes = {
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "total_sequence"},
+                "position_ids": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch", 1: "sequence"},
+            }
+            axes.update({k: {0: "batch", 2: "past_sequence"} for k in past_names(n)})
+            axes.update({k: {0: "batch", 2: "total_sequence"} for k in present_names(n)})
+            torch.onnx.export(
+                wrapper,
+                _example_inputs(model.config),
+                str(raw / ONNX_FILE),
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                dynamo=False,
+                **common,
+            )
+    proto = onnx.load(str(raw / ONNX_FILE), load_external_data=True)
+    proto.producer_name = "car-distill"
+    fold_transposed_weights(proto)
+    for node in proto.graph.node:  # the dynamo exporter's per-node debug records (FX nodes, stacks)
+        del node.metadata_props[:]
+    shutil.rmtree(raw)
+    return proto
+
+
+def _metadata(model, model_dir: Path, exporter: str, opset: int) -> dict:
+    """``onnx_config.json``: what a runner needs to feed the graph (shapes, names, special ids)."""
+    import torch
+
+    config, gen = model.config, model.generation_config
+    n = config.num_hidden_layers
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": n,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": head_dim(config),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "eos_token_id": _ids(gen.eos_token_id or config.eos_token_id),
+        "pad_token_id": gen.pad_token_id if gen.pad_token_id is not None else config.pad_token_id,
+        "dtype": "float32",
+        "inputs": [*INPUTS, *past_names(n)],
+        "outputs": ["logits", *present_names(n)],
+        "opset": opset,
+        "source": str(model_dir),
+        "exporter": "export.fused"
+        if exporter == "fused"
+        else f"torch.onnx.export ({exporter}) torch {torch.__version__}",
+        "graph": "fused" if exporter == "fused" else "traced",
+    }
 
 
 def genai_config(meta: dict, config) -> dict:
@@ -374,25 +372,19 @@ def _ids(x) -> list[int]:
 def to_float16(src: str | Path, dest: str | Path, external_data_threshold: int = TWO_GB) -> Path:
     """A new folder with fp16 weights and activations (KV cache and logits included), converted with
     ONNX Runtime's float16 converter (its block list keeps range-sensitive ops in fp32 behind casts)."""
-    src, dest = Path(src), Path(dest)
-    with building(dest) as tmp:
-        copy_runtime_files(src, tmp)
-        _half_in_place(src, tmp, external_data_threshold)
-    return dest
-
-
-def _half_in_place(src: Path, dest: Path, external_data_threshold: int) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = onnx.load(str(src / ONNX_FILE), load_external_data=True)
-    half = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True)
-    for p in dest.glob(ONNX_FILE + "*"):
-        p.unlink()
-    save_onnx(half, dest, external_data_threshold)
-    meta = json.loads((dest / CONFIG_FILE).read_text())
-    meta["dtype"] = "float16"
-    (dest / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    src, dest = Path(src), Path(dest)
+    with building(dest) as tmp:
+        copy_runtime_files(src, tmp)
+        proto = onnx.load(str(src / ONNX_FILE), load_external_data=True)
+        half = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True)
+        save_onnx(half, tmp, external_data_threshold)
+        meta = json.loads((tmp / CONFIG_FILE).read_text())
+        meta["dtype"] = "float16"
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return dest
 
 
 def verify_against_torch(folder: str | Path, model, atol: float = 1e-3, rtol: float = 1e-4) -> float:

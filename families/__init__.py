@@ -6,60 +6,18 @@ weights map to and from the canonical Llama names that pruning works on (Phi-3 f
 a layer holds beyond the canonical ones (biases, per-head norms). ``FAMILIES`` is the one list of
 supported families: config checks, folder checks, pruning, the trainer's hooks and export read it.
 
-Adding a family is one module here (see ``phi3.py``) and its line in ``FAMILIES``, plus tests.
+Adding a family is one module here (see ``phi3.py``, built on ``base.Family``) and its line in ``FAMILIES``,
+plus tests.
 No torch at import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
-
-def _same(sd: dict, cfg: dict) -> dict:
-    return sd
-
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    label: str  # for messages: "Llama", "Qwen2", ...
-    # Module paths, relative to the causal LM (``layers``, ``backbone``, ``final_norm``) or to one decoder
-    # layer (the rest). ``attn_out``'s input is the concatenated head outputs, ``mlp_out``'s the MLP
-    # channels: activation importance hooks both.
-    backbone: str = "model"
-    layers: str = "model.layers"
-    final_norm: str = "model.norm"
-    attention: str = "self_attn"
-    attn_out: str = "self_attn.o_proj"
-    mlp_out: str = "mlp.down_proj"
-    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    # rms: y = x / rms(x) * w. Pruning H -> H' residual channels rescales w by sqrt(H / H') so a stream
-    # whose dropped channels were zero is normalised exactly as before.
-    norm: str = "rms"
-    # The family's config refuses hidden_size % num_attention_heads != 0 (LlamaConfig does).
-    hidden_multiple_of_heads: bool = False
-    # Parameters of one layer beyond the canonical weight matrices and the two norms:
-    # (config, hidden, query heads, kv heads, head_dim, intermediate) -> count.
-    extra_layer_params: Callable[[dict, int, int, int, int, int], int] = lambda cfg, h, nh, kv, hd, i: 0
-    # State dict (full model) <-> canonical Llama names: model.embed_tokens, model.norm, lm_head, and per
-    # layer self_attn.{q,k,v,o}_proj (+ biases, q_norm / k_norm), mlp.{gate,up,down}_proj, input_layernorm,
-    # post_attention_layernorm. Pruning slices those and nothing else.
-    to_canonical: Callable[[dict, dict], dict] = _same
-    from_canonical: Callable[[dict, dict], dict] = _same
-    # Problems with a pruned shape that this family's config would refuse on reload: (config, sizes) -> problems.
-    shape_problems: Callable[[dict, dict], list[str]] = lambda cfg, sizes: []
-
-    def rescale_norm(self, weight, scale: float):
-        """A norm weight after the residual width shrank by ``1 / scale**2`` (kept channels only)."""
-        if self.norm == "rms":
-            return weight * scale
-        raise NotImplementedError(f"{self.label}: no residual-width rescale for norm kind {self.norm!r}")
+from families import llama, phi3
+from families.base import Family, head_dim
 
 
 def _families() -> dict[str, Family]:
-    from families import llama, phi3
-
     return {f.model_type: f for f in (*llama.FAMILIES, phi3.PHI3)}
 
 
@@ -83,12 +41,6 @@ def family(cfg_or_type) -> Family:
 
 def supported() -> str:
     return ", ".join(FAMILIES)
-
-
-def head_dim(cfg) -> int:
-    """Per-head width from a config dict or an HF config object (explicit ``head_dim`` wins)."""
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    return get("head_dim") or get("hidden_size") // get("num_attention_heads")
 
 
 def count_params(cfg: dict, sizes: dict | None = None) -> int:
@@ -150,4 +102,4 @@ def final_norm(model):
     return _get(inner, family(inner).final_norm)
 
 
-FAMILIES: dict[str, Family] = _families()  # last: the family modules import the helpers above
+FAMILIES: dict[str, Family] = _families()

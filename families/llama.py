@@ -7,7 +7,7 @@ q/k/v/o biases when ``attention_bias``; Qwen3 adds per-head ``q_norm`` / ``k_nor
 
 from __future__ import annotations
 
-from families import Family
+from families.base import Family
 
 
 def _mlp_bias(cfg: dict, h: int, i: int) -> int:

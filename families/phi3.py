@@ -7,7 +7,7 @@ Pruning works on canonical names: ``to_canonical`` splits the fused weights into
 
 from __future__ import annotations
 
-from families import Family, head_dim
+from families.base import Family, head_dim
 
 _A, _M = "self_attn.", "mlp."
 
