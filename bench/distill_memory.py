@@ -29,7 +29,7 @@ def worker(mode: str, vocab: int, seq: int, batch: int, steps: int, chunk: int) 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from distill.losses import forward_kl
-    from distill.trainer import DistillModule, teacher_signals
+    from distill.train import DistillModule, teacher_signals
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

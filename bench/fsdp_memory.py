@@ -1,7 +1,7 @@
 """Memory per process of distillation: 1 process vs 2 data-parallel processes (DDP) vs 2 FSDP2 processes.
 
 A ~113M-parameter teacher and a ~42M student (Qwen2 shapes, built from config), live logit KD through
-``distill.trainer.train`` with AdamW, on CPU processes (gloo). Each variant runs in fresh processes;
+``distill.train.train`` with AdamW, on CPU processes (gloo). Each variant runs in fresh processes;
 every process reports its resident memory after the models are built, its peak during training
 (``ru_maxrss``, which includes building the models whole before they are sharded), its peak during
 training alone (VmHWM reset after the models are built) and its resident memory at the last step, next
@@ -53,7 +53,7 @@ def worker(out: Path, sharding: str, steps: int, batch: int, seq: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from distill.config import compose
-    from distill.trainer import make_accelerator, make_mode, train
+    from distill.train import make_accelerator, make_mode, train
 
     torch.set_num_threads(1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 2)
     acc = make_accelerator("no")

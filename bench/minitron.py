@@ -107,7 +107,7 @@ def _teacher_dir(rc):
     """The cached bootstrapped teacher (bootstrapping it if needed), as the pipeline would find it."""
     from distill.data import data_hash, load_records
     from distill.teacher import bootstrap_teacher
-    from distill.trainer import make_accelerator
+    from distill.train import make_accelerator
 
     if rc.teacher.path:
         return Path(rc.teacher.path)

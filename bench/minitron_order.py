@@ -59,7 +59,7 @@ def main() -> None:
     from distill.config import compose, student_plan
     from distill.data import load_records
     from distill.general import as_examples, sample_general
-    from distill.trainer import final_model, make_accelerator, make_mode, train
+    from distill.train import final_model, make_accelerator, make_mode, train
     from families.hf import load_causal_lm, read_config, save_model_atomically
     from prune import prune_model
     from prune.calibration import calibration_batches, sequence_batches

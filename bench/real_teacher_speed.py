@@ -33,7 +33,7 @@ def main() -> None:
 
     from distill.config import compose, package_file
     from distill.data import encode_records, load_records
-    from distill.trainer import CrossEntropy, apply_lora, make_accelerator, train
+    from distill.train import CrossEntropy, apply_lora, make_accelerator, train
     from families.gguf import convert_gguf
     from families.hf import load_causal_lm
 

@@ -34,7 +34,7 @@ def main() -> None:
 
     from distill.config import compose
     from distill.data import encode_records, load_records
-    from distill.trainer import CrossEntropy, make_accelerator, train
+    from distill.train import CrossEntropy, make_accelerator, train
     from families.hf import build_from_config, read_config
 
     tok = AutoTokenizer.from_pretrained(a.teacher)

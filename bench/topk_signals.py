@@ -40,7 +40,7 @@ def main() -> None:
     from distill.data import data_hash, encode_records, load_records
     from distill.signals import TopKSignals, compute_topk, save_signals
     from distill.teacher import bootstrap_dir
-    from distill.trainer import make_accelerator, make_mode, train
+    from distill.train import make_accelerator, make_mode, train
     from families.hf import build_from_config, load_causal_lm, read_config, student_config
 
     torch.set_num_threads(torch.get_num_threads())

@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     from distill.data import DataError
     from distill.pipeline import run
     from distill.stages import RunFolderError
-    from distill.trainer import TrainingDiverged
+    from distill.train import TrainingDiverged
     from export.onnx import ExportError
 
     hc = HydraConfig.get()

@@ -11,212 +11,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from core.schema import choice, non_negative, positive, problem, unit
-from distill.data.augment import KEEP as AUGMENT_KEEP
-from distill.sharding import SHARDING
+from core.schema import build, check_ranges, choice, non_negative, positive, unit
+from distill.schema import (
+    AugmentConfig,
+    BootstrapConfig,
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    FeatureConfig,
+    FinetuneConfig,
+    GeneralConfig,
+    LoraConfig,
+    OnPolicyConfig,
+    PruneConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from export.gate import THRESHOLDS
 from export.onnx import EXPORTERS
 from prune.plan import SIZE_KEYS
 from quantize import SCHEMES, onnx_variants
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, one per line, each naming its key."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-@dataclass
-class DataConfig:
-    source: str = choice("car_assistant", "jsonl")
-    seed: int
-    num_train: int = positive()
-    num_validation: int = non_negative()
-    num_test: int = positive()
-    num_heldout: int = non_negative()  # unseen values / phrasings / both (car_assistant.HELDOUT_PARTS)
-    reserve_modulus: int = positive()
-    cross_script: float = unit()  # share of held-out values in the other script
-    train_file: str | None  # jsonl source: files with "messages" or "prompt"/"completion" per line
-    validation_file: str | None
-    test_file: str | None
-    heldout_file: str | None  # requests unlike training (new phrasings, names, places): gated apart
-    max_length: int = positive()  # examples longer than this (prompt + answer tokens) are an error
-    system_prompt: str | None  # given to every example that has no system message (null: none added)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = positive()
-    batch_size: int = positive()  # per process, per micro-batch
-    grad_accum: int = positive()
-    lr: float = positive()
-    weight_decay: float = non_negative()
-    warmup_steps: int = non_negative()
-    schedule: str = choice("cosine", "linear", "constant")
-    max_grad_norm: float = non_negative()
-    mixed_precision: str = choice(
-        "auto", "no", "bf16", "fp16", "bf16_if_native"
-    )  # bf16_if_native: resolved by validate
-    seed: int
-    log_every: int = positive()
-    eval_every: int = non_negative()  # steps between validation-loss evaluations; 0 disables
-    checkpoint_every: int = non_negative()  # 0 disables
-    keep_checkpoints: int = positive()
-    spike_factor: float = positive()  # a loss above spike_factor x its running mean is a spike: the step is skipped
-    spike_warmup: int = non_negative()  # steps before spikes are judged
-    max_spikes: int = non_negative()  # more skipped steps than this in a row stops training with an error
-    group_by_length: bool  # batches of similar lengths (less padding, faster); the order stays seeded
-    split_by_length: int = (
-        positive()
-    )  # each batch runs as N micro-batches of similar lengths: same examples and gradient, less padding
-    eval_generate: int = non_negative()  # validation examples greedy-generated at each eval_every (exact match)
-    pack: bool  # each micro-batch's examples packed into rows (per-example attention, positions): no padding
-    sharding: str = choice(*SHARDING)  # none: every process holds whole models (DDP); fsdp: FSDP2 per decoder layer
-
-
-@dataclass
-class BootstrapConfig:
-    vocab_size: int = positive()
-    hidden_size: int = positive()
-    intermediate_size: int = positive()
-    num_hidden_layers: int = positive()
-    num_attention_heads: int = positive()
-    num_key_value_heads: int = positive()
-    max_position_embeddings: int = positive()
-    tie_word_embeddings: bool
-    train: TrainConfig
-    min_exact_match: float = unit()  # warn when the bootstrapped teacher scores below this on test
-    random_values: float = unit()  # share of its training examples with random open values (it learns to copy)
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool
-    r: int = positive()
-    alpha: int
-    dropout: float = non_negative()
-    target_modules: list[str]
-
-
-@dataclass
-class FinetuneConfig:
-    enabled: bool  # fine-tune teacher.path on the run's training data first (cached by base, data, settings)
-    lora: LoraConfig  # lora.enabled: LoRA adapters merged back after training; false: every weight trains
-    train: TrainConfig
-    min_exact_match: float = unit()  # warn when the fine-tuned teacher scores below this on test
-
-
-@dataclass
-class TeacherConfig:
-    path: str | None  # local HF folder or .gguf file; null bootstraps (and caches) a small teacher
-    quantization: str = choice("none", "8bit", "nf4")  # bitsandbytes; loading only, the teacher is frozen
-    allow_pickle: bool
-    trust_remote_code: bool  # run the model folder's own Python code (auto_map); false refuses such folders
-    cache_dir: str
-    bootstrap: BootstrapConfig
-    finetune: FinetuneConfig
-
-
-@dataclass
-class PruneConfig:
-    method: str = choice("activation", "magnitude")
-    strategy: str = choice("width", "depth")  # for budgets
-    fraction: float | None = unit()  # parameter budget as a fraction of the teacher's; null = explicit sizes
-    align: int = positive()  # hidden / MLP sizes are multiples of this
-    prune_heads: bool  # budget pruning may remove attention heads (whole KV groups / equal heads per group)
-    calib_examples: int = positive()  # training examples whose activations rank channels, heads and layers
-    calib_general: int = non_negative()  # + this many general-text sequences (distill.general) in the calibration
-
-
-@dataclass
-class StudentConfig:
-    init: str = choice("config", "folder", "prune")
-    path: str | None  # for init=folder
-    hidden_size: int | None = positive()
-    intermediate_size: int | None = positive()
-    num_hidden_layers: int | None = positive()
-    num_attention_heads: int | None = positive()
-    num_key_value_heads: int | None = positive()
-    tie_word_embeddings: bool | None
-    seed: int
-    lora: LoraConfig
-    prune: PruneConfig
-
-
-@dataclass
-class FeatureConfig:
-    weight: float = non_negative()  # 0 disables feature distillation
-    layer_map: list[list[int]]  # [[student_layer, teacher_layer], ...], 0-based decoder layers
-    kind: str = choice("cosine", "mse")
-    attention: bool  # also match attention-block outputs of the mapped layers
-
-
-@dataclass
-class OnPolicyConfig:
-    fraction: float = unit()  # share of steps that train on the student's own sampled answers (GKD)
-    temperature: float = positive()
-    max_new_tokens: int = positive()
-
-
-@dataclass
-class AugmentConfig:
-    examples: int = (
-        non_negative()
-    )  # new requests: training requests with random open values, answered by the teacher; 0: off
-    share: float = unit()  # of every training batch
-    cross_script: float = unit()  # share of random values in the other script
-    batch_size: int = positive()  # teacher generation batch
-    seed: int
-    keep: str = choice(
-        *AUGMENT_KEEP
-    )  # consistent: the teacher's own consistent answers | implied: every one, its implied call
-
-
-@dataclass
-class GeneralConfig:
-    examples: int = non_negative()  # general-text sequences (the teacher's own samples, or data.general_file); 0: off
-    share: float = unit()  # of every training batch
-    length: int = positive()  # tokens per sequence
-    temperature: float = positive()  # sampling temperature of the teacher's sequences
-    batch_size: int = positive()  # generation batch
-    file: str | None  # a text corpus instead (JSONL with "text" per line), cut into sequences of `length` tokens
-    seed: int
-
-
-@dataclass
-class DistillConfig:
-    divergence: str  # a name in distill.losses.DIVERGENCES (checked in validate)
-    temperature: float = positive()
-    kd_weight: float = unit()  # loss = kd_weight * KD + (1 - kd_weight) * CE on the reference answer
-    beta: float = unit()  # jsd
-    skew_alpha: float = unit()  # skew_kl
-    chunk_size: int = positive()  # tokens per logit chunk; bounds memory at chunk_size x vocab per model
-    signals: str = choice("live", "topk")  # teacher logits computed every step, or its top-k cached once
-    topk: int = positive()  # tokens kept per position by signals=topk
-    features: FeatureConfig
-    on_policy: OnPolicyConfig
-    augment: AugmentConfig  # teacher-labelled requests with new open values (distill.augment)
-    general: GeneralConfig  # general text mixed into KD (distill.general)
-    train: TrainConfig
-
-
-@dataclass
-class EvalConfig:
-    batch_size: int = positive()
-    max_new_tokens: int | None = positive()  # null: the longest reference answer of the split (+ end of turn)
-    chunk_size: int = positive()  # answer tokens per logit chunk in teacher-forced metrics (memory, not results)
-    kl_topk: int = (
-        non_negative()
-    )  # KL / agreement against the teacher's cached top-k log-probs; 0: exact (teacher reruns)
-    num_test: int | None = positive()  # evaluate on the first N test / heldout examples; null = all
-    retention_target: float = unit()  # student test exact match / teacher's; reported
 
 
 @dataclass
@@ -268,10 +88,6 @@ class RunConfig:
     export: ExportConfig
     quantize: QuantizeConfig  # type: ignore[valid-type]
     gate: GateConfig  # type: ignore[valid-type]
-    # Set by validate (not a config key): the pruning plan of student.init=prune, made once from the
-    # teacher's config.json (or the bootstrap settings) and passed on to the disk estimate and the prune stage.
-    plan: ClassVar[Any] = None
-    plan_teacher: ClassVar[dict] = {}  # the teacher numbers the plan was made from
 
 
 # Keys that existed once: the fix, instead of "unknown key".
@@ -280,77 +96,6 @@ RENAMED = {
     "data.num_hard": "renamed to data.num_heldout",
     "data.held_out_fraction": "removed: the held-out values are their own pools (distill.data.car_assistant); drop it",
 }
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return isinstance(value, list | tuple) and all(_type_ok(v, inner) for v in value)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _build(cls: type, node: Any, path: str, problems: list[str]) -> Any:
-    """Instantiate dataclass ``cls`` from a plain dict, collecting every problem instead of stopping."""
-    if not isinstance(node, dict):
-        problems.append(f"{path or 'config'}: expected a mapping, got {type(node).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in node:
-        full = f"{path}.{key}" if path else str(key)
-        if full in RENAMED:
-            problems.append(f"{full}: {RENAMED[full]}")
-            continue
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = (
-                f"; did you mean {path + '.' if path else ''}{near[0]}?"
-                if near
-                else f"; known keys: {', '.join(names)}"
-            )
-            problems.append(f"{path + '.' if path else ''}{key}: unknown key{hint}")
-    values = {}
-    for name in names:
-        key = f"{path}.{name}" if path else name
-        tp = hints[name]
-        if name not in node or node[name] == "???":
-            problems.append(f"{key}: missing; set it in conf/ or on the command line ({key}=...)")
-            values[name] = None
-            continue
-        value = node[name]
-        if dataclasses.is_dataclass(tp):
-            values[name] = _build(tp, value, key, problems)
-        elif not _type_ok(value, tp):
-            problems.append(f"{key}: expected {getattr(tp, '__name__', str(tp))}, got {value!r}")
-            values[name] = value
-        else:
-            values[name] = float(value) if tp is float else value
-    return cls(**values)
-
-
-def _check_ranges(obj: Any, path: str, problems: list[str]) -> None:
-    """Each field's own rule (``core.schema``): a rule belongs to the field, never to a name elsewhere."""
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
-        if dataclasses.is_dataclass(value):
-            _check_ranges(value, key, problems)
-            if hasattr(value, "problems"):
-                problems += value.problems(key)
-            continue
-        msg = problem(f, value, key)
-        if msg:
-            problems.append(msg)
 
 
 def _check_names(c: RunConfig, problems: list[str]) -> None:
@@ -696,15 +441,6 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
     )
 
 
-def settled_plan(c: RunConfig, teacher_cfg: dict):
-    """The plan ``validate`` made, when the teacher's real config has the numbers it was made from (always
-    for ``teacher.path``); for a bootstrapped teacher whose trained tokenizer came out smaller than
-    ``teacher.bootstrap.vocab_size``, the plan for the real teacher (made here, once)."""
-    if c.plan is not None and all(teacher_cfg.get(k) == v for k, v in c.plan_teacher.items()):
-        return c.plan
-    return student_plan(c, teacher_cfg)
-
-
 def _prune_problems(c: RunConfig) -> list[str]:
     from prune import PlanError
 
@@ -712,7 +448,7 @@ def _prune_problems(c: RunConfig) -> list[str]:
     if t_cfg is None:
         return []  # the teacher folder's own problems are reported already
     try:
-        c.plan, c.plan_teacher = student_plan(c, t_cfg), t_cfg
+        student_plan(c, t_cfg)  # checked here, before any weights load; the pipeline makes the run's plan
     except PlanError as err:
         return [f"student (init=prune): {p}" for p in err.problems]
     return []
@@ -756,10 +492,10 @@ def validate(cfg: Any) -> RunConfig:
             raise ConfigError([f"{err.full_key}: {err.msg}"]) from err
     cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     problems: list[str] = []
-    rc = _build(RunConfig, cfg, "", problems)
+    rc = build(RunConfig, cfg, "", problems, RENAMED)
     structural = bool(problems)
     if rc is not None:
-        _check_ranges(rc, "", problems)
+        check_ranges(rc, "", problems)
         if rc.distill is not None:
             _check_names(rc, problems)
     if not structural:  # semantic checks need every key present and typed
@@ -785,4 +521,25 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path | None = 
     return validate(cfg)
 
 
-__all__ = ["ConfigError", "RunConfig", "validate", "compose", "to_dict", "settled_plan", "student_sizes"]
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "compose",
+    "student_sizes",
+    "to_dict",
+    "validate",
+    "DataConfig",
+    "TrainConfig",
+    "BootstrapConfig",
+    "LoraConfig",
+    "FinetuneConfig",
+    "TeacherConfig",
+    "PruneConfig",
+    "StudentConfig",
+    "FeatureConfig",
+    "OnPolicyConfig",
+    "AugmentConfig",
+    "GeneralConfig",
+    "DistillConfig",
+    "EvalConfig",
+]

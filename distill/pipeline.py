@@ -29,7 +29,7 @@ from pathlib import Path
 from core.files import write_json
 from core.hashing import digest, folder_hash
 from distill import steps
-from distill.config import RunConfig, student_sizes, to_dict, validate
+from distill.config import RunConfig, student_plan, student_sizes, teacher_config_dict, to_dict, validate
 from distill.stages import Stages, check_free_space, claim_run_dir
 
 log = logging.getLogger("distill")
@@ -77,14 +77,17 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
 def start(rc: RunConfig, run_dir: Path, force) -> steps.Run:
     """Claim the run folder (before any weights load), make the accelerator, record the resolved config,
     and refuse a disk too small for the run."""
-    from distill.trainer import make_accelerator
+    from distill.train import make_accelerator
 
     claim_run_dir(run_dir, rc.name, is_main=os.environ.get("RANK", "0") == "0")
     acc = make_accelerator(rc.distill.train.mixed_precision, run_dir, log_with=list(rc.trackers) or None)
     r = steps.Run(rc, run_dir, acc, Stages(force if force is not None else rc.force, is_main=acc.is_main_process))
+    t_cfg = teacher_config_dict(rc)
+    if rc.student.init == "prune" and t_cfg is not None:  # validated already: this cannot raise PlanError
+        r.plan, r.plan_teacher = student_plan(rc, t_cfg), t_cfg
     if r.main:
         (run_dir / "config.yaml").write_text(_yaml(to_dict(rc)))
-        check_space(rc, run_dir)
+        check_space(rc, run_dir, t_cfg, r.plan)
     return r
 
 
@@ -158,18 +161,16 @@ def report(r: steps.Run, metrics: dict, info: dict) -> None:
     )
 
 
-def check_space(rc: RunConfig, run_dir: Path) -> None:
+def check_space(rc: RunConfig, run_dir: Path, t_cfg: dict | None, plan=None) -> None:
     """Refuse to start on a disk that cannot hold the run's artifacts (estimated from configs, no weights)."""
-    from distill.config import teacher_config_dict
     from families.hf import config_param_count, read_config, student_config
 
-    t_cfg = teacher_config_dict(rc)
     if t_cfg is None:
         return
     s = rc.student
     try:
         if s.init == "prune":
-            sizes = rc.plan.shape.as_dict()
+            sizes = plan.shape.as_dict()
         elif s.init == "folder":
             sizes = read_config(s.path)
         else:

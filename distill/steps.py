@@ -19,7 +19,7 @@ from typing import Any
 
 from core.files import building, write_json
 from core.hashing import digest, flatten
-from distill.config import ConfigError, RunConfig, key_settings, openvino_on, settled_plan, student_sizes, to_dict
+from distill.config import ConfigError, RunConfig, key_settings, openvino_on, student_plan, student_sizes, to_dict
 from distill.stages import Stage, Stages, guard
 
 log = logging.getLogger("distill")
@@ -81,7 +81,8 @@ class Run:
     teacher: LazyTeacher | None = None
     tokenizer: Any = None
     enc: dict[str, list[dict]] = field(default_factory=dict)
-    plan: Any = None  # prune.Plan of student.init=prune
+    plan: Any = None  # prune.Plan of student.init=prune, made once by the pipeline from the teacher's config
+    plan_teacher: dict = field(default_factory=dict)  # the teacher numbers ``plan`` was made from
     signals: Any = None  # distill.signals.TopKSignals with distill.signals=topk
     student_hash: str = ""
     qad: dict[str, Stage] = field(default_factory=dict)  # scheme -> its finished quantization-aware student
@@ -94,7 +95,7 @@ class Run:
 
     def train_data(self):
         """The distillation data: the task's training split, with each extra pool at its share of a batch."""
-        from distill.trainer import Mixture
+        from distill.train import Mixture
 
         shares = {"augment": self.rc.distill.augment.share, "general": self.rc.distill.general.share}
         return Mixture(self.enc["train"], [(self.mix[k], shares[k]) for k in sorted(self.mix)])
@@ -190,7 +191,10 @@ def teacher(r: Run) -> None:
     r.teacher_id = r.teacher_hash if q == "none" else f"{r.teacher_hash}+{q}"
     r.teacher = LazyTeacher(r.teacher_dir, rc)
     if rc.student.init == "prune":
-        r.plan = settled_plan(rc, t_cfg)
+        # the plan the run started with (``pipeline.start``), unless the teacher's real numbers differ from
+        # those it was made from (a bootstrapped teacher's trained tokenizer can be smaller than configured)
+        if r.plan is None or any(t_cfg.get(k) != v for k, v in r.plan_teacher.items()):
+            r.plan, r.plan_teacher = student_plan(rc, t_cfg), dict(t_cfg)
         for reason in r.plan.reasons:
             log.info("prune plan: %s", reason)
 
@@ -505,7 +509,7 @@ def _train_student(r: Run, st: Stage) -> None:
     from transformers import AutoConfig
 
     from core.chat import stop_ids
-    from distill.trainer import apply_lora, final_model, make_mode, train
+    from distill.train import apply_lora, final_model, make_mode, train
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
     rc, tok = r.rc, r.tokenizer
@@ -534,7 +538,7 @@ def _train_student(r: Run, st: Stage) -> None:
     teacher_val = teacher_held = None
     tc = rc.distill.train
     if tc.eval_generate and tc.eval_every and r.enc["validation"]:
-        from distill.trainer import generated_exact_match
+        from distill.train import generated_exact_match
 
         # the teacher on the same validation (and heldout) examples: the reference of the retention curves
         teacher_val = generated_exact_match(r.teacher.get(), tok, r.enc["validation"], tc)
@@ -909,7 +913,7 @@ def qad(r: Run, name: str, s) -> Stage:
     }
 
     def work(st: Stage) -> None:
-        from distill.trainer import final_model, make_mode, train
+        from distill.train import final_model, make_mode, train
         from families.hf import load_causal_lm, save_model_atomically
         from quantize import fake
 

@@ -155,7 +155,7 @@ def finetune_teacher(
     from transformers import AutoTokenizer
 
     from core.chat import ensure_pad
-    from distill.trainer import apply_lora
+    from distill.train import apply_lora
     from families.hf import load_causal_lm
 
     f = tc.finetune
@@ -219,7 +219,7 @@ def train_teacher(
 
     from distill.data import encode_records
     from distill.evaluate import OWN_EVAL, OWN_TOPK, eval_settings, evaluate_model, split_key
-    from distill.trainer import CrossEntropy, final_model, train
+    from distill.train import CrossEntropy, final_model, train
     from families.hf import param_count, save_model_atomically
 
     acc = accelerator

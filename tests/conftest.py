@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +154,72 @@ def mixed_jsonl(path, examples):
                 msgs = [{"role": "user", "content": e.request}, {"role": "assistant", "content": answer}]
                 f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
     return path
+
+
+# ---- helpers shared by test modules (imported from conftest, never from another test module) ----
+
+
+def matmulnbits_weights(folder):
+    """Every MatMulNBits of an ONNX file as its (N, K) float weight, dequantized from the stored integers."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
+        assert len(node.input) < 4 or not node.input[3], "symmetric: no zero points stored"
+        b, s = inits[node.input[1]], inits[node.input[2]].reshape(n, -1)
+        q = np.stack([b & 0xF, b >> 4], -1).reshape(n, -1) if bits == 4 else b.reshape(n, -1)
+        w = (q.reshape(n, s.shape[1], block).astype(np.float32) - 2 ** (bits - 1)) * s[:, :, None]
+        out.append(w.reshape(n, -1)[:, :k])
+    return out
+
+
+def as_exported(weights: dict, folder) -> list:
+    """Module weights (name -> (out, in) array) as the MatMuls of the ONNX file in ``folder`` hold them: the
+    fused graph packs each layer's q, k and v into one (q_out + 2 kv_out, in) weight."""
+    weights = dict(weights)
+    if json.loads((folder / "onnx_config.json").read_text()).get("graph") == "fused":
+        for p in sorted({n.rsplit(".", 1)[0] + "." for n in weights if n.endswith("self_attn.q_proj")}):
+            weights[p + "qkv_proj"] = np.concatenate([weights.pop(p + f"{x}_proj") for x in "qkv"], 0)
+    return list(weights.values())
+
+
+RELOAD_CHECK = """
+import json, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+def reload_check(folder, ids):
+    # from_pretrained must hold exactly the stored tensors (a key it re-initialised would differ), and its
+    # logits must equal those of a model built from the config with every stored tensor loaded strictly
+    folder = Path(folder)
+    stored = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        stored.update(load_file(str(f)))
+    m = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    tied = getattr(m.config, "tie_word_embeddings", False)
+    for k, v in m.state_dict().items():
+        src = stored.get(k)
+        if src is None and tied and k == "lm_head.weight":
+            src = stored["model.embed_tokens.weight"]
+        assert src is not None, "not in the folder: " + k
+        assert torch.equal(v, src.to(v.dtype)), "differs from the stored tensor: " + k
+    ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder))).eval()
+    missing, unexpected = ref.load_state_dict(stored, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tied else set()), (missing, unexpected)
+    if tied:
+        ref.tie_weights()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        a, b = m(input_ids=x).logits, ref(input_ids=x).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(a.abs().max()) > 0
+    return m
+"""

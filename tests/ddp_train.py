@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from distill import trainer  # noqa: E402
+import distill.train as trainer  # noqa: E402
 from distill.config import compose  # noqa: E402
 from distill.data import encode_records, load_records  # noqa: E402
 from distill.data.tokenize import train_tokenizer  # noqa: E402
-from distill.trainer import apply_lora, final_model, make_accelerator, make_mode, train  # noqa: E402
+from distill.train import apply_lora, final_model, make_accelerator, make_mode, train  # noqa: E402
 from families.hf import build_from_config, save_model_atomically  # noqa: E402
 
 

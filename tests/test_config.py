@@ -370,14 +370,15 @@ def test_range_rules_belong_to_their_field():
 
 
 def test_the_prune_plan_is_made_once_per_run(teacher_dir, tmp_path, monkeypatch):
-    """validate plans the student from the teacher's config.json; the disk estimate and the prune stage
-    use that plan (no re-planning, no second budget search)."""
-    import prune
-    from distill.pipeline import run
+    """validate checks the plan and keeps nothing on the config; the pipeline makes the run's plan once,
+    and the disk estimate and the prune stage use that plan (no re-planning, no second budget search)."""
+    import dataclasses
 
-    calls = []
-    real = prune.make_plan
-    monkeypatch.setattr(prune, "make_plan", lambda *a, **k: calls.append(k) or real(*a, **k))
+    import prune
+    from distill.config import RunConfig, student_plan
+    from distill.pipeline import run
+    from families.hf import read_config
+
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     rc = compose(
         [
@@ -391,10 +392,14 @@ def test_the_prune_plan_is_made_once_per_run(teacher_dir, tmp_path, monkeypatch)
             "export.enabled=false",
         ]
     )
-    assert len(calls) == 1 and rc.plan is not None
+    assert not hasattr(rc, "plan") and "plan" not in {f.name for f in dataclasses.fields(RunConfig)}
+    calls = []
+    real = prune.make_plan
+    monkeypatch.setattr(prune, "make_plan", lambda *a, **k: calls.append(k) or real(*a, **k))
     m = run(rc, tmp_path / "run")
     assert len(calls) == 1
     import json
 
     report = json.loads((tmp_path / "run" / "pruned" / "prune_report.json").read_text())
-    assert report["shape"] == rc.plan.shape.as_dict() and m["retention"]["param_ratio"] <= 0.5
+    expected = student_plan(rc, read_config(teacher_dir)).shape.as_dict()
+    assert report["shape"] == expected and m["retention"]["param_ratio"] <= 0.5

@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.trainer import make_accelerator, make_mode, train
+from distill.train import make_accelerator, make_mode, train
 from families.hf import build_from_config, load_causal_lm
 
 pytestmark = pytest.mark.gpu

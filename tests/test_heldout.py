@@ -260,7 +260,7 @@ def test_general_text_is_the_models_own_seeded_samples(tokenizer, teacher_dir, t
 
 
 def test_mixture_puts_each_pool_at_its_share_of_every_batch():
-    from distill.trainer import Mixture, _stream
+    from distill.train.batching import Mixture, make_stream
 
     main = [{"input_ids": [1] * (i % 7 + 1), "pool": "main", "i": i} for i in range(100)]
     aug = [{"input_ids": [2] * 3, "pool": "aug", "i": i} for i in range(30)]
@@ -268,7 +268,7 @@ def test_mixture_puts_each_pool_at_its_share_of_every_batch():
     mix = Mixture(main, [(aug, 0.5), (gen, 0.25), ([], 0.1)])
     assert len(mix) == 137 and mix[100]["pool"] == "aug" and mix[136]["pool"] == "gen"
     for group in (False, True):
-        s = _stream(mix, 16, 3, group)
+        s = make_stream(mix, 16, 3, group)
         seen = {"aug": set(), "gen": set()}
         for j in range(10):
             batch = [mix[i] for i in s.global_batch(j)]
@@ -279,7 +279,7 @@ def test_mixture_puts_each_pool_at_its_share_of_every_batch():
                 if e["pool"] != "main":
                     seen[e["pool"]].add(e["i"])
         assert len(seen["aug"]) == 30 and len(seen["gen"]) == 7  # every example before any repeats twice
-        assert s.global_batch(9) == _stream(mix, 16, 3, group).global_batch(9)  # a pure function of (seed, j)
+        assert s.global_batch(9) == make_stream(mix, 16, 3, group).global_batch(9)  # a pure function of (seed, j)
     with pytest.raises(ValueError, match="leave part of every batch"):
         Mixture(main, [(aug, 0.6), (gen, 0.4)])
 
@@ -297,7 +297,7 @@ def test_student_trained_on_a_fixed_name_list_passes_in_distribution_and_fails_h
     from distill.data.car_assistant import INTENT_BY_NAME, Example, _wrap
     from distill.evaluate import evaluate_model
     from distill.metrics import score, slice_scores
-    from distill.trainer import CrossEntropy, make_accelerator, train
+    from distill.train import CrossEntropy, make_accelerator, train
     from families.hf import build_from_config
 
     s = GeneratorSettings(num_heldout=600)

@@ -193,3 +193,10 @@ def test_a_planted_upward_import_is_caught(tmp_path):
     (tmp_path / "core" / "_planted_upward.py").write_text("def f():\n    from distill import pipeline\n")
     assert _upward_imports("core", tmp_path) == ["core/_planted_upward.py:2 imports distill"]
     assert _upward_imports("core") == []
+
+
+def test_the_trainer_imports_no_export_quantize_or_prune_code():
+    code = "import sys, distill.train; print(sorted({m.split('.')[0] for m in sys.modules} & {'export', 'quantize', 'prune'}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

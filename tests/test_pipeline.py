@@ -8,8 +8,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import BLOCK_PROJECT_IMPORTS, ROOT, python_env
+from conftest import BLOCK_PROJECT_IMPORTS, RELOAD_CHECK, ROOT, python_env
 
 REQUIRED = ("exact_match", "tool_accuracy", "arg_f1", "valid_json", "perplexity", "num_params")
 
@@ -155,7 +156,7 @@ def task_teacher(tmp_path_factory):
     from distill.config import compose
     from distill.data import data_hash, load_records
     from distill.teacher import bootstrap_teacher
-    from distill.trainer import make_accelerator
+    from distill.train import make_accelerator
 
     cache = tmp_path_factory.mktemp("task_teacher")
     rc = compose(["+exp=smoke", "teacher.bootstrap.train.steps=1000", f"teacher.cache_dir={cache}"])
@@ -343,7 +344,7 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
 
     import numpy as np
     import torch
-    from test_qad import _matmulnbits_weights, as_exported
+    from conftest import as_exported, matmulnbits_weights
     from transformers import AutoModelForCausalLM
 
     from quantize import fake
@@ -375,7 +376,7 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
     assert fake.on_grid(qad_model, 4, 16) and not fake.on_grid(student, 4, 16)
     shipped = run_dir / "onnx" / "int4_qad"
     baked = as_exported({n: m.weight.detach().numpy() for n, m in fake.quantized_modules(qad_model).items()}, shipped)
-    stored = _matmulnbits_weights(shipped)
+    stored = matmulnbits_weights(shipped)
     assert all(any(np.array_equal(w, b) for b in baked) for w in stored)  # (== : 0.0 == -0.0)
     assert len(stored) in (15, 11)  # traced (7 a layer + head), fused (q, k, v packed); the embedding is the head
     moved = max(float((a - b).abs().max()) for a, b in zip(qad_model.parameters(), student.parameters(), strict=True))
@@ -407,17 +408,21 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
 
 def test_student_reloads_without_this_project(smoke_run):
     run_dir, env, _ = smoke_run
-    code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    code = (
+        BLOCK_PROJECT_IMPORTS
+        + RELOAD_CHECK
+        + textwrap.dedent(f"""
+        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(run_dir / "student")!r})
-        model = AutoModelForCausalLM.from_pretrained({str(run_dir / "student")!r})
         ids = tok.apply_chat_template([{{"role": "user", "content": "Call Alice Smith"}}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-        assert out.shape[1] > ids["input_ids"].shape[1]
+                                      return_dict=True)["input_ids"]
+        model = reload_check({str(run_dir / "student")!r}, ids)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        assert out.shape[1] > len(ids)
         assert "distill" not in sys.modules
         print("OK", type(model).__name__)
     """)
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd="/",
@@ -429,8 +434,25 @@ def test_student_reloads_without_this_project(smoke_run):
     assert proc.returncode == 0 and "OK Qwen2ForCausalLM" in proc.stdout, proc.log[-3000:]
 
 
+def _files(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: (sha256 of its bytes, mtime in ns)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
-    _, env, _ = smoke_run
+    """A second run with the same teacher settings reads the cached teacher: the same folder, every file
+    byte-identical and not rewritten (same mtimes), no new cache entry, and its manifest records the reuse."""
+    run_dir, env, _ = smoke_run
+    first = json.loads((run_dir / "metrics.json").read_text())
+    folder = Path(first["teacher_dir"])
+    cache = Path(env["DISTILL_CACHE"]) / "teachers"
+    before, entries = _files(folder), sorted(p.name for p in cache.iterdir())
     proc = _run(
         [
             "+exp=smoke",
@@ -442,7 +464,10 @@ def test_second_run_reuses_the_cached_teacher(smoke_run, tmp_path):
         env,
     )
     assert proc.returncode == 0, proc.log[-3000:]
-    assert "stage teacher: skipped" in proc.log and "bootstrapping one" not in proc.log
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert Path(again["teacher_dir"]) == folder and again["teacher_hash"] == first["teacher_hash"]
+    assert again["stages"]["teacher"]["status"] == "skipped"
+    assert _files(folder) == before and sorted(p.name for p in cache.iterdir()) == entries
 
 
 def test_bad_config_fails_fast_with_every_problem(tmp_path):
@@ -461,22 +486,46 @@ def test_bad_config_fails_fast_with_every_problem(tmp_path):
     assert not (tmp_path / "bad" / "student").exists() and not (tmp_path / "cache").exists()
 
 
+TWO_PROCESS_RUN = ["+exp=smoke", "eval.num_test=8"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The run ``test_pipeline_under_two_processes`` is compared with: one process, twice the per-process
+    batch (teacher bootstrap and distillation), so every optimizer step sees the same global batch."""
+    base = tmp_path_factory.mktemp("one_process")
+    env = {**python_env(), "DISTILL_CACHE": str(base / "cache")}
+    proc = _run(
+        [
+            *TWO_PROCESS_RUN,
+            f"hydra.run.dir={base / 'run'}",
+            "distill.train.batch_size=32",
+            "teacher.bootstrap.train.batch_size=32",
+            "export.enabled=false",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.log[-4000:]
+    return base / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("sharding", ["none", "fsdp"])
-def test_pipeline_under_two_processes(sharding, tmp_path):
+def test_pipeline_under_two_processes(sharding, one_process, tmp_path):
     """The whole pipeline under 2 processes, data parallel or FSDP2-sharded (teacher bootstrap and
     distillation, with validation and sharded checkpoints): only rank 0 writes, and the sharded run's
-    models (gathered, rebuilt) are then evaluated, exported and gated like any other."""
+    models (gathered, rebuilt) are then evaluated, exported and gated like any other. Compared with one
+    process at twice the batch (the same global batches): the same distillation loss at every step, the
+    same student weights (float round-off apart) and the same size."""
     env = {**python_env(), "DISTILL_CACHE": str(tmp_path / "cache")}
     run_dir = tmp_path / sharding
     # data parallel: quantization-aware distillation too (every process trains; rank 0 bakes and exports)
     qad = ["quantize.variants=[int8,int4_qad]", "quantize.int4_qad.steps=4"] if sharding == "none" else []
     proc = _run(
         [
-            "+exp=smoke",
+            *TWO_PROCESS_RUN,
             f"hydra.run.dir={run_dir}",
-            "eval.num_test=8",
             f"distill.train.sharding={sharding}",
             f"teacher.bootstrap.train.sharding={sharding}",  # the teacher's own training (CE) sharded too
             *qad,
@@ -487,8 +536,21 @@ def test_pipeline_under_two_processes(sharding, tmp_path):
     assert proc.returncode == 0, proc.log[-4000:]
     assert json.loads((run_dir / "manifest.json").read_text())["processes"] == 2
     assert "rank 0 wrote" in proc.log and "rank 1 wrote" not in proc.log
-    m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["student"]["num_params"] > 0 and (run_dir / "onnx" / "int8").is_dir()
+    m, ref = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, one_process))
+    assert m["student"]["num_params"] == ref["student"]["num_params"] and (run_dir / "onnx" / "int8").is_dir()
+    two, one = (
+        json.loads((d / "student" / "distill_info.json").read_text())["history"] for d in (run_dir, one_process)
+    )
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(two) == 40
+    for a, b in zip(two, one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3), (a["step"], a["loss"], b["loss"])
+        assert a["tokens"] == b["tokens"]  # every example of the global batch seen once, by one process
+    from safetensors.numpy import load_file
+
+    w2, w1 = (load_file(str(d / "student" / "model.safetensors")) for d in (run_dir, one_process))
+    assert w2.keys() == w1.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=2e-3, err_msg=k)
     if qad:
         info = json.loads((run_dir / "qad" / "int4_qad" / "student" / "qad_info.json").read_text())
         assert len(info["history"]) == 4 and "onnx_int4_qad" in m

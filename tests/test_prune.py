@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_PROJECT_IMPORTS
+from conftest import BLOCK_PROJECT_IMPORTS, RELOAD_CHECK
 
 from prune import PlanError, count_params, make_plan, prune_model
 from prune.plan import Shape
@@ -207,16 +207,20 @@ def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, 
     records = [e.to_record() for e in generate("train", GeneratorSettings(num_train=64))]
     report = prune_folder(src, dest, fraction=0.5, method="activation", calib_examples=16, records=records)
     assert report["fraction"] <= 0.5 and (dest / "prune_report.json").is_file()
-    code = BLOCK_PROJECT_IMPORTS + textwrap.dedent(f"""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        m = AutoModelForCausalLM.from_pretrained({str(dest)!r})
+    code = (
+        BLOCK_PROJECT_IMPORTS
+        + RELOAD_CHECK
+        + textwrap.dedent(f"""
+        from transformers import AutoTokenizer
         t = AutoTokenizer.from_pretrained({str(dest)!r})
-        ids = t("Call Alice Smith", return_tensors="pt")
-        out = m.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=t.pad_token_id)
-        assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == t.eos_token_id
+        ids = t("Call Alice Smith")["input_ids"]
+        m = reload_check({str(dest)!r}, ids)
+        out = m.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=t.pad_token_id)
+        assert out.shape[1] == len(ids) + 5 or out[0, -1] == t.eos_token_id
+        assert "prune" not in sys.modules and "distill" not in sys.modules
         print("OK", m.config.hidden_size, m.config.num_key_value_heads)
     """)
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd="/",
@@ -226,6 +230,7 @@ def test_pruned_folder_reloads_with_plain_transformers(model_type, tie, nh, kv, 
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr[-2000:]
+    assert proc.stdout.split()[1:] == [str(report["shape"][k]) for k in ("hidden_size", "num_key_value_heads")]
 
 
 def test_longrope_phi3_shapes_that_would_not_reload_are_refused_in_the_plan():

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import as_exported, matmulnbits_weights, tiny_config
 
 from export.onnx import export_onnx
 from export.runtime import OnnxCausalLM
@@ -51,37 +51,6 @@ def test_grid_is_onnx_runtimes_quantizer(bits):
     assert (q[2, 0, :4] - mid).tolist() == [-mid, 3, -3, 1]  # roundf: half away from zero, after + zero point
     # round to even instead (torch.round) would differ on the ties: the planted cases above catch it
     assert not torch.equal(torch.round(w[2, :4] / scale[2, 0]), (q[2, 0, :4] - mid))
-
-
-def _matmulnbits_weights(folder):
-    """Every MatMulNBits of an ONNX file as its (N, K) float weight, dequantized from the stored integers."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(folder / "model.onnx"))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        n, k, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-        assert len(node.input) < 4 or not node.input[3], "symmetric: no zero points stored"
-        b, s = inits[node.input[1]], inits[node.input[2]].reshape(n, -1)
-        q = np.stack([b & 0xF, b >> 4], -1).reshape(n, -1) if bits == 4 else b.reshape(n, -1)
-        w = (q.reshape(n, s.shape[1], block).astype(np.float32) - 2 ** (bits - 1)) * s[:, :, None]
-        out.append(w.reshape(n, -1)[:, :k])
-    return out
-
-
-def as_exported(weights: dict, folder) -> list:
-    """Module weights (name -> (out, in) array) as the MatMuls of the ONNX file in ``folder`` hold them: the
-    fused graph packs each layer's q, k and v into one (q_out + 2 kv_out, in) weight."""
-    weights = dict(weights)
-    if json.loads((folder / "onnx_config.json").read_text()).get("graph") == "fused":
-        for p in sorted({n.rsplit(".", 1)[0] + "." for n in weights if n.endswith("self_attn.q_proj")}):
-            weights[p + "qkv_proj"] = np.concatenate([weights.pop(p + f"{x}_proj") for x in "qkv"], 0)
-    return list(weights.values())
 
 
 def _trained_off_grid(tokenizer, model_type, tie, seqs, hidden=48):
@@ -139,7 +108,7 @@ def test_exported_int4_computes_what_the_fake_quantized_model_computed(
     got = OnnxCausalLM(baked).sequence_logits(seqs, 1)
     err = max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
     assert err < 1e-4, err
-    stored = _matmulnbits_weights(baked)
+    stored = matmulnbits_weights(baked)
     grids = {n: fake.dequantize(*fake.block_grid(w, 4, 32), 4, w.shape[1]).numpy() for n, w in latent.items()}
     trained = as_exported(grids, baked)
     per_layer = 5 if exporter == "fused" else 7

@@ -122,7 +122,7 @@ def test_cached_teacher_topk_gives_the_exact_metrics_when_k_covers_the_vocabular
 
 
 def test_validation_loss_is_chunked_and_exact(models_and_data, tokenizer):
-    from distill.trainer import validation_loss
+    from distill.train import validation_loss
 
     _, student, enc = models_and_data
     b = collate(enc, tokenizer.pad_token_id)

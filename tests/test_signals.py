@@ -15,7 +15,7 @@ from distill.config import compose
 from distill.data import encode_records, load_records
 from distill.losses import DIVERGENCES, forward_kl, topk_divergence
 from distill.signals import TopKSignals, compute_topk, save_signals
-from distill.trainer import make_accelerator, make_mode, teacher_signals, train
+from distill.train import make_accelerator, make_mode, teacher_signals, train
 from families.hf import build_from_config, load_causal_lm
 
 

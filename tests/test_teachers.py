@@ -116,11 +116,11 @@ def test_finetune_full_and_lora_train_the_base_once_and_lora_touches_only_its_ta
     merges back into a plain folder whose only changed weights are the LoRA targets'."""
     from safetensors.torch import load_file
 
-    import distill.trainer
+    import distill.train
     from core.hashing import folder_hash
     from distill.config import compose
     from distill.teacher import finetune_teacher
-    from distill.trainer import make_accelerator
+    from distill.train import make_accelerator
     from families.hf import build_from_config, save_model_atomically
 
     tok = chat_tokenizer("chatml", texts)
@@ -152,7 +152,7 @@ def test_finetune_full_and_lora_train_the_base_once_and_lora_touches_only_its_ta
     def no_training(*a, **k):
         raise AssertionError("a cached fine-tune was trained again")
 
-    monkeypatch.setattr(distill.trainer, "train", no_training)
+    monkeypatch.setattr(distill.train, "train", no_training)
     assert tune(rc.teacher) == full  # same base, data and settings: reused
     monkeypatch.undo()
 
@@ -283,12 +283,12 @@ def test_system_prompt_is_given_to_every_example_without_one_and_versions_the_da
 def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_per_epoch():
     import random
 
-    from distill.trainer import _BatchStream
+    from distill.train.batching import BatchStream
 
     rng = random.Random(0)
     lengths = [rng.randint(20, 200) for _ in range(1000)]
     gb = 16
-    grouped, plain = _BatchStream(1000, gb, 3, lengths), _BatchStream(1000, gb, 3)
+    grouped, plain = BatchStream(1000, gb, 3, lengths), BatchStream(1000, gb, 3)
     steps = 1000 // gb
     seen = [i for j in range(steps) for i in grouped.global_batch(j)]
     assert sorted(seen) == sorted(set(seen)) and len(seen) == steps * gb  # no example twice in an epoch
@@ -298,7 +298,7 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
 
     real = sum(lengths[i] for i in seen)
     assert padded(grouped) < 1.1 * real < padded(plain)  # plain random batches pad ~1.6x here
-    again = _BatchStream(1000, gb, 3, lengths)
+    again = BatchStream(1000, gb, 3, lengths)
     assert [again.global_batch(j) for j in (0, 7, 62)] == [grouped.global_batch(j) for j in (0, 7, 62)]
     longest = [max(lengths[i] for i in grouped.global_batch(j)) for j in range(steps)]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order stays random

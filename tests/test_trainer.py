@@ -15,7 +15,7 @@ from conftest import ROOT, python_env, tiny_config
 
 from distill.config import compose
 from distill.data import encode_records, load_records
-from distill.trainer import (
+from distill.train import (
     CrossEntropy,
     DistillModule,
     TrainingDiverged,
@@ -125,7 +125,7 @@ def test_spike_guard_skips_non_finite_steps(rc, tokenizer, data, acc):
 def test_spike_guard_needs_a_real_rise_not_only_a_ratio(rc):
     """Near the end of distillation the loss is ~0.002: a batch at 6x that is no spike (the SmolLM2 run
     skipped 48 of 500 steps that way); a jump by whole nats still is, at any level."""
-    from distill.trainer import SpikeGuard
+    from distill.train import SpikeGuard
 
     tc = copy.deepcopy(rc.distill.train)
     tc.spike_factor, tc.spike_warmup = 5.0, 0
@@ -270,7 +270,7 @@ def test_checkpoints_of_another_configuration_are_not_resumed(rc, tokenizer, dat
 def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_dir, acc, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from distill.trainer import apply_lora, merge_lora
+    from distill.train import apply_lora, merge_lora
     from families.hf import save_model_atomically
 
     teacher = load_causal_lm(teacher_dir)
@@ -295,12 +295,12 @@ def test_lora_student_is_merged_into_a_plain_model(rc, tokenizer, data, teacher_
 
 def test_on_policy_batches_train_on_the_students_own_samples(rc, tokenizer, data, teacher_dir, acc):
     from core.chat import IGNORE
-    from distill.trainer import _sample_on_policy
+    from distill.train.modes import sample_on_policy
 
     teacher = load_causal_lm(teacher_dir)
     student = build_from_config(tiny_config(tokenizer, hidden=32, heads=2, kv=1, inter=64), seed=6)
     b = _batch(tokenizer, data)
-    sampled = _sample_on_policy(student, b, tokenizer, rc.distill.on_policy)
+    sampled = sample_on_policy(student, b, tokenizer, rc.distill.on_policy)
     for row in range(b["input_ids"].shape[0]):
         n_prompt = int((b["labels"][row] == IGNORE).long().cumprod(0).sum())
         assert torch.equal(sampled["input_ids"][row, :n_prompt], b["input_ids"][row, :n_prompt])
