@@ -29,8 +29,8 @@ register_resolvers()  # ${package_file:...} in conf/ (model wheels)
 def main(cfg: DictConfig) -> None:
     from distill.config import ConfigError
     from distill.data import DataError
+    from distill.manifest import RunFolderError
     from distill.pipeline import run
-    from distill.stages import RunFolderError
     from distill.train import TrainingDiverged
     from export.onnx import ExportError
 

@@ -213,7 +213,7 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
 def _check_run(c: RunConfig, problems: list[str]) -> None:
     import importlib.util
 
-    from distill.stages import STAGES
+    from distill.manifest import STAGES
 
     for name in c.force:
         if name not in (*STAGES, "all"):

@@ -1,6 +1,6 @@
 """``run(cfg, run_dir)``: the stages in order, read top to bottom. Hydra-free; callable from notebooks.
 
-Each stage writes one folder with a ``stage.json`` manifest (``distill.stages``); running the same
+Each stage writes one folder with a ``stage.json`` manifest (``distill.manifest``); running the same
 command again skips every stage whose config, inputs and library versions are unchanged and whose files
 are intact, and redoes the rest (a new data hash redoes distillation onward; a new gate threshold redoes
 only the gate). ``force=[...]`` reruns named stages. Stage folders under the run folder::
@@ -14,7 +14,9 @@ only the gate). ``force=[...]`` reruns named stages. Stage folders under the run
 
 The teacher (bootstrapped, fine-tuned from ``teacher.path``, or converted from a GGUF file), its test
 answers and its cached top-k signals live in the cache folder (``teacher.cache_dir``) and are shared by every run and sweep job that uses the same teacher and data.
-The glue of each stage is in ``distill.steps``.
+Each stage's body is in ``distill.stages``: ``inputs`` (data, teacher, extra pools, signals), ``student``
+(prune, distill, QAD), ``measure`` (evaluate), ``ship`` (export, quantize, evaluate ONNX, gate); ``run``
+holds the ``Run`` they share. Manifests (skip / redo / refuse) are ``distill.manifest``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from pathlib import Path
 
 from core.files import write_json
 from core.hashing import digest, folder_hash
-from distill import steps
 from distill.config import RunConfig, student_plan, student_sizes, teacher_config_dict, to_dict, validate
-from distill.stages import Stages, check_free_space, claim_run_dir
+from distill.manifest import Stages, check_free_space, claim_run_dir
+from distill.stages import inputs, measure, ship, student
+from distill.stages.measure import MISSES
+from distill.stages.run import Run
 
 log = logging.getLogger("distill")
 
@@ -44,44 +48,44 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     """
     rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
     r = start(rc, Path(run_dir), force)
-    steps.load_data(r)
-    steps.teacher(r)
-    steps.augment(r)  # teacher-labelled requests with new open values (distill.augment)
-    steps.general(r)  # general text mixed into KD (distill.general)
+    inputs.load_data(r)
+    inputs.teacher(r)
+    inputs.augment(r)  # teacher-labelled requests with new open values (distill.augment)
+    inputs.general(r)  # general text mixed into KD (distill.general)
     if rc.distill.signals == "topk":
-        steps.signals(r)
+        inputs.signals(r)
     init_input: dict = {"init": rc.student.init}
     if rc.student.init == "prune":
-        init_input["pruned_hash"] = steps.prune(r).output_hash
+        init_input["pruned_hash"] = student.prune(r).output_hash
     elif rc.student.init == "folder":
         init_input["student_hash"] = folder_hash(rc.student.path)
-    steps.distill(r, init_input)
+    student.distill(r, init_input)
     if rc.export.enabled:
-        steps.quantization_aware(r)  # QAD trains on every process: before the main-only export section
+        student.quantization_aware(r)  # QAD trains on every process: before the main-only export section
     metrics: dict = {}
     if r.main:
         import torch
 
         with torch.no_grad():
-            scores = steps.evaluate(r)
+            scores = measure.evaluate(r)
         info = json.loads((r.dir / "student" / "distill_info.json").read_text())
-        metrics = steps.retention_metrics(r, scores, info)
+        metrics = measure.retention_metrics(r, scores, info)
         if rc.export.enabled:
-            metrics.update(steps.ship(r, scores["teacher"]))
+            metrics.update(ship.ship(r, scores["teacher"]))
         report(r, metrics, info)
     r.acc.wait_for_everyone()
     r.acc.end_training()  # also tears down the process group: nothing collective after this
     return metrics
 
 
-def start(rc: RunConfig, run_dir: Path, force) -> steps.Run:
+def start(rc: RunConfig, run_dir: Path, force) -> Run:
     """Claim the run folder (before any weights load), make the accelerator, record the resolved config,
     and refuse a disk too small for the run."""
     from distill.train import make_accelerator
 
     claim_run_dir(run_dir, rc.name, is_main=os.environ.get("RANK", "0") == "0")
     acc = make_accelerator(rc.distill.train.mixed_precision, run_dir, log_with=list(rc.trackers) or None)
-    r = steps.Run(rc, run_dir, acc, Stages(force if force is not None else rc.force, is_main=acc.is_main_process))
+    r = Run(rc, run_dir, acc, Stages(force if force is not None else rc.force, is_main=acc.is_main_process))
     t_cfg = teacher_config_dict(rc)
     if rc.student.init == "prune" and t_cfg is not None:  # validated already: this cannot raise PlanError
         r.plan, r.plan_teacher = student_plan(rc, t_cfg), t_cfg
@@ -91,7 +95,7 @@ def start(rc: RunConfig, run_dir: Path, force) -> steps.Run:
     return r
 
 
-def report(r: steps.Run, metrics: dict, info: dict) -> None:
+def report(r: Run, metrics: dict, info: dict) -> None:
     """metrics.json, report.md with plots, manifest.json, and the closing log lines."""
     from distill.report import (
         plot_history,
@@ -122,8 +126,8 @@ def report(r: steps.Run, metrics: dict, info: dict) -> None:
     metrics["stages"] = stages.record
     metrics["seconds"] = time.time() - r.started
     write_json(r.dir / "metrics.json", metrics)
-    ship = shipped(metrics)  # the shipped artifact's misses, else the PyTorch student's
-    missed = r.dir / "eval" / (ship or "pytorch") / steps.MISSES
+    variant = shipped(metrics)  # the shipped artifact's misses, else the PyTorch student's
+    missed = r.dir / "eval" / (variant or "pytorch") / MISSES
     misses = json.loads(missed.read_text()) if missed.is_file() else {}
     (r.dir / "report.md").write_text(render_report(metrics, [p.name for p in made if p], misses))
     write_json(

@@ -115,7 +115,7 @@ def plot_training(history: list[dict], path: str | Path, title: str) -> Path | N
 
 def render_report(metrics: dict, plots: list[str], misses: dict | None = None) -> str:
     """report.md: scores per split, retention, the release table, scores per slice, the misses, the plots.
-    ``misses``: split -> the shipped artifact's misses (``distill.steps.misses``)."""
+    ``misses``: split -> the shipped artifact's misses (``distill.stages.measure.misses``)."""
     t, s = metrics["teacher"], metrics["student"]
     lines = [
         f"# Distillation report: {metrics['name']}",

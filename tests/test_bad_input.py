@@ -12,7 +12,7 @@ import pytest
 
 from distill.config import ConfigError, compose
 from distill.data import DataError
-from distill.stages import RunFolderError
+from distill.manifest import RunFolderError
 
 ERRORS = (ConfigError, DataError, RunFolderError)
 

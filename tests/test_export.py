@@ -434,7 +434,7 @@ def test_cross_runtime_report_compares_a_few_rows_at_a_time(qwen_onnx, tokenizer
     pytest.importorskip("openvino")
     from core.chat import encode
     from distill.data.car_assistant import generate
-    from distill.steps import cross_runtime
+    from distill.stages.ship import cross_runtime
 
     _, _, folder = qwen_onnx
     data = [encode(tokenizer, e.to_record()["messages"]) for e in generate("test", car_settings)[:6]]

@@ -233,7 +233,7 @@ def test_implied_augmentation_keeps_every_request_with_the_call_its_values_imply
 def test_general_text_is_the_models_own_seeded_samples(tokenizer, teacher_dir, tmp_path):
     from core.chat import IGNORE
     from distill.general import as_examples, first_tokens, sample_general
-    from distill.steps import corpus_sequences
+    from distill.stages.inputs import corpus_sequences
     from families.hf import load_causal_lm
 
     model = load_causal_lm(teacher_dir)

@@ -1,0 +1,325 @@
+"""Teacher and data: the splits, the teacher (a user's folder or GGUF file, fine-tuned or not, or the
+bootstrapped one, cached), the extra training pools (teacher-labelled augmented requests, general text;
+cached per teacher) and the teacher's cached top-k signals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from core.files import building, write_json
+from core.hashing import digest
+from distill.config import ConfigError, key_settings, student_plan
+from distill.manifest import Stage
+from distill.stages.run import SPLITS, LazyTeacher, Run, timed
+
+log = logging.getLogger("distill")
+
+
+# ---- data and teacher ----
+
+
+def load_data(r: Run) -> None:
+    from distill.data import DataError, data_hash, load_records
+
+    with timed("data"):
+        r.data_hash = data_hash(r.rc.data)
+        r.records = {s: load_records(r.rc.data, s) for s in SPLITS}
+        for s in ("train", "test"):
+            if not r.records[s]:
+                raise DataError(f"data: the {s} split is empty")
+        log.info("data %s: %s", r.data_hash, ", ".join(f"{s}={len(r.records[s])}" for s in SPLITS))
+
+
+def teacher(r: Run) -> None:
+    """The task teacher: a user's folder (hashed) or GGUF file (converted once into a cached folder),
+    optionally fine-tuned on the training data; or, without ``teacher.path``, the bootstrapped one. Then
+    the tokenizer, the encoded splits, the teacher identity and the prune plan for its real config."""
+    from transformers import AutoTokenizer
+
+    from core.chat import check_template, ensure_pad
+    from core.hashing import folder_hash
+    from distill.data import encode_records
+    from families.hf import read_config, vocab_problems
+
+    rc = r.rc
+    key = "teacher.path" if rc.teacher.path else "teacher"
+    if rc.teacher.path:
+        r.teacher_dir = source_teacher(r)
+        if rc.teacher.finetune.enabled:  # a template problem is reported before the fine-tune, not after it
+            base_tok = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+            if problems := check_template(base_tok, key):
+                raise ConfigError(problems)
+            r.teacher_dir = finetuned_teacher(r, r.teacher_dir)
+    else:
+        r.teacher_dir = bootstrapped_teacher(r)
+    t_cfg = read_config(r.teacher_dir)
+    problems = []
+    if rc.student.init == "folder":
+        problems += vocab_problems(r.teacher_dir, rc.student.path, "student.path", rc.teacher.trust_remote_code)
+    limit = t_cfg.get("max_position_embeddings")
+    if limit and rc.data.max_length > limit:
+        problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
+    if problems:
+        raise ConfigError(problems)
+    r.tokenizer = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+    problems = check_template(r.tokenizer, key)
+    if problems:
+        raise ConfigError(problems)
+    pad = ensure_pad(r.tokenizer)
+    if pad is not None:
+        log.info("the tokenizer has no pad token: padding with %s (masked out of attention and every loss)", pad)
+    r.enc = {s: encode_records(r.tokenizer, r.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
+    n_eval = rc.eval.num_test or None
+    r.enc["test"], r.enc["heldout"] = r.enc["test"][:n_eval], r.enc["heldout"][:n_eval]
+    r.teacher_hash = folder_hash(r.teacher_dir)
+    r.stages.record["teacher"]["hash"] = r.teacher_hash
+    q = rc.teacher.quantization
+    r.teacher_id = r.teacher_hash if q == "none" else f"{r.teacher_hash}+{q}"
+    r.teacher = LazyTeacher(r.teacher_dir, rc)
+    if rc.student.init == "prune":
+        # the plan the run started with (``pipeline.start``), unless the teacher's real numbers differ from
+        # those it was made from (a bootstrapped teacher's trained tokenizer can be smaller than configured)
+        if r.plan is None or any(t_cfg.get(k) != v for k, v in r.plan_teacher.items()):
+            r.plan, r.plan_teacher = student_plan(rc, t_cfg), dict(t_cfg)
+        for reason in r.plan.reasons:
+            log.info("prune plan: %s", reason)
+
+
+def _forced(r: Run, name: str) -> bool:
+    return name in r.stages.force or "all" in r.stages.force
+
+
+def source_teacher(r: Run) -> Path:
+    """``teacher.path`` as a folder: itself; as a GGUF file: the cached folder it converts into (stage
+    ``gguf``, keyed by the file's content)."""
+    from distill.teacher import gguf_dir
+    from families.gguf import convert_gguf, file_sha256, is_gguf
+
+    tc = r.rc.teacher
+    src = Path(tc.path)
+    if not is_gguf(src):
+        r.stages.record["teacher"] = {"status": "input", "folder": str(src)}
+        return src
+    sha = file_sha256(src)
+    dest = gguf_dir(tc, sha)
+    r.stage("gguf", dest, {}, {"gguf_sha256": sha}, lambda st: convert_gguf(src, dest), on="main")
+    r.stages.record["teacher"] = {"status": "input", "folder": str(dest), "gguf": str(src)}
+    return dest
+
+
+def finetuned_teacher(r: Run, base: Path) -> Path:
+    """``base`` fine-tuned on the run's training data (stage ``teacher``, cached by base, data, settings)."""
+    import dataclasses as dc
+
+    from core.hashing import folder_hash
+    from distill.teacher import finetune_dir, finetune_teacher
+
+    tc = r.rc.teacher
+    base_hash = folder_hash(base)
+    dest = finetune_dir(tc, r.data_hash, base_hash)
+
+    def work(st: Stage) -> None:
+        finetune_teacher(
+            tc,
+            base,
+            base_hash,
+            r.records,
+            r.data_hash,
+            r.rc.eval,
+            accelerator=r.acc,
+            max_length=r.rc.data.max_length,
+            force=_forced(r, "teacher"),
+        )
+
+    inputs = {"data_hash": r.data_hash, "base_hash": base_hash}
+    r.stage("teacher", dest, key_settings(dc.asdict(tc.finetune)), inputs, work)
+    return dest
+
+
+def bootstrapped_teacher(r: Run) -> Path:
+    """The teacher trained from scratch on the task (stage ``teacher``, cached by settings and data)."""
+    from distill.teacher import bootstrap_dir, bootstrap_teacher
+
+    rc = r.rc
+    dest = bootstrap_dir(rc.teacher, r.data_hash)
+
+    def work(st: Stage) -> None:
+        bootstrap_teacher(
+            rc.teacher,
+            r.records,
+            r.data_hash,
+            rc.eval,
+            accelerator=r.acc,
+            max_length=rc.data.max_length,
+            force=_forced(r, "teacher"),
+            avoid=heldout_avoid(r) if rc.teacher.bootstrap.random_values else frozenset(),
+        )
+
+    r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data_hash}, work)
+    return dest
+
+
+# ---- extra training pools: teacher-labelled augmented requests, general text (cached per teacher) ----
+
+
+def augment(r: Run) -> None:
+    """``distill.augment``: training requests with random open values, kept where the teacher answers them
+    consistently or all with their implied calls (``distill.augment.keep``); cached per (teacher, data,
+    settings) under the cache folder."""
+    a = r.rc.distill.augment
+    if not a.examples:
+        return
+    from distill.augment import candidates, implied, label
+    from distill.data import encode_records, read_jsonl
+    from distill.teacher import cache_root
+
+    avoid = heldout_avoid(r)
+    settings = {k: v for k, v in dataclasses.asdict(a).items() if k != "share"}
+    key = {
+        "teacher": r.teacher_id,
+        "data": r.data_hash,
+        "max_length": r.rc.data.max_length,
+        "avoid": digest(sorted(avoid)),
+    }
+    folder = cache_root(r.rc.teacher) / "augment" / digest({**key, **settings})
+
+    def work(st: Stage) -> dict:
+        cands = candidates(r.records["train"], a.examples, a.seed, avoid, a.cross_script)
+        if a.keep == "implied":
+            kept, stats = implied(cands, r.tokenizer, max_length=r.rc.data.max_length)
+        else:
+            kept, stats = label(
+                r.teacher.get(), r.tokenizer, cands, max_length=r.rc.data.max_length, batch_size=a.batch_size
+            )
+        with building(folder) as tmp:
+            (tmp / "records.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
+            write_json(tmp / "stats.json", stats)
+        return {"kept": stats["kept"], "rejected": stats["rejected"]}
+
+    st = r.stage("augment", folder, settings, key, work, on="main")
+    kept = read_jsonl(folder / "records.jsonl", key="augment") if (folder / "records.jsonl").stat().st_size else []
+    if not kept:
+        log.warning(
+            "augment: the teacher answered none of the %d new requests consistently (%s): it does not copy new "
+            "values either, so there is nothing to distil from them; the run goes on without them",
+            a.examples,
+            folder / "stats.json",
+        )
+    r.mix["augment"] = encode_records(r.tokenizer, kept, r.rc.data.max_length, "augment")
+    r.mix_hash["augment"] = st.output_hash
+    stats = json.loads((folder / "stats.json").read_text())
+    r.mix_info["augment"] = {
+        **{k: stats[k] for k in ("candidates", "kept", "rejected", "too_long")},
+        "share": a.share,
+        "keep": a.keep,
+        "folder": str(folder),
+    }
+    log.info("augment: %d new requests (keep=%s) at %.0f%% of every batch", len(kept), a.keep, 100 * a.share)
+
+
+def heldout_avoid(r: Run) -> frozenset[str]:
+    """Words and characters random values must not contain: those of the held-out values, so that no
+    augmented request can carry one (the heldout split stays unseen)."""
+    if r.rc.data.source == "car_assistant":
+        from distill.data.car_assistant import heldout_vocabulary
+
+        return heldout_vocabulary()
+    from distill.data.augment import heldout_units
+
+    return heldout_units(r.records["heldout"])
+
+
+def general(r: Run) -> None:
+    """``distill.general``: general-text sequences, the teacher's own samples from random first tokens
+    (data-free) or a user's corpus, cached per (teacher, settings)."""
+    g = r.rc.distill.general
+    if not g.examples:
+        return
+    from core.hashing import sha256_file
+    from distill.general import as_examples, sample_general
+    from distill.teacher import cache_root
+
+    settings = {k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")}
+    key = {
+        "teacher": r.teacher_id,
+        "tokens": len(r.tokenizer),
+        **({"file": sha256_file(Path(g.file))} if g.file else {}),
+    }
+    folder = cache_root(r.rc.teacher) / "general" / digest({**key, **settings})
+
+    def work(st: Stage) -> dict:
+        if g.file:
+            seqs = corpus_sequences(g.file, r.tokenizer, g.examples, g.length)
+        else:
+            seqs = sample_general(
+                r.teacher.get(), r.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
+            )
+        with building(folder) as tmp:
+            write_json(tmp / "sequences.json", seqs)
+        return {"sequences": len(seqs)}
+
+    st = r.stage("general", folder, settings, key, work, on="main")
+    r.general_sequences = json.loads((folder / "sequences.json").read_text())
+    r.mix["general"] = as_examples(r.general_sequences)
+    r.mix_hash["general"] = st.output_hash
+    r.mix_info["general"] = {"sequences": len(r.general_sequences), "length": g.length, "share": g.share}
+    log.info(
+        "general text: %d sequences of %d tokens at %.0f%% of every batch",
+        len(r.general_sequences),
+        g.length,
+        100 * g.share,
+    )
+
+
+def corpus_sequences(path: str, tokenizer, n: int, length: int) -> list[list[int]]:
+    """The first ``n`` ``length``-token windows of a JSONL corpus (``{"text": ...}`` per line)."""
+    from distill.data import DataError
+
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DataError(f'distill.general.file: {path}:{lineno}: expected {{"text": ...}} ({err})') from err
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= n * length:
+                break
+    seqs = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:n]
+    if not seqs:
+        raise DataError(f"distill.general.file: {path} holds fewer than {length} tokens of text")
+    return seqs
+
+
+# ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
+
+
+def signals(r: Run) -> None:
+    from distill.signals import TopKSignals, compute_topk, save_signals, signals_key
+    from distill.teacher import cache_root
+
+    d, tok = r.rc.distill, r.tokenizer
+    data = list(r.train_data())  # the task data and the extra pools, in the order train() indexes them
+    key = signals_key(r.teacher_id, r.data_hash, r.rc.data.max_length, d.topk, d.temperature, len(tok))
+    if r.mix_hash:
+        key["mix"] = dict(r.mix_hash)
+    folder = cache_root(r.rc.teacher) / "signals" / digest(key)
+
+    def compute(st: Stage) -> dict:
+        tensors = compute_topk(r.teacher.get(), data, tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size)
+        with building(folder) as tmp:
+            save_signals(tensors, tmp, key)
+        return {"tokens": int(tensors["offsets"][-1]), "examples": len(data)}
+
+    st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main")
+    r.signals = TopKSignals(folder)
+    r.signals.key = st.output_hash
+    if len(r.signals) != len(data):
+        raise RuntimeError(f"{folder}: cached signals cover {len(r.signals)} examples, the data has {len(data)}")
+    log.info("teacher signals: top-%d of %d tokens from %s", r.signals.k, r.signals.tokens, folder)

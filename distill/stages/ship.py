@@ -1,0 +1,293 @@
+"""Ship: export the student to ONNX, quantize it into every variant, evaluate each under ONNX Runtime (and
+OpenVINO), and judge the shipped ones against the teacher (the release gate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from core.files import building, write_json
+from core.hashing import digest
+from distill.config import openvino_on
+from distill.manifest import Stage
+from distill.stages.measure import (
+    MISSES,
+    eval_settings,
+    misses,
+    teacher_answers,
+    teacher_reference,
+    teacher_split_answers,
+)
+from distill.stages.run import EVAL_SPLITS, Run
+
+log = logging.getLogger("distill")
+
+
+# ---- ship: export -> quantize -> evaluate every ONNX variant -> gate ----
+
+
+def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage]:
+    """Export the student (fp32, optionally fp16) and quantize it: variant name -> its finished ``Stage``
+    (folder ``DIR/onnx/<variant>``). Each folder is a stage (``export``, ``export:fp16``, ``quantize:<v>``)."""
+    from export.onnx import export_onnx, resolve_exporter, to_float16
+    from families.hf import read_config
+    from quantize import SCHEMES, Build
+
+    e, onnx_dir = r.rc.export, r.dir / "onnx"
+    out = {}
+
+    def export_stage(name: str, folder: Path, student: Path, student_hash: str) -> Stage:
+        exporter = resolve_exporter(e.exporter, read_config(student), openvino_on(r.rc) and e.deploy_batch > 1)
+        return r.stage(
+            name,
+            folder,
+            {"exporter": exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
+            {"student_hash": student_hash},
+            lambda st: export_onnx(
+                student,
+                st.folder,
+                opset=e.opset,
+                verify_atol=e.verify_atol,
+                verify_rtol=e.verify_rtol,
+                exporter=exporter,
+            ),
+            on="main-only",
+        )
+
+    out["fp32"] = fp32 = export_stage("export", onnx_dir / "fp32", r.dir / "student", r.student_hash)
+    src = {"fp32_hash": fp32.output_hash}
+    if e.fp16:
+        out["fp16"] = r.stage(
+            "export:fp16", onnx_dir / "fp16", {}, src, lambda st: to_float16(fp32.folder, st.folder), on="main-only"
+        )
+    probe = [ex["input_ids"] for ex in r.enc["validation"][: r.rc.quantize.probe_examples]]
+    for v in r.rc.quantize.variants:
+        scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
+        cal = scheme.calibration(settings, calibration)
+        inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
+        build = {"src": fp32.folder, "settings": settings, "calibration": calibration, "probe": probe}
+        if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
+            student = r.qad[v]  # trained by ``quantization_aware`` on every process, before this main-only section
+            base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)
+            inputs["qad_hash"] = base.output_hash
+            qad_info = json.loads((student.folder / "qad_info.json").read_text())
+            build.update(src=base.folder, qad=qad_info["summary"], reference=fp32.folder)
+        if scheme.needs_student:  # the PyTorch student and answer starts: per-weight sensitivity
+            val = r.enc["validation"][: settings.examples]
+            seqs, starts = [ex["input_ids"] for ex in val], [ex["prompt_len"] - 1 for ex in val]
+            inputs.update({"student_hash": r.student_hash, "sensitivity_data": digest([seqs, starts])})
+            build.update(student=r.dir / "student", sequences=seqs, starts=starts)
+        out[v] = r.stage(
+            f"quantize:{v}",
+            onnx_dir / v,
+            dataclasses.asdict(settings),
+            inputs,
+            lambda st, scheme=scheme, build=build: scheme.build(Build(dest=st.folder, **build)),
+            on="main-only",
+        )
+    return out
+
+
+def ship(r: Run, t_test: dict) -> dict:
+    """Export -> quantize -> evaluate every ONNX variant under ONNX Runtime -> release gate.
+
+    Returns the ``metrics.json`` entries: ``onnx_<variant>`` objects (task metrics against the teacher,
+    ``bytes``, ``ms_per_token``, ``prefill_ms``, quantization settings, OpenVINO agreement) and ``gate``."""
+    from quantize import SCHEMES
+
+    rc = r.rc
+    settings = [getattr(rc.quantize, v) for v in SCHEMES]
+    n_calib = max(getattr(s, "calib_examples", 0) for s in settings)  # not a knob: schemes without calibration
+    calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
+    variants = build_onnx_variants(r, calibration)
+    t_answers = teacher_answers(r)
+    use_ov = openvino_on(rc)
+    out: dict = {}
+    for v, made in variants.items():
+        name = f"onnx_{v}"
+        scores: dict = {}
+        ov = use_ov and v in rc.gate.variants  # the files that ship are also checked under OpenVINO
+
+        def work(st: Stage, made=made, scores=scores, ov=ov) -> None:
+            got, missed = _evaluate_onnx(r, made.folder, ov)
+            scores.update(got)
+            with building(st.folder) as tmp:
+                write_json(tmp / "scores.json", scores)
+                write_json(tmp / MISSES, missed)
+            write_json(made.folder / "metrics.json", scores)  # the artifact carries its own numbers
+
+        st = r.stage(
+            f"evaluate:{name}",
+            r.dir / "eval" / name,
+            {
+                "eval": dataclasses.asdict(rc.eval),
+                "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
+                "deploy_batch": [rc.export.deploy_batch, rc.export.invariance_examples],
+                "openvino": ov,
+                **({"openvino_examples": rc.export.openvino_examples} if ov else {}),
+            },
+            {
+                "model_hash": made.output_hash,
+                "teacher_hash": r.teacher_id,
+                "teacher_answers": digest([t_answers["answers"], t_answers.get("heldout_answers")]),
+                "data_hash": r.data_hash,
+            },
+            work,
+            on="main-only",
+        )
+        out[name] = scores or json.loads((st.folder / "scores.json").read_text())
+    out["gate"] = gate(r, t_test, out)
+    return out
+
+
+def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
+    """One ONNX variant under ONNX Runtime on test and heldout: (scores, misses). The test scores are the
+    top level, the heldout ones under ``heldout``; with ``use_ov`` the same file under OpenVINO on the first
+    ``export.openvino_examples`` of each split (``openvino_match``: the lower share of identical answers)."""
+    import torch
+
+    from core.onnx_files import onnx_bytes
+    from distill.evaluate import answer_budget, batch_invariance, evaluate_onnx, latency, onnx_generate_n
+    from export.runtime import OnnxCausalLM
+
+    rc, enc = r.rc, r.enc
+    deploy, batch, check = rc.export.deploy_batch, rc.export.deploy_batch, None
+    t = teacher_answers(r)
+    got, answers, missed = {}, {}, {}
+    with torch.no_grad():
+        runner = OnnxCausalLM(folder)
+        if rc.export.invariance_examples and rc.eval.batch_size != deploy:
+            # scored at the batch that ships, unless shown not to depend on the batch (then at eval.batch_size)
+            sample = enc["test"][: rc.export.invariance_examples]
+            budget = rc.eval.max_new_tokens or answer_budget(enc["test"])
+            check = batch_invariance(runner, sample, budget, deploy, rc.eval.batch_size, rc.eval.chunk_size)
+            batch = rc.eval.batch_size if check["invariant"] else deploy
+        settings = {**eval_settings(rc), "batch_size": batch}
+        for split in EVAL_SPLITS:
+            if enc[split]:
+                t_ans = teacher_split_answers(t, split)
+                ref = teacher_reference(r, t, split)
+                got[split], answers[split] = evaluate_onnx(
+                    runner, r.tokenizer, enc[split], teacher=ref, teacher_answers=t_ans, **settings
+                )
+                missed[split] = misses(r.tokenizer, enc[split], answers[split], t_ans)
+    scores = {**got["test"], **({"heldout": got["heldout"]} if "heldout" in got else {})}
+    scores["batch"], scores["deploy_batch"] = batch, deploy
+    if check is not None:
+        scores["batch_invariance"] = check
+        log.info(
+            "onnx %s: %s at batch %d (%s)",
+            folder.name,
+            "scored" if batch == deploy else "batch-invariant, scored",
+            batch,
+            f"ops mixing rows: {', '.join(check['ops_mixing_rows'])}"
+            if check["ops_mixing_rows"]
+            else f"{check['identical_answers']:.3f} of {check['examples']} answers identical at batch {deploy} and "
+            f"{rc.eval.batch_size}, argmax identical: {check['identical_argmax']}",
+        )
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
+    scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
+    scores["bytes"] = onnx_bytes(folder)
+    qinfo = folder / "quantization.json"
+    if qinfo.is_file():
+        info = json.loads(qinfo.read_text())
+        scores["quantization"] = info["settings"]
+        if "vs_source" in info:
+            scores["vs_fp32"] = info["vs_source"]
+        if "vs_fake_quant" in info:  # QAD: the file against the fake-quantized model it was trained as
+            scores["vs_fake_quant"] = info["vs_fake_quant"]
+    if use_ov:
+        matches = []
+        for split in answers:
+            n_ov = rc.export.openvino_examples or len(enc[split])
+            budget = rc.eval.max_new_tokens or answer_budget(enc[split])
+            ov = cross_runtime(
+                folder, runner, answers[split][:n_ov], enc[split][:n_ov], budget, deploy, rc.eval.chunk_size
+            )
+            (scores if split == "test" else scores[split])["openvino"] = ov
+            if "generation_match" in ov:  # (absent when OpenVINO cannot load the file: not measured)
+                matches.append(ov["generation_match"])
+        if matches and len(matches) == len(answers):
+            scores["openvino_match"] = min(matches)
+    log.info(
+        "onnx %s: exact match %.3f (heldout %s), agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
+        folder.name,
+        scores["exact_match"],
+        f"{scores['heldout']['exact_match']:.3f}" if "heldout" in scores else "-",
+        scores["agreement"],
+        scores["kl"],
+        scores["bytes"],
+        scores["ms_per_token"],
+    )
+    return scores, missed
+
+
+def gate(r: Run, t_test: dict, measured: dict) -> dict:
+    """The release verdict on the shipped variants (``gate.variants``) under ``gate.*`` thresholds."""
+    from export.gate import evaluate_gate, thresholds_of
+
+    g = r.rc.gate
+    thresholds = thresholds_of(g)
+    judged = {f"onnx_{v}": measured[f"onnx_{v}"] for v in g.variants}
+    verdict: dict = {}
+
+    def work(st: Stage) -> None:
+        verdict.update(evaluate_gate(t_test, judged, thresholds, g.min_teacher_score).to_dict())
+        with building(st.folder) as tmp:
+            write_json(tmp / "gate.json", verdict)
+
+    st = r.stage(
+        "gate",
+        r.dir / "gate",
+        {"thresholds": thresholds, "variants": list(g.variants), "min_teacher_score": g.min_teacher_score},
+        {"teacher": digest(t_test), **{k: digest(v) for k, v in judged.items()}},
+        work,
+        on="main-only",
+    )
+    return verdict or json.loads((st.folder / "gate.json").read_text())
+
+
+def cross_runtime(
+    folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int, chunk_size: int
+) -> dict:
+    """The same ONNX file under OpenVINO (CPU, f32 precision hint) on ``data``: share of greedy answers
+    identical to ONNX Runtime's (``answers``: ORT's on the same examples), argmax agreement and largest
+    logit difference on the reference sequences, compared a few rows at a time (about ``chunk_size``
+    tokens: two runtimes' full logits of a whole split would not fit in memory at a large vocabulary)."""
+    import numpy as np
+
+    from export.runtime import OnnxCausalLM
+
+    try:
+        ov = OnnxCausalLM(folder, backend="openvino")
+    except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
+        log.warning("openvino could not load %s: %s", folder, err)
+        return {"error": str(err).splitlines()[0][:300]}
+    from distill.evaluate import by_length
+
+    prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
+    ov_answers = by_length(
+        prompts, lambda p: ov.generate(p, max_new_tokens, batch_size=batch_size)
+    )  # batched as ORT's were
+    seqs = sorted((ex["input_ids"] for ex in data), key=len)
+    same, total, diff = 0, 0, 0.0
+    start = 0
+    while start < len(seqs):
+        rows = 1  # as many rows as keep the chunk within chunk_size tokens (rows grow longer: sorted)
+        while rows < batch_size and start + rows < len(seqs) and len(seqs[start + rows]) * (rows + 1) <= chunk_size:
+            rows += 1
+        part = seqs[start : start + rows]
+        for x, y in zip(runner.sequence_logits(part, rows), ov.sequence_logits(part, rows), strict=True):
+            same += int((x.argmax(-1) == y.argmax(-1)).sum())
+            total += x.shape[0]
+            diff = max(diff, float(np.abs(x - y).max()))
+        start += rows
+    return {
+        "examples": len(data),
+        "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
+        "argmax_agreement": same / max(total, 1),
+        "max_logit_diff": diff,
+    }

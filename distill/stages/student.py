@@ -1,0 +1,260 @@
+"""The student: pruned from the teacher (``student.init=prune``), distilled, and trained on each trained
+quantization scheme's grid (quantization-aware distillation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+
+from core.hashing import flatten
+from distill.config import ConfigError, key_settings, student_sizes, to_dict
+from distill.manifest import Stage
+from distill.stages.run import NOT_IN_RESULT, Run
+
+log = logging.getLogger("distill")
+
+
+# ---- prune (student.init=prune) ----
+
+
+def prune(r: Run) -> Stage:
+    """Prune the teacher to the plan (importance from training examples) into ``DIR/pruned/``, a plain HF
+    folder that distillation starts from."""
+    rc = r.rc
+    p = rc.student.prune
+
+    def work(st: Stage) -> None:
+        from families.hf import load_causal_lm, save_model_atomically
+        from prune import prune_model
+        from prune.calibration import calibration_batches, sequence_batches
+
+        model = r.teacher.get()
+        source = model if rc.teacher.quantization == "none" else load_causal_lm(r.teacher_dir)  # full precision
+        batches = calibration_batches(r.tokenizer, r.records["train"], p.calib_examples, max_length=rc.data.max_length)
+        batches += sequence_batches(r.tokenizer.pad_token_id, r.general_sequences[: p.calib_general])
+        pruned, report = prune_model(
+            source, batches if p.method == "activation" else None, method=p.method, plan=r.plan
+        )
+        if r.main:
+            save_model_atomically(pruned, r.tokenizer, st.folder, {"prune_report.json": report})
+        r.acc.wait_for_everyone()
+
+    return r.stage(
+        "prune",
+        r.dir / "pruned",
+        {"prune": dataclasses.asdict(p), "sizes": student_sizes(rc)},
+        {
+            "teacher_hash": r.teacher_hash,
+            "data_hash": r.data_hash,
+            "max_length": rc.data.max_length,
+            **({"general": r.mix_hash["general"]} if p.calib_general else {}),
+        },
+        work,
+    )
+
+
+# ---- distill ----
+
+
+def distill(r: Run, init_input: dict) -> None:
+    rc = r.rc
+    dcfg = key_settings(dataclasses.asdict(rc.distill))
+    for k in NOT_IN_RESULT:
+        dcfg["train"].pop(k, None)  # (eval_generate at 0 is gone already: key_settings drops neutral knobs)
+    config = {
+        "student": {k: v for k, v in dataclasses.asdict(rc.student).items() if k != "prune"},
+        "distill": dcfg,
+        "max_length": rc.data.max_length,
+        "processes": r.acc.num_processes,
+    }
+    inputs = {
+        "teacher_hash": r.teacher_id,
+        "data_hash": r.data_hash,
+        **init_input,
+        **({"signals": r.signals.key} if r.signals else {}),
+        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
+    }
+
+    def work(st: Stage) -> None:
+        _train_student(r, st)
+
+    st = r.stage("distill", r.dir / "student", config, inputs, work)
+    if r.main and not st.skipped:
+        shutil.rmtree(r.dir / "checkpoints", ignore_errors=True)  # only needed to resume
+    r.student_hash = st.output_hash
+
+
+def _train_student(r: Run, st: Stage) -> None:
+    from transformers import AutoConfig
+
+    from core.chat import stop_ids
+    from distill.train import apply_lora, final_model, make_mode, train
+    from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
+
+    rc, tok = r.rc, r.tokenizer
+    s = rc.student
+    if s.init == "folder":
+        student = load_causal_lm(s.path)
+    elif s.init == "prune":
+        student = load_causal_lm(r.dir / "pruned")
+    else:
+        from families.hf import read_config
+
+        student = build_from_config(student_config(read_config(r.teacher_dir), student_sizes(rc)), s.seed)
+    student.generation_config.pad_token_id = tok.pad_token_id
+    stops = stop_ids(tok)  # the template's end-of-turn token first: what the student learned to end with
+    student.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    live = r.signals is None or rc.distill.features.weight > 0 or rc.distill.on_policy.fraction > 0
+    t_model = r.teacher.get() if live else None
+    if t_model is not None:
+        for pair in rc.distill.features.layer_map:
+            n_s, n_t = student.config.num_hidden_layers, t_model.config.num_hidden_layers
+            if rc.distill.features.weight > 0 and (pair[0] >= n_s or pair[1] >= n_t):
+                raise ConfigError(
+                    [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
+                )
+    trainable = apply_lora(student, s.lora) if s.lora.enabled else student
+    teacher_val = teacher_held = None
+    tc = rc.distill.train
+    if tc.eval_generate and tc.eval_every and r.enc["validation"]:
+        from distill.train import generated_exact_match
+
+        # the teacher on the same validation (and heldout) examples: the reference of the retention curves
+        teacher_val = generated_exact_match(r.teacher.get(), tok, r.enc["validation"], tc)
+        log.info("teacher exact match on the %d probed validation examples: %.3f", tc.eval_generate, teacher_val)
+        if r.enc["heldout"]:
+            teacher_held = generated_exact_match(r.teacher.get(), tok, r.enc["heldout"], tc)
+            log.info("teacher exact match on the %d probed heldout examples: %.3f", tc.eval_generate, teacher_held)
+    n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher_dir)))
+    n_student = config_param_count(student.config)
+    log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
+    if rc.trackers:
+        # "tensorboard" names the folder under the run folder (and MLflow's experiment); the run is rc.name
+        r.acc.init_trackers("tensorboard", config=_flat(to_dict(rc)), init_kwargs={"mlflow": {"run_name": rc.name}})
+    result = train(
+        trainable,
+        tok,
+        r.train_data(),
+        rc.distill.train,
+        accelerator=r.acc,
+        mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals),
+        checkpoint_dir=r.dir / "checkpoints",
+        checkpoint_key=st.key,
+        val_data=r.enc["validation"] or None,
+        heldout_data=r.enc["heldout"] or None,
+        desc="distill",
+        log_prefix="distill/",
+    )
+    student = final_model(r.acc, trainable, result)  # gathered to the main process when sharded
+    if result.sharded:
+        r.teacher.forget()  # its weights were sharded in place; a later stage reloads it whole
+    if r.main:
+        info = {
+            "teacher": str(r.teacher_dir),
+            "teacher_hash": r.teacher_hash,
+            "data_hash": r.data_hash,
+            "steps": rc.distill.train.steps,
+            "signals": rc.distill.signals,
+            "seconds": result.seconds,
+            "skipped_steps": result.skipped_steps,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "teacher_val_exact_match": teacher_val,
+            "teacher_heldout_exact_match": teacher_held,
+            "history": result.history,
+        }
+        save_model_atomically(student, tok, st.folder, {"distill_info.json": info})
+    r.acc.wait_for_everyone()
+
+
+def _flat(d: dict) -> dict:
+    """Nested config -> flat scalar dict for trackers (lists and None as JSON)."""
+    return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in flatten(d).items()}
+
+
+def quantization_aware(r: Run) -> None:
+    """Run the QAD stage of every trained scheme in ``quantize.variants`` (``r.qad``). Every process trains,
+    so this runs before the main-process-only export section (which then finds the stages finished)."""
+    from quantize import SCHEMES
+
+    for v in r.rc.quantize.variants:
+        if SCHEMES[v].trained:
+            r.qad[v] = qad(r, v, getattr(r.rc.quantize, v))
+
+
+def qad(r: Run, name: str, s) -> Stage:
+    """Quantization-aware distillation for scheme ``name``: the distilled student, its weights on the
+    scheme's int4 grid in every forward (``quantize.fake``: ONNX Runtime's round-to-nearest blocks, straight-
+    through gradients), trained ``s.steps`` more steps against the teacher with the distillation's loss,
+    then baked onto the grid: ``DIR/qad/<name>/student``, a plain HF folder whose float weights are exactly
+    what the int4 file will hold."""
+    rc = r.rc
+    tc = dataclasses.replace(
+        rc.distill.train, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, eval_every=0, checkpoint_every=0
+    )
+    # the logit loss only: the feature projections of distillation were not kept, on-policy sampling is slow
+    dcfg = dataclasses.replace(
+        rc.distill,
+        features=dataclasses.replace(rc.distill.features, weight=0.0),
+        on_policy=dataclasses.replace(rc.distill.on_policy, fraction=0.0),
+        train=tc,
+    )
+    tied = json.loads((r.dir / "student" / "config.json").read_text()).get("tie_word_embeddings", False)
+    config = {  # a tied embedding trains on the grid either way: ``embedding`` changes training only when untied
+        "grid": {"bits": 4, "block_size": s.block_size, "symmetric": True, "embedding": s.embedding and not tied},
+        "train": key_settings(dataclasses.asdict(dcfg)),
+        "max_length": rc.data.max_length,
+        "processes": r.acc.num_processes,
+    }
+    inputs = {
+        "student_hash": r.student_hash,
+        "teacher_hash": r.teacher_id,
+        "data_hash": r.data_hash,
+        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
+    }
+
+    def work(st: Stage) -> None:
+        from distill.train import final_model, make_mode, train
+        from families.hf import load_causal_lm, save_model_atomically
+        from quantize import fake
+
+        student = load_causal_lm(r.dir / "student")
+        names = fake.attach(student, bits=4, block=s.block_size, embedding=s.embedding)
+        live = r.signals is None
+        result = train(
+            student,
+            r.tokenizer,
+            r.train_data(),
+            tc,
+            accelerator=r.acc,
+            mode=make_mode(dcfg, teacher=r.teacher.get() if live else None, signals=None if live else r.signals),
+            desc=f"qad:{name}",
+            log_prefix=f"qad_{name}/",
+        )
+        student = final_model(r.acc, student, result)
+        if r.main:
+            written = fake.bake(student)
+            summary = {
+                "steps": tc.steps,
+                "lr": tc.lr,
+                "seconds": result.seconds,
+                "tokens": result.tokens,
+                "modules": len(names),
+                "tensors": written,
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+            }
+            info = {"summary": summary, "grid": config["grid"], "modules": names, "history": result.history}
+            save_model_atomically(student, r.tokenizer, st.folder, {"qad_info.json": info})
+            log.info(
+                "QAD %s: %d steps in %.0f s, %d weight tensors on the int4 grid",
+                name,
+                tc.steps,
+                result.seconds,
+                written,
+            )
+        r.acc.wait_for_everyone()
+
+    return r.stage(f"qad:{name}", r.dir / "qad" / name / "student", config, inputs, work)
