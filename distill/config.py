@@ -108,8 +108,19 @@ def _check_names(c: RunConfig, problems: list[str]) -> None:
 
 
 def _check_semantics(c: RunConfig, problems: list[str]) -> None:
-    from families.hf import folder_problems
+    """What the types and ranges cannot say, by subject (the order of the problems is the order here)."""
+    _check_data(c, problems)
+    _check_teacher(c, problems)
+    _check_student(c, problems)
+    _check_layer_map(c, problems)
+    _check_mix(c, problems)
+    _check_onnx(c, problems)
+    _check_gate_metrics(c, problems)
+    _check_run(c, problems)
+    _check_layers_exist(c, problems)
 
+
+def _check_data(c: RunConfig, problems: list[str]) -> None:
     d = c.data
     if d.source == "jsonl":
         for name in ("train_file", "test_file"):
@@ -121,6 +132,11 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             p = getattr(d, name)
             if p and not Path(p).is_file():
                 problems.append(f"data.{name}: file {p} does not exist")
+
+
+def _check_teacher(c: RunConfig, problems: list[str]) -> None:
+    from families.hf import folder_problems
+
     t = c.teacher
     mp = c.distill.train.mixed_precision
     trained = "bootstrap" if t.path is None else "finetune" if t.finetune.enabled else None
@@ -165,6 +181,12 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             problems.append(
                 f"teacher.bootstrap.num_attention_heads={b.num_attention_heads} is not divisible by num_key_value_heads={b.num_key_value_heads}"
             )
+
+
+def _check_student(c: RunConfig, problems: list[str]) -> None:
+    from families.hf import folder_problems
+
+    t = c.teacher
     s = c.student
     if s.init == "folder":
         if not s.path:
@@ -183,6 +205,9 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
             problems.append(
                 f"student.num_attention_heads={nh} is not divisible by student.num_key_value_heads={kv} (grouped-query attention needs whole groups)"
             )
+
+
+def _check_layer_map(c: RunConfig, problems: list[str]) -> None:
     fe = c.distill.features
     for pair in fe.layer_map:
         if len(pair) != 2 or min(pair) < 0:
@@ -193,10 +218,10 @@ def _check_semantics(c: RunConfig, problems: list[str]) -> None:
         problems.append(
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
-    _check_mix(c, problems)
-    _check_onnx(c, problems)
-    _check_gate_metrics(c, problems)
-    _check_run(c, problems)
+
+
+def _check_layers_exist(c: RunConfig, problems: list[str]) -> None:
+    t, s, fe = c.teacher, c.student, c.distill.features
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
     for pair in fe.layer_map:
