@@ -42,6 +42,9 @@ from families import head_dim
 
 MS = "com.microsoft"
 FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # families whose layer is the one above
+# ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at run time ("head_size shall be a
+# multiple of 16"), after the graph was written: checked from the config, before anything loads
+GQA_HEAD_MULTIPLE = 16
 
 
 class UnsupportedForFused(ValueError):
@@ -66,11 +69,11 @@ def check_fusable(config) -> None:
         raise UnsupportedForFused(
             f"partial_rotary_factor {partial}: export.exporter=fused rotates whole heads; set export.exporter=dynamo"
         )
-    hd = head_dim(config) if get("head_dim") or get("num_attention_heads") else 8
-    if hd % 8:
+    hd = head_dim(config) if get("head_dim") or get("num_attention_heads") else GQA_HEAD_MULTIPLE
+    if hd % GQA_HEAD_MULTIPLE:
         raise UnsupportedForFused(
-            f"head_dim {hd} is not a multiple of 8, which ONNX Runtime's GroupQueryAttention requires: "
-            "set export.exporter=dynamo"
+            f"head_dim {hd} is not a multiple of {GQA_HEAD_MULTIPLE}, which ONNX Runtime's CPU GroupQueryAttention "
+            "requires: set export.exporter=dynamo"
         )
     window = get("sliding_window")
     if window and get("use_sliding_window", mt == "mistral") and window < get("max_position_embeddings", 0):

@@ -147,6 +147,7 @@ def export_onnx(
     verify_atol: float = 1e-3,
     verify_rtol: float = 1e-4,
     exporter: str = "auto",
+    fallback: bool | None = None,
 ) -> Path:
     """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (float32, + tokenizer,
     ``onnx_config.json``, ``genai_config.json``); ``to_float16`` makes the fp16 folder from it.
@@ -154,6 +155,12 @@ def export_onnx(
     With ``verify``, the graph is run once under ONNX Runtime on a padded prefill and a decode step and
     compared with PyTorch; a mismatch raises ``ExportError``. The folder is written under a temporary name
     and renamed when complete.
+
+    ``auto`` never fails where ``dynamo`` would work: it takes ``fused`` only when the config passes every
+    check of the fused graph (``check_fusable``), and if the fused graph still fails to build, to run under
+    ONNX Runtime or to match PyTorch, it logs why and exports with ``dynamo``. An explicit ``fused`` fails
+    loudly. ``fallback`` overrides that (the pipeline resolves ``auto`` first, then passes
+    ``exporter="fused", fallback=True``).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -161,6 +168,7 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     model_dir, dest = Path(model_dir), Path(dest)
+    fallback = exporter == "auto" if fallback is None else fallback
     if exporter in ("auto", "fused"):  # choose, or refuse an unsupported family, before the weights load
         from transformers import AutoConfig
 
@@ -168,18 +176,31 @@ def export_onnx(
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with building(dest) as tmp:
-        proto = build_fused(model, opset) if exporter == "fused" else _traced(model, exporter, opset, tmp / "raw")
-        save_onnx(proto, tmp, external_data_threshold)
-        meta = _metadata(model, model_dir, exporter, opset)
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, model.config), indent=2))
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        if verify:
-            err = verify_against_torch(tmp, model, verify_atol, verify_rtol)
-            log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
+        try:
+            _write(model, model_dir, tmp, exporter, opset, external_data_threshold, verify, verify_atol, verify_rtol)
+        except Exception as err:
+            if exporter != "fused" or not fallback:
+                raise
+            log.warning("export: the fused graph failed (%s); exporter auto -> dynamo", str(err).splitlines()[0][:300])
+            for p in tmp.iterdir():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            _write(model, model_dir, tmp, "dynamo", opset, external_data_threshold, verify, verify_atol, verify_rtol)
     return dest
+
+
+def _write(model, model_dir: Path, tmp: Path, exporter, opset, threshold, verify, atol, rtol) -> None:
+    """One attempt: the graph, its folder files, and the check against PyTorch."""
+    proto = build_fused(model, opset) if exporter == "fused" else _traced(model, exporter, opset, tmp / "raw")
+    save_onnx(proto, tmp, threshold)
+    meta = _metadata(model, model_dir, exporter, opset)
+    (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, model.config), indent=2))
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, tmp / name)
+    if verify:
+        err = verify_against_torch(tmp, model, atol, rtol)
+        log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
 
 
 def _traced(model, exporter: str, opset: int, raw: Path):

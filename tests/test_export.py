@@ -607,3 +607,66 @@ def test_export_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out"), "--quantize", "int8_static"]) == 2
     assert "int8_static with these settings needs calibration data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+HEAD_DIMS = (8, 16, 24, 40, 64, 80, 96, 128, 256)
+AUTO_CASES = [(mt, hd) for mt in ("llama", "qwen2", "qwen3", "mistral") for hd in HEAD_DIMS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type,hd", AUTO_CASES, ids=[f"{mt}-hd{hd}" for mt, hd in AUTO_CASES])
+def test_auto_export_never_fails_over_head_dims(tmp_path, tokenizer, car_settings, model_type, hd):
+    """``export.exporter=auto`` on head sizes the CPU GroupQueryAttention takes (multiples of 16: fused) and
+    refuses (8, 24, 40: dynamo, chosen from the config before anything loads): logits within 1e-4 of PyTorch
+    and greedy generation through the KV cache identical, token for token."""
+    from export.fused import GQA_HEAD_MULTIPLE
+
+    cfg = tiny_config(tokenizer, model_type=model_type, hidden=2 * hd, layers=1, heads=2, kv=1, inter=64)
+    cfg.head_dim = hd
+    model = build_from_config(cfg, 0).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
+    folder = export_onnx(hf, tmp_path / "onnx", exporter="auto")
+    meta = json.loads((folder / "onnx_config.json").read_text())
+    assert meta["head_dim"] == hd
+    assert meta["graph"] == ("fused" if hd % GQA_HEAD_MULTIPLE == 0 else "traced")
+    rt = OnnxCausalLM(folder)
+    prompts, seqs = _prompts(tokenizer, car_settings, n=3)
+    for seq, got in zip(seqs, rt.sequence_logits(seqs, batch_size=3), strict=True):
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([seq])).logits[0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    for p, answer in zip(prompts, rt.generate(prompts, 8, batch_size=3), strict=True):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :].tolist()
+        assert answer == (ref[: ref.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ref else ref)
+
+
+def test_auto_falls_back_to_dynamo_when_the_fused_graph_fails_its_check(tmp_path, tokenizer, monkeypatch, caplog):
+    """A fused graph that builds but does not reproduce PyTorch (planted: its LM head negated): ``auto``
+    logs why and ships the traced graph; an explicit ``fused`` raises."""
+    import export.onnx as eo
+    from export.onnx import ExportError
+
+    real = eo.build_fused
+
+    def broken(model, opset=18):
+        proto = real(model, opset)
+        from onnx import numpy_helper
+
+        (w,) = [i for i in proto.graph.initializer if i.name == "lm_head.weight.T"]
+        w.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(w), w.name))
+        return proto
+
+    monkeypatch.setattr(eo, "build_fused", broken)
+    hf = save_model_atomically(_model(tokenizer, FAMILIES[0]), tokenizer, tmp_path / "hf")
+    with caplog.at_level("WARNING", logger="export.onnx"):
+        folder = export_onnx(hf, tmp_path / "auto", exporter="auto")
+    assert json.loads((folder / "onnx_config.json").read_text())["graph"] == "traced"
+    assert "exporter auto -> dynamo" in caplog.text
+    with pytest.raises(ExportError):
+        export_onnx(hf, tmp_path / "fused", exporter="fused")
+    assert not (tmp_path / "fused").exists()  # nothing half-written left behind

@@ -53,6 +53,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
                 verify_atol=e.verify_atol,
                 verify_rtol=e.verify_rtol,
                 exporter=exporter,
+                fallback=e.exporter == "auto",  # auto: a fused graph that fails its checks is exported with dynamo
             ),
             on="main-only",
         )
