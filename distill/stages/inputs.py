@@ -202,10 +202,17 @@ def augment(r: Run) -> None:
 
     st = r.stage("augment", folder, settings, key, work, on="main")
     kept = read_jsonl(folder / "records.jsonl", key="augment") if (folder / "records.jsonl").stat().st_size else []
-    if not kept:
+    if not kept and a.keep == "consistent":
         log.warning(
             "augment: the teacher answered none of the %d new requests consistently (%s): it does not copy new "
-            "values either, so there is nothing to distil from them; the run goes on without them",
+            "values either, so there is nothing to distil from them; the run goes on without them "
+            "(distill.augment.keep=implied trains on the calls the new values imply instead)",
+            a.examples,
+            folder / "stats.json",
+        )
+    elif not kept:
+        log.warning(
+            "augment: none of the %d new requests fits data.max_length (%s); the run goes on without them",
             a.examples,
             folder / "stats.json",
         )
