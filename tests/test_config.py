@@ -277,8 +277,8 @@ def test_onnx_quantize_and_gate_problems():
     with pytest.raises(ConfigError, match="int4_qad trains the student on its grid, which runs unsharded"):
         compose(["+exp=smoke", "quantize.variants=[int4_qad]", "distill.train.sharding=fsdp"])
     assert compose(["+exp=smoke", "export.exporter=fused"]).export.exporter == "fused"  # head_dim 16
-    with pytest.raises(ConfigError, match="export.exporter: head_dim 12 is not a multiple of 8"):
-        compose(["+exp=smoke", "export.exporter=fused", "teacher.bootstrap.hidden_size=48"])
+    with pytest.raises(ConfigError, match="export.exporter: head_dim 24 is not a multiple of 16"):
+        compose(["+exp=smoke", "export.exporter=fused", "teacher.bootstrap.hidden_size=96"])
     with pytest.raises(ConfigError, match="OpenVINO runs the fused graph's GroupQueryAttention at batch 1 only"):
         compose(["+exp=smoke", "export.exporter=fused", "export.deploy_batch=2", "export.openvino=true"])
 
