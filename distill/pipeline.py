@@ -48,20 +48,20 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     """
     rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
     r = start(rc, Path(run_dir), force)
-    inputs.load_data(r)
-    inputs.teacher(r)
+    r.data = inputs.load_data(r)
+    r.teacher = inputs.teacher(r)
     inputs.augment(r)  # teacher-labelled requests with new open values (distill.augment)
     inputs.general(r)  # general text mixed into KD (distill.general)
     if rc.distill.signals == "topk":
-        inputs.signals(r)
+        r.signals = inputs.signals(r)
     init_input: dict = {"init": rc.student.init}
     if rc.student.init == "prune":
         init_input["pruned_hash"] = student.prune(r).output_hash
     elif rc.student.init == "folder":
         init_input["student_hash"] = folder_hash(rc.student.path)
-    student.distill(r, init_input)
+    r.student = student.distill(r, init_input)
     if rc.export.enabled:
-        student.quantization_aware(r)  # QAD trains on every process: before the main-only export section
+        r.qad = student.quantization_aware(r)  # QAD trains on every process: before the main-only export section
     metrics: dict = {}
     if r.main:
         import torch
@@ -137,10 +137,10 @@ def report(r: Run, metrics: dict, info: dict) -> None:
             "status": "finished",
             "command": sys.argv,
             "config_hash": digest(to_dict(rc)),
-            "data_hash": r.data_hash,
-            "teacher_dir": str(r.teacher_dir),
-            "teacher_hash": r.teacher_hash,
-            "student_hash": r.student_hash,
+            "data_hash": r.data.hash,
+            "teacher_dir": str(r.teacher.dir),
+            "teacher_hash": r.teacher.hash,
+            "student_hash": r.student.hash,
             "stages": stages.record,
             "versions": stages.versions,
             "processes": r.acc.num_processes,

@@ -9,12 +9,16 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.files import building, write_json
 from core.hashing import digest
 from distill.config import ConfigError, key_settings, student_plan
 from distill.manifest import Stage
-from distill.stages.run import SPLITS, LazyTeacher, Run, timed
+from distill.stages.run import SPLITS, Data, LazyTeacher, Run, Teacher, timed
+
+if TYPE_CHECKING:  # it imports torch: imported where used
+    from distill.signals import TopKSignals
 
 log = logging.getLogger("distill")
 
@@ -22,19 +26,20 @@ log = logging.getLogger("distill")
 # ---- data and teacher ----
 
 
-def load_data(r: Run) -> None:
+def load_data(r: Run) -> Data:
+    """Every split's records (generated or read from the user's files) and their hash."""
     from distill.data import DataError, data_hash, load_records
 
     with timed("data"):
-        r.data_hash = data_hash(r.rc.data)
-        r.records = {s: load_records(r.rc.data, s) for s in SPLITS}
+        data = Data({s: load_records(r.rc.data, s) for s in SPLITS}, data_hash(r.rc.data))
         for s in ("train", "test"):
-            if not r.records[s]:
+            if not data.records[s]:
                 raise DataError(f"data: the {s} split is empty")
-        log.info("data %s: %s", r.data_hash, ", ".join(f"{s}={len(r.records[s])}" for s in SPLITS))
+        log.info("data %s: %s", data.hash, ", ".join(f"{s}={len(data.records[s])}" for s in SPLITS))
+    return data
 
 
-def teacher(r: Run) -> None:
+def teacher(r: Run) -> Teacher:
     """The task teacher: a user's folder (hashed) or GGUF file (converted once into a cached folder),
     optionally fine-tuned on the training data; or, without ``teacher.path``, the bootstrapped one. Then
     the tokenizer, the encoded splits, the teacher identity and the prune plan for its real config."""
@@ -48,38 +53,37 @@ def teacher(r: Run) -> None:
     rc = r.rc
     key = "teacher.path" if rc.teacher.path else "teacher"
     if rc.teacher.path:
-        r.teacher_dir = source_teacher(r)
+        folder = source_teacher(r)
         if rc.teacher.finetune.enabled:  # a template problem is reported before the fine-tune, not after it
-            base_tok = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
+            base_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=rc.teacher.trust_remote_code)
             if problems := check_template(base_tok, key):
                 raise ConfigError(problems)
-            r.teacher_dir = finetuned_teacher(r, r.teacher_dir)
+            folder = finetuned_teacher(r, folder)
     else:
-        r.teacher_dir = bootstrapped_teacher(r)
-    t_cfg = read_config(r.teacher_dir)
+        folder = bootstrapped_teacher(r)
+    t_cfg = read_config(folder)
     problems = []
     if rc.student.init == "folder":
-        problems += vocab_problems(r.teacher_dir, rc.student.path, "student.path", rc.teacher.trust_remote_code)
+        problems += vocab_problems(folder, rc.student.path, "student.path", rc.teacher.trust_remote_code)
     limit = t_cfg.get("max_position_embeddings")
     if limit and rc.data.max_length > limit:
         problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
     if problems:
         raise ConfigError(problems)
-    r.tokenizer = AutoTokenizer.from_pretrained(str(r.teacher_dir), trust_remote_code=rc.teacher.trust_remote_code)
-    problems = check_template(r.tokenizer, key)
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=rc.teacher.trust_remote_code)
+    problems = check_template(tok, key)
     if problems:
         raise ConfigError(problems)
-    pad = ensure_pad(r.tokenizer)
+    pad = ensure_pad(tok)
     if pad is not None:
         log.info("the tokenizer has no pad token: padding with %s (masked out of attention and every loss)", pad)
-    r.enc = {s: encode_records(r.tokenizer, r.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
+    enc = {s: encode_records(tok, r.data.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
     n_eval = rc.eval.num_test or None
-    r.enc["test"], r.enc["heldout"] = r.enc["test"][:n_eval], r.enc["heldout"][:n_eval]
-    r.teacher_hash = folder_hash(r.teacher_dir)
-    r.stages.record["teacher"]["hash"] = r.teacher_hash
+    enc["test"], enc["heldout"] = enc["test"][:n_eval], enc["heldout"][:n_eval]
+    content = folder_hash(folder)
+    r.stages.record["teacher"]["hash"] = content
     q = rc.teacher.quantization
-    r.teacher_id = r.teacher_hash if q == "none" else f"{r.teacher_hash}+{q}"
-    r.teacher = LazyTeacher(r.teacher_dir, rc)
+    out = Teacher(folder, content, content if q == "none" else f"{content}+{q}", LazyTeacher(folder, rc), tok, enc)
     if rc.student.init == "prune":
         # the plan the run started with (``pipeline.start``), unless the teacher's real numbers differ from
         # those it was made from (a bootstrapped teacher's trained tokenizer can be smaller than configured)
@@ -87,6 +91,7 @@ def teacher(r: Run) -> None:
             r.plan, r.plan_teacher = student_plan(rc, t_cfg), dict(t_cfg)
         for reason in r.plan.reasons:
             log.info("prune plan: %s", reason)
+    return out
 
 
 def _forced(r: Run, name: str) -> bool:
@@ -120,22 +125,22 @@ def finetuned_teacher(r: Run, base: Path) -> Path:
 
     tc = r.rc.teacher
     base_hash = folder_hash(base)
-    dest = finetune_dir(tc, r.data_hash, base_hash)
+    dest = finetune_dir(tc, r.data.hash, base_hash)
 
     def work(st: Stage) -> None:
         finetune_teacher(
             tc,
             base,
             base_hash,
-            r.records,
-            r.data_hash,
+            r.data.records,
+            r.data.hash,
             r.rc.eval,
             accelerator=r.acc,
             max_length=r.rc.data.max_length,
             force=_forced(r, "teacher"),
         )
 
-    inputs = {"data_hash": r.data_hash, "base_hash": base_hash}
+    inputs = {"data_hash": r.data.hash, "base_hash": base_hash}
     r.stage("teacher", dest, key_settings(dc.asdict(tc.finetune)), inputs, work)
     return dest
 
@@ -145,13 +150,13 @@ def bootstrapped_teacher(r: Run) -> Path:
     from distill.teacher import bootstrap_dir, bootstrap_teacher
 
     rc = r.rc
-    dest = bootstrap_dir(rc.teacher, r.data_hash)
+    dest = bootstrap_dir(rc.teacher, r.data.hash)
 
     def work(st: Stage) -> None:
         bootstrap_teacher(
             rc.teacher,
-            r.records,
-            r.data_hash,
+            r.data.records,
+            r.data.hash,
             rc.eval,
             accelerator=r.acc,
             max_length=rc.data.max_length,
@@ -159,7 +164,7 @@ def bootstrapped_teacher(r: Run) -> Path:
             avoid=heldout_avoid(r) if rc.teacher.bootstrap.random_values else frozenset(),
         )
 
-    r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data_hash}, work)
+    r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data.hash}, work)
     return dest
 
 
@@ -180,20 +185,24 @@ def augment(r: Run) -> None:
     avoid = heldout_avoid(r)
     settings = {k: v for k, v in dataclasses.asdict(a).items() if k != "share"}
     key = {
-        "teacher": r.teacher_id,
-        "data": r.data_hash,
+        "teacher": r.teacher.id,
+        "data": r.data.hash,
         "max_length": r.rc.data.max_length,
         "avoid": digest(sorted(avoid)),
     }
     folder = cache_root(r.rc.teacher) / "augment" / digest({**key, **settings})
 
     def work(st: Stage) -> dict:
-        cands = candidates(r.records["train"], a.examples, a.seed, avoid, a.cross_script)
+        cands = candidates(r.data.records["train"], a.examples, a.seed, avoid, a.cross_script)
         if a.keep == "implied":
-            kept, stats = implied(cands, r.tokenizer, max_length=r.rc.data.max_length)
+            kept, stats = implied(cands, r.teacher.tokenizer, max_length=r.rc.data.max_length)
         else:
             kept, stats = label(
-                r.teacher.get(), r.tokenizer, cands, max_length=r.rc.data.max_length, batch_size=a.batch_size
+                r.teacher.model.get(),
+                r.teacher.tokenizer,
+                cands,
+                max_length=r.rc.data.max_length,
+                batch_size=a.batch_size,
             )
         with building(folder) as tmp:
             (tmp / "records.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
@@ -216,10 +225,10 @@ def augment(r: Run) -> None:
             a.examples,
             folder / "stats.json",
         )
-    r.mix["augment"] = encode_records(r.tokenizer, kept, r.rc.data.max_length, "augment")
-    r.mix_hash["augment"] = st.output_hash
+    r.pools.examples["augment"] = encode_records(r.teacher.tokenizer, kept, r.rc.data.max_length, "augment")
+    r.pools.hashes["augment"] = st.output_hash
     stats = json.loads((folder / "stats.json").read_text())
-    r.mix_info["augment"] = {
+    r.pools.info["augment"] = {
         **{k: stats[k] for k in ("candidates", "kept", "rejected", "too_long")},
         "share": a.share,
         "keep": a.keep,
@@ -237,7 +246,7 @@ def heldout_avoid(r: Run) -> frozenset[str]:
         return heldout_vocabulary()
     from distill.data.augment import heldout_units
 
-    return heldout_units(r.records["heldout"])
+    return heldout_units(r.data.records["heldout"])
 
 
 def general(r: Run) -> None:
@@ -252,31 +261,31 @@ def general(r: Run) -> None:
 
     settings = {k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")}
     key = {
-        "teacher": r.teacher_id,
-        "tokens": len(r.tokenizer),
+        "teacher": r.teacher.id,
+        "tokens": len(r.teacher.tokenizer),
         **({"file": sha256_file(Path(g.file))} if g.file else {}),
     }
     folder = cache_root(r.rc.teacher) / "general" / digest({**key, **settings})
 
     def work(st: Stage) -> dict:
         if g.file:
-            seqs = corpus_sequences(g.file, r.tokenizer, g.examples, g.length)
+            seqs = corpus_sequences(g.file, r.teacher.tokenizer, g.examples, g.length)
         else:
             seqs = sample_general(
-                r.teacher.get(), r.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
+                r.teacher.model.get(), r.teacher.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
             )
         with building(folder) as tmp:
             write_json(tmp / "sequences.json", seqs)
         return {"sequences": len(seqs)}
 
     st = r.stage("general", folder, settings, key, work, on="main")
-    r.general_sequences = json.loads((folder / "sequences.json").read_text())
-    r.mix["general"] = as_examples(r.general_sequences)
-    r.mix_hash["general"] = st.output_hash
-    r.mix_info["general"] = {"sequences": len(r.general_sequences), "length": g.length, "share": g.share}
+    r.pools.general_sequences = json.loads((folder / "sequences.json").read_text())
+    r.pools.examples["general"] = as_examples(r.pools.general_sequences)
+    r.pools.hashes["general"] = st.output_hash
+    r.pools.info["general"] = {"sequences": len(r.pools.general_sequences), "length": g.length, "share": g.share}
     log.info(
         "general text: %d sequences of %d tokens at %.0f%% of every batch",
-        len(r.general_sequences),
+        len(r.pools.general_sequences),
         g.length,
         100 * g.share,
     )
@@ -307,26 +316,29 @@ def corpus_sequences(path: str, tokenizer, n: int, length: int) -> list[list[int
 # ---- cached teacher signals (distill.signals=topk), shared by every run on this teacher and data ----
 
 
-def signals(r: Run) -> None:
+def signals(r: Run) -> TopKSignals:
     from distill.signals import TopKSignals, compute_topk, save_signals, signals_key
     from distill.teacher import cache_root
 
-    d, tok = r.rc.distill, r.tokenizer
+    d, tok = r.rc.distill, r.teacher.tokenizer
     data = list(r.train_data())  # the task data and the extra pools, in the order train() indexes them
-    key = signals_key(r.teacher_id, r.data_hash, r.rc.data.max_length, d.topk, d.temperature, len(tok))
-    if r.mix_hash:
-        key["mix"] = dict(r.mix_hash)
+    key = signals_key(r.teacher.id, r.data.hash, r.rc.data.max_length, d.topk, d.temperature, len(tok))
+    if r.pools.hashes:
+        key["mix"] = dict(r.pools.hashes)
     folder = cache_root(r.rc.teacher) / "signals" / digest(key)
 
     def compute(st: Stage) -> dict:
-        tensors = compute_topk(r.teacher.get(), data, tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size)
+        tensors = compute_topk(
+            r.teacher.model.get(), data, tok.pad_token_id, len(tok), d.topk, d.temperature, d.chunk_size
+        )
         with building(folder) as tmp:
             save_signals(tensors, tmp, key)
         return {"tokens": int(tensors["offsets"][-1]), "examples": len(data)}
 
     st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main")
-    r.signals = TopKSignals(folder)
-    r.signals.key = st.output_hash
-    if len(r.signals) != len(data):
-        raise RuntimeError(f"{folder}: cached signals cover {len(r.signals)} examples, the data has {len(data)}")
-    log.info("teacher signals: top-%d of %d tokens from %s", r.signals.k, r.signals.tokens, folder)
+    out = TopKSignals(folder)
+    out.key = st.output_hash
+    if len(out) != len(data):
+        raise RuntimeError(f"{folder}: cached signals cover {len(out)} examples, the data has {len(data)}")
+    log.info("teacher signals: top-%d of %d tokens from %s", out.k, out.tokens, folder)
+    return out

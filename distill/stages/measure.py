@@ -34,15 +34,15 @@ def _teacher_own_eval(r: Run, split: str):
 
     from distill.evaluate import OWN_EVAL, OWN_TOPK, TopK, split_key
 
-    own = r.teacher_dir / OWN_EVAL
-    if split != "test" or r.teacher_id != r.teacher_hash or not own.is_file():
+    own = r.teacher.dir / OWN_EVAL
+    if split != "test" or r.teacher.id != r.teacher.hash or not own.is_file():
         return None  # measured on the float weights: a teacher loaded in 8bit / nf4 is evaluated again
     saved = json.loads(own.read_text())
-    if saved.get("key") != split_key(r.enc[split], r.rc.eval):
+    if saved.get("key") != split_key(r.teacher.enc[split], r.rc.eval):
         return None
     scores = dict(saved["scores"])
     if r.rc.eval.kl_topk:
-        scores["signals"] = TopK(**load_file(str(r.teacher_dir / OWN_TOPK)))
+        scores["signals"] = TopK(**load_file(str(r.teacher.dir / OWN_TOPK)))
     log.info("teacher %s answers: measured by the teacher stage (%s)", split, own)
     return scores, saved["answers"]
 
@@ -58,10 +58,10 @@ def teacher_answers(r: Run) -> dict:
     from distill.teacher import cache_root
     from families.hf import config_param_count
 
-    ev, enc, k = eval_settings(r.rc), r.enc, r.rc.eval.kl_topk
+    ev, enc, k = eval_settings(r.rc), r.teacher.enc, r.rc.eval.kl_topk
     key = {
-        "teacher_hash": r.teacher_id,
-        "data_hash": r.data_hash,
+        "teacher_hash": r.teacher.id,
+        "data_hash": r.data.hash,
         "eval": ev,
         "n": [len(enc["test"]), len(enc["heldout"])],
         **({"kl_topk": k} if k else {}),  # absent when off: caches made before the knob stay valid
@@ -76,7 +76,8 @@ def teacher_answers(r: Run) -> dict:
             out["signals"] = {s: TopK(**load_file(str(folder / f"topk_{s}.safetensors"))) for s in splits}
         return out
     res = {
-        s: _teacher_own_eval(r, s) or evaluate_model(r.teacher.get(), r.tokenizer, enc[s], keep_topk=k, **ev)
+        s: _teacher_own_eval(r, s)
+        or evaluate_model(r.teacher.model.get(), r.teacher.tokenizer, enc[s], keep_topk=k, **ev)
         for s in splits
     }
     signals = {s: res[s][0].pop("signals", None) for s in splits}
@@ -87,7 +88,7 @@ def teacher_answers(r: Run) -> dict:
         "test": {
             **t_test,
             "num_params": config_param_count(
-                AutoConfig.from_pretrained(str(r.teacher_dir), trust_remote_code=r.rc.teacher.trust_remote_code)
+                AutoConfig.from_pretrained(str(r.teacher.dir), trust_remote_code=r.rc.teacher.trust_remote_code)
             ),
             "heldout": t_held,
         },
@@ -105,7 +106,7 @@ def teacher_answers(r: Run) -> dict:
 def teacher_reference(r: Run, t: dict, split: str):
     """What a model is compared with on ``split``: the teacher's cached ``TopK`` signals (``eval.kl_topk``)
     or, with ``eval.kl_topk: 0``, the teacher model itself (exact KL, one teacher pass per model)."""
-    return t["signals"][split] if r.rc.eval.kl_topk else r.teacher.get()
+    return t["signals"][split] if r.rc.eval.kl_topk else r.teacher.model.get()
 
 
 def evaluate(r: Run) -> dict:
@@ -128,7 +129,7 @@ def evaluate(r: Run) -> dict:
             "eval": dataclasses.asdict(r.rc.eval),
             "latency": [e.latency_prompts, e.latency_tokens] if e.enabled else None,
         },
-        {"teacher_hash": r.teacher_id, "student_hash": r.student_hash, "data_hash": r.data_hash},
+        {"teacher_hash": r.teacher.id, "student_hash": r.student.hash, "data_hash": r.data.hash},
         work,
         on="main-only",
     )
@@ -142,7 +143,7 @@ def _evaluate_student(r: Run) -> tuple[dict, dict]:
     from distill.evaluate import evaluate_model, hf_generate_n, latency
     from families.hf import config_param_count, load_causal_lm
 
-    ev, enc, tok, e = eval_settings(r.rc), r.enc, r.tokenizer, r.rc.export
+    ev, enc, tok, e = eval_settings(r.rc), r.teacher.enc, r.teacher.tokenizer, r.rc.export
     t = teacher_answers(r)
     student = load_causal_lm(r.dir / "student")  # score the artifact we ship, exactly as a user would load it
     got, missed = {}, {}
@@ -160,9 +161,9 @@ def _evaluate_student(r: Run) -> tuple[dict, dict]:
         "teacher_answers": t["answers"],
     }
     if e.enabled:
-        model = r.teacher.get()
+        model = r.teacher.model.get()
         timed_prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: e.latency_prompts]]
-        for who, m, folder in (("teacher", model, r.teacher.folder), ("student", student, r.dir / "student")):
+        for who, m, folder in (("teacher", model, r.teacher.dir), ("student", student, r.dir / "student")):
             gen = hf_generate_n(m, tok.pad_token_id)
             scores[who].update({"bytes": safetensors_bytes(folder), **latency(gen, timed_prompts, e.latency_tokens)})
     return scores, missed
@@ -210,10 +211,10 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
     t_held, s_held = t_test.get("heldout", {}), s_test.get("heldout", {})
     return {
         "name": r.rc.name,
-        "data_hash": r.data_hash,
-        "teacher_dir": str(r.teacher_dir),
-        "teacher_hash": r.teacher_hash,
-        "student_hash": r.student_hash,
+        "data_hash": r.data.hash,
+        "teacher_dir": str(r.teacher.dir),
+        "teacher_hash": r.teacher.hash,
+        "student_hash": r.student.hash,
         "teacher": t_test,
         "student": s_test,
         "retention": {
@@ -227,5 +228,5 @@ def retention_metrics(r: Run, scores: dict, info: dict) -> dict:
             "heldout_parts": slice_retention(s_held, t_held, "part") if t_held else {},
         },
         "train": {k: v for k, v in info.items() if k != "history"},
-        **({"train_data": {"task": len(r.enc["train"]), **r.mix_info}} if r.mix_info else {}),
+        **({"train_data": {"task": len(r.teacher.enc["train"]), **r.pools.info}} if r.pools.info else {}),
     }

@@ -60,41 +60,73 @@ class LazyTeacher:
         self.model = None
 
 
+@dataclass(frozen=True)
+class Data:
+    """What ``inputs.load_data`` leaves: every split's records, and their hash (part of later stage keys)."""
+
+    records: dict[str, list[dict]]
+    hash: str
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """What ``inputs.teacher`` leaves: the teacher folder, its identity, the model (loaded on first use),
+    its tokenizer and every split encoded with it."""
+
+    dir: Path
+    hash: str  # content of the folder
+    id: str  # what it computes: its content and how it is loaded (8bit / nf4 change logits)
+    model: LazyTeacher
+    tokenizer: Any
+    enc: dict[str, list[dict]]
+
+
+@dataclass
+class Pools:
+    """Extra training pools beside the task data, by name (``augment``, ``general``), as ``inputs.augment``
+    and ``inputs.general`` add them: encoded examples, the output hash of the stage that made each (part of
+    every later stage key that trains on them), and what each holds (metrics.json)."""
+
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+    info: dict[str, dict] = field(default_factory=dict)
+    general_sequences: list[list[int]] = field(default_factory=list)  # the general text, for prune calibration
+
+
+@dataclass(frozen=True)
+class Student:
+    """What ``student.distill`` leaves: the distilled student's folder and its output hash."""
+
+    folder: Path
+    hash: str
+
+
 @dataclass
 class Run:
-    """One run: its config, folder, process group and stage records, and what each stage left for the next."""
+    """One run: its config, folder, process group and stage records (the context every stage reads), and
+    the typed outputs of the stages so far, which ``pipeline.run`` sets from each stage's return value."""
 
     rc: RunConfig
     dir: Path
     acc: Any  # accelerate.Accelerator
     stages: Stages
     started: float = field(default_factory=time.time)
-    data_hash: str = ""
-    records: dict[str, list[dict]] = field(default_factory=dict)
-    teacher_dir: Path | None = None
-    teacher_hash: str = ""  # content of the teacher folder
-    teacher_id: str = ""  # what the teacher computes: its content and how it is loaded (8bit / nf4 change logits)
-    teacher: LazyTeacher | None = None
-    tokenizer: Any = None
-    enc: dict[str, list[dict]] = field(default_factory=dict)
     plan: Any = None  # prune.Plan of student.init=prune, made once by the pipeline from the teacher's config
     plan_teacher: dict = field(default_factory=dict)  # the teacher numbers ``plan`` was made from
-    signals: Any = None  # distill.signals.TopKSignals with distill.signals=topk
-    student_hash: str = ""
-    qad: dict[str, Stage] = field(default_factory=dict)  # scheme -> its finished quantization-aware student
-    # extra training pools beside the task data, by name (augment, general): encoded examples, and the
-    # output hash of the stage that made them (part of every later stage key that trains on them)
-    mix: dict[str, list[dict]] = field(default_factory=dict)
-    mix_hash: dict[str, str] = field(default_factory=dict)
-    mix_info: dict[str, dict] = field(default_factory=dict)  # what each extra pool holds (metrics.json)
-    general_sequences: list[list[int]] = field(default_factory=list)
+    data: Data | None = None  # inputs.load_data
+    teacher: Teacher | None = None  # inputs.teacher
+    pools: Pools = field(default_factory=Pools)  # inputs.augment, inputs.general
+    signals: Any = None  # inputs.signals (distill.signals.TopKSignals) with distill.signals=topk
+    student: Student | None = None  # student.distill
+    qad: dict[str, Stage] = field(default_factory=dict)  # student.quantization_aware: scheme -> its student
 
     def train_data(self):
         """The distillation data: the task's training split, with each extra pool at its share of a batch."""
         from distill.train import Mixture
 
         shares = {"augment": self.rc.distill.augment.share, "general": self.rc.distill.general.share}
-        return Mixture(self.enc["train"], [(self.mix[k], shares[k]) for k in sorted(self.mix)])
+        pools = self.pools.examples
+        return Mixture(self.teacher.enc["train"], [(pools[k], shares[k]) for k in sorted(pools)])
 
     @property
     def main(self) -> bool:

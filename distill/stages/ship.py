@@ -58,13 +58,13 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             on="main-only",
         )
 
-    out["fp32"] = fp32 = export_stage("export", onnx_dir / "fp32", r.dir / "student", r.student_hash)
+    out["fp32"] = fp32 = export_stage("export", onnx_dir / "fp32", r.dir / "student", r.student.hash)
     src = {"fp32_hash": fp32.output_hash}
     if e.fp16:
         out["fp16"] = r.stage(
             "export:fp16", onnx_dir / "fp16", {}, src, lambda st: to_float16(fp32.folder, st.folder), on="main-only"
         )
-    probe = [ex["input_ids"] for ex in r.enc["validation"][: r.rc.quantize.probe_examples]]
+    probe = [ex["input_ids"] for ex in r.teacher.enc["validation"][: r.rc.quantize.probe_examples]]
     for v in r.rc.quantize.variants:
         scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
         cal = scheme.calibration(settings, calibration)
@@ -77,9 +77,9 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             qad_info = json.loads((student.folder / "qad_info.json").read_text())
             build.update(src=base.folder, qad=qad_info["summary"], reference=fp32.folder)
         if scheme.needs_student:  # the PyTorch student and answer starts: per-weight sensitivity
-            val = r.enc["validation"][: settings.examples]
+            val = r.teacher.enc["validation"][: settings.examples]
             seqs, starts = [ex["input_ids"] for ex in val], [ex["prompt_len"] - 1 for ex in val]
-            inputs.update({"student_hash": r.student_hash, "sensitivity_data": digest([seqs, starts])})
+            inputs.update({"student_hash": r.student.hash, "sensitivity_data": digest([seqs, starts])})
             build.update(student=r.dir / "student", sequences=seqs, starts=starts)
         out[v] = r.stage(
             f"quantize:{v}",
@@ -102,7 +102,7 @@ def ship(r: Run, t_test: dict) -> dict:
     rc = r.rc
     settings = [getattr(rc.quantize, v) for v in SCHEMES]
     n_calib = max(getattr(s, "calib_examples", 0) for s in settings)  # not a knob: schemes without calibration
-    calibration = [ex["input_ids"] for ex in r.enc["train"][:n_calib]]
+    calibration = [ex["input_ids"] for ex in r.teacher.enc["train"][:n_calib]]
     variants = build_onnx_variants(r, calibration)
     t_answers = teacher_answers(r)
     use_ov = openvino_on(rc)
@@ -132,9 +132,9 @@ def ship(r: Run, t_test: dict) -> dict:
             },
             {
                 "model_hash": made.output_hash,
-                "teacher_hash": r.teacher_id,
+                "teacher_hash": r.teacher.id,
                 "teacher_answers": digest([t_answers["answers"], t_answers.get("heldout_answers")]),
-                "data_hash": r.data_hash,
+                "data_hash": r.data.hash,
             },
             work,
             on="main-only",
@@ -154,7 +154,7 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
     from distill.evaluate import answer_budget, batch_invariance, evaluate_onnx, latency, onnx_generate_n
     from export.runtime import OnnxCausalLM
 
-    rc, enc = r.rc, r.enc
+    rc, enc = r.rc, r.teacher.enc
     deploy, batch, check = rc.export.deploy_batch, rc.export.deploy_batch, None
     t = teacher_answers(r)
     got, answers, missed = {}, {}, {}
@@ -172,9 +172,9 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
                 t_ans = teacher_split_answers(t, split)
                 ref = teacher_reference(r, t, split)
                 got[split], answers[split] = evaluate_onnx(
-                    runner, r.tokenizer, enc[split], teacher=ref, teacher_answers=t_ans, **settings
+                    runner, r.teacher.tokenizer, enc[split], teacher=ref, teacher_answers=t_ans, **settings
                 )
-                missed[split] = misses(r.tokenizer, enc[split], answers[split], t_ans)
+                missed[split] = misses(r.teacher.tokenizer, enc[split], answers[split], t_ans)
     scores = {**got["test"], **({"heldout": got["heldout"]} if "heldout" in got else {})}
     scores["batch"], scores["deploy_batch"] = batch, deploy
     if check is not None:

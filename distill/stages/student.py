@@ -12,7 +12,7 @@ import shutil
 from core.hashing import flatten
 from distill.config import ConfigError, key_settings, student_sizes, to_dict
 from distill.manifest import Stage
-from distill.stages.run import NOT_IN_RESULT, Run
+from distill.stages.run import NOT_IN_RESULT, Run, Student
 
 log = logging.getLogger("distill")
 
@@ -31,15 +31,17 @@ def prune(r: Run) -> Stage:
         from prune import prune_model
         from prune.calibration import calibration_batches, sequence_batches
 
-        model = r.teacher.get()
-        source = model if rc.teacher.quantization == "none" else load_causal_lm(r.teacher_dir)  # full precision
-        batches = calibration_batches(r.tokenizer, r.records["train"], p.calib_examples, max_length=rc.data.max_length)
-        batches += sequence_batches(r.tokenizer.pad_token_id, r.general_sequences[: p.calib_general])
+        model = r.teacher.model.get()
+        source = model if rc.teacher.quantization == "none" else load_causal_lm(r.teacher.dir)  # full precision
+        batches = calibration_batches(
+            r.teacher.tokenizer, r.data.records["train"], p.calib_examples, max_length=rc.data.max_length
+        )
+        batches += sequence_batches(r.teacher.tokenizer.pad_token_id, r.pools.general_sequences[: p.calib_general])
         pruned, report = prune_model(
             source, batches if p.method == "activation" else None, method=p.method, plan=r.plan
         )
         if r.main:
-            save_model_atomically(pruned, r.tokenizer, st.folder, {"prune_report.json": report})
+            save_model_atomically(pruned, r.teacher.tokenizer, st.folder, {"prune_report.json": report})
         r.acc.wait_for_everyone()
 
     return r.stage(
@@ -47,10 +49,10 @@ def prune(r: Run) -> Stage:
         r.dir / "pruned",
         {"prune": dataclasses.asdict(p), "sizes": student_sizes(rc)},
         {
-            "teacher_hash": r.teacher_hash,
-            "data_hash": r.data_hash,
+            "teacher_hash": r.teacher.hash,
+            "data_hash": r.data.hash,
             "max_length": rc.data.max_length,
-            **({"general": r.mix_hash["general"]} if p.calib_general else {}),
+            **({"general": r.pools.hashes["general"]} if p.calib_general else {}),
         },
         work,
     )
@@ -59,7 +61,7 @@ def prune(r: Run) -> Stage:
 # ---- distill ----
 
 
-def distill(r: Run, init_input: dict) -> None:
+def distill(r: Run, init_input: dict) -> Student:
     rc = r.rc
     dcfg = key_settings(dataclasses.asdict(rc.distill))
     for k in NOT_IN_RESULT:
@@ -71,11 +73,11 @@ def distill(r: Run, init_input: dict) -> None:
         "processes": r.acc.num_processes,
     }
     inputs = {
-        "teacher_hash": r.teacher_id,
-        "data_hash": r.data_hash,
+        "teacher_hash": r.teacher.id,
+        "data_hash": r.data.hash,
         **init_input,
         **({"signals": r.signals.key} if r.signals else {}),
-        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
+        **{f"{k}_hash": v for k, v in r.pools.hashes.items()},
     }
 
     def work(st: Stage) -> None:
@@ -84,7 +86,7 @@ def distill(r: Run, init_input: dict) -> None:
     st = r.stage("distill", r.dir / "student", config, inputs, work)
     if r.main and not st.skipped:
         shutil.rmtree(r.dir / "checkpoints", ignore_errors=True)  # only needed to resume
-    r.student_hash = st.output_hash
+    return Student(st.folder, st.output_hash)
 
 
 def _train_student(r: Run, st: Stage) -> None:
@@ -94,7 +96,7 @@ def _train_student(r: Run, st: Stage) -> None:
     from distill.train import apply_lora, final_model, make_mode, train
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
-    rc, tok = r.rc, r.tokenizer
+    rc, tok = r.rc, r.teacher.tokenizer
     s = rc.student
     if s.init == "folder":
         student = load_causal_lm(s.path)
@@ -103,12 +105,12 @@ def _train_student(r: Run, st: Stage) -> None:
     else:
         from families.hf import read_config
 
-        student = build_from_config(student_config(read_config(r.teacher_dir), student_sizes(rc)), s.seed)
+        student = build_from_config(student_config(read_config(r.teacher.dir), student_sizes(rc)), s.seed)
     student.generation_config.pad_token_id = tok.pad_token_id
     stops = stop_ids(tok)  # the template's end-of-turn token first: what the student learned to end with
     student.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     live = r.signals is None or rc.distill.features.weight > 0 or rc.distill.on_policy.fraction > 0
-    t_model = r.teacher.get() if live else None
+    t_model = r.teacher.model.get() if live else None
     if t_model is not None:
         for pair in rc.distill.features.layer_map:
             n_s, n_t = student.config.num_hidden_layers, t_model.config.num_hidden_layers
@@ -119,16 +121,16 @@ def _train_student(r: Run, st: Stage) -> None:
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
     teacher_val = teacher_held = None
     tc = rc.distill.train
-    if tc.eval_generate and tc.eval_every and r.enc["validation"]:
+    if tc.eval_generate and tc.eval_every and r.teacher.enc["validation"]:
         from distill.train import generated_exact_match
 
         # the teacher on the same validation (and heldout) examples: the reference of the retention curves
-        teacher_val = generated_exact_match(r.teacher.get(), tok, r.enc["validation"], tc)
+        teacher_val = generated_exact_match(r.teacher.model.get(), tok, r.teacher.enc["validation"], tc)
         log.info("teacher exact match on the %d probed validation examples: %.3f", tc.eval_generate, teacher_val)
-        if r.enc["heldout"]:
-            teacher_held = generated_exact_match(r.teacher.get(), tok, r.enc["heldout"], tc)
+        if r.teacher.enc["heldout"]:
+            teacher_held = generated_exact_match(r.teacher.model.get(), tok, r.teacher.enc["heldout"], tc)
             log.info("teacher exact match on the %d probed heldout examples: %.3f", tc.eval_generate, teacher_held)
-    n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher_dir)))
+    n_teacher = config_param_count(AutoConfig.from_pretrained(str(r.teacher.dir)))
     n_student = config_param_count(student.config)
     log.info("teacher %d params, student %d params (%.3fx)", n_teacher, n_student, n_student / n_teacher)
     if rc.trackers:
@@ -143,19 +145,19 @@ def _train_student(r: Run, st: Stage) -> None:
         mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals),
         checkpoint_dir=r.dir / "checkpoints",
         checkpoint_key=st.key,
-        val_data=r.enc["validation"] or None,
-        heldout_data=r.enc["heldout"] or None,
+        val_data=r.teacher.enc["validation"] or None,
+        heldout_data=r.teacher.enc["heldout"] or None,
         desc="distill",
         log_prefix="distill/",
     )
     student = final_model(r.acc, trainable, result)  # gathered to the main process when sharded
     if result.sharded:
-        r.teacher.forget()  # its weights were sharded in place; a later stage reloads it whole
+        r.teacher.model.forget()  # its weights were sharded in place; a later stage reloads it whole
     if r.main:
         info = {
-            "teacher": str(r.teacher_dir),
-            "teacher_hash": r.teacher_hash,
-            "data_hash": r.data_hash,
+            "teacher": str(r.teacher.dir),
+            "teacher_hash": r.teacher.hash,
+            "data_hash": r.data.hash,
             "steps": rc.distill.train.steps,
             "signals": rc.distill.signals,
             "seconds": result.seconds,
@@ -175,14 +177,12 @@ def _flat(d: dict) -> dict:
     return {k: v if isinstance(v, int | float | str | bool) else json.dumps(v) for k, v in flatten(d).items()}
 
 
-def quantization_aware(r: Run) -> None:
-    """Run the QAD stage of every trained scheme in ``quantize.variants`` (``r.qad``). Every process trains,
-    so this runs before the main-process-only export section (which then finds the stages finished)."""
+def quantization_aware(r: Run) -> dict[str, Stage]:
+    """The QAD stage of every trained scheme in ``quantize.variants``: scheme -> its finished student. Every
+    process trains, so this runs before the main-process-only export section (which reads ``r.qad``)."""
     from quantize import SCHEMES
 
-    for v in r.rc.quantize.variants:
-        if SCHEMES[v].trained:
-            r.qad[v] = qad(r, v, getattr(r.rc.quantize, v))
+    return {v: qad(r, v, getattr(r.rc.quantize, v)) for v in r.rc.quantize.variants if SCHEMES[v].trained}
 
 
 def qad(r: Run, name: str, s) -> Stage:
@@ -210,10 +210,10 @@ def qad(r: Run, name: str, s) -> Stage:
         "processes": r.acc.num_processes,
     }
     inputs = {
-        "student_hash": r.student_hash,
-        "teacher_hash": r.teacher_id,
-        "data_hash": r.data_hash,
-        **{f"{k}_hash": v for k, v in r.mix_hash.items()},
+        "student_hash": r.student.hash,
+        "teacher_hash": r.teacher.id,
+        "data_hash": r.data.hash,
+        **{f"{k}_hash": v for k, v in r.pools.hashes.items()},
     }
 
     def work(st: Stage) -> None:
@@ -226,11 +226,11 @@ def qad(r: Run, name: str, s) -> Stage:
         live = r.signals is None
         result = train(
             student,
-            r.tokenizer,
+            r.teacher.tokenizer,
             r.train_data(),
             tc,
             accelerator=r.acc,
-            mode=make_mode(dcfg, teacher=r.teacher.get() if live else None, signals=None if live else r.signals),
+            mode=make_mode(dcfg, teacher=r.teacher.model.get() if live else None, signals=None if live else r.signals),
             desc=f"qad:{name}",
             log_prefix=f"qad_{name}/",
         )
@@ -247,7 +247,7 @@ def qad(r: Run, name: str, s) -> Stage:
                 "final_loss": result.history[-1]["loss"] if result.history else None,
             }
             info = {"summary": summary, "grid": config["grid"], "modules": names, "history": result.history}
-            save_model_atomically(student, r.tokenizer, st.folder, {"qad_info.json": info})
+            save_model_atomically(student, r.teacher.tokenizer, st.folder, {"qad_info.json": info})
             log.info(
                 "QAD %s: %d steps in %.0f s, %d weight tensors on the int4 grid",
                 name,
