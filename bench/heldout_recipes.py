@@ -117,7 +117,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     a.set_xticklabels(["test", *(f"heldout: {p}" for p in parts)], fontsize=8)
     a.set_ylabel("student / teacher exact match")
     a.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
-    a.legend(fontsize=7)
+    a.legend(fontsize=7, ncol=len(rows), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     b.set_xlabel("minutes: extra data + pruning + distillation")
     b.set_ylabel("heldout retention (probed examples)")
     b.legend(fontsize=7)
