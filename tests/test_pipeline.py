@@ -543,14 +543,14 @@ def test_pipeline_under_two_processes(sharding, one_process, tmp_path):
     )
     assert [r["step"] for r in two] == [r["step"] for r in one] and len(two) == 40
     for a, b in zip(two, one, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3), (a["step"], a["loss"], b["loss"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
         assert a["tokens"] == b["tokens"]  # every example of the global batch seen once, by one process
     from safetensors.numpy import load_file
 
     w2, w1 = (load_file(str(d / "student" / "model.safetensors")) for d in (run_dir, one_process))
     assert w2.keys() == w1.keys()
     for k in w1:
-        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=2e-3, err_msg=k)
+        np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-4, err_msg=k)
     if qad:
         info = json.loads((run_dir / "qad" / "int4_qad" / "student" / "qad_info.json").read_text())
         assert len(info["history"]) == 4 and "onnx_int4_qad" in m
