@@ -31,7 +31,7 @@ class Build:
     src: Path  # the fp32 export (for a trained scheme: the export of the student trained on its grid)
     dest: Path
     settings: Any  # the scheme's settings object
-    calibration: Sequence[Sequence[int]] = ()  # task sequences (prompt + answer); each scheme takes its share
+    calibration: Sequence[Sequence[int]] = ()  # task sequences (prompt + answer) it reads: Scheme.calibration(...)
     probe: Sequence[Sequence[int]] = ()  # sequences for quantization.json's vs_source
     student: Path | None = None  # the PyTorch student (HF folder) ``src`` was exported from
     sequences: Sequence[Sequence[int]] = ()  # validation sequences with their answer starts (sensitivity)
@@ -47,9 +47,7 @@ def _int8(b: Build) -> Path:
 
 def _int8_static(b: Build) -> Path:
     s = b.settings
-    return quantize_int8_static(
-        b.src, b.dest, b.calibration[: s.calib_examples], per_channel=s.per_channel, probe=b.probe
-    )
+    return quantize_int8_static(b.src, b.dest, b.calibration, per_channel=s.per_channel, probe=b.probe)
 
 
 def _int8_wo(b: Build) -> Path:
@@ -69,7 +67,7 @@ def _int4(b: Build) -> Path:
         symmetric=s.symmetric,
         accuracy_level=s.accuracy_level,
         embedding=s.embedding,
-        calibration=b.calibration[: s.calib_examples],
+        calibration=b.calibration,
         probe=b.probe,
     )
 

@@ -69,7 +69,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         scheme, settings = SCHEMES[v], getattr(r.rc.quantize, v)
         cal = scheme.calibration(settings, calibration)
         inputs = {**src, **({"calibration": digest(cal)} if cal else {}), **({"probe": digest(probe)} if probe else {})}
-        build = {"src": fp32.folder, "settings": settings, "calibration": calibration, "probe": probe}
+        build = {"src": fp32.folder, "settings": settings, "calibration": cal, "probe": probe}
         if scheme.trained:  # quantization-aware distillation: the student trained on the grid, then exported
             student = r.qad[v]  # trained by ``quantization_aware`` on every process, before this main-only section
             base = export_stage(f"export:{v}", r.dir / "qad" / v / "fp32", student.folder, student.output_hash)

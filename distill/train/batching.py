@@ -5,11 +5,8 @@ and mixtures of several pools at fixed shares (task data, augmented requests, ge
 from __future__ import annotations
 
 import bisect
-import logging
 import random
 from collections.abc import Sequence
-
-log = logging.getLogger("distill.train")
 
 
 class BatchStream:

@@ -5,7 +5,6 @@ teacher's cached top-k log-probs); ``make_mode`` picks one from the distillation
 
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
@@ -13,8 +12,6 @@ import torch
 from core.chat import IGNORE, collate, stop_ids
 from distill.schema import DistillConfig
 from distill.train.module import INSIDE, teacher_signals
-
-log = logging.getLogger("distill.train")
 
 
 def sample_on_policy(student, batch: dict, tokenizer, cfg, synced: bool = False) -> dict:

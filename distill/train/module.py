@@ -4,7 +4,6 @@ FSDP wrap one thing; the teacher's signals (logits, hidden states of mapped laye
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +13,6 @@ from core.chat import IGNORE
 from distill.losses import chunked_kd_loss, divergence, feature_loss
 from distill.schema import DistillConfig, LoraConfig
 from families import backbone_and_head, decoder_layers, layer_module
-
-log = logging.getLogger("distill.train")
 
 
 class Capture:
