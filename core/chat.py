@@ -79,29 +79,171 @@ def check_template(tokenizer, key: str) -> list[str]:
     return []
 
 
-def prompt_text(tokenizer, messages: Sequence[dict]) -> str:
+def call_format(tokenizer) -> str:
+    """The syntax this tokenizer's chat template writes tool calls in (``core.toolcalls.FORMATS``)."""
+    from core.toolcalls import format_of
+
+    return format_of(getattr(tokenizer, "chat_template", None))
+
+
+def render(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None, generation: bool = False) -> str:
+    """The chat template's text of ``messages`` (with the function schemas ``tools`` where given), ending in
+    the assistant's generation prompt when ``generation``."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(m.get("content") or "" for m in messages)
+    kw = {"tools": list(tools)} if tools else {}
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation, **kw)
+
+
+def prompt_text(tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> str:
     """Everything before the final assistant answer, ready for generation."""
-    head = list(messages[:-1])
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(head, tokenize=False, add_generation_prompt=True)
-    return "".join(m["content"] for m in head)
+    return render(tokenizer, messages[:-1], tools, generation=True)
 
 
-def encode(tokenizer, messages: Sequence[dict], max_length: int | None = None) -> dict[str, list[int]]:
-    """Token ids of prompt + answer + end-of-turn token, with labels only on answer and end-of-turn.
+TARGETS = ("last", "all")  # which assistant turns of a conversation are training targets (data.targets)
 
-    Prompt and answer are tokenized separately so that the answer's tokens are exactly what
-    greedy decoding after the prompt has to produce.
+
+def encode(
+    tokenizer,
+    messages: Sequence[dict],
+    max_length: int | None = None,
+    *,
+    tools: Sequence[dict] | None = None,
+    targets: str = "last",
+) -> dict[str, list[int]]:
+    """Token ids of a conversation rendered by the chat template (with ``tools``), with labels on the
+    assistant turns that are targets (``last``: the final answer; ``all``: every assistant turn) and
+    ``-100`` everywhere else: system, user and tool turns, the template's headers, and any text after an
+    answer's end-of-turn token. ``prompt_len``: where the final answer starts (evaluation generates from
+    there).
+
+    The prompt (everything before the final answer, with the generation prompt) is tokenized as one text,
+    exactly as the car's runtime tokenizes a conversation; the final answer (what the full rendering adds,
+    up to and including the end-of-turn token, so a call is learned as the template writes it, e.g.
+    ``<tool_call>...``) apart from it: its tokens are what greedy decoding after the prompt has to produce.
+    Earlier assistant turns (``all``) are labelled where their tokens lie inside the turn's text, found by
+    rendering the conversation up to and through each of them (a fast tokenizer's offsets).
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's answer")
-    prompt = tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    answer = answer + [end_of_turn_id(tokenizer)]
-    ids = prompt + answer
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    eot = end_of_turn_id(tokenizer)
+    prompt = render(tokenizer, messages[:-1], tools, generation=True)
+    full = render(tokenizer, messages, tools)
+    if not full.startswith(prompt):
+        raise ChatTemplateError(_NOT_PREFIX.format(turn=len(messages) - 1))
+    earlier = [i for i, m in enumerate(messages[:-1]) if m["role"] == "assistant"] if targets == "all" else []
+    if earlier:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        labels = [IGNORE] * len(ids)
+        for start, end in _assistant_spans(tokenizer, messages, tools, earlier, prompt, eot):
+            for k, (a, b) in enumerate(offsets):
+                if a >= start and b <= end and b > a:
+                    labels[k] = ids[k]
+    else:
+        ids = _tokens(tokenizer, prompt)
+        labels = [IGNORE] * len(ids)
+    answer = _tokens(tokenizer, full[len(prompt) :])
+    # the answer ends with its end-of-turn token (nothing after it is learned); a template that writes
+    # none ends it with eos (end_of_turn_id)
+    answer = answer[: answer.index(eot) + 1] if eot in answer else answer + [eot]
+    prompt_len = len(ids)
+    ids, labels = ids + answer, labels + answer
     if max_length is not None and len(ids) > max_length:
         raise ValueError(f"example of {len(ids)} tokens exceeds max_length={max_length}")
-    return {"input_ids": ids, "labels": [IGNORE] * len(prompt) + answer, "prompt_len": len(prompt)}
+    return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len}
+
+
+_NOT_PREFIX = (
+    "the chat template does not render a conversation as a prefix of its continuation (it rewrites earlier "
+    "turns), so assistant turn {turn} cannot be masked; set data.targets=last or use a template that renders "
+    "turns in order (data.chat_template)"
+)
+
+
+def _assistant_spans(tokenizer, messages, tools, turns, prompt: str, eot: int) -> list[tuple[int, int]]:
+    """Character spans of ``prompt`` that hold the assistant turns ``turns`` (each up to and including its
+    end-of-turn token's text)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError(
+            "data.targets=all on multi-turn data needs a fast tokenizer (its offsets find each turn); "
+            "set data.targets=last"
+        )
+    eot_text = tokenizer.convert_ids_to_tokens(eot)
+    spans = []
+    for t in turns:
+        before = render(tokenizer, messages[:t], tools, generation=True)
+        through = render(tokenizer, messages[: t + 1], tools)
+        if not through.startswith(before) or not prompt.startswith(through):
+            raise ChatTemplateError(_NOT_PREFIX.format(turn=t))
+        at = through.find(eot_text, len(before))
+        spans.append((len(before), at + len(eot_text) if at >= 0 else len(through)))
+    return spans
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "probe_zq_lamp",
+        "description": "probe",
+        "parameters": {
+            "type": "object",
+            "properties": {"probe_zq_key": {"type": "string"}},
+            "required": ["probe_zq_key"],
+        },
+    },
+}
+PROBE_CHAT = [
+    {"role": "user", "content": "x"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "probe_zq_lamp", "arguments": {"probe_zq_key": "probe_zq_value"}}}
+        ],
+    },
+    {"role": "tool", "name": "probe_zq_lamp", "content": "probe_zq_result"},
+    {"role": "assistant", "content": "ok"},
+]
+
+
+def check_tools_template(tokenizer, key: str) -> list[str]:
+    """Problems rendering function-calling data with this tokenizer's chat template (empty when fine): a
+    probe conversation must show the tools, the call with its arguments and the tool's result, and a
+    conversation must render as a prefix of its continuation."""
+    fix = (
+        "; set data.chat_template=tool_chatml (ChatML with Hermes <tool_call> tags, shipped in conf/templates) "
+        "or to your own Jinja file that renders tools, tool_calls and tool turns"
+    )
+    if not getattr(tokenizer, "chat_template", None):
+        return [f"{key}: the tokenizer has no chat template" + fix]
+    try:
+        listed = render(tokenizer, PROBE_CHAT[:1], [PROBE_TOOL], generation=True)
+        text = render(tokenizer, PROBE_CHAT, [PROBE_TOOL])
+    except Exception as err:  # noqa: BLE001 - a template that raises on tools or tool turns
+        return [f"{key}: the chat template fails on a conversation with tools and tool calls ({err})" + fix]
+    missing = [
+        what
+        for what, needle, where in (
+            ("the tools", "probe_zq_lamp", listed),
+            ("the assistant's tool calls", "probe_zq_value", text),
+            ("tool results", "probe_zq_result", text),
+        )
+        if needle not in where
+    ]
+    if missing:
+        return [f"{key}: the chat template drops {' and '.join(missing)}" + fix]
+    try:
+        encode(tokenizer, PROBE_CHAT, tools=[PROBE_TOOL], targets="all")
+    except ChatTemplateError as err:
+        return [f"{key}: {err}"]
+    return []
 
 
 def collate(features: Sequence[dict[str, Any]], pad_id: int):

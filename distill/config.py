@@ -132,6 +132,22 @@ def _check_data(c: RunConfig, problems: list[str]) -> None:
             p = getattr(d, name)
             if p and not Path(p).is_file():
                 problems.append(f"data.{name}: file {p} does not exist")
+    elif d.tools_file:
+        problems.append("data.tools_file: only the jsonl source reads it (data.format=tool_calls writes its own tools)")
+    if d.chat_template is not None:
+        from distill.data import TEMPLATES
+
+        if d.chat_template not in TEMPLATES and not Path(d.chat_template).is_file():
+            problems.append(
+                f"data.chat_template={d.chat_template!r}: neither a shipped template ({', '.join(TEMPLATES)}) nor a "
+                "Jinja file that exists"
+            )
+    if c.teacher.path is None and (d.format == "tool_calls" or d.tools_file):
+        problems.append(
+            "data.format=tool_calls: function-calling data needs a pretrained teacher with a chat template "
+            "(teacher.path=..., e.g. +exp=car_assistant_smollm2_tools); the bootstrapped demo teacher's small "
+            "template renders no tools"
+        )
 
 
 def _check_teacher(c: RunConfig, problems: list[str]) -> None:
@@ -325,10 +341,10 @@ def _check_gate_metrics(c: RunConfig, problems: list[str]) -> None:
     from distill.metrics import has_tool_calls
 
     try:
-        refs = [r["messages"][-1]["content"] for r in read_jsonl(d.test_file, key="data.test_file")]
+        records = read_jsonl(d.test_file, key="data.test_file")
     except DataError:
         return  # reported with file and line when the data loads
-    if has_tool_calls(refs):
+    if has_tool_calls(records):
         return
     for name, spec in THRESHOLDS.items():
         if spec.tool_calls and getattr(c.gate, name) is not None:

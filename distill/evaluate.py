@@ -63,9 +63,9 @@ def hf_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int) -> Ge
 
 
 def answer_budget(data: Sequence[dict]) -> int:
-    """New tokens that cover the longest reference answer of ``data`` with its end-of-turn token: a longer
-    generation cannot match any reference, so ``eval.max_new_tokens: null`` stops there."""
-    return max((sum(1 for t in ex["labels"] if t != IGNORE) for ex in data), default=1)
+    """New tokens that cover the longest reference answer of ``data`` (its final turn) with its end-of-turn
+    token: a longer generation cannot match any reference, so ``eval.max_new_tokens: null`` stops there."""
+    return max((sum(1 for t in ex["labels"][ex["prompt_len"] :] if t != IGNORE) for ex in data), default=1)
 
 
 def by_length(prompts: Sequence[Sequence[int]], generate: GenerateFn) -> list[list[int]]:
@@ -86,10 +86,21 @@ def evaluate_generations(data: Sequence[dict], generate: GenerateFn, tokenizer) 
     answers = by_length(prompts, generate)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     refs = [ex["answer"] for ex in data]
-    scores = metrics.score(texts, refs)
-    if any(ex.get("tags") for ex in data):  # per part / language / intent (distill.data.tags_of)
-        scores["slices"] = metrics.slice_scores(texts, refs, [ex.get("tags", {}) for ex in data])
+    kw = scoring(data, tokenizer)
+    scores = metrics.score(texts, refs, **kw)
+    if any(ex.get("tags") for ex in data):  # per part / language / intent / turns (distill.data.tags_of)
+        scores["slices"] = metrics.slice_scores(texts, refs, [ex.get("tags", {}) for ex in data], **kw)
     return scores, answers
+
+
+def scoring(data: Sequence[dict], tokenizer=None) -> dict:
+    """How answers to ``data`` are parsed and checked: the examples' call syntax (``distill.data.encode_records``
+    stores it), their tools, and the tokenizer's transformers response template when it has one."""
+    return {
+        "fmt": next((ex["format"] for ex in data if ex.get("format")), "json"),
+        "tools": [ex.get("tools") for ex in data],
+        "response_template": getattr(tokenizer, "response_template", None),
+    }
 
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> (B, T, V)

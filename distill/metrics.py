@@ -1,10 +1,20 @@
 """Task metrics. Pure Python: no torch, so the in-car runtime can use them.
 
-Always: ``exact_match`` (a tool call compared as canonical JSON, free text after ``normalize``) and
-``token_f1`` (token overlap of the normalized texts; CJK characters are tokens of their own). Only where
-references are tool calls (one compact JSON object ``{"tool": name, "args": {...}}``), measured over those
-examples: ``tool_accuracy``, ``arg_f1`` and ``valid_json``. ``TOOL_CALL_METRICS`` names them: a gate
-threshold on one of them needs tool-call data.
+Answers are compared as *turns*: the text a model wrote is parsed by ``core.toolcalls`` in the chat
+template's call syntax (``fmt``: Hermes ``<tool_call>`` tags, Llama-3 JSON, Mistral, plain JSON; this
+project's demo answers ``{"tool": ..., "args": {...}}`` are plain JSON) into content and tool calls, and
+so is the reference (the answer as the template writes it).
+
+Always: ``exact_match`` (calls equal as a multiset: names and arguments, order-free for parallel calls;
+a text reference: the normalized text, and no call) and ``token_f1`` (token overlap of the normalized
+texts; CJK characters are tokens of their own). Where references make calls, as BFCL's AST checker scores
+them: ``tool_accuracy`` (the same function names), ``arg_f1`` (F1 over argument (key, value) pairs),
+``valid_json`` (the answer's calls all parse), ``missed_call_rate`` (no call where one was due); where the
+examples carry tools also ``schema_validity`` (every call names a tool and its arguments fit its JSON
+schema: required keys, types, enums) and ``hallucinated_function_rate`` (share of calls to functions
+not in the tools); where references also include text turns, ``extra_call_rate`` (a call where the
+reference answered in text). ``TOOL_CALL_METRICS`` names them: a gate threshold on one of them needs
+tool-call data.
 """
 
 from __future__ import annotations
@@ -16,12 +26,22 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
-TOOL_CALL_METRICS = ("tool_accuracy", "arg_f1", "valid_json")
+from core.toolcalls import canon, parse, same_calls, schema_problems, tool_names
+
+TOOL_CALL_METRICS = (
+    "tool_accuracy",
+    "arg_f1",
+    "valid_json",
+    "missed_call_rate",
+    "schema_validity",
+    "hallucinated_function_rate",
+    "extra_call_rate",
+)
 _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+")
 
 
 def parse_tool_call(text: str) -> dict | None:
-    """The tool call in ``text``, or None when it is not valid JSON of the form {"tool": str, "args": dict}."""
+    """The demo's compact tool call in ``text`` (valid JSON ``{"tool": str, "args": dict}``), or None."""
     text = text.strip()
     try:
         obj = json.loads(text)
@@ -32,22 +52,20 @@ def parse_tool_call(text: str) -> dict | None:
     return {"tool": obj["tool"], "args": obj.get("args", {})}
 
 
-def _canon(value) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+def _pairs(calls: Sequence[dict]) -> Counter:
+    return Counter((k, canon(v)) for c in calls for k, v in c["arguments"].items())
 
 
-def arg_f1(pred: dict | None, ref: dict) -> float:
-    """F1 over (key, value) pairs of the arguments; 1.0 when both have no arguments and the tool matches."""
-    if pred is None:
-        return 0.0
-    p = {(k, _canon(v)) for k, v in pred["args"].items()}
-    r = {(k, _canon(v)) for k, v in ref["args"].items()}
+def arg_f1(pred: Sequence[dict], ref: Sequence[dict]) -> float:
+    """F1 over the (key, value) pairs of the calls' arguments; with no arguments on either side, 1.0 when
+    the function names match."""
+    p, r = _pairs(pred), _pairs(ref)
     if not p and not r:
-        return 1.0 if pred["tool"] == ref["tool"] else 0.0
-    tp = len(p & r)
+        return float(bool(pred) and sorted(c["name"] for c in pred) == sorted(c["name"] for c in ref))
+    tp = sum((p & r).values())
     if tp == 0:
         return 0.0
-    precision, recall = tp / len(p), tp / len(r)
+    precision, recall = tp / sum(p.values()), tp / sum(r.values())
     return 2 * precision * recall / (precision + recall)
 
 
@@ -74,51 +92,97 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Task metrics (all in [0, 1]) of predicted answers: see the module docstring. The tool-call metrics
-    are present only when at least one reference is a tool call."""
+def turn_exact(pred: dict, ref: dict) -> bool:
+    """Exact match of two parsed turns: the same calls (order-free), or, for a text reference, no call and
+    the same normalized text."""
+    if ref["tool_calls"]:
+        return not pred["malformed"] and same_calls(pred["tool_calls"], ref["tool_calls"])
+    return not pred["tool_calls"] and not pred["malformed"] and normalize(pred["content"]) == normalize(ref["content"])
+
+
+def score(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    fmt: str = "json",
+    tools: Sequence[Sequence[dict] | None] | None = None,
+    response_template: dict | None = None,
+) -> dict[str, float]:
+    """Task metrics (all in [0, 1]) of predicted answers against reference answers, both texts as the
+    model writes them, parsed in call syntax ``fmt``; ``tools``: each example's tools (or None). See the
+    module docstring for which metrics appear when."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    tools = list(tools) if tools is not None else [None] * len(references)
     n = max(len(references), 1)
-    em = f1_text = tool = f1 = valid = 0.0
-    n_calls = 0
-    for pred_text, ref_text in zip(predictions, references, strict=True):
+    em = f1_text = 0.0
+    calls = Counter()  # sums over reference turns that make calls
+    texts = extra = 0
+    n_pred_calls = hallucinated = 0
+    with_tools = 0
+    for pred_text, ref_text, tl in zip(predictions, references, tools, strict=True):
+        pred = parse(pred_text, fmt, response_template=response_template, tools=tl)
+        ref = parse(ref_text, fmt, response_template=response_template, tools=tl)
         f1_text += token_f1(pred_text, ref_text)
-        ref = parse_tool_call(ref_text)
-        if ref is None:  # free-text reference
-            em += normalize(pred_text) == normalize(ref_text)
+        em += turn_exact(pred, ref)
+        if tl:
+            names = tool_names(tl)
+            n_pred_calls += len(pred["tool_calls"])
+            hallucinated += sum(c["name"] not in names for c in pred["tool_calls"])
+        if not ref["tool_calls"]:
+            texts += 1
+            extra += bool(pred["tool_calls"])
             continue
-        n_calls += 1
-        pred = parse_tool_call(pred_text)
-        valid += pred is not None
-        if pred is not None:
-            em += _canon(pred) == _canon(ref)
-            tool += pred["tool"] == ref["tool"]
-            f1 += arg_f1(pred, ref)
+        calls["n"] += 1
+        p = pred["tool_calls"]
+        calls["valid"] += bool(p) and not pred["malformed"]
+        calls["missed"] += not p
+        calls["names"] += bool(p) and sorted(c["name"] for c in p) == sorted(c["name"] for c in ref["tool_calls"])
+        calls["f1"] += arg_f1(p, ref["tool_calls"])
+        if tl:
+            with_tools += 1
+            calls["schema"] += bool(p) and not pred["malformed"] and not any(schema_problems(c, tl) for c in p)
     out = {"exact_match": em / n, "token_f1": f1_text / n}
-    if n_calls:
-        out.update(tool_accuracy=tool / n_calls, arg_f1=f1 / n_calls, valid_json=valid / n_calls)
+    if calls["n"]:
+        k = calls["n"]
+        out.update(
+            tool_accuracy=calls["names"] / k,
+            arg_f1=calls["f1"] / k,
+            valid_json=calls["valid"] / k,
+            missed_call_rate=calls["missed"] / k,
+        )
+        if with_tools:
+            out.update(
+                schema_validity=calls["schema"] / with_tools,
+                hallucinated_function_rate=hallucinated / n_pred_calls if n_pred_calls else 0.0,
+            )
+        if texts:
+            out["extra_call_rate"] = extra / texts
     return out
 
 
-def is_exact(prediction: str, reference: str) -> bool:
-    """Exact match as ``score`` counts it: a tool call compared as canonical JSON, free text normalized."""
-    ref = parse_tool_call(reference)
-    if ref is None:
-        return normalize(prediction) == normalize(reference)
-    pred = parse_tool_call(prediction)
-    return pred is not None and _canon(pred) == _canon(ref)
+def is_exact(prediction: str, reference: str, fmt: str = "json") -> bool:
+    """Exact match as ``score`` counts it."""
+    return turn_exact(parse(prediction, fmt), parse(reference, fmt))
 
 
-SLICE_KEYS = ("part", "lang", "intent")  # what an example's tags slice the scores by (distill.data.tags_of)
+SLICE_KEYS = ("part", "lang", "intent", "turns")  # what an example's tags slice the scores by (distill.data.tags_of)
 SLICE_METRICS = ("exact_match", "tool_accuracy", "arg_f1")
 
 
 def slice_scores(
-    predictions: Sequence[str], references: Sequence[str], tags: Sequence[dict]
+    predictions: Sequence[str],
+    references: Sequence[str],
+    tags: Sequence[dict],
+    *,
+    fmt: str = "json",
+    tools: Sequence[Sequence[dict] | None] | None = None,
+    response_template: dict | None = None,
 ) -> dict[str, dict[str, dict]]:
     """``score`` per slice: ``{key: {value: {"n", "exact_match", ...}}}`` for each key of ``SLICE_KEYS``
-    that the examples' ``tags`` carry (e.g. ``part`` -> ``values`` / ``phrasing`` / ``both``)."""
+    that the examples' ``tags`` carry (e.g. ``part`` -> ``values`` / ``phrasing`` / ``both``; ``turns`` ->
+    ``single`` / ``multi``)."""
+    tools = list(tools) if tools is not None else [None] * len(references)
     out: dict[str, dict[str, dict]] = {}
     for key in SLICE_KEYS:
         groups: dict[str, list[int]] = {}
@@ -129,7 +193,13 @@ def slice_scores(
             continue
         out[key] = {}
         for value, idx in sorted(groups.items()):
-            sc = score([predictions[i] for i in idx], [references[i] for i in idx])
+            sc = score(
+                [predictions[i] for i in idx],
+                [references[i] for i in idx],
+                fmt=fmt,
+                tools=[tools[i] for i in idx],
+                response_template=response_template,
+            )
             out[key][value] = {"n": len(idx), **{m: sc[m] for m in SLICE_METRICS if m in sc}}
     return out
 
@@ -141,9 +211,14 @@ def slice_retention(student: dict, teacher: dict, key: str, metric: str = "exact
     return {v: (s[v][metric] / t[v][metric] if t[v].get(metric) else None) for v in t if v in s}
 
 
-def has_tool_calls(references: Sequence[str]) -> bool:
-    """Whether the tool-call metrics can be measured on these references."""
-    return any(parse_tool_call(r) is not None for r in references)
+def has_tool_calls(records: Sequence[dict]) -> bool:
+    """Whether the tool-call metrics can be measured on these records: some final answer makes a call
+    (structured ``tool_calls``, or a JSON call written as text)."""
+    for r in records:
+        last = r["messages"][-1]
+        if last.get("tool_calls") or parse(last.get("content") or "", "json")["tool_calls"]:
+            return True
+    return False
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.chat import TARGETS
 from core.schema import choice, non_negative, positive, unit
+from core.toolcalls import FORMATS
 from distill.data.augment import KEEP as AUGMENT_KEEP
 from distill.sharding import SHARDING
 
@@ -37,6 +39,13 @@ class DataConfig:
     heldout_file: str | None  # requests unlike training (new phrasings, names, places): gated apart
     max_length: int = positive()  # examples longer than this (prompt + answer tokens) are an error
     system_prompt: str | None  # given to every example that has no system message (null: none added)
+    format: str = choice("text", "tool_calls")  # car_assistant: answers as JSON text, or TRL tool_calls with tools
+    tools_per_example: int = non_negative()  # car_assistant tool_calls: tools listed per line (0: all)
+    multi_turn: float = unit()  # car_assistant tool_calls: share of lines with a tool result and a second request
+    tools_file: str | None  # jsonl: the tools (a JSON list of function schemas) of lines without their own
+    chat_template: str | None  # the template data is rendered with: a name (conf/templates) or a .jinja file
+    targets: str = choice(*TARGETS)  # assistant turns trained on: all | last
+    tool_format: str = choice("auto", *FORMATS)  # how answers' calls are parsed: auto = read from the template
 
 
 @dataclass

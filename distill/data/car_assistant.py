@@ -14,6 +14,11 @@ Deterministic and seeded. Four splits, built so that each one measures something
   (``heldout_vocabulary``), and no held-out phrasing matches a training request (tests/test_data.py).
   Gated with its own thresholds.
 
+``tool_call_record`` writes an example in TRL's function-calling format instead (``data.format=tool_calls``):
+the functions' JSON schemas in ``tools`` (``TOOLS``), the answer as a structured ``tool_calls`` entry (a
+refusal as a spoken text answer, no call), and in a share of lines an earlier request of the same split
+with its call, the tool's result and a spoken confirmation before it (multi-turn).
+
 Names, places, artists and message texts are composed procedurally (hundreds to thousands of values
 per pool) so that a model must learn to *copy* them from the request into the JSON rather than
 memorise a short list. Pure Python; no torch.
@@ -852,3 +857,102 @@ def generate(split: str, settings: GeneratorSettings = GeneratorSettings()) -> l
         seen.add(ex.request)
         out.append(ex)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The same examples in TRL's function-calling format (data.format=tool_calls)
+# --------------------------------------------------------------------------------------------
+
+
+def _codes(table: list) -> list[str]:
+    return [canon for _, _, canon in table]
+
+
+def _fn(name: str, description: str, props: dict, required: list[str] | None = None) -> dict:
+    params = {"type": "object", "properties": props, "required": required if required is not None else list(props)}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
+
+
+_STATE = {"type": "string", "enum": _codes(ON_OFF)}
+# The functions' JSON schemas: argument names, types and enums as the generator's calls use them.
+TOOLS: dict[str, dict] = {
+    t["function"]["name"]: t
+    for t in (
+        _fn(
+            "set_temperature",
+            "Set the cabin temperature",
+            {
+                "zone": {"type": "string", "enum": _codes(ZONES)},
+                "value": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+        ),
+        _fn("set_fan_speed", "Set the fan speed", {"level": {"type": "integer"}}),
+        _fn(
+            "climate_control",
+            "Switch a climate feature",
+            {"feature": {"type": "string", "enum": _codes(CLIMATE_FEATURES)}, "state": _STATE},
+        ),
+        _fn("navigate_to", "Start navigation", {"destination": {"type": "string"}}),
+        _fn("find_nearby", "Find a place nearby", {"category": {"type": "string", "enum": _codes(POI)}}),
+        _fn("play_music", "Play an artist", {"artist": {"type": "string"}}),
+        _fn("set_volume", "Set the volume", {"level": {"type": "integer"}}),
+        _fn("tune_radio", "Tune the FM radio", {"frequency": {"type": "number"}}),
+        _fn("call_contact", "Phone a contact", {"name": {"type": "string"}}),
+        _fn("send_message", "Text a contact", {"name": {"type": "string"}, "text": {"type": "string"}}),
+        _fn(
+            "open_window",
+            "Open a window",
+            {"position": {"type": "string", "enum": _codes(WINDOWS)}, "percent": {"type": "integer"}},
+        ),
+        _fn(
+            "set_seat_heating",
+            "Set seat heating",
+            {"seat": {"type": "string", "enum": _codes(SEATS)}, "level": {"type": "integer"}},
+        ),
+        _fn("set_lights", "Switch lights", {"light": {"type": "string", "enum": _codes(LIGHTS)}, "state": _STATE}),
+        _fn("get_vehicle_info", "Read a vehicle status", {"item": {"type": "string", "enum": _codes(INFO)}}),
+    )
+}
+REFUSAL_TEXT = {"en": "Sorry, I can't do that in the car.", "zh": "抱歉，车上做不到这个。"}
+CONFIRM_TEXT = {"en": "Done.", "zh": "好的，已完成。"}
+TOOL_RESULT = '{"status": "ok"}'
+
+
+def _answer(e: Example) -> dict:
+    if e.call["tool"] not in TOOLS:  # refuse: no function does it, so the assistant says so
+        return {"role": "assistant", "content": REFUSAL_TEXT[e.lang]}
+    call = {"name": e.call["tool"], "arguments": e.call["args"]}
+    return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
+
+
+def tool_call_record(
+    e: Example, examples: list[Example], i: int, *, tools_per_example: int = 4, multi_turn: float = 0.33
+) -> dict:
+    """``examples[i]`` (= ``e``) as a TRL function-calling line: ``tools`` holds the function it calls and
+    others up to ``tools_per_example`` (0: all), shuffled; with probability ``multi_turn`` an earlier call
+    of the same split and language comes first (the request, its call, the tool's result, a spoken
+    confirmation). Deterministic in the example and its index."""
+    rng = random.Random(_stable_hash("tool_calls", e.split, i, e.request))
+    msgs: list[dict] = []
+    used = {e.call["tool"]} & set(TOOLS)
+    if rng.random() < multi_turn:
+        same = [x for x in examples if x.lang == e.lang and x.call["tool"] in TOOLS and x.request != e.request]
+        if same:
+            prev = same[rng.randrange(len(same))]
+            used.add(prev.call["tool"])
+            msgs += [
+                {"role": "user", "content": prev.request},
+                _answer(prev),
+                {"role": "tool", "name": prev.call["tool"], "content": TOOL_RESULT},
+                {"role": "assistant", "content": CONFIRM_TEXT[e.lang]},
+            ]
+    msgs += [{"role": "user", "content": e.request}, _answer(e)]
+    others = sorted(set(TOOLS) - used)
+    k = len(TOOLS) if tools_per_example == 0 else max(tools_per_example, len(used))
+    names = sorted(used) + rng.sample(others, min(max(k - len(used), 0), len(others)))
+    rng.shuffle(names)
+    rec = {"messages": msgs, "tools": [TOOLS[n] for n in names], "lang": e.lang, "intent": e.intent, "split": e.split}
+    if e.part:
+        rec["part"] = e.part
+    return rec

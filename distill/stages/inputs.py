@@ -45,39 +45,47 @@ def teacher(r: Run) -> Teacher:
     the tokenizer, the encoded splits, the teacher identity and the prune plan for its real config."""
     from transformers import AutoTokenizer
 
-    from core.chat import check_template, ensure_pad
+    from core.chat import ensure_pad
     from core.hashing import folder_hash
-    from distill.data import encode_records
+    from distill.data import encode_records, encoding, prepare_tokenizer, uses_tools
     from families.hf import read_config, vocab_problems
 
     rc = r.rc
     key = "teacher.path" if rc.teacher.path else "teacher"
+    records = [x for s in SPLITS for x in r.data.records[s]]
     if rc.teacher.path:
         folder = source_teacher(r)
-        if rc.teacher.finetune.enabled:  # a template problem is reported before the fine-tune, not after it
+        if rc.teacher.finetune.enabled:  # template and length problems are reported before the fine-tune
             base_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=rc.teacher.trust_remote_code)
-            if problems := check_template(base_tok, key):
+            problems = prepare_tokenizer(base_tok, rc.data, records, key) + _length_problems(rc, read_config(folder))
+            if problems:
                 raise ConfigError(problems)
             folder = finetuned_teacher(r, folder)
+    elif uses_tools(records):
+        raise ConfigError(
+            [
+                "data: function-calling data (tools, tool_calls, tool turns) needs a pretrained teacher with a chat "
+                "template (teacher.path=...); the bootstrapped demo teacher's small template renders no tools"
+            ]
+        )
     else:
         folder = bootstrapped_teacher(r)
     t_cfg = read_config(folder)
     problems = []
     if rc.student.init == "folder":
         problems += vocab_problems(folder, rc.student.path, "student.path", rc.teacher.trust_remote_code)
-    limit = t_cfg.get("max_position_embeddings")
-    if limit and rc.data.max_length > limit:
-        problems.append(f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}")
+    problems += _length_problems(rc, t_cfg)
     if problems:
         raise ConfigError(problems)
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=rc.teacher.trust_remote_code)
-    problems = check_template(tok, key)
+    problems = prepare_tokenizer(tok, rc.data, records, key)  # the template then travels with every artifact
     if problems:
         raise ConfigError(problems)
     pad = ensure_pad(tok)
     if pad is not None:
         log.info("the tokenizer has no pad token: padding with %s (masked out of attention and every loss)", pad)
-    enc = {s: encode_records(tok, r.data.records[s], rc.data.max_length, f"data.{s}") for s in SPLITS}
+    how = encoding(rc.data)
+    enc = {s: encode_records(tok, r.data.records[s], rc.data.max_length, f"data.{s}", **how) for s in SPLITS}
     n_eval = rc.eval.num_test or None
     enc["test"], enc["heldout"] = enc["test"][:n_eval], enc["heldout"][:n_eval]
     content = folder_hash(folder)
@@ -92,6 +100,13 @@ def teacher(r: Run) -> Teacher:
         for reason in r.plan.reasons:
             log.info("prune plan: %s", reason)
     return out
+
+
+def _length_problems(rc, t_cfg: dict) -> list[str]:
+    limit = t_cfg.get("max_position_embeddings")
+    if limit and rc.data.max_length > limit:
+        return [f"data.max_length={rc.data.max_length} exceeds the teacher's max_position_embeddings={limit}"]
+    return []
 
 
 def _forced(r: Run, name: str) -> bool:
@@ -121,6 +136,7 @@ def finetuned_teacher(r: Run, base: Path) -> Path:
     import dataclasses as dc
 
     from core.hashing import folder_hash
+    from distill.data import chat_template_text, encoding
     from distill.teacher import finetune_dir, finetune_teacher
 
     tc = r.rc.teacher
@@ -138,6 +154,8 @@ def finetuned_teacher(r: Run, base: Path) -> Path:
             accelerator=r.acc,
             max_length=r.rc.data.max_length,
             force=_forced(r, "teacher"),
+            chat_template=chat_template_text(r.rc.data),
+            **encoding(r.rc.data),
         )
 
     inputs = {"data_hash": r.data.hash, "base_hash": base_hash}

@@ -182,7 +182,8 @@ def misses(tok, data: list[dict], answers: list[list[int]], t_answers: list[list
     out = []
     for ex, a, ta in zip(data, answers, t_answers, strict=True):
         text = tok.decode(a, skip_special_tokens=True)
-        if is_exact(text, ex["answer"]):
+        fmt = ex.get("format", "json")
+        if is_exact(text, ex["answer"], fmt):
             continue
         teacher = tok.decode(ta, skip_special_tokens=True)
         out.append(
@@ -191,7 +192,7 @@ def misses(tok, data: list[dict], answers: list[list[int]], t_answers: list[list
                 "reference": ex["answer"],
                 "answer": text,
                 "teacher": teacher,
-                "teacher_right": is_exact(teacher, ex["answer"]),
+                "teacher_right": is_exact(teacher, ex["answer"], fmt),
                 **ex.get("tags", {}),
             }
         )
