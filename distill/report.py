@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 COLUMNS = ("exact_match", "tool_accuracy", "arg_f1", "valid_json", "perplexity")
+# function-calling columns (distill.metrics.TOOL_CALL_METRICS), shown where the teacher was measured on them
+CALL_COLUMNS = ("schema_validity", "missed_call_rate", "extra_call_rate", "hallucinated_function_rate")
 
 
 def _fmt(v) -> str:
@@ -123,15 +125,16 @@ def render_report(metrics: dict, plots: list[str], misses: dict | None = None) -
         f"Data `{metrics['data_hash']}`, teacher `{metrics['teacher_hash']}` ({metrics['teacher_dir']}).",
         "",
     ]
+    cols = COLUMNS + tuple(c for c in CALL_COLUMNS if c in t)
     lines += [
-        "| model | split | params | " + " | ".join(COLUMNS) + " | agreement | KL |",
-        "|---|---|---:|" + "---:|" * (len(COLUMNS) + 2),
+        "| model | split | params | " + " | ".join(cols) + " | agreement | KL |",
+        "|---|---|---:|" + "---:|" * (len(cols) + 2),
     ]
     for name, m in (("teacher", t), ("student", s)):
         for split, row in (("test", m), ("heldout", m.get("heldout", {}))):
             if not row:
                 continue
-            cells = [_fmt(row.get(c)) for c in COLUMNS] + [_fmt(row.get("agreement")), _fmt(row.get("kl"))]
+            cells = [_fmt(row.get(c)) for c in cols] + [_fmt(row.get("agreement")), _fmt(row.get("kl"))]
             lines.append(f"| {name} | {split} | {_fmt(m['num_params'])} | " + " | ".join(cells) + " |")
     r = metrics["retention"]
     lines += [

@@ -50,8 +50,8 @@ def run_records(run_dir: str) -> list[dict]:
     from distill.data import load_records
 
     data = OmegaConf.to_container(OmegaConf.load(path))["data"]
-    data.setdefault("system_prompt", None)
-    return load_records(SimpleNamespace(**data), "train")
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF.parent.parent / "data" / "car_assistant.yaml"))
+    return load_records(SimpleNamespace(**{**defaults, **data}), "train")  # keys an older run did not have
 
 
 def main(argv: list[str] | None = None) -> int:
