@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from core.jsonl import DataError, read_jsonl, read_tools
-from distill.data.car_assistant import GeneratorSettings, generate, tool_call_record
+from distill.data.car_assistant import TOOL_FORMAT_VERSION, GeneratorSettings, generate, tool_call_records
 
 __all__ = [
     "DataError",
@@ -97,7 +97,7 @@ def data_hash(dc) -> str:
     if dc.targets != "all":
         extra.append(f"targets:{dc.targets}")
     if dc.source == "car_assistant" and dc.format != "text":
-        extra.append(f"format:{dc.format}:{dc.tools_per_example}:{dc.multi_turn}")
+        extra.append(f"format:{TOOL_FORMAT_VERSION}:{dc.tools_per_example}:{dc.multi_turn}")
     if not extra:
         return base
     return hashlib.sha256("\0".join([base, *extra]).encode()).hexdigest()[:16]
@@ -121,10 +121,7 @@ def load_records(dc, split: str) -> list[dict]:
     if dc.source == "car_assistant":
         examples = generate(split, generator_settings(dc))
         if dc.format == "tool_calls":
-            records = [
-                tool_call_record(e, examples, i, tools_per_example=dc.tools_per_example, multi_turn=dc.multi_turn)
-                for i, e in enumerate(examples)
-            ]
+            records = tool_call_records(examples, tools_per_example=dc.tools_per_example, multi_turn=dc.multi_turn)
         else:
             records = [e.to_record() for e in examples]
     else:

@@ -914,6 +914,7 @@ TOOLS: dict[str, dict] = {
         _fn("get_vehicle_info", "Read a vehicle status", {"item": {"type": "string", "enum": _codes(INFO)}}),
     )
 }
+TOOL_FORMAT_VERSION = "tool_calls/1"  # in the data hash of data.format=tool_calls: bump when these lines change
 REFUSAL_TEXT = {"en": "Sorry, I can't do that in the car.", "zh": "抱歉，车上做不到这个。"}
 CONFIRM_TEXT = {"en": "Done.", "zh": "好的，已完成。"}
 TOOL_RESULT = '{"status": "ok"}'
@@ -926,20 +927,31 @@ def _answer(e: Example) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
 
 
+def tool_call_records(examples: list[Example], *, tools_per_example: int = 4, multi_turn: float = 0.33) -> list[dict]:
+    """``examples`` (one split) as TRL function-calling lines (``tool_call_record``)."""
+    earlier: dict[str, list[Example]] = {}
+    for x in examples:
+        if x.call["tool"] in TOOLS:
+            earlier.setdefault(x.lang, []).append(x)
+    return [
+        tool_call_record(e, i, earlier.get(e.lang, []), tools_per_example=tools_per_example, multi_turn=multi_turn)
+        for i, e in enumerate(examples)
+    ]
+
+
 def tool_call_record(
-    e: Example, examples: list[Example], i: int, *, tools_per_example: int = 4, multi_turn: float = 0.33
+    e: Example, i: int, earlier: list[Example], *, tools_per_example: int = 4, multi_turn: float = 0.33
 ) -> dict:
-    """``examples[i]`` (= ``e``) as a TRL function-calling line: ``tools`` holds the function it calls and
-    others up to ``tools_per_example`` (0: all), shuffled; with probability ``multi_turn`` an earlier call
-    of the same split and language comes first (the request, its call, the tool's result, a spoken
-    confirmation). Deterministic in the example and its index."""
+    """Example ``e`` (number ``i`` of its split) as a TRL function-calling line: ``tools`` holds the
+    function it calls and others up to ``tools_per_example`` (0: all), shuffled; with probability
+    ``multi_turn`` a call drawn from ``earlier`` (same split and language) comes first: its request, its
+    call, the tool's result, a spoken confirmation. Deterministic in the example and its index."""
     rng = random.Random(_stable_hash("tool_calls", e.split, i, e.request))
     msgs: list[dict] = []
     used = {e.call["tool"]} & set(TOOLS)
-    if rng.random() < multi_turn:
-        same = [x for x in examples if x.lang == e.lang and x.call["tool"] in TOOLS and x.request != e.request]
-        if same:
-            prev = same[rng.randrange(len(same))]
+    if rng.random() < multi_turn and earlier:
+        prev = earlier[rng.randrange(len(earlier))]
+        if prev.request != e.request:
             used.add(prev.call["tool"])
             msgs += [
                 {"role": "user", "content": prev.request},
