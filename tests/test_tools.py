@@ -4,6 +4,7 @@ parsing back, BFCL-style scores, gate entries, the torch-free runner, and the pi
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,8 @@ def styled(tok, style: str):
     if style == "llama3_1":
         t.add_special_tokens({"additional_special_tokens": LLAMA_TOKENS}, replace_extra_special_tokens=False)
         t.bos_token = "<|begin_of_text|>"
-    t.chat_template = (TOOL_CHATML if style == "tool_chatml" else TEMPLATES / f"{style}.jinja").read_text()
+    shipped = TOOL_CHATML.with_name(f"{style}.jinja")
+    t.chat_template = (shipped if shipped.is_file() else TEMPLATES / f"{style}.jinja").read_text()
     return t
 
 
@@ -85,7 +87,7 @@ def chat_for(style: str) -> list[dict]:
     return one
 
 
-STYLES = ("tool_chatml", "qwen2_5", "llama3_1")
+STYLES = ("tool_chatml", "tool_chatml_json", "qwen2_5", "llama3_1")
 
 
 def _runs(ids, labels):
@@ -342,6 +344,7 @@ def test_function_calling_data_through_the_pipeline_with_the_shipped_template(sm
     and gated on the function-calling metrics, and the template travels with every artifact."""
     from distill.config import ConfigError, compose
     from distill.pipeline import run
+    from export.runtime import ChatTokenizer
     from families.hf import build_from_config, save_model_atomically
 
     cfg = tiny_config(smol_tok, model_type="llama", hidden=64, heads=4, kv=2)
@@ -390,5 +393,22 @@ def test_function_calling_data_through_the_pipeline_with_the_shipped_template(sm
     for metric in ("schema_validity", "hallucinated_function_rate", "missed_call_rate", "extra_call_rate"):
         assert metric in t and metric in m["onnx_int8"], metric
     assert set(t["slices"]["turns"]) == {"single", "multi"}
+    # the JSON-listed variant renders the same prompt under onnxruntime-genai's own template engine
+    genai = pytest.importorskip("onnxruntime_genai")
+    folder = tmp_path / "genai"
+    shutil.copytree(tmp_path / "run" / "onnx" / "fp32", folder)
+    shutil.copy(TOOL_CHATML.with_name("tool_chatml_json.jinja"), folder / "chat_template.jinja")
+    og_tok = genai.Tokenizer(genai.Model(str(folder)))
+    tools = [WEATHER, CONTACT]
+    want = ChatTokenizer(folder).prompt(CHAT[:-1], tools=tools)
+    assert want == styled(smol_tok, "tool_chatml_json").apply_chat_template(
+        CHAT[:-1], tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    got = og_tok.apply_chat_template(
+        json.dumps(CHAT[:-1], ensure_ascii=False),
+        tools=json.dumps(tools, ensure_ascii=False),
+        add_generation_prompt=True,
+    )
+    assert got == want
     names = {c["name"] for c in m["gate"]["checks"]}
     assert {"min_schema_validity", "max_extra_call_rate", "max_missed_call_rate"} <= names and m["gate"]["passed"]
