@@ -412,3 +412,53 @@ def test_function_calling_data_through_the_pipeline_with_the_shipped_template(sm
     assert got == want
     names = {c["name"] for c in m["gate"]["checks"]}
     assert {"min_schema_validity", "max_extra_call_rate", "max_missed_call_rate"} <= names and m["gate"]["passed"]
+
+
+HERMES_RESPONSE = {  # a transformers response template for Hermes-style calls (tokenizer.response_template)
+    "version": 1,
+    "start_anchor": "<|im_start|>assistant\n",
+    "defaults": {"role": "assistant"},
+    "fields": {
+        "content": {"content": "text"},
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close": "</tool_call>",
+            "content": "json",
+            "repeats": True,
+            "transform": {"type": "function", "function": "{content}"},
+        },
+    },
+}
+
+
+def test_a_tokenizer_response_template_is_parsed_by_transformers_in_metrics_and_runner(smol_tok, tmp_path):
+    """Where the tokenizer has a response template, transformers' parser reads the answers (it casts
+    arguments by the tools' schemas: "7" for an integer argument becomes 7), in the scores and in the runner."""
+    from distill.evaluate import scoring
+    from distill.metrics import score
+    from export.runtime import ChatTokenizer
+
+    tools = [
+        WEATHER,
+        CONTACT,
+        {
+            "type": "function",
+            "function": {
+                "name": "set_volume",
+                "parameters": {"type": "object", "properties": {"level": {"type": "integer"}}, "required": ["level"]},
+            },
+        },
+    ]
+    said = '<tool_call>{"name": "set_volume", "arguments": {"level": "7"}}</tool_call>'
+    ref = '<tool_call>{"name": "set_volume", "arguments": {"level": 7}}</tool_call>'
+    assert parse(said, "hermes")["tool_calls"] == [{"name": "set_volume", "arguments": {"level": "7"}}]
+    assert parse(said, "hermes", response_template=HERMES_RESPONSE, tools=tools)["tool_calls"] == [
+        {"name": "set_volume", "arguments": {"level": 7}}
+    ]
+    assert score([said], [ref], fmt="hermes", tools=[tools])["exact_match"] == 0.0
+    assert score([said], [ref], fmt="hermes", tools=[tools], response_template=HERMES_RESPONSE)["exact_match"] == 1.0
+    tok = styled(smol_tok, "tool_chatml")
+    tok.response_template = HERMES_RESPONSE
+    assert scoring([{"format": "hermes", "tools": tools}], tok)["response_template"] == HERMES_RESPONSE
+    tok.save_pretrained(tmp_path)
+    assert ChatTokenizer(tmp_path).response_template == HERMES_RESPONSE  # the runner reads it from the folder
