@@ -16,6 +16,7 @@ The student then distils on them beside the task data, at ``distill.augment.shar
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Sequence
@@ -59,15 +60,22 @@ def label(
     *,
     max_length: int,
     batch_size: int,
+    fmt: str | None = None,
 ) -> tuple[list[dict], dict]:
     """The teacher's greedy answer to each candidate; (kept records, whose answer is the teacher's own text,
     and statistics with a few kept and rejected examples). A candidate is kept only when the teacher's
-    answer equals the expected tool call (``distill.metrics.is_exact``)."""
+    answer equals the expected tool call (``distill.metrics.is_exact``; function-calling lines: the
+    teacher's calls, parsed in ``fmt``, default the template's syntax, equal the structured calls, which
+    stay the target)."""
     from tqdm.auto import tqdm
 
+    from core.chat import call_format
+    from core.toolcalls import canonical_call, parse, same_calls
+
+    fmt = fmt or call_format(tokenizer)
     encoded, fits = [], []
     for rec, _ in cands:
-        ex = encode(tokenizer, rec["messages"])
+        ex = encode(tokenizer, rec["messages"], tools=rec.get("tools"))
         if len(ex["input_ids"]) <= max_length:
             encoded.append(ex)
             fits.append(rec)
@@ -91,10 +99,20 @@ def label(
     kept, shown_kept, shown_rejected = [], [], []
     for rec, ans in zip(fits, answers, strict=True):
         text = tokenizer.decode(ans, skip_special_tokens=True)
-        expected = rec["messages"][-1]["content"]
+        last = rec["messages"][-1]
+        if last.get("tool_calls"):  # structured calls: the teacher's text parsed back
+            calls = [canonical_call(c) for c in last["tool_calls"]]
+            got = parse(text, fmt)
+            expected = json.dumps(calls, ensure_ascii=False)
+            right = not got["malformed"] and same_calls(got["tool_calls"], calls)
+            answer = last
+        else:
+            expected = last["content"]
+            right = is_exact(text, expected)
+            answer = {"role": "assistant", "content": text}
         row = {"request": rec["messages"][-2]["content"], "expected": expected, "teacher": text}
-        if is_exact(text, expected):
-            kept.append({**rec, "messages": [*rec["messages"][:-1], {"role": "assistant", "content": text}]})
+        if right:
+            kept.append({**rec, "messages": [*rec["messages"][:-1], answer]})
             if len(shown_kept) < 5:
                 shown_kept.append(row)
         elif len(shown_rejected) < 10:
@@ -114,14 +132,22 @@ def label(
 def implied(cands: Sequence[tuple[dict, dict]], tokenizer, *, max_length: int) -> tuple[list[dict], dict]:
     """``distill.augment.keep=implied``: every candidate that fits ``max_length``, its target the call the
     substitution implies; (records, statistics in ``label``'s shape, nothing rejected)."""
-    kept = [rec for rec, _ in cands if len(encode(tokenizer, rec["messages"])["input_ids"]) <= max_length]
+    kept = [
+        rec
+        for rec, _ in cands
+        if len(encode(tokenizer, rec["messages"], tools=rec.get("tools"))["input_ids"]) <= max_length
+    ]
     stats = {
         "candidates": len(cands),
         "too_long": len(cands) - len(kept),
         "kept": len(kept),
         "rejected": 0,
         "kept_examples": [
-            {"request": r["messages"][-2]["content"], "expected": r["messages"][-1]["content"]} for r in kept[:5]
+            {
+                "request": r["messages"][-2]["content"],
+                "expected": r["messages"][-1]["content"] or r["messages"][-1].get("tool_calls"),
+            }
+            for r in kept[:5]
         ],
         "rejected_examples": [],
     }

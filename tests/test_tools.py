@@ -462,3 +462,27 @@ def test_a_tokenizer_response_template_is_parsed_by_transformers_in_metrics_and_
     assert scoring([{"format": "hermes", "tools": tools}], tok)["response_template"] == HERMES_RESPONSE
     tok.save_pretrained(tmp_path)
     assert ChatTokenizer(tmp_path).response_template == HERMES_RESPONSE  # the runner reads it from the folder
+
+
+def test_augmentation_rewrites_structured_calls_and_keeps_the_tools(smol_tok):
+    """A function-calling line's open values (a contact, a message text) are replaced in the request and in
+    the structured call's arguments alike; the line keeps its tools and renders through the template."""
+    from distill.augment import implied
+    from distill.data.augment import open_values, substitute
+    from distill.data.car_assistant import GeneratorSettings, generate, heldout_vocabulary, tool_call_records
+
+    examples = generate("train", GeneratorSettings(num_train=400))
+    records = [r for r in tool_call_records(examples, tools_per_example=2, multi_turn=0.5) if open_values(r)]
+    multi = next(r for r in records if len(r["messages"]) > 2 and r["intent"] == "send_message")
+    rng = __import__("random").Random(0)
+    new_rec, new = substitute(multi, rng, heldout_vocabulary(), 0.25)
+    (call,) = new_rec["messages"][-1]["tool_calls"]
+    old_args = multi["messages"][-1]["tool_calls"][0]["function"]["arguments"]
+    assert set(new) == {"name", "text"} and call["function"]["arguments"] == {**old_args, **new}
+    assert all(v in new_rec["messages"][-2]["content"] for v in new.values())
+    assert all(v not in new_rec["messages"][-2]["content"] for v in old_args.values())
+    assert new_rec["messages"][:-2] == multi["messages"][:-2] and new_rec["tools"] == multi["tools"]
+    assert multi["messages"][-1]["tool_calls"][0]["function"]["arguments"] == old_args  # the source is untouched
+    tok = styled(smol_tok, "tool_chatml")
+    kept, stats = implied([(new_rec, new)], tok, max_length=512)
+    assert kept == [new_rec] and stats["kept"] == 1

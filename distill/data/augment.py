@@ -29,20 +29,31 @@ _CODE = re.compile(r"[a-z0-9_]+")  # an enumerated value (a code the model choos
 KEEP = ("consistent", "implied")
 
 
+def _call_args(record: dict) -> list[dict] | None:
+    """The argument objects of the final answer's calls: its structured ``tool_calls`` (function-calling
+    lines), or the demo's JSON call written as text; None when the answer makes no call."""
+    last = record["messages"][-1]
+    if last.get("tool_calls"):
+        return [c["function"]["arguments"] for c in last["tool_calls"]]
+    call = parse_tool_call(last.get("content") or "")
+    return [call["args"]] if call else None
+
+
 def open_values(record: dict) -> list[tuple[str, str]]:
     """(argument, value) of the reference tool call's string arguments that occur verbatim in the last user
     message, longest first; [] when the answer is not a tool call."""
     msgs = record["messages"]
-    call = parse_tool_call(msgs[-1]["content"])
-    if call is None:
+    calls = _call_args(record)
+    if not calls:
         return []
     user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
     found = [
         (k, v)
-        for k, v in call["args"].items()
+        for args in calls
+        for k, v in args.items()
         if isinstance(v, str) and v.strip() and v in user and not _CODE.fullmatch(v)
     ]
-    return sorted(found, key=lambda kv: -len(kv[1]))
+    return sorted(dict.fromkeys(found), key=lambda kv: -len(kv[1]))  # each pair once, in the calls' order
 
 
 def _is_cjk(text: str) -> bool:
@@ -86,17 +97,32 @@ def substitute(
     if any(a != b and a in b for a in values for b in values):
         return None
     msgs = [dict(m) for m in record["messages"]]
-    call = parse_tool_call(msgs[-1]["content"])
+    user = max(i for i, m in enumerate(msgs) if m["role"] == "user")  # the request the answer is to
+    last = msgs[-1]
+    structured = bool(last.get("tool_calls"))
+    if structured:
+        calls = [
+            {**c, "function": {**c["function"], "arguments": dict(c["function"]["arguments"])}}
+            for c in last["tool_calls"]
+        ]
+        args = [c["function"]["arguments"] for c in calls]
+    else:
+        call = parse_tool_call(last["content"])
+        args = [call["args"]]
     new: dict[str, str] = {}
     for key, old in found:
-        value = random_value(rng, old, avoid, cross_script)
+        value = new.get(key) or random_value(rng, old, avoid, cross_script)
         new[key] = value
-        for m in msgs[:-1]:
-            if m["role"] == "user":
-                m["content"] = m["content"].replace(old, value)
-        call["args"][key] = value
-    msgs[-1]["content"] = json.dumps(call, ensure_ascii=False, separators=(",", ":"))
-    return {"messages": msgs, **({"intent": record["intent"]} if "intent" in record else {})}, new
+        msgs[user]["content"] = msgs[user]["content"].replace(old, value)
+        for a in args:
+            if a.get(key) == old:
+                a[key] = value
+    if structured:
+        msgs[-1] = {**last, "tool_calls": calls}
+    else:
+        msgs[-1] = {**last, "content": json.dumps(call, ensure_ascii=False, separators=(",", ":"))}
+    keep = {k: record[k] for k in ("intent", "tools") if k in record}
+    return {"messages": msgs, **keep}, new
 
 
 def heldout_units(records: Iterable[dict]) -> frozenset[str]:

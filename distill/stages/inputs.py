@@ -197,7 +197,7 @@ def augment(r: Run) -> None:
     if not a.examples:
         return
     from distill.augment import candidates, implied, label
-    from distill.data import encode_records, read_jsonl
+    from distill.data import encode_records, encoding, read_jsonl
     from distill.teacher import cache_root
 
     avoid = heldout_avoid(r)
@@ -221,6 +221,7 @@ def augment(r: Run) -> None:
                 cands,
                 max_length=r.rc.data.max_length,
                 batch_size=a.batch_size,
+                fmt=encoding(r.rc.data)["fmt"],
             )
         with building(folder) as tmp:
             (tmp / "records.jsonl").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept))
@@ -243,7 +244,9 @@ def augment(r: Run) -> None:
             a.examples,
             folder / "stats.json",
         )
-    r.pools.examples["augment"] = encode_records(r.teacher.tokenizer, kept, r.rc.data.max_length, "augment")
+    r.pools.examples["augment"] = encode_records(
+        r.teacher.tokenizer, kept, r.rc.data.max_length, "augment", **encoding(r.rc.data)
+    )
     r.pools.hashes["augment"] = st.output_hash
     stats = json.loads((folder / "stats.json").read_text())
     r.pools.info["augment"] = {
