@@ -109,7 +109,7 @@ def encode(
     max_length: int | None = None,
     *,
     tools: Sequence[dict] | None = None,
-    targets: str = "last",
+    targets: str = "all",
 ) -> dict[str, list[int]]:
     """Token ids of a conversation rendered by the chat template (with ``tools``), with labels on the
     assistant turns that are targets (``last``: the final answer; ``all``: every assistant turn) and

@@ -317,7 +317,12 @@ class ChatModel:
         self.model = OnnxCausalLM(folder, **runner_kw)
         self.tokenizer = ChatTokenizer(folder)
 
-    def chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None, max_new_tokens: int = 128) -> dict:
+    def chat(
+        self,
+        messages: Sequence[dict],
+        tools: Sequence[dict] | None = None,
+        max_new_tokens: int = 128,  # not a knob: the embeddable runner's own default
+    ) -> dict:
         tc = _toolcalls()
         tools = [tc.openai_tool(t) for t in tools] if tools else None
         ids = self.tokenizer.encode_chat(messages, tools=tools)

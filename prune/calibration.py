@@ -14,7 +14,7 @@ def calibration_batches(
     batch_size: int = 16,  # not a knob: padding is masked out, so it changes no statistic
 ) -> list[dict]:
     """Padded batches of the first ``n_examples`` records (prompt + answer), for activation statistics."""
-    enc = [encode(tokenizer, r["messages"]) for r in records[:n_examples]]
+    enc = [encode(tokenizer, r["messages"], tools=r.get("tools")) for r in records[:n_examples]]
     enc = [e for e in enc if len(e["input_ids"]) <= max_length]
     out = []
     for i in range(0, len(enc), batch_size):
