@@ -25,7 +25,7 @@ __all__ = [
 ]
 FILES = ("train_file", "validation_file", "test_file", "heldout_file")  # data.<split>_file of the jsonl source
 # chat templates shipped with the project (data.chat_template=<name>; any other value is a .jinja file)
-# tool_chatml lists tools compactly (one line each); tool_chatml_json as one JSON list (~4x the tokens),
+# tool_chatml lists tools compactly (one line each); tool_chatml_json as one JSON list (~275 vs ~172 tokens a line),
 # which onnxruntime-genai's apply_chat_template renders exactly as transformers does
 TEMPLATES = {
     name: Path(__file__).resolve().parents[2] / "conf" / "templates" / f"{name}.jinja"
