@@ -17,7 +17,14 @@ def temp_folder(dest: Path) -> Path:
 
 
 def finish_folder(tmp: Path, dest: Path) -> Path:
-    """Rename a completed temporary folder onto ``dest``, replacing an older one."""
+    """Rename a completed temporary folder onto ``dest``, replacing an older one. Under a cache claim on
+    ``dest`` that another job has taken over (``core.cache``), raise ``ClaimLost`` instead: the other job
+    publishes the entry, and this one never replaces it under its readers."""
+    from core.cache import CURRENT
+
+    claim = CURRENT.get()
+    if claim is not None and Path(claim.folder) == Path(dest):
+        claim.check()
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         dest.rename(old)

@@ -126,7 +126,7 @@ def source_teacher(r: Run) -> Path:
         return src
     sha = file_sha256(src)
     dest = gguf_dir(tc, sha)
-    r.stage("gguf", dest, {}, {"gguf_sha256": sha}, lambda st: convert_gguf(src, dest), on="main")
+    r.stage("gguf", dest, {}, {"gguf_sha256": sha}, lambda st: convert_gguf(src, dest), on="main", shared=True)
     r.stages.record["teacher"] = {"status": "input", "folder": str(dest), "gguf": str(src)}
     return dest
 
@@ -159,7 +159,7 @@ def finetuned_teacher(r: Run, base: Path) -> Path:
         )
 
     inputs = {"data_hash": r.data.hash, "base_hash": base_hash}
-    r.stage("teacher", dest, key_settings(dc.asdict(tc.finetune)), inputs, work)
+    r.stage("teacher", dest, key_settings(dc.asdict(tc.finetune)), inputs, work, shared=True)
     return dest
 
 
@@ -182,7 +182,8 @@ def bootstrapped_teacher(r: Run) -> Path:
             avoid=heldout_avoid(r) if rc.teacher.bootstrap.random_values else frozenset(),
         )
 
-    r.stage("teacher", dest, key_settings(dataclasses.asdict(rc.teacher.bootstrap)), {"data_hash": r.data.hash}, work)
+    settings = key_settings(dataclasses.asdict(rc.teacher.bootstrap))
+    r.stage("teacher", dest, settings, {"data_hash": r.data.hash}, work, shared=True)
     return dest
 
 
@@ -228,7 +229,7 @@ def augment(r: Run) -> None:
             write_json(tmp / "stats.json", stats)
         return {"kept": stats["kept"], "rejected": stats["rejected"]}
 
-    st = r.stage("augment", folder, settings, key, work, on="main")
+    st = r.stage("augment", folder, settings, key, work, on="main", shared=True)
     kept = read_jsonl(folder / "records.jsonl", key="augment") if (folder / "records.jsonl").stat().st_size else []
     if not kept and a.keep == "consistent":
         log.warning(
@@ -299,7 +300,7 @@ def general(r: Run) -> None:
             write_json(tmp / "sequences.json", seqs)
         return {"sequences": len(seqs)}
 
-    st = r.stage("general", folder, settings, key, work, on="main")
+    st = r.stage("general", folder, settings, key, work, on="main", shared=True)
     r.pools.general_sequences = json.loads((folder / "sequences.json").read_text())
     r.pools.examples["general"] = as_examples(r.pools.general_sequences)
     r.pools.hashes["general"] = st.output_hash
@@ -356,7 +357,7 @@ def signals(r: Run) -> TopKSignals:
             save_signals(tensors, tmp, key)
         return {"tokens": int(tensors["offsets"][-1]), "examples": len(data)}
 
-    st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main")
+    st = r.stage("signals", folder, {"k": d.topk, "temperature": d.temperature}, key, compute, on="main", shared=True)
     out = TopKSignals(folder)
     out.key = st.output_hash
     if len(out) != len(data):

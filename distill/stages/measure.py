@@ -51,12 +51,8 @@ def teacher_answers(r: Run) -> dict:
     """The teacher's test / heldout scores and greedy answers, and with ``eval.kl_topk`` its top-k log-probs
     at every answer position (``TopK``, under ``signals``), cached per (teacher, data, eval settings):
     every student of a sweep, and every ONNX variant, is compared with them without another teacher pass."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig
-
-    from distill.evaluate import TopK, evaluate_model
+    from core.cache import claimed
     from distill.teacher import cache_root
-    from families.hf import config_param_count
 
     ev, enc, k = eval_settings(r.rc), r.teacher.enc, r.rc.eval.kl_topk
     key = {
@@ -67,6 +63,18 @@ def teacher_answers(r: Run) -> dict:
         **({"kl_topk": k} if k else {}),  # absent when off: caches made before the knob stay valid
     }
     folder = cache_root(r.rc.teacher) / "teacher_eval" / digest(key)
+    with claimed(folder, "teacher test answers"):  # one job of a sweep computes them, the others wait
+        return _teacher_answers(r, key, folder)
+
+
+def _teacher_answers(r: Run, key: dict, folder: Path) -> dict:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from distill.evaluate import TopK, evaluate_model
+    from families.hf import config_param_count
+
+    ev, enc, k = eval_settings(r.rc), r.teacher.enc, r.rc.eval.kl_topk
     path = folder / "scores.json"
     splits = [s for s in EVAL_SPLITS if enc[s]]
     if path.is_file():

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.hashing import MANIFEST
 from distill.config import RunConfig
 from distill.manifest import Stage, Stages, guard
 
@@ -141,17 +143,65 @@ class Run:
         work: Callable[[Stage], dict | None],
         *,
         on: str = "all",
+        shared: bool = False,
     ) -> Stage:
         """Run (or skip) one stage. ``on``: ``all`` (every process works, e.g. training), ``main`` (the main
         process works, the others wait for its manifest), ``main-only`` (inside a section only the main
-        process runs: no waiting). ``work(stage)`` may return a dict of extra manifest fields."""
+        process runs: no waiting). ``work(stage)`` may return a dict of extra manifest fields.
+
+        ``shared``: ``folder`` is a cache entry other jobs use too. The main process holds its claim
+        (``core.cache.claimed``) from the decision to skip through the manifest: while another job builds
+        it, this one waits, then reuses it. A claim lost to another job while building (this one was
+        suspended past the lease) discards this job's copy and decides again."""
+        if not shared:
+            return self._stage(name, folder, config, inputs, work, on)
+        from core.cache import ClaimLost
+
+        for _ in range(3):
+            try:
+                with self._claim(name, folder):
+                    return self._stage(name, folder, config, inputs, work, on)
+            except ClaimLost as err:
+                log.warning("stage %s: %s", name, err)
+        raise RuntimeError(f"stage {name}: lost the claim on {folder} three times; is the cache lease too short?")
+
+    def _stage(self, name, folder, config, inputs, work, on) -> Stage:
         st = self.stages.begin(name, folder, config, inputs)
         if not st.skipped and (on == "all" or self.main):
             with guard(name, st.folder):
                 extra = work(st)
                 if self.main:
+                    from core.cache import check_current_claim
+
+                    check_current_claim()  # the manifest is written by the claim's holder only
                     self.stages.finish(st, extra if isinstance(extra, dict) else None)
         if on != "main-only":
             self.acc.wait_for_everyone()
             self.stages.adopt(st)
         return st
+
+    @contextmanager
+    def _claim(self, name: str, folder: Path):
+        """The main process holds the cache claim; in a multi-process run the others poll for a marker in
+        the run folder until it holds it (not a collective: a wait for another job's build can outlast the
+        process group's timeout), then meet it at a barrier."""
+        from core.cache import claimed
+
+        flag = self.dir / f".claim-{name.replace(':', '_')}"
+        if self.acc.num_processes == 1:
+            with claimed(folder, f"stage {name}"):
+                yield
+            return
+        if self.main:
+            with claimed(folder, f"stage {name}"):
+                flag.write_text(str(self.started))
+                self.acc.wait_for_everyone()
+                try:
+                    yield
+                finally:
+                    flag.unlink(missing_ok=True)
+        else:
+            while not flag.is_file() and not (Path(folder) / MANIFEST).is_file():
+                time.sleep(1.0)
+            self.acc.wait_for_everyone()
+            yield
