@@ -55,3 +55,11 @@ def write_json(path: str | Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float))
     tmp.replace(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write text under a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from distill.config import register_resolvers
+from distill.sweep import FAILED
 
 log = logging.getLogger("distill")
 register_resolvers()  # ${package_file:...} in conf/ (model wheels)
@@ -36,24 +38,40 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
-    code = 0
+    out = Path(hc.runtime.output_dir)
+    failed = out / FAILED
+    failed.unlink(missing_ok=True)
+    code, error = 0, None
     try:
-        metrics = run(cfg, hc.runtime.output_dir)
+        metrics = run(cfg, out)
     except (ConfigError, DataError, TrainingDiverged) as err:
-        log.error("%s", err)
-        code = 2
+        code, error = 2, err
     except ExportError as err:
-        log.error("%s", err)
-        code = 3
+        code, error = 3, err
     except RunFolderError as err:
-        log.error("%s", err)
-        code = 4
+        code, error = 4, err
+    except Exception as err:  # in a sweep, one job's crash must not end the others (the launcher would)
+        if not sweeping:
+            raise
+        log.exception("job %s crashed", hc.job.num)
+        code, error = 1, err
     else:
         if metrics.get("gate", {}).get("passed") is False:
             log.error("the release gate failed: %s", "; ".join(metrics["gate"]["failed"]))
             code = 3
-    if code and sweeping:
-        log.error("job %s (%s) failed with exit code %d; the sweep goes on", hc.job.num, hc.job.override_dirname, code)
+    if error is not None and code != 1:
+        log.error("%s", error)
+    if sweeping:
+        from core.files import write_json
+        from distill.sweep import refresh_summary
+
+        if error is not None:  # the sweep summary marks the job failed, with why
+            write_json(failed, {"exit_code": code, "error": f"{type(error).__name__}: {error}"[:2000]})
+        if code:
+            log.error(
+                "job %s (%s) failed with exit code %d; the sweep goes on", hc.job.num, hc.job.override_dirname, code
+            )
+        refresh_summary(hc.sweep.dir)  # every job refreshes it: a sweep whose launcher dies still has one
     elif code:
         sys.exit(code)
 

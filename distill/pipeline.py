@@ -144,6 +144,7 @@ def report(r: Run, metrics: dict, info: dict) -> None:
             "stages": stages.record,
             "versions": stages.versions,
             "processes": r.acc.num_processes,
+            "threads": _threads(),  # per process: a parallel launcher (joblib) splits the cores between jobs
             "started": r.started,
             "finished": time.time(),
         },
@@ -188,6 +189,12 @@ def check_space(rc: RunConfig, run_dir: Path, t_cfg: dict | None, plan=None) -> 
     if rc.export.enabled:
         copies += 1 + 0.5 * rc.export.fp16 + 0.3 * len(rc.quantize.variants)
     check_free_space(run_dir, int(n * 4 * copies * 1.2) + (64 << 20), "hydra.run.dir")
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _yaml(d: dict) -> str:

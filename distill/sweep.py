@@ -8,20 +8,38 @@ Written automatically when ``python -m distill -m ...`` ends (``SweepSummary``, 
 Every ONNX variant of every job is a point; its gate verdict is the job's own thresholds applied to that
 variant (the gate of a job judges only ``gate.variants``; here every variant is judged so that the plot
 shows which quantization schemes would pass).
+
+Whatever the launcher (basic, ``joblib``, ``submitit_local`` / ``submitit_slurm``), every job refreshes the
+summary when it ends (under a file lock), so a sweep whose launcher died, or a job killed by the scheduler,
+still leaves a summary of everything that finished; a job that failed is marked with its error
+(``failed.json`` in its folder), one killed or still running as ``unfinished``. Running the same sweep
+again reruns only what is not finished (each job's finished stages are skipped).
+
+Nightly: ``python -m distill.sweep multirun/nightly/2026-12-04 --last-good`` also compares the sweep with
+the last good sweep beside it (or ``--baseline DIR``) per job and variant (exact match, retention, held-out
+exact match and retention, size, latency, gate), adds the comparison to ``summary.md`` (and
+``nightly.png``), records the verdict in ``nightly.json`` and exits 1 on a regression beyond tolerance or
+a job that did not finish, 0 otherwise, 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from core.files import write_json, write_text
+
 log = logging.getLogger("distill")
+FAILED = "failed.json"  # in a sweep job's folder: the job ended with an error (exit code, message)
+NIGHTLY = "nightly.json"  # in a sweep folder: the nightly verdict against its baseline
 COLUMNS = (
     "job",
     "variant",
@@ -50,7 +68,8 @@ def _overrides(job: Path) -> str:
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
-    """One row per (job, ONNX variant); a job without metrics.json is one row with ``gate: "job failed"``."""
+    """One row per (job, ONNX variant); a job that failed (``failed.json``) is one row with ``gate: "job
+    failed"`` and its error, one without metrics.json (killed, or still running) one with ``unfinished``."""
     from export.gate import evaluate_gate, thresholds_of
 
     sweep_dir = Path(sweep_dir)
@@ -58,9 +77,11 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     # job folders are named by their overrides; a path-valued override nests them, hence rglob
     for job in sorted(p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()):
         label = _overrides(job)
-        mf = job / "metrics.json"
-        if not mf.is_file():
-            rows.append({"job": label, "variant": "-", "gate": "job failed", "folder": str(job)})
+        mf, failed = job / "metrics.json", job / FAILED
+        if failed.is_file() or not mf.is_file():
+            why = json.loads(failed.read_text()).get("error", "") if failed.is_file() else ""
+            status = "job failed" if failed.is_file() else "unfinished"
+            rows.append({"job": label, "variant": "-", "gate": status, "error": why, "folder": str(job)})
             continue
         m = json.loads(mf.read_text())
         cfg = _config(job)
@@ -116,20 +137,42 @@ def _mark_pareto(rows: list[dict]) -> None:
         r["pareto"] = front
 
 
-def write_summary(sweep_dir: str | Path, rows: list[dict] | None = None) -> dict[str, Path]:
+def write_summary(
+    sweep_dir: str | Path, rows: list[dict] | None = None, nightly: dict | None = None
+) -> dict[str, Path]:
+    """summary.json / .csv / .md and pareto.png (each written under a temporary name, then renamed); with
+    ``nightly`` (``compare_sweeps``), its table and plot too."""
     sweep_dir = Path(sweep_dir)
     rows = collect(sweep_dir) if rows is None else rows
     out = {"json": sweep_dir / "summary.json", "csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
-    out["json"].write_text(json.dumps(rows, indent=2, ensure_ascii=False))
-    with out["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*COLUMNS, "shipped", "folder"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_json(out["json"], rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "shipped", "folder"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out["csv"], buf.getvalue())
     plot = plot_pareto(rows, sweep_dir / "pareto.png", sweep_dir.name)
     if plot:
         out["png"] = plot
-    out["md"].write_text(render(rows, sweep_dir.name, plot.name if plot else None))
+    text = render(rows, sweep_dir.name, plot.name if plot else None)
+    if nightly is not None:
+        night = plot_nightly(nightly, sweep_dir / "nightly.png")
+        text += "\n" + render_nightly(nightly, night.name if night else None)
+    write_text(out["md"], text)
     return out
+
+
+def refresh_summary(sweep_dir: str | Path) -> None:
+    """Rewrite the summary from every job folder now; several jobs ending at once take turns (a file lock
+    in the sweep folder). Never fails the job that calls it."""
+    from filelock import FileLock
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        with FileLock(sweep_dir / ".summary.lock", timeout=300):
+            write_summary(sweep_dir)
+    except Exception as err:  # the job's own results are written already; the summary can be made by hand
+        log.warning("sweep summary not refreshed (%s); make it with python -m distill.sweep %s", err, sweep_dir)
 
 
 def _cell(r: dict, k: str) -> str:
@@ -209,6 +252,138 @@ def plot_pareto(rows: list[dict], path: str | Path, title: str) -> Path | None:
     return Path(path)
 
 
+# ---- nightly: tonight's sweep against the last good one ----
+
+# metric -> the distill.compare rule whose direction and tolerance it takes
+NIGHTLY_METRICS = {
+    "exact_match": "exact_match",
+    "retention": "exact_match",
+    "heldout_exact_match": "exact_match",
+    "heldout_retention": "exact_match",
+    "bytes": "bytes",
+    "ms_per_token": "ms_per_token",
+}
+
+
+def _finished(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["job"], r["variant"]): r for r in rows if r["gate"] not in ("job failed", "unfinished")}
+
+
+def compare_sweeps(base_dir: str | Path, rows: list[dict], tolerances: dict[str, float] | None = None) -> dict:
+    """Tonight's ``rows`` against the sweep in ``base_dir``, per (job, variant): every metric of
+    ``NIGHTLY_METRICS`` judged with ``distill.compare``'s rules and tolerances, a gate that passed and now
+    fails, and a job that finished there and did not tonight are regressions."""
+    from distill.compare import RULES, judge
+
+    tol = {k: r[2] for k, r in RULES.items()} | (tolerances or {})
+    base_rows = json.loads((Path(base_dir) / "summary.json").read_text())
+    base, now = _finished(base_rows), _finished(rows)
+    table, regressions = [], []
+    for (job, variant), b in sorted(base.items()):
+        n = now.get((job, variant))
+        if n is None:
+            status = next((r["gate"] for r in rows if r["job"] == job), "missing")
+            regressions.append(f"{job} [{variant}]: finished in the baseline, {status} tonight")
+            table.append({"job": job, "variant": variant, "metric": "-", "a": None, "b": None, "verdict": status})
+            continue
+        for metric, rule in NIGHTLY_METRICS.items():
+            x, y = b.get(metric), n.get(metric)
+            if not isinstance(x, int | float) or not isinstance(y, int | float):
+                continue
+            verdict = judge(rule, x, y, tol[rule])
+            table.append({"job": job, "variant": variant, "metric": metric, "a": x, "b": y, "verdict": verdict})
+            if verdict == "regressed":
+                regressions.append(f"{job} [{variant}] {metric}: {x:.4g} -> {y:.4g}")
+        if b.get("gate") == "pass" and n.get("gate") == "fail":
+            regressions.append(f"{job} [{variant}] gate: pass -> fail")
+            table.append(
+                {"job": job, "variant": variant, "metric": "gate", "a": "pass", "b": "fail", "verdict": "regressed"}
+            )
+    unfinished = sorted({r["job"] for r in rows if r["gate"] in ("job failed", "unfinished")})
+    new = sorted({j for j, _ in now} - {j for j, _ in base})
+    return {"baseline": str(base_dir), "rows": table, "regressions": regressions, "unfinished": unfinished, "new": new}
+
+
+def last_good(sweep_dir: str | Path) -> Path | None:
+    """The most recently checked sweep beside ``sweep_dir`` whose nightly verdict was good."""
+    sweep_dir = Path(sweep_dir).resolve()
+    found = []
+    for d in sweep_dir.parent.iterdir():
+        v = d / NIGHTLY
+        if d.resolve() == sweep_dir or not v.is_file() or not (d / "summary.json").is_file():
+            continue
+        try:
+            verdict = json.loads(v.read_text())
+        except json.JSONDecodeError:
+            continue
+        if verdict.get("good"):
+            found.append((verdict.get("checked_at", 0.0), d))
+    return max(found)[1] if found else None
+
+
+def render_nightly(c: dict, plot: str | None) -> str:
+    lines = [f"## Against the baseline: {c['baseline'] or 'none (first good sweep)'}", ""]
+    if c["regressions"]:
+        lines += [f"**REGRESSED ({len(c['regressions'])})**:", ""] + [f"- {r}" for r in c["regressions"]]
+    else:
+        lines.append("No regression beyond tolerance.")
+    if c["unfinished"]:
+        lines += ["", "Jobs that did not finish tonight: " + ", ".join(c["unfinished"])]
+    if c["new"]:
+        lines += ["", "Jobs new tonight (no baseline): " + ", ".join(c["new"])]
+    if c["rows"]:
+        lines += ["", "| job | variant | metric | baseline | tonight | verdict |", "|---|---|---|---|---|---|"]
+        for r in c["rows"]:
+            a, b = (_cell({r["metric"]: r[k]}, r["metric"]) for k in "ab")
+            lines.append(f"| {r['job']} | {r['variant']} | {r['metric']} | {a} | {b} | {r['verdict']} |")
+    if plot:
+        lines += ["", f"![baseline vs tonight]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_nightly(c: dict, path: str | Path) -> Path | None:
+    """Exact match and size of every artifact, baseline against tonight (the diagonal: unchanged)."""
+    pts = {m: [r for r in c["rows"] if r["metric"] == m] for m in ("exact_match", "bytes")}
+    if not any(pts.values()):
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.4))
+    for ax, (metric, rows) in zip(fig.subplots(1, 2), pts.items(), strict=True):
+        scale = 1e6 if metric == "bytes" else 1.0
+        for r in rows:
+            bad = r["verdict"] == "regressed"
+            ax.scatter(r["a"] / scale, r["b"] / scale, marker="x" if bad else "o", color="C3" if bad else "C0")
+            ax.annotate(f"{r['job'][:24]} {r['variant']}", (r["a"] / scale, r["b"] / scale), fontsize=6)
+        lo = min([min(r["a"], r["b"]) / scale for r in rows], default=0)
+        hi = max([max(r["a"], r["b"]) / scale for r in rows], default=1)
+        ax.plot([lo, hi], [lo, hi], "k--", linewidth=0.8)
+        unit = " (MB)" if metric == "bytes" else ""
+        ax.set_xlabel(f"baseline {metric}{unit}")
+        ax.set_ylabel(f"tonight {metric}{unit}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("tonight against the last good sweep (x: regressed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def nightly(sweep_dir: str | Path, baseline: str | Path | None, tolerances: dict[str, float] | None = None) -> dict:
+    """Summary, comparison with ``baseline`` (None: the first good sweep), verdict in ``nightly.json``."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if baseline is not None:
+        c = compare_sweeps(baseline, rows, tolerances)
+    else:
+        unfinished = sorted({r["job"] for r in rows if r["gate"] in ("job failed", "unfinished")})
+        c = {"baseline": None, "rows": [], "regressions": [], "unfinished": unfinished, "new": []}
+    c["good"] = not c["regressions"] and not c["unfinished"]
+    c["checked_at"] = time.time()
+    write_summary(sweep_dir, rows, c)
+    write_json(sweep_dir / NIGHTLY, c)
+    return c
+
+
 class SweepSummary(Callback):
     """Hydra callback: writes the sweep summary when a multirun ends."""
 
@@ -221,8 +396,22 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.compare import RULES
+
     ap = argparse.ArgumentParser(prog="python -m distill.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="a multirun folder (its job folders hold .hydra/ and metrics.json)")
+    base = ap.add_mutually_exclusive_group()
+    base.add_argument("--baseline", help="nightly check against this sweep folder")
+    base.add_argument(
+        "--last-good", action="store_true", help="nightly check against the last good sweep beside this one"
+    )
+    ap.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="as for python -m distill.compare (exact_match also sets retention's; bytes, ms_per_token relative)",
+    )
     args = ap.parse_args(argv)
     d = Path(args.sweep_dir)
     if not d.is_dir():
@@ -232,9 +421,30 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: {d} holds no job folders (subfolders with .hydra/)", file=sys.stderr)
         return 2
-    out = write_summary(d, rows)
-    print(out["md"].read_text())
-    return 0
+    tolerances = {}
+    for item in args.tolerance:
+        name, _, value = item.partition("=")
+        try:
+            tolerances[name] = float(value)
+        except ValueError:
+            name = ""
+        if name not in RULES:
+            print(
+                f"error: --tolerance {item}: expected METRIC=NUMBER, METRIC one of {', '.join(RULES)}", file=sys.stderr
+            )
+            return 2
+    if not (args.baseline or args.last_good):
+        print(write_summary(d, rows)["md"].read_text())
+        return 0
+    baseline = Path(args.baseline) if args.baseline else last_good(d)
+    if baseline is not None and not (baseline / "summary.json").is_file():
+        print(
+            f"error: --baseline {baseline}: no summary.json (not a sweep folder, or never summarized)", file=sys.stderr
+        )
+        return 2
+    c = nightly(d, baseline, tolerances)
+    print((d / "summary.md").read_text())
+    return 0 if c["good"] else 1
 
 
 if __name__ == "__main__":

@@ -148,31 +148,124 @@ def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(first, env, tmp
     assert not (killed / "checkpoints").exists()  # resume state is removed once the student is final
 
 
-def test_sweep_shares_teacher_signals_and_writes_a_summary(first, env, tmp_path):
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _job_logs(sweep: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(sweep.glob(".submitit/*/*_log.*")))
+
+
+def test_submitit_sweep_survives_a_killed_job_and_the_rerun_finishes_only_it(first, env, tmp_path):
+    """Jobs as separate processes (``submitit_local`` runs the same jobs as ``submitit_slurm``, locally):
+    the teacher's top-k signals are computed once for both; one job is killed with kill -9 in the middle
+    of distillation; the summary still holds both jobs (the killed one as unfinished); the same command
+    again finishes the killed job from its stages and checkpoint, and skips every stage of the other."""
     sweep = tmp_path / "sweep"
-    proc = _run(
-        [
-            "-m",
-            *SMOKE,
-            f"hydra.sweep.dir={sweep}",
-            "distill.signals=topk",
-            "distill.features.weight=0.0",
-            "distill.train.steps=20",
-            "quantize.int4.block_size=16,32",
-        ],
-        env,
-    )
-    assert proc.returncode == 0, proc.log[-4000:]
-    # the teacher was bootstrapped by the first test; its top-k signals are computed once for both jobs
-    assert proc.log.count("stage signals: start") == 1 and proc.log.count("stage signals: skipped") == 1
-    assert "bootstrapping one" not in proc.log
-    assert proc.log.count("teacher test answers: reusing") >= 1
+    args = [
+        "-m",
+        *SMOKE,
+        "hydra/launcher=submitit_local",
+        f"hydra.sweep.dir={sweep}",
+        "distill.signals=topk",
+        "distill.features.weight=0.0",
+        "distill.train.steps=60",
+        "quantize.int4.block_size=16,32",
+    ]
+    cmd = [sys.executable, "-m", "distill", *args]
+    sweeper = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    t0 = time.time()
+    while victim is None and time.time() - t0 < 300 and sweeper.poll() is None:
+        for latest in sweep.glob("*/checkpoints/latest.json"):  # a job's first distillation checkpoint
+            logs = {p: p.read_text(errors="replace") for p in sweep.glob(".submitit/*/*_0_log.out")}
+            owner = [p for p, text in logs.items() if str(latest.parent) in text]
+            if len(owner) == 1:
+                # submitit's local job id is the pid of the job's process; kill it with its children, as
+                # Slurm's scancel or a time limit kills every process of a job
+                victim = int(owner[0].parent.name)
+                for pid in [victim, *_descendants(victim)]:
+                    os.kill(pid, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    out, _ = sweeper.communicate(timeout=600)
+    assert victim is not None, out[-4000:]
     rows = json.loads((sweep / "summary.json").read_text())
-    assert len({r["job"] for r in rows}) == 2 and len(rows) == 6  # 2 jobs x (fp32, int8, int4)
-    assert all(r["gate"] in ("pass", "fail") for r in rows) and any(r["pareto"] for r in rows)
+    assert len({r["job"] for r in rows}) == 2, rows
+    unfinished = [r for r in rows if r["gate"] == "unfinished"]
+    assert len(unfinished) == 1 and len(rows) == 4, rows  # the killed job, and 3 artifacts of the other
+    killed_dir = Path(unfinished[0]["folder"])
+    assert not (killed_dir / "metrics.json").exists() and not (killed_dir / "student" / "stage.json").exists()
+
+    proc = _run(args, env)
+    assert proc.returncode == 0, (proc.log + _job_logs(sweep))[-4000:]
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert len(rows) == 6 and all(r["gate"] in ("pass", "fail") for r in rows) and any(r["pareto"] for r in rows)
     assert (sweep / "pareto.png").is_file() and "| job | variant |" in (sweep / "summary.md").read_text()
     for job in {r["folder"] for r in rows}:
+        st = _statuses(Path(job))
+        if Path(job) == killed_dir:
+            assert st["distill"] == "ran" and st["teacher"] == st["signals"] == "skipped", st
+        else:
+            assert set(st.values()) == {"skipped"}, st  # finished the first time: nothing reruns
         assert json.loads((Path(job) / "student" / "distill_info.json").read_text())["signals"] == "topk"
+    logs = _job_logs(sweep)
+    assert logs.count("distill: resumed from") == 1  # the killed job, from its checkpoint
+    # the teacher was bootstrapped by the first test; its top-k signals were computed once for all jobs
+    assert logs.count("stage signals: start") == 1 and "bootstrapping one" not in logs
+
+
+def test_nightly_check_against_the_last_good_sweep(first, tmp_path, capsys):
+    """``python -m distill.sweep TONIGHT --last-good``: the first night is good; a later night with planted
+    regressions (an artifact's exact match and size, a job that failed) exits 1 naming them, in summary.md
+    and nightly.json, and is not a good baseline for the night after."""
+    from distill.sweep import main
+
+    night = {}
+    for name in ("2026-12-01", "2026-12-02", "2026-12-03"):
+        night[name] = tmp_path / "nightly" / name
+        for job in ("a", "b"):
+            shutil.copytree(first, night[name] / job, ignore=shutil.ignore_patterns("student", "pruned", "onnx"))
+            (night[name] / job / ".hydra").mkdir(exist_ok=True)
+            (night[name] / job / ".hydra" / "overrides.yaml").write_text(f"- +exp=smoke\n- seed_label={job}\n")
+    assert main([str(night["2026-12-01"]), "--last-good"]) == 0
+    assert "none (first good sweep)" in capsys.readouterr().out
+    assert json.loads((night["2026-12-01"] / "nightly.json").read_text())["good"] is True
+
+    worse = night["2026-12-02"]
+    m = json.loads((worse / "a" / "metrics.json").read_text())
+    m["onnx_int8"]["exact_match"] = m["onnx_int8"]["exact_match"] - 0.2  # planted: 0.2 below the tolerance 0.01
+    m["onnx_int4"]["bytes"] = int(m["onnx_int4"]["bytes"] * 1.5)  # planted: 50% larger (tolerance 5%)
+    m["onnx_fp32"]["bytes"] = int(m["onnx_fp32"]["bytes"] * 1.01)  # within tolerance
+    (worse / "a" / "metrics.json").write_text(json.dumps(m))
+    (worse / "b" / "failed.json").write_text(json.dumps({"exit_code": 1, "error": "RuntimeError: planted"}))
+    assert main([str(worse), "--last-good"]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED (" in out and str(night["2026-12-01"]) in out
+    assert "seed_label=a [int8] exact_match" in out and "seed_label=a [int4] bytes" in out
+    assert "[fp32] bytes" not in out.split("REGRESSED")[1].split("|")[0]
+    assert "seed_label=b [int8]: finished in the baseline, job failed tonight" in out
+    verdict = json.loads((worse / "nightly.json").read_text())
+    assert verdict["good"] is False and verdict["unfinished"] == ["seed_label=b"]
+    assert (worse / "nightly.png").is_file() and "REGRESSED" in (worse / "summary.md").read_text()
+
+    # the night after is compared with the last GOOD night (12-01), not with the failed 12-02
+    assert main([str(night["2026-12-03"]), "--last-good"]) == 0
+    assert f"Against the baseline: {night['2026-12-01']}" in capsys.readouterr().out
+    assert main([str(night["2026-12-03"]), "--baseline", str(tmp_path / "nope")]) == 2
+    assert main([str(night["2026-12-03"]), "--tolerance", "exactmatch=0.1", "--last-good"]) == 2
 
 
 def test_compare_flags_regressions(first, tmp_path, capsys):

@@ -159,7 +159,8 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
     t = teacher_answers(r)
     got, answers, missed = {}, {}, {}
     with torch.no_grad():
-        runner = OnnxCausalLM(folder)
+        # the job's share of the cores, as torch has it (a joblib launcher splits them between its jobs)
+        runner = OnnxCausalLM(folder, threads=torch.get_num_threads())
         if rc.export.invariance_examples and rc.eval.batch_size != deploy:
             # scored at the batch that ships, unless shown not to depend on the batch (then at eval.batch_size)
             sample = enc["test"][: rc.export.invariance_examples]
@@ -263,7 +264,9 @@ def cross_runtime(
     from export.runtime import OnnxCausalLM
 
     try:
-        ov = OnnxCausalLM(folder, backend="openvino")
+        import torch
+
+        ov = OnnxCausalLM(folder, backend="openvino", threads=torch.get_num_threads())
     except Exception as err:  # an op OpenVINO's ONNX frontend lacks: report, do not fail the run
         log.warning("openvino could not load %s: %s", folder, err)
         return {"error": str(err).splitlines()[0][:300]}
