@@ -12,6 +12,7 @@ Under ``-m`` (Hydra multirun) a job's failure is logged and the sweep goes on; t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
+    _submitit_ranks()
     out = Path(hc.runtime.output_dir)
     failed = out / FAILED
     failed.unlink(missing_ok=True)
@@ -74,6 +76,23 @@ def main(cfg: DictConfig) -> None:
         refresh_summary(hc.sweep.dir)  # every job refreshes it: a sweep whose launcher dies still has one
     elif code:
         sys.exit(code)
+
+
+def _submitit_ranks() -> None:
+    """A submitit job of several tasks (``hydra.launcher.tasks_per_node=N``): each task is one rank; Slurm's
+    (or the local executor's) variables become RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT,
+    which accelerate reads (each rank on cuda:LOCAL_RANK, so give the job N GPUs per node)."""
+    if "RANK" in os.environ or not any(k.startswith(("SUBMITIT_", "SLURM_JOB_ID")) for k in os.environ):
+        return
+    try:
+        import submitit
+
+        job = submitit.JobEnvironment()
+    except Exception:  # not inside a submitit job
+        return
+    if job.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        log.info("submitit task %d of %d: rank %s", job.global_rank, job.num_tasks, os.environ["RANK"])
 
 
 if __name__ == "__main__":

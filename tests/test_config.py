@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import ROOT
 
@@ -403,3 +405,34 @@ def test_the_prune_plan_is_made_once_per_run(teacher_dir, tmp_path, monkeypatch)
     report = json.loads((tmp_path / "run" / "pruned" / "prune_report.json").read_text())
     expected = student_plan(rc, read_config(teacher_dir)).shape.as_dict()
     assert report["shape"] == expected and m["retention"]["param_ratio"] <= 0.5
+
+
+def test_slurm_launcher_config_makes_a_valid_sbatch_script(tmp_path, monkeypatch):
+    """``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml) composes, and submitit turns it into the
+    sbatch script the cluster would get: partition, time, GPUs and one task per GPU for a multi-GPU job,
+    the requeue signal. (A stub ``srun`` on PATH: submitit only checks that it exists.)"""
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    from distill.config import register_resolvers
+
+    register_resolvers()
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    overrides = ["+exp=smoke", "hydra/launcher=slurm", "hydra.launcher.partition=a100"]
+    overrides += ["hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    p = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    assert p["_target_"].endswith("SlurmLauncher")
+    # what the plugin's launch() does with them
+    ex = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm", slurm_max_num_timeout=p["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    skip = ("submitit_folder", "max_num_timeout", "_target_", "name")
+    ex.update_parameters(**{(k if k in base else f"slurm_{k}"): v for k, v in p.items() if k not in skip})
+    script = ex._executor._make_submission_file_text("python -m distill", "uid")
+    for line in ("--partition=a100", "--time=240", "--gpus-per-node=4", "--ntasks-per-node=4", "--signal=USR2@120"):
+        assert f"#SBATCH {line}" in script, script

@@ -227,6 +227,26 @@ def test_submitit_sweep_survives_a_killed_job_and_the_rerun_finishes_only_it(fir
     assert logs.count("stage signals: start") == 1 and "bootstrapping one" not in logs
 
 
+@pytest.mark.multiproc
+def test_submitit_job_of_two_tasks_trains_as_two_ranks(first, env, tmp_path):
+    """``hydra.launcher.tasks_per_node=2``: one job, two tasks, one process group (gloo here, NCCL on GPUs):
+    the way to give one sweep job several GPUs on Slurm."""
+    sweep = tmp_path / "ranks"
+    args = [
+        "-m",
+        *SMOKE,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = _run([*args, "distill.train.steps=20"], {**env, "ACCELERATE_USE_CPU": "true"})
+    logs = _job_logs(sweep)
+    assert proc.returncode == 0, (proc.log + logs)[-4000:]
+    (job,) = {r["folder"] for r in json.loads((sweep / "summary.json").read_text())}
+    assert json.loads((Path(job) / "manifest.json").read_text())["processes"] == 2
+    assert "submitit task 0 of 2: rank 0" in logs and "submitit task 1 of 2: rank 1" in logs
+
+
 def test_nightly_check_against_the_last_good_sweep(first, tmp_path, capsys):
     """``python -m distill.sweep TONIGHT --last-good``: the first night is good; a later night with planted
     regressions (an artifact's exact match and size, a job that failed) exits 1 naming them, in summary.md
