@@ -13,12 +13,12 @@ No torch at import.
 
 from __future__ import annotations
 
-from families import llama, phi3
+from families import gemma, llama, phi3
 from families.base import Family, head_dim
 
 
 def _families() -> dict[str, Family]:
-    return {f.model_type: f for f in (*llama.FAMILIES, phi3.PHI3)}
+    return {f.model_type: f for f in (*llama.FAMILIES, phi3.PHI3, *gemma.FAMILIES)}
 
 
 class UnsupportedFamily(ValueError):

@@ -25,9 +25,13 @@ class Family:
     attn_out: str = "self_attn.o_proj"
     mlp_out: str = "mlp.down_proj"
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
-    # rms: y = x / rms(x) * w. Pruning H -> H' residual channels rescales w by sqrt(H / H') so a stream
-    # whose dropped channels were zero is normalised exactly as before.
+    # rms: y = x / rms(x) * w; rms1p (Gemma): y = x / rms(x) * (1 + w). Pruning H -> H' residual channels
+    # rescales the gain by sqrt(H / H') so a stream whose dropped channels were zero is normalised exactly
+    # as before.
     norm: str = "rms"
+    # The model multiplies the token embeddings by sqrt(hidden_size) (Gemma): pruning the width changes
+    # that factor, so the kept embedding columns are rescaled to keep the residual stream as it was.
+    embed_scale: bool = False
     # The family's config refuses hidden_size % num_attention_heads != 0 (LlamaConfig does).
     hidden_multiple_of_heads: bool = False
     # Parameters of one layer beyond the canonical weight matrices and the two norms:
@@ -42,10 +46,17 @@ class Family:
     shape_problems: Callable[[dict, dict], list[str]] = lambda cfg, sizes: []
 
     def rescale_norm(self, weight, scale: float):
-        """A norm weight after the residual width shrank by ``1 / scale**2`` (kept channels only)."""
+        """A norm weight whose gain is multiplied by ``scale`` (the residual width shrank by ``1 / scale**2``,
+        kept channels only)."""
         if self.norm == "rms":
             return weight * scale
+        if self.norm == "rms1p":  # gain 1 + w: (1 + w') = (1 + w) * scale, computed in float64 then cast back
+            return ((1.0 + weight.double()) * scale - 1.0).to(weight.dtype)
         raise NotImplementedError(f"{self.label}: no residual-width rescale for norm kind {self.norm!r}")
+
+    def norm_gain(self, weight):
+        """The per-channel factor a norm weight applies (``w``, or ``1 + w`` for Gemma's norms)."""
+        return 1.0 + weight if self.norm == "rms1p" else weight
 
 
 def head_dim(cfg) -> int:

@@ -106,7 +106,8 @@ def magnitude_importance(model) -> Importance:
     """Weight-magnitude importance, no data: L2 norms of the weights each unit reads and writes
     (read from the canonical state dict, so fused families score like the others)."""
     cfg = model.config.to_dict()
-    sd = families.family(cfg).to_canonical({k: v.detach() for k, v in model.state_dict().items()}, cfg)
+    fam = families.family(cfg)
+    sd = fam.to_canonical({k: v.detach() for k, v in model.state_dict().items()}, cfg)
     H, nh, hd = cfg["hidden_size"], cfg["num_attention_heads"], head_dim(cfg)
     mlp, heads, layer_score = [], [], []
     hidden = sd["model.embed_tokens.weight"].norm(dim=0).double()
@@ -119,9 +120,7 @@ def magnitude_importance(model) -> Importance:
         layer_score.append(float(o.norm() + down.norm()))
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        hidden += (
-            sd[p + "input_layernorm.weight"].abs().double() + sd[p + "post_attention_layernorm.weight"].abs().double()
-        )
+        hidden += sum(fam.norm_gain(sd[p + name + ".weight"].double()).abs() for name in fam.norms)
     return Importance(
         torch.stack(mlp), torch.stack(heads), hidden, torch.tensor(layer_score, dtype=torch.float64), "magnitude"
     )

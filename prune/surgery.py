@@ -79,9 +79,19 @@ def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict
     def cols(w):  # reads the residual stream
         return w.index_select(1, h_idx)
 
-    out["model.embed_tokens.weight"] = cols(sd["model.embed_tokens.weight"])
-    out["model.norm.weight"] = fam.rescale_norm(sd["model.norm.weight"].index_select(0, h_idx), norm_scale)
-    if "lm_head.weight" in sd and not cfg.get("tie_word_embeddings", False):
+    tied = cfg.get("tie_word_embeddings", False)
+    emb = cols(sd["model.embed_tokens.weight"])
+    final_scale = norm_scale
+    if fam.embed_scale:
+        # the model multiplies embeddings by sqrt(hidden_size): sqrt(H') now, so the kept columns grow by
+        # sqrt(H / H') to give the residual stream it had. A tied head reads that grown matrix too: the final
+        # norm's gain, which would grow by the same sqrt(H / H'), stays as it was instead.
+        emb = (emb.double() * norm_scale).to(emb.dtype)
+        if tied:
+            final_scale = 1.0
+    out["model.embed_tokens.weight"] = emb
+    out["model.norm.weight"] = fam.rescale_norm(sd["model.norm.weight"].index_select(0, h_idx), final_scale)
+    if "lm_head.weight" in sd and not tied:
         out["lm_head.weight"] = cols(sd["lm_head.weight"])
     for new, old in enumerate(keep.layers):
         p, q = f"model.layers.{old}.", f"model.layers.{new}."
@@ -98,7 +108,7 @@ def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict
                 out[q + a + name + ".bias"] = _rows(sd[p + a + name + ".bias"], heads, hd)
         if p + a + "o_proj.bias" in sd:
             out[q + a + "o_proj.bias"] = sd[p + a + "o_proj.bias"].index_select(0, h_idx)
-        for name in ("q_norm.weight", "k_norm.weight"):  # Qwen3: per-head norms over head_dim, unchanged
+        for name in ("q_norm.weight", "k_norm.weight"):  # Qwen3, Gemma 3: per-head norms over head_dim, unchanged
             if p + a + name in sd:
                 out[q + a + name] = sd[p + a + name].clone()
         mp = "mlp."
@@ -108,8 +118,8 @@ def prune_state_dict(sd: dict[str, torch.Tensor], cfg: dict, keep: Keep) -> dict
         for name, idx in (("gate_proj.bias", m_idx), ("up_proj.bias", m_idx), ("down_proj.bias", h_idx)):
             if p + mp + name in sd:
                 out[q + mp + name] = sd[p + mp + name].index_select(0, idx)
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            out[q + name] = fam.rescale_norm(sd[p + name].index_select(0, h_idx), norm_scale)
+        for name in fam.norms:  # every norm over the residual width (Gemma: four)
+            out[q + name + ".weight"] = fam.rescale_norm(sd[p + name + ".weight"].index_select(0, h_idx), norm_scale)
     return {k: v.contiguous() for k, v in fam.from_canonical(out, cfg).items()}
 
 

@@ -20,6 +20,8 @@ FAMILIES = [  # (model_type, tie_word_embeddings, query heads, KV heads): GQA ra
     ("qwen3", False, 8, 2),
     ("mistral", True, 8, 2),
     ("phi3", False, 4, 2),  # fused qkv_proj and gate_up_proj
+    ("gemma3_text", True, 4, 2),  # (1 + w) norms, four per layer, embeddings x sqrt(hidden), q/k norms
+    ("gemma2", False, 4, 4),  # the same norms and embedding scale, untied here; soft-capped logits
 ]
 
 
