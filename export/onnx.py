@@ -88,7 +88,10 @@ def _wrapper(model):
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=self.model.config)
+            # full-length layers for every layer, sliding-window ones included: the graph takes and returns
+            # the whole past, and the model's mask applies the window (a sliding cache layer would crop it
+            # with shape logic the trace freezes)
+            cache = DynamicCache()
             for i in range(n):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(

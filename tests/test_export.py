@@ -26,7 +26,10 @@ FAMILIES = [  # (model_type, tied embeddings, query heads, kv heads): GQA ratios
     ("qwen3", True, 4, 1),
     ("mistral", False, 4, 2),
     ("phi3", False, 4, 2),  # fused qkv_proj / gate_up_proj
+    ("gemma3_text", True, 4, 1),  # sliding-window and global layers, two rotary bases, (1 + w) norms, q/k norms
+    ("gemma2", False, 4, 2),  # sliding-window layers, soft-capped attention and logits
 ]
+GEMMA = ("gemma3_text", "gemma2")
 
 
 def _prompts(tokenizer, car_settings, n=6):
@@ -40,8 +43,11 @@ def _prompts(tokenizer, car_settings, n=6):
 def _model(tokenizer, family, seed=0):
     mt, tie, nh, kv = family
     cfg = tiny_config(tokenizer, model_type=mt, heads=nh, kv=kv, tie=tie)
-    if mt in ("qwen3", "phi3"):
+    if mt in ("qwen3", "phi3", *GEMMA):
         cfg.head_dim = 16
+    if mt in GEMMA:  # a window shorter than the test sequences, so the sliding layers really slide
+        cfg.sliding_window = 8
+        cfg.layer_types = ["sliding_attention", "full_attention"]
     model = build_from_config(cfg, seed).eval()
     with torch.no_grad():  # sharper logits than the default init: greedy paths are not near-ties
         model.lm_head.weight.mul_(4.0)
@@ -61,7 +67,7 @@ def qwen_onnx(tmp_path_factory, tokenizer):
 CASES = (
     [(f, "dynamo") for f in FAMILIES]
     + [(FAMILIES[0], "torchscript"), (FAMILIES[1], "torchscript")]
-    + [(f, "fused") for f in FAMILIES if f[0] != "phi3"]
+    + [(f, "fused") for f in FAMILIES if f[0] != "phi3" and f[0] not in GEMMA]
 )
 
 
@@ -81,7 +87,12 @@ def test_fp32_onnx_reproduces_pytorch(tmp_path, tokenizer, car_settings, family,
     # the LM head is a plain weight matmul (tied heads included), so quantizers can reach it
     graph = onnx.load(str(folder / ONNX_FILE))
     inits = {i.name for i in graph.graph.initializer}
-    (head,) = [n for n in graph.graph.node if "logits" in n.output]
+    made_by = {o: n for n in graph.graph.node for o in n.output}
+    head = made_by["logits"]
+    for _ in range(4):  # Gemma 2 soft-caps the logits after the head: cap * tanh(x / cap)
+        if head.op_type == "MatMul":
+            break
+        head = made_by[head.input[0]]
     assert head.op_type == "MatMul" and head.input[1] in inits
     assert not any(n.metadata_props for n in graph.graph.node)  # no exporter debug records shipped
     rt = OnnxCausalLM(folder)
@@ -670,3 +681,20 @@ def test_auto_falls_back_to_dynamo_when_the_fused_graph_fails_its_check(tmp_path
     with pytest.raises(ExportError):
         export_onnx(hf, tmp_path / "fused", exporter="fused")
     assert not (tmp_path / "fused").exists()  # nothing half-written left behind
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2"])
+def test_auto_picks_dynamo_for_gemma_and_fused_refuses_it(model_type, caplog):
+    """The fused graph covers Llama-style attention only; for Gemma ``auto`` chooses the traced graph from
+    the config (before any weights load) and an explicit ``fused`` says what to set instead."""
+    from transformers import AutoConfig
+
+    from export.fused import UnsupportedForFused
+    from export.onnx import resolve_exporter
+
+    cfg = AutoConfig.for_model(model_type, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+    with caplog.at_level("INFO"):
+        assert resolve_exporter("auto", cfg) == "dynamo"
+    assert f"not '{model_type}'" in caplog.text
+    with pytest.raises(UnsupportedForFused, match="set export.exporter=dynamo"):
+        resolve_exporter("fused", cfg)
