@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from prune.plan import Plan, PlanError, Shape, count_params, plan_budget, plan_explicit
+from prune.plan import Plan, PlanError, Shape, count_params, embedding_share, plan_budget, plan_explicit
 
 __all__ = [
     "Plan",
@@ -76,6 +76,7 @@ def prune_model(model, calib_batches=None, *, method: str = "activation", plan: 
         "fraction": plan.fraction,
         "reasons": plan.reasons,
         "kept_layers": keep.layers,
+        "embedding": embedding_share(model.config.to_dict(), plan.shape),
     }
     return pruned, report
 

@@ -49,6 +49,27 @@ class Plan:
         return self.params / self.teacher_params
 
 
+def embedding_share(cfg: dict, shape: Shape | None = None) -> dict:
+    """Parameters in the embedding and LM head (counted once when tied) and their share of the model with
+    ``shape`` (default: the teacher's). For small models with large vocabularies (Gemma 3 270M: 262k rows)
+    this is most of the model, and width pruning barely moves it."""
+    h = (shape or teacher_shape(cfg)).hidden_size
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    n = cfg["vocab_size"] * h * (1 if tied else 2)
+    return {"params": n, "share": n / count_params(cfg, shape), "vocab_size": cfg["vocab_size"], "tied": tied}
+
+
+def _embedding_reason(cfg: dict, shape: Shape) -> str:
+    t, s = embedding_share(cfg), embedding_share(cfg, shape)
+    text = (
+        f"embedding{' (tied with the LM head)' if s['tied'] else ' and LM head'}: {s['vocab_size']:,} rows, "
+        f"{s['params']:,} parameters = {s['share']:.1%} of this shape (the teacher's: {t['share']:.1%})"
+    )
+    if s["share"] >= 0.5:
+        text += "; most of the model is vocabulary, which width, heads and depth do not shrink"
+    return text
+
+
 def teacher_shape(cfg: dict) -> Shape:
     return Shape(
         **{k: cfg[k] if k != "num_key_value_heads" else cfg.get(k) or cfg["num_attention_heads"] for k in SIZE_KEYS}
@@ -115,7 +136,7 @@ def plan_explicit(cfg: dict, sizes: dict, align: int = 8) -> Plan:
     problems = check_shape(cfg, s, align)
     if problems:
         raise PlanError(problems)
-    return Plan(s, count_params(cfg, s), count_params(cfg), ["explicit sizes"])
+    return Plan(s, count_params(cfg, s), count_params(cfg), ["explicit sizes", _embedding_reason(cfg, s)])
 
 
 def _heads_for(t: Shape, scale: float) -> tuple[int, int]:
@@ -229,4 +250,5 @@ def plan_budget(
     )
     if not math.isclose(best.fraction, budget / teacher_params, rel_tol=0.05):
         best.reasons.append("alignment and whole heads keep the shape below the budget")
+    best.reasons.append(_embedding_reason(cfg, best.shape))
     return best

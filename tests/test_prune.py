@@ -247,3 +247,28 @@ def test_longrope_phi3_shapes_that_would_not_reload_are_refused_in_the_plan():
     assert plan.shape.hidden_size // plan.shape.num_attention_heads == 16
     cfg["rope_parameters"] = {"rope_type": "default"}
     assert make_plan(cfg, sizes={"hidden_size": 48}, align=8).shape.hidden_size == 48
+
+
+def test_plan_reports_the_embedding_share():
+    """Gemma 3 270M's shape (262,144 tied rows of 640): the vocabulary is most of the model, and a width
+    budget makes that worse; the plan says so with the numbers (from the config alone)."""
+    from prune.plan import embedding_share, plan_budget
+
+    cfg = {
+        "model_type": "gemma3_text",
+        "vocab_size": 262144,
+        "hidden_size": 640,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "tie_word_embeddings": True,
+    }
+    teacher = embedding_share(cfg)
+    assert teacher["params"] == 262144 * 640 and teacher["params"] / count_params(cfg) == teacher["share"]
+    assert 0.6 < teacher["share"] < 0.65  # 167.8M of the 268.1M parameters
+    plan = plan_budget(cfg, fraction=0.5)
+    (line,) = [r for r in plan.reasons if r.startswith("embedding (tied with the LM head)")]
+    student = embedding_share(cfg, plan.shape)
+    assert student["share"] > teacher["share"] and f"{student['share']:.1%}" in line and "most of the model" in line
