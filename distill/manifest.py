@@ -232,7 +232,8 @@ def _stage_error(name: str, folder: Path, err: BaseException) -> RunFolderError 
     if isinstance(err, PermissionError):
         return RunFolderError(
             f"stage {name}: permission denied writing {getattr(err, 'filename', None) or folder}; make the folder "
-            "writable or choose another hydra.run.dir, then run the same command again (finished stages are kept)."
+            "writable or choose another one (hydra.run.dir for the run folder, DISTILL_CACHE or teacher.cache_dir "
+            "for the shared cache), then run the same command again (finished stages are kept)."
         )
     return None
 

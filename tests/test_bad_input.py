@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -292,3 +293,23 @@ def test_disk_full_mid_write_keeps_earlier_results(tmp_path, teacher_dir, cache_
     assert "run the same command again" in msg
     assert file_hashes(run_dir / "student") == student_before
     assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+
+
+def test_unwritable_cache_folder(tmp_path, teacher_dir, monkeypatch, no_weights):
+    """A shared cache the job cannot write (its claim file cannot be created): one clear error naming the
+    stage, the folder and the keys that move the cache, before any weights load."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o500)
+    monkeypatch.setenv("DISTILL_CACHE", str(cache))
+    try:
+        if os.access(cache, os.W_OK):  # root ignores the mode: make the claim itself fail the same way
+            monkeypatch.setattr("core.cache.lock_path", _denied_lock_path)
+        msg = attempt(["+exp=smoke"], tmp_path / "run")
+    finally:
+        cache.chmod(0o700)
+    assert "stage teacher: permission denied writing" in msg and "DISTILL_CACHE or teacher.cache_dir" in msg, msg
+
+
+def _denied_lock_path(folder):
+    raise PermissionError(errno.EACCES, "Permission denied", str(folder.parent))

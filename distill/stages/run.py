@@ -159,7 +159,7 @@ class Run:
 
         for _ in range(3):
             try:
-                with self._claim(name, folder):
+                with guard(name, folder), self._claim(name, folder):  # an unwritable cache: one clear error
                     return self._stage(name, folder, config, inputs, work, on)
             except ClaimLost as err:
                 log.warning("stage %s: %s", name, err)
