@@ -39,7 +39,7 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
-    _submitit_ranks()
+    _submitit_job(hc)
     out = Path(hc.runtime.output_dir)
     failed = out / FAILED
     failed.unlink(missing_ok=True)
@@ -78,11 +78,15 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def _submitit_ranks() -> None:
-    """A submitit job of several tasks (``hydra.launcher.tasks_per_node=N``): each task is one rank; Slurm's
-    (or the local executor's) variables become RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT,
-    which accelerate reads (each rank on cuda:LOCAL_RANK, so give the job N GPUs per node)."""
-    if "RANK" in os.environ or not any(k.startswith(("SUBMITIT_", "SLURM_JOB_ID")) for k in os.environ):
+def _submitit_job(hc) -> None:
+    """Inside a submitit job (``hydra/launcher=slurm | submitit_slurm | submitit_local``):
+
+    - ``hydra.launcher.cpus_per_task`` sets torch's threads (and so ONNX Runtime's in the pipeline): the
+      job uses what it was given, not every core of the node (``submitit_local`` runs every job at once).
+    - With several tasks (``hydra.launcher.tasks_per_node=N``) each task is one rank: Slurm's (or the local
+      executor's) variables become RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, which
+      accelerate reads (each rank on cuda:LOCAL_RANK, so give the job N GPUs per node)."""
+    if not any(k.startswith(("SUBMITIT_", "SLURM_JOB_ID")) for k in os.environ):
         return
     try:
         import submitit
@@ -90,7 +94,13 @@ def _submitit_ranks() -> None:
         job = submitit.JobEnvironment()
     except Exception:  # not inside a submitit job
         return
-    if job.num_tasks > 1:
+    cpus = hc.launcher.get("cpus_per_task") if hc.launcher is not None else None
+    if cpus:
+        import torch
+
+        torch.set_num_threads(int(cpus))
+        log.info("submitit job: %d threads (hydra.launcher.cpus_per_task)", int(cpus))
+    if job.num_tasks > 1 and "RANK" not in os.environ:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         log.info("submitit task %d of %d: rank %s", job.global_rank, job.num_tasks, os.environ["RANK"])
 

@@ -230,20 +230,22 @@ def test_submitit_sweep_survives_a_killed_job_and_the_rerun_finishes_only_it(fir
 @pytest.mark.multiproc
 def test_submitit_job_of_two_tasks_trains_as_two_ranks(first, env, tmp_path):
     """``hydra.launcher.tasks_per_node=2``: one job, two tasks, one process group (gloo here, NCCL on GPUs):
-    the way to give one sweep job several GPUs on Slurm."""
+    the way to give one sweep job several GPUs on Slurm; ``cpus_per_task`` sets each task's threads."""
     sweep = tmp_path / "ranks"
     args = [
         "-m",
         *SMOKE,
         "hydra/launcher=submitit_local",
         "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=2",  # the environment says 1 thread (OMP_NUM_THREADS): the launcher's wins
         f"hydra.sweep.dir={sweep}",
     ]
     proc = _run([*args, "distill.train.steps=20"], {**env, "ACCELERATE_USE_CPU": "true"})
     logs = _job_logs(sweep)
     assert proc.returncode == 0, (proc.log + logs)[-4000:]
     (job,) = {r["folder"] for r in json.loads((sweep / "summary.json").read_text())}
-    assert json.loads((Path(job) / "manifest.json").read_text())["processes"] == 2
+    manifest = json.loads((Path(job) / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["threads"] == 2 and env.get("OMP_NUM_THREADS", "1") == "1"
     assert "submitit task 0 of 2: rank 0" in logs and "submitit task 1 of 2: rank 1" in logs
 
 
