@@ -74,18 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", help="JSONL calibration data: your task's examples (default: the built-in demo data)")
     src.add_argument("--run", help="a pipeline run folder: calibrate on the training data its config.yaml names")
+    ap.add_argument(
+        "--tools-file",
+        help="with --data: the tools of every line (a JSON list of function schemas), as data.tools_file",
+    )
     ap.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin (pickle) weights")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from core.jsonl import DataError, read_jsonl
+    from core.jsonl import DataError, read_jsonl, read_tools
     from prune import PlanError, prune_folder
 
     sizes = {k: getattr(a, k) for k in SIZE_KEYS if getattr(a, k) is not None}
+    if a.tools_file and not a.data:
+        print("error: --tools-file goes with --data (a run's own tools_file is read with --run)", file=sys.stderr)
+        return 2
     try:
         records = None
         if a.method == "activation":
             if a.data:
-                records = read_jsonl(a.data, key="--data")
+                tools = read_tools(a.tools_file, "--tools-file") if a.tools_file else None
+                records = read_jsonl(a.data, key="--data", tools=tools)
             elif a.run:
                 records = run_records(a.run)
                 log.info("calibrating on the training data of the run in %s (%d examples)", a.run, len(records))

@@ -322,6 +322,42 @@ def test_prune_cli_calibrates_on_the_data_of_a_pipeline_run(tmp_path, monkeypatc
     assert cli.main(["src", "out", "--fraction", "0.5", "--run", str(tmp_path)]) == 2  # no config.yaml there
 
 
+def test_prune_cli_reads_function_calling_data_with_a_tools_file(tmp_path, monkeypatch, capsys):
+    """``python -m prune --data calls.jsonl --tools-file tools.json``: lines without their own ``tools`` get
+    the file's, and a call to a function the tools lack is one clear error naming the line."""
+    import prune
+    import prune.__main__ as cli
+
+    tools = [{"name": "open_window", "parameters": {"type": "object", "properties": {"side": {"type": "string"}}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    call = {"type": "function", "function": {"name": "open_window", "arguments": {"side": "left"}}}
+    line = {
+        "messages": [{"role": "user", "content": "open the left window"}, {"role": "assistant", "tool_calls": [call]}]
+    }
+    data = tmp_path / "calls.jsonl"
+    data.write_text(json.dumps(line) + "\n")
+    got = {}
+    monkeypatch.setattr(
+        prune,
+        "prune_folder",
+        lambda *a, **k: (
+            got.update(records=k["records"]) or {"shape": 0, "params": 0, "teacher_params": 0, "fraction": 0}
+        ),
+    )
+    args = ["src", str(tmp_path / "out"), "--fraction", "0.5", "--data", str(data)]
+    assert cli.main([*args, "--tools-file", str(tmp_path / "tools.json")]) == 0
+    (rec,) = got["records"]
+    assert rec["tools"][0]["function"]["name"] == "open_window"
+    assert rec["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"side": "left"}
+    capsys.readouterr()
+    other = [{"name": "close_window", "parameters": {"type": "object", "properties": {}}}]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert cli.main([*args, "--tools-file", str(tmp_path / "other.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:1" in err and "'open_window', which is not in the tools" in err
+    assert cli.main(["src", "out", "--fraction", "0.5", "--tools-file", str(tmp_path / "tools.json")]) == 2
+
+
 @pytest.mark.slow
 def test_embeddings_that_differ_only_by_padding_rows_distill_and_export(tokenizer, tmp_path, monkeypatch):
     """Qwen2.5's case (151,936 embedding rows in one model, 152,064 in another, one tokenizer): a teacher
