@@ -201,7 +201,15 @@ class Run:
                 finally:
                     flag.unlink(missing_ok=True)
         else:
-            while not flag.is_file() and not (Path(folder) / MANIFEST).is_file():
+            while not self._fresh(flag) and not (Path(folder) / MANIFEST).is_file():
                 time.sleep(1.0)
             self.acc.wait_for_everyone()
             yield
+
+    def _fresh(self, flag: Path) -> bool:
+        """Whether the main process's claim marker is this run's: one left by a run killed earlier (the
+        marker is removed when the stage ends) is older than this run."""
+        try:
+            return flag.stat().st_mtime >= self.started - 60
+        except FileNotFoundError:
+            return False
