@@ -51,10 +51,7 @@ def building(dest: str | Path):
 
 def write_json(path: str | Path, obj) -> None:
     """Write JSON under a temporary name, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float))
-    tmp.replace(path)
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=float))
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -165,6 +165,20 @@ def render(c: dict) -> str:
     return "\n".join(out)
 
 
+def parse_tolerances(items: list[str]) -> dict[str, float]:
+    """``--tolerance METRIC=VALUE`` items (this command's and ``distill.sweep``'s); ValueError names a bad one."""
+    tolerances = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in RULES:
+            raise ValueError(f"--tolerance {item}: unknown metric {name!r}; known: {', '.join(RULES)}")
+        try:
+            tolerances[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--tolerance {item}: {value!r} is not a number") from None
+    return tolerances
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m distill.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_a", help="the reference run folder (e.g. last night's)")
@@ -179,17 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print the comparison as JSON")
     args = ap.parse_args(argv)
-    tolerances = {}
-    for item in args.tolerance:
-        name, _, value = item.partition("=")
-        if name not in RULES:
-            print(f"error: --tolerance {item}: unknown metric {name!r}; known: {', '.join(RULES)}", file=sys.stderr)
-            return 2
-        try:
-            tolerances[name] = float(value)
-        except ValueError:
-            print(f"error: --tolerance {item}: {value!r} is not a number", file=sys.stderr)
-            return 2
+    try:
+        tolerances = parse_tolerances(args.tolerance)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         a, b = load_run(args.run_a), load_run(args.run_b)
     except RunError as err:

@@ -40,6 +40,7 @@ from core.files import write_json, write_text
 log = logging.getLogger("distill")
 FAILED = "failed.json"  # in a sweep job's folder: the job ended with an error (exit code, message)
 NIGHTLY = "nightly.json"  # in a sweep folder: the nightly verdict against its baseline
+NOT_FINISHED = ("job failed", "unfinished")  # the ``gate`` of a job's one row when it has no metrics to show
 COLUMNS = (
     "job",
     "variant",
@@ -80,7 +81,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         mf, failed = job / "metrics.json", job / FAILED
         if failed.is_file() or not mf.is_file():
             why = json.loads(failed.read_text()).get("error", "") if failed.is_file() else ""
-            status = "job failed" if failed.is_file() else "unfinished"
+            status = NOT_FINISHED[0] if failed.is_file() else NOT_FINISHED[1]
             rows.append({"job": label, "variant": "-", "gate": status, "error": why, "folder": str(job)})
             continue
         m = json.loads(mf.read_text())
@@ -266,13 +267,14 @@ NIGHTLY_METRICS = {
 
 
 def _finished(rows: list[dict]) -> dict[tuple[str, str], dict]:
-    return {(r["job"], r["variant"]): r for r in rows if r["gate"] not in ("job failed", "unfinished")}
+    return {(r["job"], r["variant"]): r for r in rows if r["gate"] not in NOT_FINISHED}
 
 
 def compare_sweeps(base_dir: str | Path, rows: list[dict], tolerances: dict[str, float] | None = None) -> dict:
     """Tonight's ``rows`` against the sweep in ``base_dir``, per (job, variant): every metric of
     ``NIGHTLY_METRICS`` judged with ``distill.compare``'s rules and tolerances, a gate that passed and now
-    fails, and a job that finished there and did not tonight are regressions."""
+    fails, and a job that finished there and did not tonight are regressions (``nightly`` adds which jobs
+    did not finish)."""
     from distill.compare import RULES, judge
 
     tol = {k: r[2] for k, r in RULES.items()} | (tolerances or {})
@@ -299,9 +301,8 @@ def compare_sweeps(base_dir: str | Path, rows: list[dict], tolerances: dict[str,
             table.append(
                 {"job": job, "variant": variant, "metric": "gate", "a": "pass", "b": "fail", "verdict": "regressed"}
             )
-    unfinished = sorted({r["job"] for r in rows if r["gate"] in ("job failed", "unfinished")})
     new = sorted({j for j, _ in now} - {j for j, _ in base})
-    return {"baseline": str(base_dir), "rows": table, "regressions": regressions, "unfinished": unfinished, "new": new}
+    return {"baseline": str(base_dir), "rows": table, "regressions": regressions, "new": new}
 
 
 def last_good(sweep_dir: str | Path) -> Path | None:
@@ -368,15 +369,21 @@ def plot_nightly(c: dict, path: str | Path) -> Path | None:
     return Path(path)
 
 
-def nightly(sweep_dir: str | Path, baseline: str | Path | None, tolerances: dict[str, float] | None = None) -> dict:
-    """Summary, comparison with ``baseline`` (None: the first good sweep), verdict in ``nightly.json``."""
+def nightly(
+    sweep_dir: str | Path,
+    baseline: str | Path | None,
+    tolerances: dict[str, float] | None = None,
+    rows: list[dict] | None = None,
+) -> dict:
+    """Summary, comparison with ``baseline`` (None: the first good sweep), verdict in ``nightly.json``.
+    ``rows``: ``collect(sweep_dir)`` when the caller has it already."""
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     if baseline is not None:
         c = compare_sweeps(baseline, rows, tolerances)
     else:
-        unfinished = sorted({r["job"] for r in rows if r["gate"] in ("job failed", "unfinished")})
-        c = {"baseline": None, "rows": [], "regressions": [], "unfinished": unfinished, "new": []}
+        c = {"baseline": None, "rows": [], "regressions": [], "new": []}
+    c["unfinished"] = sorted({r["job"] for r in rows if r["gate"] in NOT_FINISHED})
     c["good"] = not c["regressions"] and not c["unfinished"]
     c["checked_at"] = time.time()
     write_summary(sweep_dir, rows, c)
@@ -396,7 +403,7 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.compare import RULES
+    from distill.compare import parse_tolerances
 
     ap = argparse.ArgumentParser(prog="python -m distill.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="a multirun folder (its job folders hold .hydra/ and metrics.json)")
@@ -421,18 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print(f"error: {d} holds no job folders (subfolders with .hydra/)", file=sys.stderr)
         return 2
-    tolerances = {}
-    for item in args.tolerance:
-        name, _, value = item.partition("=")
-        try:
-            tolerances[name] = float(value)
-        except ValueError:
-            name = ""
-        if name not in RULES:
-            print(
-                f"error: --tolerance {item}: expected METRIC=NUMBER, METRIC one of {', '.join(RULES)}", file=sys.stderr
-            )
-            return 2
+    try:
+        tolerances = parse_tolerances(args.tolerance)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not (args.baseline or args.last_good):
         print(write_summary(d, rows)["md"].read_text())
         return 0
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: --baseline {baseline}: no summary.json (not a sweep folder, or never summarized)", file=sys.stderr
         )
         return 2
-    c = nightly(d, baseline, tolerances)
+    c = nightly(d, baseline, tolerances, rows)
     print((d / "summary.md").read_text())
     return 0 if c["good"] else 1
 

@@ -109,15 +109,16 @@ def test_a_stalled_holder_is_taken_over_after_the_lease_and_cannot_publish(tmp_p
     assert (entry / "done.json").read_text() == winner  # the finished entry was not replaced
 
 
-def test_lease_setting_is_checked():
-    from core.cache import lease_seconds
+def test_lease_setting_is_checked(monkeypatch):
+    from core.cache import DEFAULT_LEASE_S, lease_seconds
 
-    os.environ["DISTILL_CACHE_LEASE"] = "soon"
-    try:
-        with pytest.raises(ValueError, match="DISTILL_CACHE_LEASE='soon'"):
-            lease_seconds()
-    finally:
-        del os.environ["DISTILL_CACHE_LEASE"]
+    monkeypatch.delenv("DISTILL_CACHE_LEASE", raising=False)
+    assert lease_seconds() == DEFAULT_LEASE_S
+    monkeypatch.setenv("DISTILL_CACHE_LEASE", "2.5")
+    assert lease_seconds() == 2.5
+    monkeypatch.setenv("DISTILL_CACHE_LEASE", "soon")
+    with pytest.raises(ValueError, match="DISTILL_CACHE_LEASE='soon'"):
+        lease_seconds()
 
 
 @pytest.mark.slow

@@ -607,40 +607,37 @@ def test_prune_cli_refuses_impossible_targets(smoke_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _family_pipeline(tokenizer, tmp_path, monkeypatch, cfg, overrides: list[str]) -> tuple[dict, dict]:
+    """A teacher of ``cfg``'s family pruned to half its parameters, distilled, exported and quantized through
+    ``run``; checks what every family must give (the pruned config in the family's own type, the ONNX fp32
+    student reproducing the PyTorch one) and returns the metrics and the pruned config."""
+    from distill.config import compose
+    from distill.pipeline import run
+    from families.hf import build_from_config, read_config, save_model_atomically
+
+    teacher = save_model_atomically(build_from_config(cfg, seed=0), tokenizer, tmp_path / cfg.model_type)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    base = ["+exp=smoke", f"teacher.path={teacher}", "student=pruned", "student.prune.fraction=0.5"]
+    m = run(compose([*base, "eval.num_test=12", "eval.max_new_tokens=12", *overrides]), tmp_path / "run")
+    pruned = read_config(tmp_path / "run" / "pruned")
+    assert pruned["model_type"] == cfg.model_type and pruned["hidden_size"] < cfg.hidden_size
+    assert m["retention"]["param_ratio"] <= 0.5
+    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
+    assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
+    return m, pruned
+
+
 def test_phi3_teacher_is_pruned_distilled_exported_and_gated(tokenizer, tmp_path, monkeypatch):
     """The family added through families/ alone, end to end: a Phi-3 teacher (fused qkv_proj and
     gate_up_proj) pruned to half its parameters, distilled with logit and feature (hidden + attention
     output) losses, exported and quantized; the ONNX student reproduces the PyTorch one."""
     from conftest import tiny_config
 
-    from distill.config import compose
-    from distill.pipeline import run
-    from families.hf import build_from_config, read_config, save_model_atomically
-
     cfg = tiny_config(tokenizer, model_type="phi3", heads=4, kv=2)
     cfg.head_dim, cfg.rms_norm_eps = 16, 1e-6
-    teacher = save_model_atomically(build_from_config(cfg, seed=0), tokenizer, tmp_path / "phi3")
-    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
-    rc = compose(
-        [
-            "+exp=smoke",
-            f"teacher.path={teacher}",
-            "student=pruned",
-            "student.prune.fraction=0.5",
-            "distill.features.attention=true",
-            "eval.num_test=12",
-            "eval.max_new_tokens=12",
-            "export.openvino=false",
-            "quantize.variants=[int8]",
-        ]
-    )
-    m = run(rc, tmp_path / "run")
-    pruned = read_config(tmp_path / "run" / "pruned")
-    assert pruned["model_type"] == "phi3" and pruned["hidden_size"] < cfg.hidden_size
-    assert m["retention"]["param_ratio"] <= 0.5
+    overrides = ["distill.features.attention=true", "export.openvino=false", "quantize.variants=[int8]"]
+    m, _ = _family_pipeline(tokenizer, tmp_path, monkeypatch, cfg, overrides)
     assert m["train"]["final_loss"] is not None and m["train"]["skipped_steps"] == 0
-    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
-    assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
     assert m["onnx_int8"]["bytes"] < m["onnx_fp32"]["bytes"] and "gate" in m
 
 
@@ -650,43 +647,20 @@ def test_gemma3_teacher_is_pruned_distilled_exported_quantized_and_checked_under
 ):
     """Gemma 3 through the family layer end to end: a tiny ``gemma3_text`` teacher with Gemma's shapes
     (tied embedding scaled by sqrt(hidden), (1 + w) norms, q/k norms, a sliding-window layer with a window
-    shorter than the answers and a global one, two rotary bases) pruned in width and depth, distilled,
-    exported (``auto`` -> dynamo: the fused kernels do not cover Gemma), quantized to int8 and int4 with the
-    tied embedding stored once on the LM head's grid, and run under OpenVINO too."""
+    shorter than the answers and a global one, two rotary bases) pruned in width (depth: the planted tests
+    in test_prune.py), distilled, exported (``auto`` -> dynamo: the fused kernels do not cover Gemma),
+    quantized to int8 and int4 with the tied embedding stored once on the LM head's grid, and run under
+    OpenVINO too."""
     from conftest import tiny_config
-
-    from distill.config import compose
-    from distill.pipeline import run
-    from families.hf import build_from_config, read_config, save_model_atomically
 
     cfg = tiny_config(tokenizer, model_type="gemma3_text", heads=4, kv=2, layers=4)
     cfg.head_dim, cfg.rms_norm_eps, cfg.sliding_window = 16, 1e-6, 8
     cfg.layer_types = ["sliding_attention", "full_attention"] * 2
-    teacher = save_model_atomically(build_from_config(cfg, seed=0), tokenizer, tmp_path / "gemma3")
-    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
-    rc = compose(
-        [
-            "+exp=smoke",
-            f"teacher.path={teacher}",
-            "student=pruned",
-            "student.prune.fraction=0.5",
-            "eval.num_test=12",
-            "eval.max_new_tokens=12",
-            "export.openvino=true",
-            "quantize.variants=[int8,int4]",
-            "quantize.int4.embedding=true",
-            "gate.variants=[int4]",
-        ]
-    )
-    m = run(rc, tmp_path / "run")
-    pruned = read_config(tmp_path / "run" / "pruned")
-    assert pruned["model_type"] == "gemma3_text" and pruned["hidden_size"] < cfg.hidden_size
+    overrides = ["export.openvino=true", "quantize.variants=[int8,int4]", "quantize.int4.embedding=true"]
+    m, pruned = _family_pipeline(tokenizer, tmp_path, monkeypatch, cfg, [*overrides, "gate.variants=[int4]"])
     assert len(pruned["layer_types"]) == pruned["num_hidden_layers"]
-    assert m["retention"]["param_ratio"] <= 0.5
     meta = json.loads((tmp_path / "run" / "onnx" / "fp32" / "onnx_config.json").read_text())
     assert meta["graph"] == "traced"
-    assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"]
-    assert abs(m["onnx_fp32"]["kl"] - m["student"]["kl"]) < 1e-4
     q = json.loads((tmp_path / "run" / "onnx" / "int4" / "quantization.json").read_text())
     assert q["settings"]["embedding_shared"]["elements_changed"] == 0  # the embedding reads the head's integers
     assert m["onnx_int4"]["bytes"] < m["onnx_int8"]["bytes"] < m["onnx_fp32"]["bytes"]

@@ -291,12 +291,26 @@ def test_batches_grouped_by_length_pad_less_and_still_cover_every_example_once_p
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)  # batch order stays random
 
 
+def _capture_prune_records(monkeypatch) -> dict:
+    """Replace ``prune.prune_folder`` with a stub that keeps the calibration records the CLI passes it."""
+    import prune
+
+    got: dict = {}
+    monkeypatch.setattr(
+        prune,
+        "prune_folder",
+        lambda *a, **k: (
+            got.update(records=k["records"]) or {"shape": 0, "params": 0, "teacher_params": 0, "fraction": 0}
+        ),
+    )
+    return got
+
+
 def test_prune_cli_calibrates_on_the_data_of_a_pipeline_run(tmp_path, monkeypatch, caplog):
     """``python -m prune --run DIR`` ranks channels on the run's own training data (its JSONL and system
     prompt), not on the built-in demo text; without --data or --run it says loudly that it falls back."""
     import logging
 
-    import prune
     import prune.__main__ as cli
 
     own = tmp_path / "train.jsonl"
@@ -305,14 +319,7 @@ def test_prune_cli_calibrates_on_the_data_of_a_pipeline_run(tmp_path, monkeypatc
     run_dir.mkdir()
     data = {"source": "jsonl", "train_file": str(own), "test_file": str(own), "system_prompt": "Be brief."}
     (run_dir / "config.yaml").write_text(json.dumps({"name": "x", "data": data}))
-    got = {}
-    monkeypatch.setattr(
-        prune,
-        "prune_folder",
-        lambda *a, **k: (
-            got.update(records=k["records"]) or {"shape": 0, "params": 0, "teacher_params": 0, "fraction": 0}
-        ),
-    )
+    got = _capture_prune_records(monkeypatch)
     assert cli.main(["src", str(tmp_path / "out"), "--fraction", "0.5", "--run", str(run_dir)]) == 0
     assert [r["messages"][1]["content"] for r in got["records"]] == [f"Q{i}" for i in range(5)]
     assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in got["records"])
@@ -325,7 +332,6 @@ def test_prune_cli_calibrates_on_the_data_of_a_pipeline_run(tmp_path, monkeypatc
 def test_prune_cli_reads_function_calling_data_with_a_tools_file(tmp_path, monkeypatch, capsys):
     """``python -m prune --data calls.jsonl --tools-file tools.json``: lines without their own ``tools`` get
     the file's, and a call to a function the tools lack is one clear error naming the line."""
-    import prune
     import prune.__main__ as cli
 
     tools = [{"name": "open_window", "parameters": {"type": "object", "properties": {"side": {"type": "string"}}}}]
@@ -336,14 +342,7 @@ def test_prune_cli_reads_function_calling_data_with_a_tools_file(tmp_path, monke
     }
     data = tmp_path / "calls.jsonl"
     data.write_text(json.dumps(line) + "\n")
-    got = {}
-    monkeypatch.setattr(
-        prune,
-        "prune_folder",
-        lambda *a, **k: (
-            got.update(records=k["records"]) or {"shape": 0, "params": 0, "teacher_params": 0, "fraction": 0}
-        ),
-    )
+    got = _capture_prune_records(monkeypatch)
     args = ["src", str(tmp_path / "out"), "--fraction", "0.5", "--data", str(data)]
     assert cli.main([*args, "--tools-file", str(tmp_path / "tools.json")]) == 0
     (rec,) = got["records"]
