@@ -10,6 +10,7 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 CONFIG_FILE = "onnx_config.json"
 GENAI_CONFIG_FILE = "genai_config.json"  # onnxruntime-genai's runtime (C, C++, C#, Java, Python) loads the folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKEN_MAP_FILE = "token_map.json"  # the kept token ids of a vocabulary-trimmed graph (export.vocab)
 TWO_GB = 2**31  # protobuf's hard limit for one message
 # The graph's contract, whatever the exporter: these inputs, then one past key / value pair per layer in;
 # logits, then one present key / value pair per layer out (B, kv_heads, length, head_dim)
@@ -31,7 +32,8 @@ def onnx_bytes(folder: str | Path) -> int:
 
 
 def copy_runtime_files(src: Path, dst: Path) -> None:
-    """Tokenizer files, ``onnx_config.json`` and ``genai_config.json`` from one ONNX (or HF) folder to another."""
-    for name in (*TOKENIZER_FILES, CONFIG_FILE, GENAI_CONFIG_FILE):
+    """Tokenizer files, ``onnx_config.json``, ``genai_config.json`` and a trimmed graph's token map from one ONNX
+    (or HF) folder to another."""
+    for name in (*TOKENIZER_FILES, CONFIG_FILE, GENAI_CONFIG_FILE, TOKEN_MAP_FILE):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)

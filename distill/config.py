@@ -40,6 +40,12 @@ from quantize import SCHEMES, onnx_variants
 
 
 @dataclass
+class VocabConfig:
+    trim: bool  # keep only the tokens the task data, the extra pools and the first `top` ids use (export.vocab)
+    top: int = non_negative()  # also keep the first N ids (the most frequent pieces); 0: the data's tokens only
+
+
+@dataclass
 class ExportConfig:
     enabled: bool  # false stops the pipeline after the PyTorch evaluation (no ONNX, no gate)
     exporter: str = choice(*EXPORTERS)
@@ -53,6 +59,7 @@ class ExportConfig:
     invariance_examples: int = non_negative()  # test examples that must show a variant batch-invariant
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency
     latency_tokens: int = positive()  # tokens generated per timed prompt
+    vocab: VocabConfig  # vocabulary trimming of the exported graphs
 
 
 # One settings field per quantization scheme (quantize.SCHEMES), one threshold field per gate check

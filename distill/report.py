@@ -327,6 +327,13 @@ def release_table(metrics: dict) -> list[str]:
             f"| {_fmt(m.get('exact_match'))} | {_fmt(m.get('heldout', {}).get('exact_match'))} "
             f"| {_fmt(m.get('agreement'))} | {_fmt(m.get('kl'))} | {verdict} |"
         )
+    trimmed = next((metrics[k]["vocabulary"] for k in onnx_variants(metrics) if "vocabulary" in metrics[k]), None)
+    if trimmed:
+        lines += [
+            "",
+            f"Vocabulary trimmed to {trimmed['kept']} of {trimmed['vocab_size']} tokens in every ONNX file "
+            "(export.vocab): a trimmed token is never generated; compare heldout exact match with an untrimmed run.",
+        ]
     lines += ["", f"**Release gate: {'PASSED' if gate['passed'] else 'FAILED'}**", ""]
     lines += [f"- {line.strip().removeprefix('- ')}" for line in gate["summary"].splitlines()[1:]]
     ov = [(k, metrics[k]["openvino"]) for k in onnx_variants(metrics) if "openvino" in metrics[k]]

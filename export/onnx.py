@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.files import building
@@ -39,6 +40,7 @@ from core.onnx_files import (
     GENAI_CONFIG_FILE,
     INPUTS,
     ONNX_FILE,
+    TOKEN_MAP_FILE,
     TOKENIZER_FILES,
     TWO_GB,
     copy_runtime_files,
@@ -46,6 +48,7 @@ from core.onnx_files import (
     present_names,
 )
 from export.fused import UnsupportedForFused, build_fused, check_fusable
+from export.vocab import FILL, choose_tokens, trim_vocabulary
 from families import head_dim
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,7 @@ def export_onnx(
     verify_rtol: float = 1e-4,
     exporter: str = "auto",
     fallback: bool | None = None,
+    keep_tokens: Sequence[int] | None = None,
 ) -> Path:
     """Export the HF causal LM in ``model_dir`` to ``dest/model.onnx`` (float32, + tokenizer,
     ``onnx_config.json``, ``genai_config.json``); ``to_float16`` makes the fp16 folder from it.
@@ -164,6 +168,9 @@ def export_onnx(
     ONNX Runtime or to match PyTorch, it logs why and exports with ``dynamo``. An explicit ``fused`` fails
     loudly. ``fallback`` overrides that (the pipeline resolves ``auto`` first, then passes
     ``exporter="fused", fallback=True``).
+
+    ``keep_tokens`` trims the vocabulary of the graph to those ids (``export.vocab``): same inputs and outputs,
+    the embedding and LM head smaller, ``token_map.json`` in the folder; verified on the kept tokens.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -176,33 +183,52 @@ def export_onnx(
         from transformers import AutoConfig
 
         exporter = resolve_exporter(exporter, AutoConfig.from_pretrained(str(model_dir)))
+    keep = None
+    if keep_tokens is not None:  # checked before the weights load
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size
+        keep = choose_tokens([keep_tokens], vocab)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with building(dest) as tmp:
         try:
-            _write(model, model_dir, tmp, exporter, opset, external_data_threshold, verify, verify_atol, verify_rtol)
+            _write(
+                model, model_dir, tmp, exporter, opset, external_data_threshold, verify, verify_atol, verify_rtol, keep
+            )
         except Exception as err:
             if exporter != "fused" or not fallback:
                 raise
             log.warning("export: the fused graph failed (%s); exporter auto -> dynamo", str(err).splitlines()[0][:300])
             for p in tmp.iterdir():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-            _write(model, model_dir, tmp, "dynamo", opset, external_data_threshold, verify, verify_atol, verify_rtol)
+            _write(
+                model, model_dir, tmp, "dynamo", opset, external_data_threshold, verify, verify_atol, verify_rtol, keep
+            )
     return dest
 
 
-def _write(model, model_dir: Path, tmp: Path, exporter, opset, threshold, verify, atol, rtol) -> None:
-    """One attempt: the graph, its folder files, and the check against PyTorch."""
+def _write(model, model_dir: Path, tmp: Path, exporter, opset, threshold, verify, atol, rtol, keep=None) -> None:
+    """One attempt: the graph (vocabulary-trimmed to ``keep``), its folder files, and the check against PyTorch."""
     proto = build_fused(model, opset) if exporter == "fused" else _traced(model, exporter, opset, tmp / "raw")
-    save_onnx(proto, tmp, threshold)
     meta = _metadata(model, model_dir, exporter, opset)
+    if keep is not None:
+        meta["vocabulary"] = {**trim_vocabulary(proto, keep, model.config.vocab_size), "token_map": TOKEN_MAP_FILE}
+        (tmp / TOKEN_MAP_FILE).write_text(json.dumps(keep))
+        log.info(
+            "export: vocabulary trimmed to %d of %d tokens (%.1f MB of float weights removed)",
+            len(keep),
+            model.config.vocab_size,
+            meta["vocabulary"]["float_bytes_removed"] / 1e6,
+        )
+    save_onnx(proto, tmp, threshold)
     (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     (tmp / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(meta, model.config), indent=2))
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, tmp / name)
     if verify:
-        err = verify_against_torch(tmp, model, atol, rtol)
+        err = verify_against_torch(tmp, model, atol, rtol, keep)
         log.info("export: ONNX Runtime vs PyTorch max |logit diff| %.2e", err)
 
 
@@ -411,12 +437,15 @@ def to_float16(src: str | Path, dest: str | Path, external_data_threshold: int =
     return dest
 
 
-def verify_against_torch(folder: str | Path, model, atol: float = 1e-3, rtol: float = 1e-4) -> float:
+def verify_against_torch(
+    folder: str | Path, model, atol: float = 1e-3, rtol: float = 1e-4, keep: Sequence[int] | None = None
+) -> float:
     """Run a padded prefill and one decode step through ONNX Runtime and PyTorch; return the largest
     absolute logit difference (on real tokens), raising ``ExportError`` above ``atol + rtol * scale``,
     ``scale`` being the largest |logit|: float32 rounding over 30 layers grows with the logits' size (a
     fine-tuned SmolLM2-135M differs by 1.2e-3 at logits up to ~30), while a wrong graph differs by the
-    order of the logits themselves."""
+    order of the logits themselves. A vocabulary-trimmed graph (``keep``) is fed kept tokens and compared on
+    their logits; every other logit must be ``export.vocab.FILL``."""
     import numpy as np
     import torch
 
@@ -425,10 +454,11 @@ def verify_against_torch(folder: str | Path, model, atol: float = 1e-3, rtol: fl
     config = model.config
     rt = OnnxCausalLM(folder)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (2, 5), generator=g)
+    pool = torch.tensor(keep if keep is not None else range(config.vocab_size))
+    ids = pool[torch.randint(0, len(pool), (2, 5), generator=g)]
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, :2] = 0  # left padding
-    nxt = torch.randint(0, config.vocab_size, (2, 1), generator=g)
+    nxt = pool[torch.randint(0, len(pool), (2, 1), generator=g)]
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
         mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
@@ -441,11 +471,19 @@ def verify_against_torch(folder: str | Path, model, atol: float = 1e-3, rtol: fl
     logits, past = rt.forward(ids.numpy(), mask.numpy())
     logits2, _ = rt.forward(nxt.numpy(), mask2.numpy(), past)
     real = mask.numpy().astype(bool)
+    ref_logits, ref_logits2 = ref.logits.numpy(), ref2.logits.numpy()
+    if keep is not None:
+        dropped = np.ones(config.vocab_size, bool)
+        dropped[list(keep)] = False
+        if not (np.all(logits[..., dropped] == FILL) and np.all(logits2[..., dropped] == FILL)):
+            raise ExportError(f"the trimmed tokens' logits are not {FILL} in {folder}")
+        cols = list(keep)
+        logits, logits2, ref_logits, ref_logits2 = (x[..., cols] for x in (logits, logits2, ref_logits, ref_logits2))
     err = max(
-        float(np.abs(logits[real] - ref.logits.numpy()[real]).max()),
-        float(np.abs(logits2 - ref2.logits.numpy()).max()),
+        float(np.abs(logits[real] - ref_logits[real]).max()),
+        float(np.abs(logits2 - ref_logits2).max()),
     )
-    scale = max(float(np.abs(ref.logits.numpy()[real]).max()), float(np.abs(ref2.logits.numpy()).max()))
+    scale = max(float(np.abs(ref_logits[real]).max()), float(np.abs(ref_logits2).max()))
     allowed = atol + rtol * scale
     if not err <= allowed:
         raise ExportError(

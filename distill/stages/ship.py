@@ -38,14 +38,22 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
 
     e, onnx_dir = r.rc.export, r.dir / "onnx"
     out = {}
+    keep = kept_tokens(r, read_config(r.dir / "student"))
+    trim = {"vocab": dataclasses.asdict(e.vocab)} if keep is not None else {}
 
     def export_stage(name: str, folder: Path, student: Path, student_hash: str) -> Stage:
         exporter = resolve_exporter(e.exporter, read_config(student), openvino_on(r.rc) and e.deploy_batch > 1)
         return r.stage(
             name,
             folder,
-            {"exporter": exporter, "opset": e.opset, "verify_atol": e.verify_atol, "verify_rtol": e.verify_rtol},
-            {"student_hash": student_hash},
+            {
+                "exporter": exporter,
+                "opset": e.opset,
+                "verify_atol": e.verify_atol,
+                "verify_rtol": e.verify_rtol,
+                **trim,
+            },
+            {"student_hash": student_hash, **({"kept_tokens": digest(keep)} if keep is not None else {})},
             lambda st: export_onnx(
                 student,
                 st.folder,
@@ -54,6 +62,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
                 verify_rtol=e.verify_rtol,
                 exporter=exporter,
                 fallback=e.exporter == "auto",  # auto: a fused graph that fails its checks is exported with dynamo
+                keep_tokens=keep,
             ),
             on="main-only",
         )
@@ -90,6 +99,31 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
             on="main-only",
         )
     return out
+
+
+def kept_tokens(r: Run, student_config: dict) -> list[int] | None:
+    """``export.vocab.trim``: the token ids the exported graphs keep (``export.vocab.choose_tokens``): special
+    tokens, every token of the rendered train and validation examples and of the extra pools (teacher-labelled
+    augmented requests, general text), and the first ``export.vocab.top`` ids. Never the test or held-out
+    splits: they measure what trimming costs. None when trimming is off."""
+    from export.vocab import choose_tokens, special_tokens
+
+    v = r.rc.export.vocab
+    if not v.trim:
+        return None
+    seqs = [ex["input_ids"] for split in ("train", "validation") for ex in r.teacher.enc[split]]
+    seqs += [ex["input_ids"] for pool in r.pools.examples.values() for ex in pool]
+    always = special_tokens(r.teacher.tokenizer)
+    keep = choose_tokens(seqs, student_config["vocab_size"], top=v.top, always=always)
+    log.info(
+        "export.vocab: %d of %d tokens kept (%d in the data, the first %d ids, %d special)",
+        len(keep),
+        student_config["vocab_size"],
+        len({t for s in seqs for t in s}),
+        v.top,
+        len(always),
+    )
+    return keep
 
 
 def ship(r: Run, t_test: dict) -> dict:
@@ -193,6 +227,9 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: rc.export.latency_prompts]]
     scores.update(latency(onnx_generate_n(runner), prompts, rc.export.latency_tokens))
     scores["bytes"] = onnx_bytes(folder)
+    meta = json.loads((folder / "onnx_config.json").read_text())
+    if "vocabulary" in meta:
+        scores["vocabulary"] = {k: meta["vocabulary"][k] for k in ("kept", "vocab_size")}
     qinfo = folder / "quantization.json"
     if qinfo.is_file():
         info = json.loads(qinfo.read_text())
