@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished run folder (student/ inside)")
     ap.add_argument("--exp", default="car_assistant_smollm2", help="the experiment whose data the run used")
-    ap.add_argument("--tops", default="none,16384,8192,0", help="kept sets: none (untrimmed) or the first N ids")
+    ap.add_argument("--tops", default="none,32768,16384,8192,0", help="kept sets: none (untrimmed) or the first N ids")
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     import torch
 
     from bench.run_data import encoded_splits
-    from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n
+    from distill import metrics
+    from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n, scoring
     from export.onnx import export_onnx
     from export.runtime import OnnxCausalLM
     from export.vocab import choose_tokens, special_tokens
@@ -132,16 +133,26 @@ def main(argv=None) -> int:
                 "export_seconds": export_s,
                 "bytes": json.loads((dest / "quantization.json").read_text())["bytes"],
             }
+            kept = set(keep) if keep else set(range(vocab))
             for split, examples in splits.items():
                 budget = answer_budget(examples)
                 t = time.perf_counter()
-                s, _ = evaluate_generations(
+                s, answers = evaluate_generations(
                     examples, lambda p, rt=rt, b=budget: rt.generate(p, b, batch_size=a.batch), tok
                 )
+                # the examples whose reference answer needs a trimmed token (it cannot be written as the tokenizer
+                # writes it), and the exact match on the others
+                needs = [bool(set(ex["input_ids"][ex["prompt_len"] :]) - kept) for ex in examples]
+                rest = [i for i, n in enumerate(needs) if not n]
+                texts = [tok.decode(answers[i], skip_special_tokens=True) for i in rest]
+                sub = [examples[i] for i in rest]
+                rest_em = metrics.score(texts, [ex["answer"] for ex in sub], **scoring(sub, tok))["exact_match"]
                 row[split] = {
                     "exact_match": s["exact_match"],
                     "retention": s["exact_match"] / t_em[split],
                     "slices": {k: v.get("exact_match") for k, v in s.get("slices", {}).get("part", {}).items()},
+                    "answers_needing_trimmed_tokens": sum(needs) / len(needs),
+                    "exact_match_on_the_rest": rest_em,
                     "seconds": time.perf_counter() - t,
                 }
             prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in splits["test"][:8]]

@@ -239,3 +239,25 @@ def reload_check(folder, ids):
     assert float(a.abs().max()) > 0
     return m
 """
+
+
+def genai_answers_are_ours(og, folder, prompts, eos) -> None:
+    """onnxruntime-genai's runtime (``og``) loads ``folder`` as it is and answers each prompt greedily as our
+    runner does, up to end of sequence, and not with nothing."""
+    from export.runtime import OnnxCausalLM
+
+    def until(tokens, stop):
+        return list(tokens[: tokens.index(stop)] if stop in tokens else tokens)
+
+    model = og.Model(str(folder))
+    ours = OnnxCausalLM(folder).generate(prompts, 12, batch_size=1)
+    for prompt, want in zip(prompts, ours, strict=True):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + 12, batch_size=1)
+        gen = og.Generator(model, params)
+        gen.append_tokens(prompt)
+        got = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            got.append(int(gen.get_next_tokens()[0]))
+        assert until(got, eos) == until(want, eos) and len(until(got, eos)) > 0

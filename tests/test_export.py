@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import genai_answers_are_ours, tiny_config
 
 from core.onnx_files import EXTERNAL_DATA_FILE, ONNX_FILE
 from export.onnx import export_onnx, to_float16
@@ -289,25 +289,6 @@ def test_weight_only_variants_do_not_depend_on_the_batch(qwen_onnx, tmp_path, to
     assert wo["ops_mixing_rows"] == [] and wo["identical_answers"] == 1.0 and wo["invariant"]
 
 
-def _until(tokens, stop):
-    return list(tokens[: tokens.index(stop)] if stop in tokens else tokens)
-
-
-def _genai_answers_are_ours(og, folder, prompts, eos) -> None:
-    model = og.Model(str(folder))
-    ours = OnnxCausalLM(folder).generate(prompts, 12, batch_size=1)
-    for prompt, want in zip(prompts, ours, strict=True):
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + 12, batch_size=1)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        got = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            got.append(int(gen.get_next_tokens()[0]))
-        assert _until(got, eos) == _until(want, eos) and len(_until(got, eos)) > 0
-
-
 def test_onnxruntime_genai_runs_the_exported_folders(qwen_onnx, tmp_path, tokenizer, car_settings):
     """``genai_config.json`` (written by export, carried by every quantized variant): onnxruntime-genai's own
     runtime, the one in-car apps embed from C/C++/C#/Java, loads the folder and its greedy answers are our
@@ -320,7 +301,7 @@ def test_onnxruntime_genai_runs_the_exported_folders(qwen_onnx, tmp_path, tokeni
     int4 = quantize_int4(fp32, tmp_path / "int4", block_size=16)
     assert json.loads((int4 / "genai_config.json").read_text()) == json.loads((fp32 / "genai_config.json").read_text())
     for folder in (fp32, int4):
-        _genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
+        genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
 
 
 def test_fused_graph_is_fused_and_runs_everywhere(tmp_path, tokenizer, car_settings):
@@ -377,7 +358,7 @@ def test_fused_graph_is_fused_and_runs_everywhere(tmp_path, tokenizer, car_setti
         import onnxruntime_genai as og
 
         for folder in (fp32, int4):
-            _genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
+            genai_answers_are_ours(og, folder, prompts, tokenizer.eos_token_id)
     if missing:
         pytest.skip(f"everything else checked; not installed: {', '.join(missing)} (pip install -e .[dev])")
     with pytest.raises(ValueError, match="batch 1 only"):  # one clear error, not OpenVINO's reshape failure

@@ -431,6 +431,20 @@ HERMES_RESPONSE = {  # a transformers response template for Hermes-style calls (
 }
 
 
+def test_a_gguf_teacher_with_a_template_without_tools_is_refused_before_it_is_converted(tmp_path, monkeypatch):
+    """The template probe reads the GGUF file's own tokenizer (metadata, no weights): SmolLM2's template is
+    refused for function-calling data before the file is dequantized into the cache."""
+    from distill.config import ConfigError, compose
+    from distill.pipeline import run
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    overrides = ["+exp=smoke", "data.format=tool_calls", "data.max_length=384", f"teacher.path={smollm2_gguf()}"]
+    with pytest.raises(ConfigError, match="drops the tools and the assistant's tool calls"):
+        run(compose([*overrides, "teacher.finetune.enabled=false"]), tmp_path / "run")
+    teachers = tmp_path / "cache" / "teachers"
+    assert not teachers.exists() or not any(teachers.iterdir())  # nothing converted, nothing half-written
+
+
 def test_a_tokenizer_response_template_is_parsed_by_transformers_in_metrics_and_runner(smol_tok, tmp_path):
     """Where the tokenizer has a response template, transformers' parser reads the answers (it casts
     arguments by the tools' schemas: "7" for an integer argument becomes 7), in the scores and in the runner."""

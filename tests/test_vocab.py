@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, python_env, tiny_config
+from conftest import ROOT, genai_answers_are_ours, python_env, tiny_config
 
 
 def _prompts(tokenizer, car_settings, n=6):
@@ -151,9 +151,12 @@ def test_a_trimmed_input_token_is_read_as_its_nearest_kept_token(tmp_path, token
     assert np.abs(with_kept[..., keep] - ref[..., keep]).max() < 1e-4
 
 
-def test_trimmed_int4_stores_the_tied_embedding_once_smaller_and_runs_under_openvino(tmp_path, tokenizer, car_settings):
+def test_trimmed_int4_stores_the_tied_embedding_once_smaller_and_runs_under_openvino_and_genai(
+    tmp_path, tokenizer, car_settings
+):
     """The quantizers see an ordinary smaller embedding and LM head: int4 with the embedding shares the tied
-    table, the file shrinks by the trimmed rows, and OpenVINO answers what ONNX Runtime answers."""
+    table, the file shrinks by the trimmed rows, and OpenVINO and onnxruntime-genai answer what ONNX Runtime
+    answers."""
     pytest.importorskip("openvino")
     from export.onnx import export_onnx
     from export.runtime import OnnxCausalLM
@@ -182,6 +185,8 @@ def test_trimmed_int4_stores_the_tied_embedding_once_smaller_and_runs_under_open
     ort = OnnxCausalLM(q).generate(prompts, 12, batch_size=1)
     assert OnnxCausalLM(q, backend="openvino").generate(prompts, 12, batch_size=1) == ort
     assert all(t in set(keep) for a in ort for t in a)
+    og = pytest.importorskip("onnxruntime_genai")  # the runtime in-car apps embed reads the same answers
+    genai_answers_are_ours(og, q, prompts[:3], tokenizer.eos_token_id)
 
 
 def test_export_cli_trims_and_refuses_a_bad_token_file_before_loading(tmp_path, tokenizer, car_settings):

@@ -48,18 +48,20 @@ def teacher(r: Run) -> Teacher:
     from core.chat import ensure_pad
     from core.hashing import folder_hash
     from distill.data import encode_records, encoding, prepare_tokenizer, uses_tools
+    from families.gguf import file_sha256, is_gguf
     from families.hf import read_config, vocab_problems
 
     rc = r.rc
     key = "teacher.path" if rc.teacher.path else "teacher"
     records = [x for s in SPLITS for x in r.data.records[s]]
     if rc.teacher.path:
-        folder = source_teacher(r)
-        if rc.teacher.finetune.enabled:  # template and length problems are reported before the fine-tune
-            base_tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=rc.teacher.trust_remote_code)
-            problems = prepare_tokenizer(base_tok, rc.data, records, key) + _length_problems(rc, read_config(folder))
-            if problems:
-                raise ConfigError(problems)
+        sha = file_sha256(rc.teacher.path) if is_gguf(Path(rc.teacher.path)) else None
+        # template and length problems are reported before a GGUF conversion or a fine-tune loads weights
+        problems = _source_problems(r, records, key, sha)
+        if problems:
+            raise ConfigError(problems)
+        folder = source_teacher(r, sha)
+        if rc.teacher.finetune.enabled:
             folder = finetuned_teacher(r, folder)
     elif uses_tools(records):
         raise ConfigError(
@@ -102,6 +104,32 @@ def teacher(r: Run) -> Teacher:
     return out
 
 
+def _source_problems(r: Run, records: list[dict], key: str, sha: str | None) -> list[str]:
+    """The chat template and length problems of ``teacher.path``, from its tokenizer and config alone, where
+    weights would load before the teacher's own check: a GGUF file not converted yet (read from the file's
+    metadata, a few seconds) and a teacher to fine-tune. A folder used as it is is checked later, also before
+    any weights load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distill.data import prepare_tokenizer
+    from distill.teacher import gguf_dir
+    from families.hf import read_config
+
+    tc = r.rc.teacher
+    src = Path(tc.path)
+    if sha is not None:
+        converted = gguf_dir(tc, sha)
+        if not (converted / "config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            cfg = AutoConfig.from_pretrained(str(src.parent), gguf_file=src.name).to_dict()
+            return prepare_tokenizer(tok, r.rc.data, records, key) + _length_problems(r.rc, cfg)
+        src = converted
+    elif not tc.finetune.enabled:
+        return []
+    tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=tc.trust_remote_code)
+    return prepare_tokenizer(tok, r.rc.data, records, key) + _length_problems(r.rc, read_config(src))
+
+
 def _length_problems(rc, t_cfg: dict) -> list[str]:
     limit = t_cfg.get("max_position_embeddings")
     if limit and rc.data.max_length > limit:
@@ -113,18 +141,17 @@ def _forced(r: Run, name: str) -> bool:
     return name in r.stages.force or "all" in r.stages.force
 
 
-def source_teacher(r: Run) -> Path:
-    """``teacher.path`` as a folder: itself; as a GGUF file: the cached folder it converts into (stage
-    ``gguf``, keyed by the file's content)."""
+def source_teacher(r: Run, sha: str | None) -> Path:
+    """``teacher.path`` as a folder: itself; as a GGUF file (``sha``: its sha256): the cached folder it converts
+    into (stage ``gguf``, keyed by the file's content)."""
     from distill.teacher import gguf_dir
-    from families.gguf import convert_gguf, file_sha256, is_gguf
+    from families.gguf import convert_gguf
 
     tc = r.rc.teacher
     src = Path(tc.path)
-    if not is_gguf(src):
+    if sha is None:
         r.stages.record["teacher"] = {"status": "input", "folder": str(src)}
         return src
-    sha = file_sha256(src)
     dest = gguf_dir(tc, sha)
     r.stage("gguf", dest, {}, {"gguf_sha256": sha}, lambda st: convert_gguf(src, dest), on="main", shared=True)
     r.stages.record["teacher"] = {"status": "input", "folder": str(dest), "gguf": str(src)}
