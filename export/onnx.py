@@ -7,6 +7,7 @@ The graph (inputs and outputs by name) is what ``export.runtime`` and any ONNX R
     outputs  logits (B, S, V), present.{i}.key / .value (B, kv_heads, P+S, head_dim)
 
 Prefill is the same graph with P = 0 (empty past tensors); decode feeds S = 1 and the presents back.
+A vocabulary-trimmed graph (``keep_tokens``, ``export.vocab``) keeps this contract (``export/vocab.py``).
 The folder also holds the tokenizer files and ``onnx_config.json`` (shapes, names, special ids), so it
 runs without this project and without torch.
 

@@ -66,7 +66,10 @@ def _embedding_reason(cfg: dict, shape: Shape) -> str:
         f"{s['params']:,} parameters = {s['share']:.1%} of this shape (the teacher's: {t['share']:.1%})"
     )
     if s["share"] >= 0.5:
-        text += "; most of the model is vocabulary, which width, heads and depth do not shrink"
+        text += (
+            "; most of the model is vocabulary, which width, heads and depth do not shrink (export.vocab.trim "
+            "drops the rows the task never uses from the ONNX files, at a measured cost on unseen names)"
+        )
     return text
 
 
