@@ -27,6 +27,9 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "int8_wo": lambda s, d: __import__("quantize").quantize_int8_weights(s, d, block_size=32, accuracy_level=4),
     "int4+emb": lambda s, d: __import__("quantize").quantize_int4(s, d, block_size=32, embedding=True),
+    "int8_wo+emb": lambda s, d: __import__("quantize").quantize_int8_weights(
+        s, d, block_size=32, accuracy_level=4, embedding=True
+    ),
 }
 
 
@@ -53,7 +56,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for i, v in enumerate(VARIANTS):
+    for i, v in enumerate(sorted({r["variant"] for r in results["rows"]})):
         rows = [r for r in results["rows"] if r["variant"] == v]
         for j, split in enumerate(("test", "heldout")):
             ax[j].plot(
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variants", default="int8_wo,int4+emb", help=f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--latency-only", action="store_true", help="bytes and decode latency, no answers scored")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vocab_trim"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vocab_trim.json")
@@ -121,7 +125,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         export_onnx(student, fp32, exporter="fused", keep_tokens=keep)
         export_s = time.perf_counter() - t
-        for name, build in VARIANTS.items():
+        for name in a.variants.split(","):
+            build = VARIANTS[name]
             dest = a.work / f"{name}_{top}"
             shutil.rmtree(dest, ignore_errors=True)
             build(fp32, dest)

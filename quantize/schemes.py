@@ -53,7 +53,13 @@ def _int8_static(b: Build) -> Path:
 def _int8_wo(b: Build) -> Path:
     s = b.settings
     return quantize_int8_weights(
-        b.src, b.dest, block_size=s.block_size, symmetric=s.symmetric, accuracy_level=s.accuracy_level, probe=b.probe
+        b.src,
+        b.dest,
+        block_size=s.block_size,
+        symmetric=s.symmetric,
+        accuracy_level=s.accuracy_level,
+        embedding=s.embedding,
+        probe=b.probe,
     )
 
 

@@ -111,3 +111,106 @@ def share_tied_embedding(model, tied: set[tuple[str, str]]) -> dict | None:
         g.initializer.extend(extra)
         return {"with": head.name, "bytes_saved": freed, "elements_changed": changed}
     return None
+
+
+def quantize_embedding_8bit(model, tied: set[tuple[str, str]], block_size: int) -> dict | None:
+    """Store the float embedding table (a ``Gather`` of a float initializer) at 8 bits, in place, with standard
+    ops only: the looked-up rows are gathered as bytes with their block scales and dequantized after the
+    lookup (``Gather`` x2, ``Cast``, ``Sub``, ``Mul``, ``Reshape``), so ONNX Runtime and OpenVINO run it at any
+    hidden size (``GatherBlockQuantized`` is 4-bit in ONNX Runtime's quantizer, and OpenVINO refuses it when
+    the blocks do not divide the hidden size). A tied embedding (``tied``, from ``tied_tables``) reads the
+    8-bit LM head's own ``MatMulNBits`` bytes and so is stored once; an untied one is quantized on the same
+    grid (symmetric blocks of ``block_size`` along the hidden size, ``scale = absmax / -128``, ``q = round(w /
+    scale) + 128``). Returns what was done, or None when the graph has no float embedding table."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    gathers = [
+        n
+        for n in g.node
+        if n.op_type == "Gather"
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+        and inits[n.input[0]].data_type == 1  # float
+        and _attrs(n).get("axis", 0) == 0
+    ]
+    if len(gathers) != 1:
+        return None
+    emb = gathers[0]
+    table = numpy_helper.to_array(inits[emb.input[0]])
+    vocab, hidden = table.shape
+    blocks = -(-hidden // block_size)
+    source, head_name = None, None
+    for head in g.node:
+        if head.op_type != "MatMulNBits" or head.input[1] not in inits or (len(head.input) > 3 and head.input[3]):
+            continue
+        ha = _attrs(head)
+        if (ha["N"], ha["K"], ha["bits"], ha["block_size"]) != (vocab, hidden, 8, block_size):
+            continue
+        if (head.input[1].removesuffix("_Q8"), emb.input[0]) not in tied:
+            continue
+        packed = numpy_helper.to_array(inits[head.input[1]]).reshape(vocab, blocks, block_size)
+        scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, blocks, 1).astype(np.float32)
+        source, head_name = (head.input[1], packed, scales), head.name
+        break
+    if source is None:  # untied (or a head in another format): the table on the same 8-bit grid
+        padded = np.zeros((vocab, blocks * block_size), np.float32)
+        padded[:, :hidden] = table
+        w = padded.reshape(vocab, blocks, block_size)
+        absmax = np.take_along_axis(w, np.abs(w).argmax(-1)[..., None], -1)
+        scales = (absmax / -128.0).astype(np.float32)
+        safe = np.where(scales == 0, 1, scales)
+        packed = (np.clip(np.round(w / safe), -128, 127) + 128).astype(np.uint8)
+        name = f"{emb.input[0]}_Q8_table"
+        model.graph.initializer.append(numpy_helper.from_array(packed, name))
+        source = (name, packed, scales)
+    name, packed, scales = source
+    # the bytes must read back as the table (within a step of its block's grid: rounding, or the clip of +128
+    # steps to +127 when the block's largest magnitude is negative); else a layout this code does not know
+    padded_table = np.zeros((vocab, blocks * block_size), np.float32)
+    padded_table[:, :hidden] = table
+    diff = np.abs((packed.astype(np.float32) - 128) * scales - padded_table.reshape(vocab, blocks, block_size))
+    if not np.all(diff <= np.abs(scales) * 1.001 + 1e-7):
+        return None
+    err = float(diff.max())
+    p = f"{emb.name}_q8"
+    scales_init = numpy_helper.from_array(scales, f"{p}/scales")
+    extra = [
+        scales_init,
+        numpy_helper.from_array(np.array(128, np.float32), f"{p}/zero"),
+        numpy_helper.from_array(np.array([0, 0, blocks * block_size], np.int64), f"{p}/row_shape"),
+    ]
+    ids = emb.input[1]
+    flat = emb.output[0] if blocks * block_size == hidden else f"{p}/padded"
+    nodes = [
+        helper.make_node("Gather", [name, ids], [f"{p}/bytes"], name=f"{p}/gather", axis=0),
+        helper.make_node("Gather", [scales_init.name, ids], [f"{p}/row_scales"], name=f"{p}/gather_scales", axis=0),
+        helper.make_node("Cast", [f"{p}/bytes"], [f"{p}/float"], name=f"{p}/cast", to=1),
+        helper.make_node("Sub", [f"{p}/float", extra[1].name], [f"{p}/centered"], name=f"{p}/center"),
+        helper.make_node("Mul", [f"{p}/centered", f"{p}/row_scales"], [f"{p}/blocks"], name=f"{p}/scale"),
+        helper.make_node("Reshape", [f"{p}/blocks", extra[2].name], [flat], name=f"{p}/rows"),
+    ]
+    if flat != emb.output[0]:  # the blocks pad the hidden size: cut the rows back
+        extra += [
+            numpy_helper.from_array(np.array([0], np.int64), f"{p}/start"),
+            numpy_helper.from_array(np.array([hidden], np.int64), f"{p}/end"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{p}/axis"),
+        ]
+        nodes.append(
+            helper.make_node("Slice", [flat, f"{p}/start", f"{p}/end", f"{p}/axis"], [emb.output[0]], name=f"{p}/cut")
+        )
+    at = list(g.node).index(emb)
+    g.node.remove(emb)
+    for k, node in enumerate(nodes):
+        g.node.insert(at + k, node)
+    freed = table.nbytes
+    g.initializer.remove(inits[emb.input[0]])
+    g.initializer.extend(extra)
+    return {
+        "bits": 8,
+        "shared_with": head_name,  # None: the table is stored on its own at 8 bits
+        "bytes_saved": int(freed - (0 if head_name else packed.nbytes) - scales.nbytes),
+        "max_abs_error": err,
+    }

@@ -10,7 +10,7 @@ from pathlib import Path
 from core.onnx_files import ONNX_FILE, TWO_GB, onnx_bytes
 from core.schema import choice, non_negative, positive, unit
 from quantize.ort import SequenceReader, const_matmuls, finish, guard, read_meta
-from quantize.tied import share_tied_embedding, tied_tables
+from quantize.tied import quantize_embedding_8bit, share_tied_embedding, tied_tables
 
 INT4_ALGORITHMS = ("rtn", "hqq", "gptq")
 
@@ -71,10 +71,13 @@ def quantize_int8_weights(
     block_size: int = 32,
     symmetric: bool = True,
     accuracy_level: int | None = 4,
+    embedding: bool = False,
     probe: Sequence[Sequence[int]] = (),
 ) -> Path:
     """int8 weight-only ``MatMulNBits`` (8 bits, round to nearest, blocks of ``block_size`` along the input
-    dimension). The embedding stays float (ONNX Runtime quantizes ``Gather`` at 4 bits only).
+    dimension). ``embedding``: the embedding table at 8 bits too, dequantized after the lookup
+    (``quantize.tied.quantize_embedding_8bit``; a tied one reads the LM head's bytes and is stored once);
+    otherwise it stays float (ONNX Runtime's own quantizer does ``Gather`` at 4 bits only).
     ``accuracy_level`` 4: int8 activations per row and block (OpenVINO's CPU plugin computes the same way:
     the two runtimes agree at block 32); 1 keeps float activations through an 8-bit kernel ~16x slower
     on this CPU (SmolLM2 student: 146.6 vs 9.1 ms/token)."""
@@ -86,7 +89,7 @@ def quantize_int8_weights(
         algorithm="rtn",
         symmetric=symmetric,
         accuracy_level=accuracy_level,
-        embedding=False,
+        embedding=embedding,
         calibration=None,
         probe=probe,
     )
@@ -115,11 +118,11 @@ def _weight_only(
         raise ValueError(f"int4 algorithm must be one of {', '.join(INT4_ALGORITHMS)}, got {algorithm!r}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"int{bits} block_size must be a power of two >= 16, got {block_size}")
-    if embedding and algorithm != "rtn":
+    if embedding and algorithm != "rtn" and bits == 4:
         raise ValueError("int4 embedding quantization is available with algorithm=rtn only (ONNX Runtime)")
     if algorithm == "gptq" and not calibration:
         raise ValueError("int4 algorithm=gptq needs calibration sequences")
-    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
+    ops = ("MatMul", "Gather") if embedding and bits == 4 else ("MatMul",)  # 8 bits: quantize_embedding_8bit
     if algorithm == "rtn":
         algo = mnb.DefaultWeightOnlyQuantConfig(
             block_size=block_size,
@@ -142,7 +145,7 @@ def _weight_only(
         import onnx
 
         model = onnx.load(str(src / ONNX_FILE), load_external_data=True)
-        tied = tied_tables(model) if embedding and bits == 4 else set()  # before the quantizer rewrites it
+        tied = tied_tables(model) if embedding else set()  # before the quantizer rewrites it
         if eight_bit and eight_bit.get("nodes"):  # the plan's 8-bit weights first; the 4-bit pass skips them
             first = mnb.MatMulNBitsQuantizer(
                 model,
@@ -167,7 +170,10 @@ def _weight_only(
             algo_config=algo,
         )
         q.process()
-        shared = share_tied_embedding(q.model.model, tied) if tied else None
+        if bits == 4:
+            shared = share_tied_embedding(q.model.model, tied) if tied else None
+        else:
+            shared = quantize_embedding_8bit(q.model.model, tied, block_size) if embedding else None
         q.model.save_model_to_file(str(tmp / ONNX_FILE), use_external_data_format=onnx_bytes(src) >= TWO_GB)
         settings = {
             "bits": bits,
@@ -180,7 +186,7 @@ def _weight_only(
         if calibration and algorithm == "gptq":
             settings["calibration_sequences"] = len(calibration)
         if shared is not None:
-            settings["embedding_shared"] = shared
+            settings["embedding_shared" if bits == 4 else "embedding_8bit"] = shared
         if eight_bit is not None:
             settings["mixed_precision"] = eight_bit
         if qad is not None:
@@ -247,6 +253,7 @@ class Int8WeightsSettings:
     block_size: int = positive()
     symmetric: bool
     accuracy_level: int | None  # ORT CPU compute type for activations; null = ORT's default
+    embedding: bool  # the embedding table at 8 bits too (a tied one stored once, on the LM head's bytes)
 
     def problems(self, key: str) -> list[str]:
         return _block_problems(key, self.block_size, self.accuracy_level)

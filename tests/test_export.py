@@ -405,8 +405,7 @@ def test_weight_only_int8_computes_the_same_numbers_under_openvino(qwen_onnx, tm
 
     _, _, fp32 = qwen_onnx
     prompts, seqs = _prompts(tokenizer, car_settings, n=4)
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
-    matching = 4 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 1
+    matching = _matching_level()
     gaps = {}
     for level in (1, 4):
         q = quantize_int8_weights(fp32, tmp_path / f"int8w{level}", block_size=32, accuracy_level=level)
@@ -417,6 +416,56 @@ def test_weight_only_int8_computes_the_same_numbers_under_openvino(qwen_onnx, tm
             assert ort_rt.generate(prompts, 10, batch_size=1) == ov_rt.generate(prompts, 10, batch_size=1)
     assert gaps[matching] < 1e-3, gaps  # rounding ties of the int8 activations: a few 1e-4
     assert gaps[5 - matching] > 10 * gaps[matching], gaps  # the other level computes something else
+
+
+def _matching_level() -> int:
+    """The int8 accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU (see below)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    return 4 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 1
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied-padded"])
+def test_int8_weight_only_stores_the_embedding_at_8_bits(qwen_onnx, tmp_path, tokenizer, car_settings, tied):
+    """``int8_wo.embedding``: a tied embedding reads the LM head's 8-bit bytes (stored once); an untied one whose
+    hidden size the blocks do not divide (48, blocks of 32) is put on its own grid and the looked-up rows are
+    cut back. Either way no float table is left, the file shrinks by the table, and the answers are the
+    float-embedding file's, under ONNX Runtime and OpenVINO."""
+    import onnx
+
+    from quantize import quantize_int8_weights
+
+    if tied:
+        _, _, fp32 = qwen_onnx
+        hidden, block = 64, 16
+    else:
+        hidden, block = 48, 32
+        model = build_from_config(tiny_config(tokenizer, model_type="llama", hidden=hidden, tie=False), 0).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(4.0)
+        hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
+        fp32 = export_onnx(hf, tmp_path / "fp32", exporter="dynamo")
+    prompts, seqs = _prompts(tokenizer, car_settings, n=4)
+    level, vocab = _matching_level(), len(tokenizer)
+    made = {
+        emb: quantize_int8_weights(
+            fp32, tmp_path / f"emb{int(emb)}", block_size=block, accuracy_level=level, embedding=emb, probe=seqs
+        )
+        for emb in (False, True)
+    }
+    info = {emb: json.loads((q / "quantization.json").read_text()) for emb, q in made.items()}
+    done = info[True]["settings"]["embedding_8bit"]
+    assert (done["shared_with"] == "lm_head/MatMul_Q8") == tied and "embedding_8bit" not in info[False]["settings"]
+    blocks = -(-hidden // block)  # the float table out; in: its bytes (unless shared) and a scale per block
+    expected = vocab * (4 * hidden - (0 if tied else blocks * block) - 4 * blocks)
+    assert info[False]["bytes"] - info[True]["bytes"] >= 0.95 * expected
+    tables = [i for i in onnx.load(str(made[True] / "model.onnx")).graph.initializer if i.data_type == 1]
+    assert not any(list(i.dims) == [vocab, hidden] for i in tables)
+    kl = {emb: i["vs_source"]["kl"] for emb, i in info.items()}
+    assert kl[True] < 10 * kl[False] + 1e-5, kl  # a wrong zero point or layout reads garbage rows: KL ~1
+    answers = {emb: OnnxCausalLM(q).generate(prompts, 10, batch_size=1) for emb, q in made.items()}
+    assert answers[True] == answers[False]
+    if importlib.util.find_spec("openvino"):
+        assert OnnxCausalLM(made[True], backend="openvino").generate(prompts, 10, batch_size=1) == answers[True]
 
 
 def test_cross_runtime_report_compares_a_few_rows_at_a_time(qwen_onnx, tokenizer, car_settings, monkeypatch):
