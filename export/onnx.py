@@ -189,7 +189,7 @@ def export_onnx(
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size
-        keep = choose_tokens([keep_tokens], vocab)
+        keep = choose_tokens([keep_tokens], vocab, top=0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     with building(dest) as tmp:

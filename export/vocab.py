@@ -39,7 +39,7 @@ class TrimError(ValueError):
 
 
 def choose_tokens(
-    sequences: Iterable[Iterable[int]], vocab_size: int, *, top: int = 0, always: Iterable[int] = ()
+    sequences: Iterable[Iterable[int]], vocab_size: int, *, top: int, always: Iterable[int] = ()
 ) -> list[int]:
     """The ids to keep, sorted: every id in ``sequences`` (the task's rendered chats, general text), every id in
     ``always`` (special tokens), and the first ``top`` ids (in a BPE vocabulary ids follow merge order and in a

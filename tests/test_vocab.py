@@ -54,7 +54,7 @@ def test_choose_tokens_is_the_union_of_data_first_ids_and_specials():
     assert choose_tokens([[7, 3], [9]], 20, top=2, always=[19]) == [0, 1, 3, 7, 9, 19]
     assert choose_tokens([], 5, top=99) == [0, 1, 2, 3, 4]
     with pytest.raises(TrimError, match="token id 20 is outside the vocabulary"):
-        choose_tokens([[1, 20]], 20)
+        choose_tokens([[1, 20]], 20, top=0)
 
 
 def test_nearest_kept_maps_a_row_to_its_most_similar_kept_row():
