@@ -168,11 +168,12 @@ def quantize_embedding_8bit(model, tied: set[tuple[str, str]], block_size: int) 
         source = (name, packed, scales)
     name, packed, scales = source
     # the bytes must read back as the table (within a step of its block's grid: rounding, or the clip of +128
-    # steps to +127 when the block's largest magnitude is negative); else a layout this code does not know
-    padded_table = np.zeros((vocab, blocks * block_size), np.float32)
-    padded_table[:, :hidden] = table
-    diff = np.abs((packed.astype(np.float32) - 128) * scales - padded_table.reshape(vocab, blocks, block_size))
-    if not np.all(diff <= np.abs(scales) * 1.001 + 1e-7):
+    # steps to +127 when the block's largest magnitude is negative); else a layout this code does not know.
+    # Only the hidden size's elements: the quantizer's padding of the last block is cut off after the lookup
+    step = np.repeat(np.abs(scales), block_size, -1).reshape(vocab, -1)[:, :hidden]
+    deq = ((packed.astype(np.float32) - 128) * scales).reshape(vocab, -1)[:, :hidden]
+    diff = np.abs(deq - table)
+    if not np.all(diff <= step * 1.001 + 1e-7):
         return None
     err = float(diff.max())
     p = f"{emb.name}_q8"

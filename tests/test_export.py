@@ -424,22 +424,27 @@ def _matching_level() -> int:
     return 4 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 1
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied-padded"])
-def test_int8_weight_only_stores_the_embedding_at_8_bits(qwen_onnx, tmp_path, tokenizer, car_settings, tied):
-    """``int8_wo.embedding``: a tied embedding reads the LM head's 8-bit bytes (stored once); an untied one whose
-    hidden size the blocks do not divide (48, blocks of 32) is put on its own grid and the looked-up rows are
+@pytest.mark.parametrize(
+    ("tied", "hidden", "block"),
+    [(True, 64, 16), (True, 48, 32), (False, 48, 32)],
+    ids=["tied", "tied-padded", "untied-padded"],
+)
+def test_int8_weight_only_stores_the_embedding_at_8_bits(
+    qwen_onnx, tmp_path, tokenizer, car_settings, tied, hidden, block
+):
+    """``int8_wo.embedding``: a tied embedding reads the LM head's 8-bit bytes (stored once); an untied one is put
+    on its own grid; where the blocks do not divide the hidden size (48, blocks of 32) the looked-up rows are
     cut back. Either way no float table is left, the file shrinks by the table, and the answers are the
     float-embedding file's, under ONNX Runtime and OpenVINO."""
     import onnx
 
     from quantize import quantize_int8_weights
 
-    if tied:
+    if hidden == 64:
         _, _, fp32 = qwen_onnx
-        hidden, block = 64, 16
     else:
-        hidden, block = 48, 32
-        model = build_from_config(tiny_config(tokenizer, model_type="llama", hidden=hidden, tie=False), 0).eval()
+        cfg = tiny_config(tokenizer, model_type="qwen2" if tied else "llama", hidden=hidden, tie=tied)
+        model = build_from_config(cfg, 0).eval()
         with torch.no_grad():
             model.lm_head.weight.mul_(4.0)
         hf = save_model_atomically(model, tokenizer, tmp_path / "hf")
