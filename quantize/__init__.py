@@ -5,7 +5,7 @@
   task sequences.
 - ``quantize_int8_weights``: int8 weight-only ``MatMulNBits`` (8 bits, blocks along the input dimension):
   activations are never quantized across rows, so the answers do not depend on the batch, and ONNX
-  Runtime and OpenVINO compute the same numbers.
+  Runtime and OpenVINO compute the same numbers; optionally the embedding at 8 bits too (``tied``).
 - ``quantize_int4``: int4 weight-only ``MatMulNBits`` with a block size and an algorithm: ``rtn``
   (round to nearest, ORT's default quantizer), ``hqq`` (half-quadratic, data-free), ``gptq``
   (calibrated on task sequences).
