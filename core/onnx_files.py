@@ -37,3 +37,20 @@ def copy_runtime_files(src: Path, dst: Path) -> None:
     for name in (*TOKENIZER_FILES, CONFIG_FILE, GENAI_CONFIG_FILE, TOKEN_MAP_FILE):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+
+
+def table_lookups(graph) -> list:
+    """The ``Gather`` nodes (axis 0) of an ONNX graph that read rows of a 2-D float initializer: its float
+    embedding tables."""
+    from onnx import TensorProto, helper
+
+    inits = {i.name: i for i in graph.initializer}
+    out = []
+    for n in graph.node:
+        if n.op_type != "Gather" or n.input[0] not in inits:
+            continue
+        table = inits[n.input[0]]
+        axis = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), 0)
+        if len(table.dims) == 2 and table.data_type == TensorProto.FLOAT and axis == 0:
+            out.append(n)
+    return out

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from core.onnx_files import TOKEN_MAP_FILE
+from core.onnx_files import TOKEN_MAP_FILE, table_lookups
 
 __all__ = ["FILL", "TOKEN_MAP_FILE", "TrimError", "choose_tokens", "nearest_kept", "special_tokens", "trim_vocabulary"]
 FILL = -1.0e4  # the logit of a trimmed token: exp(FILL - max) is 0 in float32 and float16, and finite in both
@@ -63,25 +63,11 @@ def special_tokens(tokenizer) -> set[int]:
     return {*tokenizer.all_special_ids, *getattr(tokenizer, "added_tokens_decoder", {})}
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _find(proto, vocab: int):
     """(embedding Gather, its table initializer, LM head MatMul, its weight initializer) of a float graph."""
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    gathers = [
-        n
-        for n in g.node
-        if n.op_type == "Gather"
-        and n.input[0] in inits
-        and len(inits[n.input[0]].dims) == 2
-        and inits[n.input[0]].dims[0] == vocab
-        and _attr(n, "axis", 0) == 0
-    ]
+    gathers = [n for n in table_lookups(g) if inits[n.input[0]].dims[0] == vocab]
     heads = [
         n
         for n in g.node

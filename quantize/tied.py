@@ -125,17 +125,11 @@ def quantize_embedding_8bit(model, tied: set[tuple[str, str]], block_size: int) 
     import numpy as np
     from onnx import helper, numpy_helper
 
+    from core.onnx_files import table_lookups
+
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    gathers = [
-        n
-        for n in g.node
-        if n.op_type == "Gather"
-        and n.input[0] in inits
-        and len(inits[n.input[0]].dims) == 2
-        and inits[n.input[0]].data_type == 1  # float
-        and _attrs(n).get("axis", 0) == 0
-    ]
+    gathers = table_lookups(g)
     if len(gathers) != 1:
         return None
     emb = gathers[0]
