@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             why = "a student trained on its grid" if SCHEMES[v].trained else "task sequences to measure sensitivity on"
             problems.append(f"{v} needs {why}: use the pipeline (python -m distill quantize.variants=[{v}])")
     keep = None
+    if a.vocab_top and a.keep_tokens is None:
+        problems.append("--vocab-top trims the vocabulary with --keep-tokens: give both (or neither)")
     if a.keep_tokens is not None and not problems:
         keep, problem = _kept_tokens(a.src, a.keep_tokens, a.vocab_top)
         problems += [problem] if problem else []
