@@ -157,6 +157,50 @@ def _heads_for(t: Shape, scale: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _fill_width(cfg: dict, t: Shape, found: Plan, budget: int, align: int) -> Plan:
+    """Spend what alignment left of the budget. One width factor moves hidden in steps of ``h_align``
+    (lcm(align, heads) where the family needs hidden % heads == 0: 72 on SmolLM2 with 9 heads kept), so the
+    shape can fall far below the budget (SmolLM2, 9 heads, 0.35: 0.263x). With the bisection's heads fixed,
+    every aligned hidden size gets the largest aligned MLP that fits; the most balanced shape wins (the
+    largest min(hidden / teacher's, MLP / teacher's), the bisection's own criterion), then the larger one.
+    The bisection's shape is a candidate, so the result is never less balanced and, at equal balance,
+    never smaller."""
+    s0 = found.shape
+    fam = FAMILIES[cfg["model_type"]]
+    h_align = math.lcm(align, s0.num_attention_heads) if fam.hidden_multiple_of_heads else align
+    hiddens = set(range(h_align, t.hidden_size + 1, h_align)) | {t.hidden_size}
+    mlps = sorted(set(range(align, t.intermediate_size + 1, align)) | {t.intermediate_size})
+
+    def shape(h: int, i: int) -> Shape:
+        return Shape(h, i, s0.num_attention_heads, s0.num_key_value_heads, s0.num_hidden_layers)
+
+    best_key, best = None, found
+    for h in sorted(hiddens):
+        if count_params(cfg, shape(h, mlps[0])) > budget:
+            break  # parameters grow with hidden
+        lo, hi = 0, len(mlps) - 1  # the largest MLP size that fits (parameters grow with it)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count_params(cfg, shape(h, mlps[mid])) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        s = shape(h, mlps[lo])
+        if check_shape(cfg, s, align):
+            continue
+        p = count_params(cfg, s)
+        key = (min(h / t.hidden_size, s.intermediate_size / t.intermediate_size), p)
+        if best_key is None or key > best_key:
+            best_key, best = key, Plan(s, p, found.teacher_params, list(found.reasons))
+    if best.shape != s0:
+        best.reasons.append(
+            f"filled the budget: hidden {s0.hidden_size} -> {best.shape.hidden_size}, MLP "
+            f"{s0.intermediate_size} -> {best.shape.intermediate_size} (one factor left "
+            f"{found.params:,} parameters, {found.fraction:.3f}x)"
+        )
+    return best
+
+
 def plan_budget(
     cfg: dict,
     *,
@@ -232,6 +276,8 @@ def plan_budget(
                     )
             else:
                 hi = mid
+        if best is not None:
+            best = _fill_width(cfg, t, best, budget, align)
     if best is None:
         if strategy == "depth":
             narrow = Shape(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, 1)

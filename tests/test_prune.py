@@ -180,6 +180,52 @@ def test_budget_plans_fit_and_explain():
     assert width.num_hidden_layers == 4 and width.hidden_size < 128
 
 
+SMOLLM2_135M = {  # SmolLM2-135M-Instruct's config (sizes only): 9 query heads over 3 KV heads, head_dim 64
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("prune_heads", [False, True])
+def test_budget_plans_fill_the_budget_that_alignment_leaves(prune_heads):
+    """With every head kept, Llama's hidden size must stay a multiple of 9 (and of align 8): hidden moves in
+    steps of 72, and one width factor for hidden and MLP left SmolLM2 at 0.263x for a 0.35 budget. Every plan
+    must now come within 3% of the budget, stay under it, leave no aligned MLP step unspent and be a config
+    transformers accepts."""
+    from transformers import LlamaConfig
+
+    teacher = count_params(SMOLLM2_135M)
+    for k in range(15, 95, 5):
+        plan = make_plan(SMOLLM2_135M, fraction=k / 100, prune_heads=prune_heads)
+        budget, s = int(k / 100 * teacher), plan.shape
+        assert 0.97 * budget <= plan.params <= budget, (k, s, plan.fraction)
+        if s.intermediate_size + 8 <= SMOLLM2_135M["intermediate_size"]:
+            wider = Shape(**{**s.as_dict(), "intermediate_size": s.intermediate_size + 8})
+            assert count_params(SMOLLM2_135M, wider) > budget, (k, s)
+        LlamaConfig(**{**SMOLLM2_135M, **s.as_dict(), "head_dim": 64})  # raises on a shape it refuses
+        if not prune_heads:
+            assert (s.num_attention_heads, s.num_key_value_heads) == (9, 3)
+
+
+def test_budget_fill_keeps_hidden_and_mlp_balanced():
+    """The filled plan is the most balanced one (largest min(hidden, MLP) share of the teacher's), not the
+    one that pours the whole leftover into the MLP: at 0.35 with heads kept that is hidden 288 / MLP 752
+    (0.349x; the size point of BENCHMARKS section 15), not hidden 216 / MLP 1360. At 0.5 the plan the
+    shipped SmolLM2 experiment uses (hidden 360 / MLP 1016) is unchanged."""
+    plan = make_plan(SMOLLM2_135M, fraction=0.35, prune_heads=False)
+    assert (plan.shape.hidden_size, plan.shape.intermediate_size) == (288, 752)
+    assert any(r.startswith("filled the budget: hidden 216 -> 288") for r in plan.reasons)
+    plan = make_plan(SMOLLM2_135M, fraction=0.5, prune_heads=False)
+    assert (plan.shape.hidden_size, plan.shape.intermediate_size) == (360, 1016)
+    assert not any(r.startswith("filled the budget") for r in plan.reasons)
+
+
 def test_impossible_targets_are_clear_errors_before_weights():
     cfg = build("llama", False, 4, 2).config.to_dict()
     with pytest.raises(PlanError) as err:
