@@ -91,6 +91,32 @@ def summary(name: str, overrides: list[str], folder: Path, wall: float | None) -
     }
 
 
+def pair_with_first(rows: list[dict]) -> None:
+    """Each recipe against the first on the same examples: answers it lost / gained per split and McNemar's
+    exact p (``distill.compare.paired``), so a difference of a few answers is not read as a finding."""
+    from distill.compare import paired
+    from distill.stages.measure import MISSES
+
+    if not rows:
+        return
+    first = Path(rows[0]["folder"]) / "eval" / "pytorch" / MISSES
+    for r in rows[1:]:
+        mine = Path(r["folder"]) / "eval" / "pytorch" / MISSES
+        if first.is_file() and mine.is_file():
+            r["paired_vs_first"] = {
+                "recipe": rows[0]["recipe"],
+                **paired(*(json.loads(f.read_text()) for f in (first, mine))),
+            }
+            print(
+                f"{r['recipe']:<28} vs {rows[0]['recipe']}: "
+                + "  ".join(
+                    f"{k} lost {v['lost']} gained {v['gained']} (McNemar p {v['p']:.3g})"
+                    for k, v in r["paired_vs_first"].items()
+                    if k != "recipe"
+                )
+            )
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -154,6 +180,7 @@ def main() -> None:
             + "  ".join(f"{p} {v['student']:.3f}/{v['teacher']:.3f}" for p, v in r["parts"].items()),
             flush=True,
         )
+    pair_with_first(rows)
     if a.out:
         out = Path(a.out)
         out.write_text(json.dumps({"exp": a.exp, "common": a.common, "rows": rows}, indent=2))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 from core.hashing import flatten
@@ -41,6 +43,9 @@ RULES: dict[str, tuple[str, str, float]] = {
 HELDOUT = ("exact_match", "tool_accuracy", "arg_f1", "agreement", "kl")  # also compared on the heldout split
 # Below these absolute changes a relative increase is noise (KL of a near-perfect student, a few bytes).
 FLOORS = {"kl": 0.002, "perplexity": 0.01, "bytes": 4096, "ms_per_token": 0.05, "prefill_ms": 0.2}
+
+
+ALPHA = 0.05  # a paired difference with McNemar's p above this is reported as possibly noise
 
 
 class RunError(ValueError):
@@ -88,6 +93,53 @@ def judge(metric: str, a: float, b: float, tolerance: float) -> str:
     return "same"
 
 
+def mcnemar_p(lost: int, gained: int) -> float:
+    """McNemar's exact two-sided p-value for paired right / wrong answers: the chance of a split of the
+    ``lost + gained`` discordant examples at least this uneven if each were equally likely either way
+    (binomial with p = 1/2). Examples both runs get right, or both wrong, say nothing about the difference."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _miss_keys(rows: list[dict]) -> Counter:
+    return Counter(json.dumps([m.get("request"), m.get("reference")], sort_keys=True, default=str) for m in rows)
+
+
+def paired(misses_a: dict, misses_b: dict) -> dict:
+    """Per split, on the same examples: ``lost`` (A right, B wrong), ``gained`` (A wrong, B right) and
+    McNemar's exact p. ``misses_*``: an evaluation folder's ``misses.json`` ({split: [miss, ...]}; a miss is
+    keyed by its request and reference)."""
+    out = {}
+    for split in sorted(misses_a.keys() & misses_b.keys()):
+        ka, kb = _miss_keys(misses_a[split]), _miss_keys(misses_b[split])
+        lost, gained = sum((kb - ka).values()), sum((ka - kb).values())
+        out[split] = {"lost": lost, "gained": gained, "p": mcnemar_p(lost, gained)}
+    return out
+
+
+def paired_runs(a: dict, b: dict) -> tuple[dict, str | None]:
+    """``paired`` for every artifact both runs evaluated, or ({}, why not) when the runs were not scored on
+    the same examples (data, or ``eval.num_test``, differ) or kept no misses files."""
+    from distill.stages.measure import MISSES
+
+    ma, mb = a["metrics"], b["metrics"]
+    if ma.get("data_hash") != mb.get("data_hash"):
+        return {}, "the runs' data differ (data_hash): no paired comparison"
+    na, nb = (x["config"].get("eval", {}).get("num_test") for x in (a, b))
+    if na != nb:
+        return {}, f"eval.num_test differs ({na} -> {nb}): no paired comparison"
+    out = {}
+    for who in artifacts(mb):
+        folder = "pytorch" if who == "student" else who
+        fa, fb = (Path(x["folder"]) / "eval" / folder / MISSES for x in (a, b))
+        if who in ma and fa.is_file() and fb.is_file():
+            out[who] = paired(json.loads(fa.read_text()), json.loads(fb.read_text()))
+    return out, None if out else "no misses files in both runs' eval folders: no paired comparison"
+
+
 def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dict:
     tol = {k: r[2] for k, r in RULES.items()} | (tolerances or {})
     ca, cb = flatten(a["config"]), flatten(b["config"])
@@ -113,8 +165,20 @@ def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dic
             name = metric if split == "test" else f"{split}.{metric}"
             rows.append({"artifact": who, "metric": name, "a": x, "b": y, "verdict": verdict})
     ga, gb = ma.get("gate", {}).get("passed"), mb.get("gate", {}).get("passed")
+    pairs, no_pairs = paired_runs(a, b)
+
+    def noise(r: dict) -> str:  # an exact-match change the paired test cannot tell from chance says so
+        split, _, metric = r["metric"].rpartition(".")
+        got = pairs.get(r["artifact"], {}).get(split or "test")
+        if metric != "exact_match" or got is None:
+            return ""
+        verdict = "possibly noise" if got["p"] > ALPHA else "significant"
+        return f" (paired: {got['lost']} lost, {got['gained']} gained, McNemar p = {got['p']:.3g}: {verdict})"
+
     regressions = [
-        f"{r['artifact']}.{r['metric']}: {r['a']:.4g} -> {r['b']:.4g}" for r in rows if r["verdict"] == "regressed"
+        f"{r['artifact']}.{r['metric']}: {r['a']:.4g} -> {r['b']:.4g}{noise(r)}"
+        for r in rows
+        if r["verdict"] == "regressed"
     ]
     if ga is True and gb is False:
         regressions.append("gate: passed -> FAILED (" + "; ".join(mb["gate"].get("failed", [])) + ")")
@@ -126,6 +190,8 @@ def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dic
         "versions": versions,
         "rows": rows,
         "gate": (ga, gb),
+        "paired": pairs,
+        "paired_note": no_pairs,
         "regressions": regressions,
     }
 
@@ -154,6 +220,15 @@ def render(c: dict) -> str:
             rule = RULES[r["metric"].rpartition(".")[2]]
             change = f"{(b - a) / abs(a) * 100:+.1f}%" if rule[1] == "rel" and a else f"{b - a:+.4f}"
         out.append(f"{r['artifact']:<14} {r['metric']:<22} {_v(a):>12} {_v(b):>12} {change:>10}  {r['verdict']}")
+    if c.get("paired") or c.get("paired_note"):
+        out += ["", "paired exact match (the same examples; lost: A right, B wrong; gained: the reverse):"]
+        out += [f"  {c['paired_note']}"] if c.get("paired_note") else []
+        for who, splits in c.get("paired", {}).items():
+            for split, x in splits.items():
+                out.append(
+                    f"  {who:<14} {split:<8} lost {x['lost']:>4}  gained {x['gained']:>4}  McNemar p = {x['p']:.3g}"
+                    + ("  (possibly noise)" if x["p"] > ALPHA and x["lost"] + x["gained"] else "")
+                )
     ga, gb = c["gate"]
     fmt = {True: "passed", False: "FAILED", None: "-"}
     out += ["", f"gate: {fmt[ga]} -> {fmt[gb]}", ""]

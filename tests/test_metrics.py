@@ -55,3 +55,53 @@ def test_metrics_do_not_import_torch():
 
     code = "import sys, distill.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _fake_run(folder, misses: dict, data_hash="d1", num_test=200):
+    import json
+
+    (folder / "eval" / "pytorch").mkdir(parents=True)
+    metrics_ = {
+        "data_hash": data_hash,
+        "teacher": {"exact_match": 0.9, "heldout": {"exact_match": 0.7}},
+        "student": {"exact_match": 0.8, "heldout": {"exact_match": 0.5}},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics_))
+    (folder / "config.yaml").write_text(f"eval:\n  num_test: {num_test}\n")
+    (folder / "eval" / "pytorch" / "misses.json").write_text(json.dumps(misses))
+    return folder
+
+
+def test_compare_pairs_the_same_examples_with_mcnemar(tmp_path):
+    """``distill.compare`` pairs two runs' misses on the same examples: planted, A misses requests 1-3 and
+    B misses 3-14 on test (B lost 11, gained 2); McNemar's exact p matches a brute-force count over every
+    way 13 discordant examples can fall; runs on other data are not paired."""
+    import itertools
+
+    from distill.compare import compare, load_run, mcnemar_p, render
+
+    def miss(i):
+        return {"request": f"call contact {i}", "reference": {"tool": "call", "args": {"n": i}}, "answer": "x"}
+
+    a = _fake_run(tmp_path / "a", {"test": [miss(i) for i in (1, 2, 3)], "heldout": [miss(50)]})
+    b = _fake_run(tmp_path / "b", {"test": [miss(i) for i in range(3, 15)], "heldout": [miss(50)]})
+    c = compare(load_run(a), load_run(b))
+    got = c["paired"]["student"]
+    brute = sum(abs(2 * sum(s) - 13) >= 9 for s in itertools.product((0, 1), repeat=13)) / 2**13
+    assert (got["test"]["lost"], got["test"]["gained"]) == (11, 2)
+    assert abs(got["test"]["p"] - brute) < 1e-12 and abs(brute - 0.0224609375) < 1e-12
+    assert got["heldout"] == {"lost": 0, "gained": 0, "p": 1.0}
+    assert mcnemar_p(2, 11) == mcnemar_p(11, 2) and mcnemar_p(3, 2) == 1.0
+    text = render(c)
+    assert "student        test     lost   11  gained    2  McNemar p = 0.0225" in text
+    # a regression the paired test cannot tell from chance says so
+    (tmp_path / "b" / "metrics.json").write_text(
+        (tmp_path / "b" / "metrics.json").read_text().replace('"exact_match": 0.8', '"exact_match": 0.78')
+    )
+    b2 = _fake_run(tmp_path / "b2", {"test": [miss(i) for i in (1, 2, 3, 4, 5)], "heldout": []})
+    (b2 / "metrics.json").write_text((tmp_path / "b" / "metrics.json").read_text())
+    (reg,) = compare(load_run(a), load_run(b2))["regressions"]
+    assert reg.startswith("student.exact_match: 0.8 -> 0.78 (paired: 2 lost, 0 gained, McNemar p = 0.5: possibly")
+    other = _fake_run(tmp_path / "other", {"test": []}, data_hash="d2")
+    c = compare(load_run(a), load_run(other))
+    assert c["paired"] == {} and "data differ" in c["paired_note"] and "data differ" in render(c)
