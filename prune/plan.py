@@ -157,6 +157,12 @@ def _heads_for(t: Shape, scale: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _hidden_step(cfg: dict, heads: int, align: int) -> int:
+    """The step a planned hidden size moves in: ``align``, or lcm(align, heads) where the family's config
+    needs hidden % heads == 0 (Llama)."""
+    return math.lcm(align, heads) if FAMILIES[cfg["model_type"]].hidden_multiple_of_heads else align
+
+
 def _fill_width(cfg: dict, t: Shape, found: Plan, budget: int, align: int) -> Plan:
     """Spend what alignment left of the budget. One width factor moves hidden in steps of ``h_align``
     (lcm(align, heads) where the family needs hidden % heads == 0: 72 on SmolLM2 with 9 heads kept), so the
@@ -166,8 +172,7 @@ def _fill_width(cfg: dict, t: Shape, found: Plan, budget: int, align: int) -> Pl
     The bisection's shape is a candidate, so the result is never less balanced and, at equal balance,
     never smaller."""
     s0 = found.shape
-    fam = FAMILIES[cfg["model_type"]]
-    h_align = math.lcm(align, s0.num_attention_heads) if fam.hidden_multiple_of_heads else align
+    h_align = _hidden_step(cfg, s0.num_attention_heads, align)
     hiddens = set(range(h_align, t.hidden_size + 1, h_align)) | {t.hidden_size}
     mlps = sorted(set(range(align, t.intermediate_size + 1, align)) | {t.intermediate_size})
 
@@ -253,7 +258,7 @@ def plan_budget(
         for _ in range(40):  # bisection on the width factor
             mid = (lo + hi) / 2
             nh, kv = _heads_for(t, mid) if prune_heads else (t.num_attention_heads, t.num_key_value_heads)
-            h_align = math.lcm(align, nh) if FAMILIES[cfg["model_type"]].hidden_multiple_of_heads else align
+            h_align = _hidden_step(cfg, nh, align)
             s = Shape(
                 _align_down(t.hidden_size * mid, h_align),
                 _align_down(t.intermediate_size * mid, align),

@@ -95,13 +95,16 @@ def test_compare_pairs_the_same_examples_with_mcnemar(tmp_path):
     text = render(c)
     assert "student        test     lost   11  gained    2  McNemar p = 0.0225" in text
     # a regression the paired test cannot tell from chance says so
-    (tmp_path / "b" / "metrics.json").write_text(
-        (tmp_path / "b" / "metrics.json").read_text().replace('"exact_match": 0.8', '"exact_match": 0.78')
-    )
     b2 = _fake_run(tmp_path / "b2", {"test": [miss(i) for i in (1, 2, 3, 4, 5)], "heldout": []})
-    (b2 / "metrics.json").write_text((tmp_path / "b" / "metrics.json").read_text())
+    (b2 / "metrics.json").write_text(
+        (b2 / "metrics.json").read_text().replace('"exact_match": 0.8', '"exact_match": 0.78')
+    )
     (reg,) = compare(load_run(a), load_run(b2))["regressions"]
     assert reg.startswith("student.exact_match: 0.8 -> 0.78 (paired: 2 lost, 0 gained, McNemar p = 0.5: possibly")
+    # runs scored on other examples are not paired
     other = _fake_run(tmp_path / "other", {"test": []}, data_hash="d2")
     c = compare(load_run(a), load_run(other))
     assert c["paired"] == {} and "data differ" in c["paired_note"] and "data differ" in render(c)
+    fewer = _fake_run(tmp_path / "fewer", {"test": []}, num_test=100)
+    c = compare(load_run(a), load_run(fewer))
+    assert c["paired"] == {} and "eval.num_test differs (200 -> 100)" in c["paired_note"]
