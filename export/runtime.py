@@ -52,6 +52,17 @@ class _OrtSession:
         return self.session.run(self.output_names, feed)
 
 
+def openvino_quantizes_activations() -> bool:
+    """Whether OpenVINO's CPU plugin, on this machine, quantizes the activations of a compressed-weight MatMul
+    (int8, per token in groups of 32: what ONNX Runtime's ``MatMulNBits`` does at ``accuracy_level`` 4). It
+    does on CPUs with int8 dot products (VNNI / AMX) and keeps them in float elsewhere (AVX2 alone), whatever
+    the file says; so there the same int4 / int8 weight-only file computes other numbers under the two
+    runtimes unless it asks ONNX Runtime for float activations (``accuracy_level`` 0 or 1)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 class _OpenVinoSession:
     def __init__(self, path: Path, threads: int | None):
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,9 +418,10 @@ def test_weight_only_int8_computes_the_same_numbers_under_openvino(qwen_onnx, tm
 
 
 def _matching_level() -> int:
-    """The int8 accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU (see below)."""
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
-    return 4 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 1
+    """The int8 accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU."""
+    from export.runtime import openvino_quantizes_activations
+
+    return 4 if openvino_quantizes_activations() else 1
 
 
 @pytest.mark.parametrize(
@@ -500,6 +500,40 @@ def test_cross_runtime_report_compares_a_few_rows_at_a_time(qwen_onnx, tokenizer
     assert out["argmax_agreement"] == 1.0 and out["max_logit_diff"] < 1e-3
     assert sum(seen) == 2 * sum(len(ex["input_ids"]) for ex in data)  # every token, by both runtimes
     assert max(seen) <= 2 * longest
+
+
+def test_cross_runtime_scores_each_runtime_and_names_their_activation_arithmetic(
+    qwen_onnx, tmp_path, tokenizer, car_settings
+):
+    """The OpenVINO check scores both runtimes' answers on the same examples (planted: ONNX Runtime's answers
+    are the references for 3 of 6 examples, so its exact match is 0.5; the untrained model's own answers under
+    OpenVINO are not), and says how each runtime computes a weight-only file's activations on this CPU:
+    alike exactly where the numbers agree (``test_weight_only_int8_computes_the_same_numbers_under_openvino``)."""
+    pytest.importorskip("openvino")
+    from distill.data import encode_records
+    from distill.data.car_assistant import generate
+    from distill.evaluate import evaluate_generations
+    from distill.stages.ship import cross_runtime
+    from quantize import quantize_int8_weights
+
+    _, _, fp32 = qwen_onnx
+    data = encode_records(tokenizer, [e.to_record() for e in generate("test", car_settings)[:6]], 512)
+    planted = [tokenizer.encode(ex["answer"], add_special_tokens=False) if i < 3 else [] for i, ex in enumerate(data)]
+    out = cross_runtime(fp32, OnnxCausalLM(fp32), planted, data, 8, batch_size=1, chunk_size=512, tokenizer=tokenizer)
+    ov = OnnxCausalLM(fp32, backend="openvino")
+    own, _ = evaluate_generations(data, lambda p: ov.generate(p, 8, batch_size=1), tokenizer)
+    assert out["onnxruntime_exact_match"] == 0.5
+    assert out["exact_match"] == own["exact_match"] < 0.5 and out["generation_match"] < 0.5
+    assert "activations" not in out  # float weights: one arithmetic
+
+    matching = _matching_level()
+    for level in (1, 4):
+        q = quantize_int8_weights(fp32, tmp_path / f"int8w{level}", block_size=32, accuracy_level=level)
+        ort_rt = OnnxCausalLM(q)
+        answers = ort_rt.generate([ex["input_ids"][: ex["prompt_len"]] for ex in data], 8, batch_size=1)
+        acts = cross_runtime(q, ort_rt, answers, data, 8, batch_size=1, chunk_size=512)["activations"]
+        assert acts["onnxruntime"] == ("int8" if level == 4 else "float")
+        assert (acts["onnxruntime"] == acts["openvino"]) == (level == matching), (level, acts)
 
 
 # --- the gate -----------------------------------------------------------------------------------

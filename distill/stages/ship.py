@@ -244,7 +244,14 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
             n_ov = rc.export.openvino_examples or len(enc[split])
             budget = rc.eval.max_new_tokens or answer_budget(enc[split])
             ov = cross_runtime(
-                folder, runner, answers[split][:n_ov], enc[split][:n_ov], budget, deploy, rc.eval.chunk_size
+                folder,
+                runner,
+                answers[split][:n_ov],
+                enc[split][:n_ov],
+                budget,
+                deploy,
+                rc.eval.chunk_size,
+                r.teacher.tokenizer,
             )
             (scores if split == "test" else scores[split])["openvino"] = ov
             if "generation_match" in ov:  # (absent when OpenVINO cannot load the file: not measured)
@@ -290,15 +297,28 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
 
 
 def cross_runtime(
-    folder: Path, runner, answers, data: list[dict], max_new_tokens: int, batch_size: int, chunk_size: int
+    folder: Path,
+    runner,
+    answers,
+    data: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    chunk_size: int,
+    tokenizer=None,
 ) -> dict:
     """The same ONNX file under OpenVINO (CPU, f32 precision hint) on ``data``: share of greedy answers
     identical to ONNX Runtime's (``answers``: ORT's on the same examples), argmax agreement and largest
     logit difference on the reference sequences, compared a few rows at a time (about ``chunk_size``
-    tokens: two runtimes' full logits of a whole split would not fit in memory at a large vocabulary)."""
+    tokens: two runtimes' full logits of a whole split would not fit in memory at a large vocabulary).
+
+    With ``tokenizer``, also each runtime's exact match on these examples (``exact_match`` OpenVINO's,
+    ``onnxruntime_exact_match``): whether the answers that differ cost accuracy. For a weight-only file,
+    ``activations`` says how each runtime computes its MatMuls' activations on this CPU: where they differ
+    (ONNX Runtime int8 at ``accuracy_level`` 4, OpenVINO float on a CPU without VNNI / AMX) the two run
+    different arithmetic, and answers at near-ties part (BENCHMARKS.md section 20)."""
     import numpy as np
 
-    from export.runtime import OnnxCausalLM
+    from export.runtime import OnnxCausalLM, openvino_quantizes_activations
 
     try:
         import torch
@@ -326,9 +346,25 @@ def cross_runtime(
             total += x.shape[0]
             diff = max(diff, float(np.abs(x - y).max()))
         start += rows
-    return {
+    out = {
         "examples": len(data),
         "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
         "argmax_agreement": same / max(total, 1),
         "max_logit_diff": diff,
     }
+    if tokenizer is not None and data:
+        from distill import metrics
+        from distill.evaluate import scoring
+
+        refs, kw = [ex["answer"] for ex in data], scoring(data, tokenizer)
+        for key, got in (("exact_match", ov_answers), ("onnxruntime_exact_match", answers)):
+            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in got]
+            out[key] = metrics.score(texts, refs, **kw)["exact_match"]
+    qinfo = folder / "quantization.json"
+    settings = json.loads(qinfo.read_text())["settings"] if qinfo.is_file() else {}
+    if "accuracy_level" in settings:  # MatMulNBits weight-only: level 4 = int8 activations; 0-3, null: float
+        out["activations"] = {
+            "onnxruntime": "int8" if settings["accuracy_level"] == 4 else "float",
+            "openvino": "int8" if openvino_quantizes_activations() else "float",
+        }
+    return out
