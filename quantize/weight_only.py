@@ -276,6 +276,9 @@ class Int4Settings:
         return out
 
 
+QAD_TARGETS = ("teacher", "student")  # what the int4 grid is distilled from (quantize.int4_qad.target)
+
+
 @dataclass
 class Int4QadSettings:
     block_size: int = positive()
@@ -284,6 +287,9 @@ class Int4QadSettings:
     steps: int = positive()
     lr: float = positive()
     warmup_steps: int = non_negative()
+    target: str = choice(
+        *QAD_TARGETS
+    )  # teacher: the distillation's loss and teacher; student: the fp32 student's logits alone
 
     def problems(self, key: str) -> list[str]:
         return _block_problems(key, self.block_size, self.accuracy_level)

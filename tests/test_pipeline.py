@@ -405,6 +405,30 @@ def test_quantization_aware_distillation_ships_the_trained_grid(smoke_run, tmp_p
     assert eight == set(mp["nodes"]), (eight, mp["nodes"])
     assert m["onnx_int4_mixed"]["bytes"] > m["onnx_int4"]["bytes"]
 
+    # quantize.int4_qad.target=student: the same grid distilled from the fp32 student's logits alone; only QAD
+    # (and what reads it) runs again. The student is what the grid was rounded from, so its KL starts at the
+    # rounding error, below the teacher's at step 1, and the file ends nearer the fp32 student than the
+    # teacher-trained one (vs_source: the same 4 sequences, every position)
+    proc = _run(
+        [
+            "+exp=smoke",
+            f"hydra.run.dir={run_dir}",
+            "quantize.variants=[int4_qad]",
+            "gate.variants=[int4_qad]",
+            "quantize.int4_qad.steps=8",
+            "quantize.int4_qad.block_size=16",
+            "quantize.int4_qad.target=student",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.log[-3000:]
+    assert "stage distill: skipped" in proc.log and "stage qad:int4_qad: start (changed: config.target" in proc.log
+    own = json.loads((folder / "qad_info.json").read_text())["history"]
+    assert all(abs(h["loss"] - h["kd"]) < 1e-6 for h in own)  # logits alone: no label term
+    assert own[0]["kd"] < info["history"][0]["kd"]
+    q_own = json.loads((shipped / "quantization.json").read_text())
+    assert q_own["vs_source"]["kl"] < q["vs_source"]["kl"], (q_own["vs_source"], q["vs_source"])
+
 
 def test_student_reloads_without_this_project(smoke_run):
     run_dir, env, _ = smoke_run

@@ -188,9 +188,12 @@ def quantization_aware(r: Run) -> dict[str, Stage]:
 def qad(r: Run, name: str, s) -> Stage:
     """Quantization-aware distillation for scheme ``name``: the distilled student, its weights on the
     scheme's int4 grid in every forward (``quantize.fake``: ONNX Runtime's round-to-nearest blocks, straight-
-    through gradients), trained ``s.steps`` more steps against the teacher with the distillation's loss,
-    then baked onto the grid: ``DIR/qad/<name>/student``, a plain HF folder whose float weights are exactly
-    what the int4 file will hold."""
+    through gradients), trained ``s.steps`` more steps, then baked onto the grid: ``DIR/qad/<name>/student``,
+    a plain HF folder whose float weights are exactly what the int4 file will hold.
+
+    ``s.target``: ``teacher`` trains against the teacher with the distillation's loss (its labels and
+    ``kd_weight``); ``student`` against the fp32 student's logits alone (``kd_weight`` 1, no labels: the
+    grid learns to be the model it quantizes, as Model Optimizer's QAD does), on the same batches."""
     rc = r.rc
     tc = dataclasses.replace(
         rc.distill.train, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, eval_every=0, checkpoint_every=0
@@ -201,11 +204,13 @@ def qad(r: Run, name: str, s) -> Stage:
         features=dataclasses.replace(rc.distill.features, weight=0.0),
         on_policy=dataclasses.replace(rc.distill.on_policy, fraction=0.0),
         train=tc,
+        **({"kd_weight": 1.0} if s.target == "student" else {}),
     )
     tied = json.loads((r.dir / "student" / "config.json").read_text()).get("tie_word_embeddings", False)
     config = {  # a tied embedding trains on the grid either way: ``embedding`` changes training only when untied
         "grid": {"bits": 4, "block_size": s.block_size, "symmetric": True, "embedding": s.embedding and not tied},
         "train": key_settings(dataclasses.asdict(dcfg)),
+        **({"target": s.target} if s.target != "teacher" else {}),  # (earlier QAD stages keep their key)
         "max_length": rc.data.max_length,
         "processes": r.acc.num_processes,
     }
@@ -222,15 +227,20 @@ def qad(r: Run, name: str, s) -> Stage:
         from quantize import fake
 
         student = load_causal_lm(r.dir / "student")
+        if s.target == "student":  # the fp32 student it starts from, frozen, is the one signal
+            mode = make_mode(dcfg, teacher=load_causal_lm(r.dir / "student").eval().requires_grad_(False))
+        elif r.signals is None:
+            mode = make_mode(dcfg, teacher=r.teacher.model.get())
+        else:
+            mode = make_mode(dcfg, signals=r.signals)
         names = fake.attach(student, bits=4, block=s.block_size, embedding=s.embedding)
-        live = r.signals is None
         result = train(
             student,
             r.teacher.tokenizer,
             r.train_data(),
             tc,
             accelerator=r.acc,
-            mode=make_mode(dcfg, teacher=r.teacher.model.get() if live else None, signals=None if live else r.signals),
+            mode=mode,
             desc=f"qad:{name}",
             log_prefix=f"qad_{name}/",
         )
