@@ -118,11 +118,13 @@ def pair_with_first(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Three panels: retention per split and heldout part; heldout retention against minutes (the probes);
+    retention against student size (filled: heldout, hollow: test), each recipe in its own colour."""
     from matplotlib.figure import Figure
 
     parts = sorted({p for r in rows for p in r["parts"]})
-    fig = Figure(figsize=(11, 4))
-    a, b = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.8))
+    a, b, c = fig.subplots(1, 3)
     width = 0.8 / max(len(rows), 1)
     groups = ["test", *parts]
     for i, r in enumerate(rows):
@@ -130,28 +132,26 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         a.bar([g + i * width for g in range(len(groups))], ys, width, label=r["recipe"], color=f"C{i}")
         if r["curve"]:  # the probes during training: heldout retention against minutes spent so far
             b.plot(
-                [c["minutes"] for c in r["curve"]],
-                [c["heldout_retention"] for c in r["curve"]],
-                "o-",
-                color=f"C{i}",
-                label=r["recipe"],
+                [x["minutes"] for x in r["curve"]], [x["heldout_retention"] for x in r["curve"]], "o-", color=f"C{i}"
             )
         else:
-            b.scatter(r["minutes"], r["heldout_retention"], color=f"C{i}", s=50, label=r["recipe"])
+            b.scatter(r["minutes"], r["heldout_retention"], color=f"C{i}", s=50)
+        c.scatter(r["param_ratio"], r["heldout_retention"], color=f"C{i}", s=50)
+        c.scatter(r["param_ratio"], r["test_retention"], facecolors="none", edgecolors=f"C{i}", s=50)
 
     a.set_xticks([g + width * (len(rows) - 1) / 2 for g in range(len(groups))])
-    a.set_xticklabels(["test", *(f"heldout: {p}" for p in parts)], fontsize=8)
+    a.set_xticklabels(["test", *(f"heldout:\n{p}" for p in parts)], fontsize=8)
     a.set_ylabel("student / teacher exact match")
-    a.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
-    a.legend(fontsize=7, ncol=len(rows), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     b.set_xlabel("minutes: extra data + pruning + distillation")
     b.set_ylabel("heldout retention (probed examples)")
-    b.legend(fontsize=7)
-    b.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
-    for ax in (a, b):
+    c.set_xlabel("student parameters / teacher's")
+    c.set_ylabel("retention (filled: heldout, hollow: test)")
+    for ax in (a, b, c):
+        ax.axhline(0.95, color="gray", linestyle="--", linewidth=0.8)
         ax.grid(alpha=0.3)
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=min(len(rows), 9), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
 
 
