@@ -287,9 +287,8 @@ class Int4QadSettings:
     steps: int = positive()
     lr: float = positive()
     warmup_steps: int = non_negative()
-    target: str = choice(
-        *QAD_TARGETS
-    )  # teacher: the distillation's loss and teacher; student: the fp32 student's logits alone
+    # teacher: the distillation's loss and teacher; student: the fp32 student's logits alone
+    target: str = choice(*QAD_TARGETS)
 
     def problems(self, key: str) -> list[str]:
         return _block_problems(key, self.block_size, self.accuracy_level)

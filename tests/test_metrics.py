@@ -108,3 +108,33 @@ def test_compare_pairs_the_same_examples_with_mcnemar(tmp_path):
     fewer = _fake_run(tmp_path / "fewer", {"test": []}, num_test=100)
     c = compare(load_run(a), load_run(fewer))
     assert c["paired"] == {} and "eval.num_test differs (200 -> 100)" in c["paired_note"]
+
+
+def test_report_lists_each_splits_cross_runtime_check_and_names_a_differing_arithmetic():
+    """The release report's OpenVINO table: a row per variant and split with both runtimes' exact match
+    (planted, distinct), and the note on differing activation arithmetic only where it differs."""
+    from distill.report import release_table
+
+    def ov(match, ort_em, ov_em, acts):
+        o = {"examples": 200, "generation_match": match, "argmax_agreement": 0.96, "max_logit_diff": 2.0}
+        return {**o, "onnxruntime_exact_match": ort_em, "exact_match": ov_em, **({"activations": acts} if acts else {})}
+
+    base = {"gate": {"checks": [], "summary": "gate\n- ok", "passed": True}, "teacher": {}, "student": {}}
+    int8_float = {"onnxruntime": "int8", "openvino": "float"}
+    metrics = {
+        **base,
+        "onnx_fp32": {"openvino": ov(1.0, 0.945, 0.945, None)},
+        "onnx_int4_qad": {
+            "openvino": ov(0.99, 0.96, 0.955, int8_float),
+            "heldout": {"openvino": ov(0.925, 0.435, 0.44, int8_float)},
+        },
+    }
+    text = "\n".join(release_table(metrics))
+    assert "| int4_qad | heldout | 0.925 (200) | 0.435 / 0.440 | int8 / float |" in text
+    assert "| int4_qad | test | 0.990 (200) | 0.960 / 0.955 | int8 / float |" in text
+    assert "| fp32 | test | 1.000 (200) | 0.945 / 0.945 |  |" in text
+    assert "accuracy_level: 1 makes them compute alike here" in text
+    alike = {"onnxruntime": "int8", "openvino": "int8"}
+    metrics["onnx_int4_qad"]["openvino"]["activations"] = alike
+    metrics["onnx_int4_qad"]["heldout"]["openvino"]["activations"] = alike
+    assert "compute the activations differently" not in "\n".join(release_table(metrics))

@@ -4,6 +4,7 @@ quantization scheme's grid (quantization-aware distillation).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -228,7 +229,7 @@ def qad(r: Run, name: str, s) -> Stage:
 
         student = load_causal_lm(r.dir / "student")
         if s.target == "student":  # the fp32 student it starts from, frozen, is the one signal
-            mode = make_mode(dcfg, teacher=load_causal_lm(r.dir / "student").eval().requires_grad_(False))
+            mode = make_mode(dcfg, teacher=copy.deepcopy(student).eval().requires_grad_(False))
         elif r.signals is None:
             mode = make_mode(dcfg, teacher=r.teacher.model.get())
         else:
