@@ -15,34 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def with_accuracy_level(src: Path, dest: Path, level: int) -> int:
-    """Copy the exported folder ``src`` to ``dest`` with every MatMulNBits at ``accuracy_level`` ``level``;
-    the number of nodes changed (the weights, scales and everything else are the file's own)."""
-    import onnx
-
-    from core.onnx_files import ONNX_FILE
-
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest)
-    model = onnx.load(str(src / ONNX_FILE))
-    changed = 0
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
-            changed += 1
-    onnx.save(model, str(dest / ONNX_FILE))
-    return changed
 
 
 def main(argv=None) -> int:
@@ -61,6 +39,7 @@ def main(argv=None) -> int:
     from bench.run_data import encoded_splits
     from distill.evaluate import answer_budget, evaluate_generations, latency, onnx_generate_n
     from export.runtime import OnnxCausalLM
+    from quantize import with_accuracy_level
 
     torch.set_num_threads(a.threads)
     shipped = a.run / "onnx" / a.variant

@@ -33,7 +33,7 @@ from distill.schema import (
     TeacherConfig,
     TrainConfig,
 )
-from export.gate import THRESHOLDS
+from export.gate import OPENVINO_ARITHMETIC, THRESHOLDS
 from export.onnx import EXPORTERS
 from prune.plan import SIZE_KEYS
 from quantize import SCHEMES, onnx_variants
@@ -55,6 +55,7 @@ class ExportConfig:
     verify_rtol: float = non_negative()  # ... plus this times the largest |logit|
     openvino: bool | str = choice("auto")  # auto | true | false: also run the ONNX files under OpenVINO
     openvino_examples: int | None = positive()  # test examples compared under OpenVINO; null = all
+    openvino_arithmetic: str = choice(*OPENVINO_ARITHMETIC)  # what min_openvino_match compares OpenVINO with
     deploy_batch: int = positive()  # the batch the application runs: ONNX variants are scored at it
     invariance_examples: int = non_negative()  # test examples that must show a variant batch-invariant
     latency_prompts: int = positive()  # test prompts timed at batch 1 for prefill and per-token decode latency

@@ -88,6 +88,11 @@ class Threshold:
     )
 
 
+# export.openvino_arithmetic: what ONNX Runtime's answers come from in the OpenVINO check that
+# min_openvino_match judges. matched: the same file at the accuracy_level whose activation arithmetic OpenVINO
+# uses on this CPU (the check judges the file, not this CPU's int8 instructions); shipped: the file as shipped.
+OPENVINO_ARITHMETIC = ("matched", "shipped")
+
 # The one list of gate thresholds: conf/gate/default.yaml sets each (null disables it), the config
 # schema's GateConfig, the CLI below, sweeps and notebooks are derived from it.
 THRESHOLDS: dict[str, Threshold] = {

@@ -63,6 +63,12 @@ def openvino_quantizes_activations() -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def openvino_accuracy_level() -> int:
+    """The ``MatMulNBits`` ``accuracy_level`` at which ONNX Runtime computes a weight-only file's activations as
+    OpenVINO's CPU plugin does on this machine: 4 (int8) where it quantizes them, else 1 (float)."""
+    return 4 if openvino_quantizes_activations() else 1
+
+
 class _OpenVinoSession:
     def __init__(self, path: Path, threads: int | None):
         try:

@@ -40,6 +40,7 @@ from quantize.weight_only import (
     quantize_int4,
     quantize_int4_mixed,
     quantize_int8_weights,
+    with_accuracy_level,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "quantize_int8_dynamic",
     "quantize_int8_static",
     "quantize_int8_weights",
+    "with_accuracy_level",
 ]

@@ -418,10 +418,10 @@ def test_weight_only_int8_computes_the_same_numbers_under_openvino(qwen_onnx, tm
 
 
 def _matching_level() -> int:
-    """The int8 accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU."""
-    from export.runtime import openvino_quantizes_activations
+    """The accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU."""
+    from export.runtime import openvino_accuracy_level
 
-    return 4 if openvino_quantizes_activations() else 1
+    return openvino_accuracy_level()
 
 
 @pytest.mark.parametrize(
@@ -529,11 +529,23 @@ def test_cross_runtime_scores_each_runtime_and_names_their_activation_arithmetic
     matching = _matching_level()
     for level in (1, 4):
         q = quantize_int8_weights(fp32, tmp_path / f"int8w{level}", block_size=32, accuracy_level=level)
+        graph = (q / "model.onnx").read_bytes()
         ort_rt = OnnxCausalLM(q)
         answers = ort_rt.generate([ex["input_ids"][: ex["prompt_len"]] for ex in data], 8, batch_size=1)
-        acts = cross_runtime(q, ort_rt, answers, data, 8, batch_size=1, chunk_size=512)["activations"]
+        out = cross_runtime(q, ort_rt, answers, data, 8, batch_size=1, chunk_size=512, arithmetic="matched")
+        acts = out["activations"]
         assert acts["onnxruntime"] == ("int8" if level == 4 else "float")
         assert (acts["onnxruntime"] == acts["openvino"]) == (level == matching), (level, acts)
+        if level == matching:  # one arithmetic already: nothing to match
+            assert "matched" not in out
+            continue
+        # export.openvino_arithmetic: matched reruns ONNX Runtime on a copy at OpenVINO's level: same numbers
+        m = out["matched"]
+        assert m["accuracy_level"] == matching and m["generation_match"] == 1.0, m
+        assert m["max_logit_diff"] < 1e-3 and out["max_logit_diff"] > 10 * m["max_logit_diff"], (out, m)
+        assert (q / "model.onnx").read_bytes() == graph  # the shipped file is untouched (the copy is linked)
+        shipped = cross_runtime(q, ort_rt, answers, data, 8, batch_size=1, chunk_size=512, arithmetic="shipped")
+        assert "matched" not in shipped and shipped["generation_match"] == out["generation_match"]
 
 
 # --- the gate -----------------------------------------------------------------------------------

@@ -134,6 +134,14 @@ def test_report_lists_each_splits_cross_runtime_check_and_names_a_differing_arit
     assert "| int4_qad | test | 0.990 (200) | 0.960 / 0.955 | int8 / float |" in text
     assert "| fp32 | test | 1.000 (200) | 0.945 / 0.945 |  |" in text
     assert "accuracy_level: 1 makes them compute alike here" in text
+    assert "judges the answers as shipped" in text
+    # export.openvino_arithmetic: matched: each row also shows the comparison at OpenVINO's arithmetic
+    matched = {"accuracy_level": 1, "generation_match": 0.995, "max_logit_diff": 2e-4}
+    metrics["onnx_int4_qad"]["heldout"]["openvino"]["matched"] = matched
+    text = "\n".join(release_table(metrics))
+    assert "| heldout | 0.925 (200) | 0.435 / 0.440 | int8 / float | 0.9600 | 2.00e+00 | 0.995 (ORT at" in text
+    assert "accuracy_level 1; max logit diff 2.0e-04) |" in text
+    assert "judges the answers at matched arithmetic" in text
     alike = {"onnxruntime": "int8", "openvino": "int8"}
     metrics["onnx_int4_qad"]["openvino"]["activations"] = alike
     metrics["onnx_int4_qad"]["heldout"]["openvino"]["activations"] = alike

@@ -162,7 +162,11 @@ def ship(r: Run, t_test: dict) -> dict:
                 "latency": [rc.export.latency_prompts, rc.export.latency_tokens],
                 "deploy_batch": [rc.export.deploy_batch, rc.export.invariance_examples],
                 "openvino": ov,
-                **({"openvino_examples": rc.export.openvino_examples} if ov else {}),
+                **(
+                    {"openvino_examples": rc.export.openvino_examples, "arithmetic": rc.export.openvino_arithmetic}
+                    if ov
+                    else {}
+                ),
             },
             {
                 "model_hash": made.output_hash,
@@ -252,10 +256,11 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
                 deploy,
                 rc.eval.chunk_size,
                 r.teacher.tokenizer,
+                arithmetic=rc.export.openvino_arithmetic,
             )
             (scores if split == "test" else scores[split])["openvino"] = ov
             if "generation_match" in ov:  # (absent when OpenVINO cannot load the file: not measured)
-                matches.append(ov["generation_match"])
+                matches.append(ov.get("matched", ov)["generation_match"])  # what export.openvino_arithmetic names
         if matches and len(matches) == len(answers):
             scores["openvino_match"] = min(matches)
     log.info(
@@ -305,6 +310,7 @@ def cross_runtime(
     batch_size: int,
     chunk_size: int,
     tokenizer=None,
+    arithmetic: str = "shipped",
 ) -> dict:
     """The same ONNX file under OpenVINO (CPU, f32 precision hint) on ``data``: share of greedy answers
     identical to ONNX Runtime's (``answers``: ORT's on the same examples), argmax agreement and largest
@@ -315,10 +321,11 @@ def cross_runtime(
     ``onnxruntime_exact_match``): whether the answers that differ cost accuracy. For a weight-only file,
     ``activations`` says how each runtime computes its MatMuls' activations on this CPU: where they differ
     (ONNX Runtime int8 at ``accuracy_level`` 4, OpenVINO float on a CPU without VNNI / AMX) the two run
-    different arithmetic, and answers at near-ties part (BENCHMARKS.md section 20)."""
-    import numpy as np
-
-    from export.runtime import OnnxCausalLM, openvino_quantizes_activations
+    different arithmetic, and answers at near-ties part (BENCHMARKS.md section 20). There, with
+    ``arithmetic="matched"`` (``export.gate.OPENVINO_ARITHMETIC``), ``matched`` holds the same comparison
+    against ONNX Runtime running a copy of the file at the ``accuracy_level`` OpenVINO's arithmetic matches
+    (``export.runtime.openvino_accuracy_level``): whether the file means the same in both runtimes."""
+    from export.runtime import OnnxCausalLM, openvino_accuracy_level, openvino_quantizes_activations
 
     try:
         import torch
@@ -330,36 +337,28 @@ def cross_runtime(
     from distill.evaluate import by_length
 
     prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in data]
-    ov_answers = by_length(
-        prompts, lambda p: ov.generate(p, max_new_tokens, batch_size=batch_size)
-    )  # batched as ORT's were
-    seqs = sorted((ex["input_ids"] for ex in data), key=len)
-    same, total, diff = 0, 0, 0.0
-    start = 0
-    while start < len(seqs):
-        rows = 1  # as many rows as keep the chunk within chunk_size tokens (rows grow longer: sorted)
-        while rows < batch_size and start + rows < len(seqs) and len(seqs[start + rows]) * (rows + 1) <= chunk_size:
-            rows += 1
-        part = seqs[start : start + rows]
-        for x, y in zip(runner.sequence_logits(part, rows), ov.sequence_logits(part, rows), strict=True):
-            same += int((x.argmax(-1) == y.argmax(-1)).sum())
-            total += x.shape[0]
-            diff = max(diff, float(np.abs(x - y).max()))
-        start += rows
-    out = {
-        "examples": len(data),
-        "generation_match": sum(x == y for x, y in zip(answers, ov_answers, strict=True)) / max(len(answers), 1),
-        "argmax_agreement": same / max(total, 1),
-        "max_logit_diff": diff,
-    }
-    if tokenizer is not None and data:
-        from distill import metrics
-        from distill.evaluate import scoring
 
-        refs, kw = [ex["answer"] for ex in data], scoring(data, tokenizer)
-        for key, got in (("exact_match", ov_answers), ("onnxruntime_exact_match", answers)):
-            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in got]
-            out[key] = metrics.score(texts, refs, **kw)["exact_match"]
+    def greedy(rt):  # batched as ORT's answers were
+        return by_length(prompts, lambda p: rt.generate(p, max_new_tokens, batch_size=batch_size))
+
+    def scored(ort_answers, ov_answers, ort_runner) -> dict:
+        got = {
+            "generation_match": sum(x == y for x, y in zip(ort_answers, ov_answers, strict=True))
+            / max(len(ort_answers), 1),
+            **_logit_agreement(ort_runner, ov, [ex["input_ids"] for ex in data], batch_size, chunk_size),
+        }
+        if tokenizer is not None and data:
+            from distill import metrics
+            from distill.evaluate import scoring
+
+            refs, kw = [ex["answer"] for ex in data], scoring(data, tokenizer)
+            for key, generated in (("exact_match", ov_answers), ("onnxruntime_exact_match", ort_answers)):
+                texts = [tokenizer.decode(a, skip_special_tokens=True) for a in generated]
+                got[key] = metrics.score(texts, refs, **kw)["exact_match"]
+        return got
+
+    ov_answers = greedy(ov)
+    out = {"examples": len(data), **scored(answers, ov_answers, runner)}
     qinfo = folder / "quantization.json"
     settings = json.loads(qinfo.read_text())["settings"] if qinfo.is_file() else {}
     if "accuracy_level" in settings:  # MatMulNBits weight-only: level 4 = int8 activations; 0-3, null: float
@@ -367,4 +366,35 @@ def cross_runtime(
             "onnxruntime": "int8" if settings["accuracy_level"] == 4 else "float",
             "openvino": "int8" if openvino_quantizes_activations() else "float",
         }
+        if arithmetic == "matched" and out["activations"]["onnxruntime"] != out["activations"]["openvino"]:
+            import tempfile
+
+            from quantize import with_accuracy_level
+
+            level = openvino_accuracy_level()
+            with tempfile.TemporaryDirectory(prefix="matched-") as tmp:
+                with_accuracy_level(folder, Path(tmp) / folder.name, level)
+                matched = OnnxCausalLM(Path(tmp) / folder.name, threads=torch.get_num_threads())
+                out["matched"] = {"accuracy_level": level, **scored(greedy(matched), ov_answers, matched)}
     return out
+
+
+def _logit_agreement(a, b, seqs: list, batch_size: int, chunk_size: int) -> dict:
+    """Argmax agreement and largest logit difference of two runners on the teacher-forced ``seqs``, a few rows
+    at a time (about ``chunk_size`` tokens)."""
+    import numpy as np
+
+    seqs = sorted(seqs, key=len)
+    same, total, diff = 0, 0, 0.0
+    start = 0
+    while start < len(seqs):
+        rows = 1  # as many rows as keep the chunk within chunk_size tokens (rows grow longer: sorted)
+        while rows < batch_size and start + rows < len(seqs) and len(seqs[start + rows]) * (rows + 1) <= chunk_size:
+            rows += 1
+        part = seqs[start : start + rows]
+        for x, y in zip(a.sequence_logits(part, rows), b.sequence_logits(part, rows), strict=True):
+            same += int((x.argmax(-1) == y.argmax(-1)).sum())
+            total += x.shape[0]
+            diff = max(diff, float(np.abs(x - y).max()))
+        start += rows
+    return {"argmax_agreement": same / max(total, 1), "max_logit_diff": diff}
