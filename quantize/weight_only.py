@@ -243,22 +243,15 @@ def quantize_int4_mixed(
 def with_accuracy_level(src: str | Path, dest: str | Path, level: int) -> int:
     """Write ``dest``: the exported folder ``src`` with every ``MatMulNBits`` at ``accuracy_level`` ``level``
     (how ONNX Runtime computes its activations: 4 int8, 0 / 1 float); the weights, scales and every other
-    file are ``src``'s (hard links where the file system allows). Returns the number of nodes changed."""
-    import os
+    file are copies of ``src``'s (not hard links: onnx refuses to load external data with several links, so
+    a link would break ``src`` for as long as the copy lives). Returns the number of nodes changed."""
     import shutil
 
     import onnx
 
     src, dest = Path(src), Path(dest)
     shutil.rmtree(dest, ignore_errors=True)
-
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(src, dest, copy_function=link)
+    shutil.copytree(src, dest)
     model = onnx.load(str(src / ONNX_FILE), load_external_data=False)  # the weights stay where they are
     changed = 0
     for node in model.graph.node:
@@ -267,8 +260,7 @@ def with_accuracy_level(src: str | Path, dest: str | Path, level: int) -> int:
             del node.attribute[:]
             node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
             changed += 1
-    (dest / ONNX_FILE).unlink()  # a hard link to src's graph: writing through it would change src
-    onnx.save(model, str(dest / ONNX_FILE))
+    onnx.save(model, str(dest / ONNX_FILE))  # the external data stays where the graph points: dest's copy
     return changed
 
 

@@ -543,9 +543,40 @@ def test_cross_runtime_scores_each_runtime_and_names_their_activation_arithmetic
         m = out["matched"]
         assert m["accuracy_level"] == matching and m["generation_match"] == 1.0, m
         assert m["max_logit_diff"] < 1e-3 and out["max_logit_diff"] > 10 * m["max_logit_diff"], (out, m)
-        assert (q / "model.onnx").read_bytes() == graph  # the shipped file is untouched (the copy is linked)
+        assert (q / "model.onnx").read_bytes() == graph  # the shipped file is untouched
         shipped = cross_runtime(q, ort_rt, answers, data, 8, batch_size=1, chunk_size=512, arithmetic="shipped")
         assert "matched" not in shipped and shipped["generation_match"] == out["generation_match"]
+
+
+def test_with_accuracy_level_rewrites_only_the_graph_of_a_file_with_external_weights(qwen_onnx, tmp_path):
+    """``quantize.with_accuracy_level`` on a folder whose weights sit in external data (every model over 2 GB):
+    the copy computes exactly what the file quantized at that level computes, its graph keeps pointing at its
+    own copy of the weights instead of embedding them, and the source folder is byte for byte unchanged and
+    still loads (onnx refuses external data with several hard links)."""
+    import onnx
+
+    from core.onnx_files import EXTERNAL_DATA_FILE
+    from quantize import quantize_int8_weights, with_accuracy_level
+
+    _, _, fp32 = qwen_onnx
+    q4 = quantize_int8_weights(fp32, tmp_path / "level4", block_size=32, accuracy_level=4)
+    q1 = quantize_int8_weights(fp32, tmp_path / "level1", block_size=32, accuracy_level=1)
+    model = onnx.load(str(q4 / "model.onnx"))
+    onnx.save_model(
+        model, str(q4 / "model.onnx"), save_as_external_data=True, location=EXTERNAL_DATA_FILE, size_threshold=1024
+    )
+    before = {f.name: f.read_bytes() for f in q4.iterdir()}
+    assert with_accuracy_level(q4, tmp_path / "copy", 1) == sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert {f.name: f.read_bytes() for f in q4.iterdir()} == before
+    onnx.load(str(q4 / "model.onnx"))  # with its external data, while the copy exists
+    copy = tmp_path / "copy"
+    graph = (copy / "model.onnx").stat().st_size  # the source's graph plus one attribute per node, no weights
+    assert abs(graph - len(before["model.onnx"])) < 1000 and graph < (copy / EXTERNAL_DATA_FILE).stat().st_size
+    seqs = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
+    for a, b in zip(
+        OnnxCausalLM(copy).sequence_logits(seqs, 1), OnnxCausalLM(q1).sequence_logits(seqs, 1), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 # --- the gate -----------------------------------------------------------------------------------
