@@ -579,6 +579,19 @@ def test_with_accuracy_level_rewrites_only_the_graph_of_a_file_with_external_wei
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_gates_openvino_match_reads_each_split_at_matched_arithmetic_where_measured():
+    """Planted checks whose as-shipped and matched shares differ: the gate's number is the lowest split at
+    matched arithmetic where that was measured, as shipped elsewhere, and nothing when a split failed to run."""
+    from distill.stages.ship import openvino_match
+
+    test = {"generation_match": 0.99, "matched": {"generation_match": 1.0}}
+    heldout = {"generation_match": 0.925, "matched": {"generation_match": 0.995}}
+    assert openvino_match([test, heldout]) == 0.995
+    assert openvino_match([test, {"generation_match": 0.97}]) == 0.97  # one arithmetic: as shipped
+    assert openvino_match([test, {"error": "unsupported op"}]) is None
+    assert openvino_match([]) is None
+
+
 # --- the gate -----------------------------------------------------------------------------------
 
 

@@ -243,7 +243,7 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
         if "vs_fake_quant" in info:  # QAD: the file against the fake-quantized model it was trained as
             scores["vs_fake_quant"] = info["vs_fake_quant"]
     if use_ov:
-        matches = []
+        checks = []
         for split in answers:
             n_ov = rc.export.openvino_examples or len(enc[split])
             budget = rc.eval.max_new_tokens or answer_budget(enc[split])
@@ -259,10 +259,9 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
                 arithmetic=rc.export.openvino_arithmetic,
             )
             (scores if split == "test" else scores[split])["openvino"] = ov
-            if "generation_match" in ov:  # (absent when OpenVINO cannot load the file: not measured)
-                matches.append(ov.get("matched", ov)["generation_match"])  # what export.openvino_arithmetic names
-        if matches and len(matches) == len(answers):
-            scores["openvino_match"] = min(matches)
+            checks.append(ov)
+        if (match := openvino_match(checks)) is not None:
+            scores["openvino_match"] = match
     log.info(
         "onnx %s: exact match %.3f (heldout %s), agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
         folder.name,
@@ -301,6 +300,16 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
     return verdict or json.loads((st.folder / "gate.json").read_text())
 
 
+def openvino_match(checks: list[dict]) -> float | None:
+    """What ``gate.min_openvino_match`` judges: the lowest share of identical answers over the splits'
+    OpenVINO checks (``cross_runtime``), each at matched arithmetic where it was measured
+    (``export.openvino_arithmetic: matched``), else as shipped; None unless every split was measured (an
+    error: OpenVINO could not load the file)."""
+    if not checks or any("generation_match" not in c for c in checks):
+        return None
+    return min(c.get("matched", c)["generation_match"] for c in checks)
+
+
 def cross_runtime(
     folder: Path,
     runner,
@@ -325,7 +334,10 @@ def cross_runtime(
     ``arithmetic="matched"`` (``export.gate.OPENVINO_ARITHMETIC``), ``matched`` holds the same comparison
     against ONNX Runtime running a copy of the file at the ``accuracy_level`` OpenVINO's arithmetic matches
     (``export.runtime.openvino_accuracy_level``): whether the file means the same in both runtimes."""
+    import tempfile
+
     from export.runtime import OnnxCausalLM, openvino_accuracy_level, openvino_quantizes_activations
+    from quantize import with_accuracy_level
 
     try:
         import torch
@@ -341,60 +353,69 @@ def cross_runtime(
     def greedy(rt):  # batched as ORT's answers were
         return by_length(prompts, lambda p: rt.generate(p, max_new_tokens, batch_size=batch_size))
 
-    def scored(ort_answers, ov_answers, ort_runner) -> dict:
-        got = {
-            "generation_match": sum(x == y for x, y in zip(ort_answers, ov_answers, strict=True))
-            / max(len(ort_answers), 1),
-            **_logit_agreement(ort_runner, ov, [ex["input_ids"] for ex in data], batch_size, chunk_size),
-        }
-        if tokenizer is not None and data:
-            from distill import metrics
-            from distill.evaluate import scoring
+    def exact_match(generated) -> float:
+        from distill import metrics
+        from distill.evaluate import scoring
 
-            refs, kw = [ex["answer"] for ex in data], scoring(data, tokenizer)
-            for key, generated in (("exact_match", ov_answers), ("onnxruntime_exact_match", ort_answers)):
-                texts = [tokenizer.decode(a, skip_special_tokens=True) for a in generated]
-                got[key] = metrics.score(texts, refs, **kw)["exact_match"]
-        return got
+        texts = [tokenizer.decode(a, skip_special_tokens=True) for a in generated]
+        return metrics.score(texts, [ex["answer"] for ex in data], **scoring(data, tokenizer))["exact_match"]
 
     ov_answers = greedy(ov)
-    out = {"examples": len(data), **scored(answers, ov_answers, runner)}
     qinfo = folder / "quantization.json"
     settings = json.loads(qinfo.read_text())["settings"] if qinfo.is_file() else {}
+    acts = None
     if "accuracy_level" in settings:  # MatMulNBits weight-only: level 4 = int8 activations; 0-3, null: float
-        out["activations"] = {
+        acts = {
             "onnxruntime": "int8" if settings["accuracy_level"] == 4 else "float",
             "openvino": "int8" if openvino_quantizes_activations() else "float",
         }
-        if arithmetic == "matched" and out["activations"]["onnxruntime"] != out["activations"]["openvino"]:
-            import tempfile
-
-            from quantize import with_accuracy_level
-
+    with tempfile.TemporaryDirectory(prefix="matched-") as tmp:
+        runs = [(runner, answers)]  # ONNX Runtime as shipped, then (matched) at OpenVINO's arithmetic
+        if arithmetic == "matched" and acts and acts["onnxruntime"] != acts["openvino"]:
             level = openvino_accuracy_level()
-            with tempfile.TemporaryDirectory(prefix="matched-") as tmp:
-                with_accuracy_level(folder, Path(tmp) / folder.name, level)
-                matched = OnnxCausalLM(Path(tmp) / folder.name, threads=torch.get_num_threads())
-                out["matched"] = {"accuracy_level": level, **scored(greedy(matched), ov_answers, matched)}
+            with_accuracy_level(folder, Path(tmp) / folder.name, level)
+            matched = OnnxCausalLM(Path(tmp) / folder.name, threads=torch.get_num_threads())
+            runs.append((matched, greedy(matched)))
+        logits = _logit_agreement(ov, [rt for rt, _ in runs], [ex["input_ids"] for ex in data], batch_size, chunk_size)
+    rows = []
+    for (_, ort_answers), agree in zip(runs, logits, strict=True):
+        same = sum(x == y for x, y in zip(ort_answers, ov_answers, strict=True)) / max(len(ort_answers), 1)
+        row = {"generation_match": same, **agree}
+        if tokenizer is not None and data:
+            row["onnxruntime_exact_match"] = exact_match(ort_answers)
+        rows.append(row)
+    out = {"examples": len(data), **rows[0]}
+    if tokenizer is not None and data:
+        out["exact_match"] = exact_match(ov_answers)
+    if acts:
+        out["activations"] = acts
+    if len(rows) > 1:
+        out["matched"] = {
+            "accuracy_level": level,
+            **rows[1],
+            **({"exact_match": out["exact_match"]} if "exact_match" in out else {}),
+        }
     return out
 
 
-def _logit_agreement(a, b, seqs: list, batch_size: int, chunk_size: int) -> dict:
-    """Argmax agreement and largest logit difference of two runners on the teacher-forced ``seqs``, a few rows
-    at a time (about ``chunk_size`` tokens)."""
+def _logit_agreement(ref, runners: list, seqs: list, batch_size: int, chunk_size: int) -> list[dict]:
+    """Argmax agreement and largest logit difference of each of ``runners`` against ``ref`` on the
+    teacher-forced ``seqs``, a few rows at a time (about ``chunk_size`` tokens); ``ref`` runs each chunk once."""
     import numpy as np
 
     seqs = sorted(seqs, key=len)
-    same, total, diff = 0, 0, 0.0
+    same, total, diff = [0] * len(runners), 0, [0.0] * len(runners)
     start = 0
     while start < len(seqs):
         rows = 1  # as many rows as keep the chunk within chunk_size tokens (rows grow longer: sorted)
         while rows < batch_size and start + rows < len(seqs) and len(seqs[start + rows]) * (rows + 1) <= chunk_size:
             rows += 1
         part = seqs[start : start + rows]
-        for x, y in zip(a.sequence_logits(part, rows), b.sequence_logits(part, rows), strict=True):
-            same += int((x.argmax(-1) == y.argmax(-1)).sum())
-            total += x.shape[0]
-            diff = max(diff, float(np.abs(x - y).max()))
+        want = ref.sequence_logits(part, rows)
+        total += sum(y.shape[0] for y in want)
+        for i, rt in enumerate(runners):
+            for x, y in zip(rt.sequence_logits(part, rows), want, strict=True):
+                same[i] += int((x.argmax(-1) == y.argmax(-1)).sum())
+                diff[i] = max(diff[i], float(np.abs(x - y).max()))
         start += rows
-    return {"argmax_agreement": same / max(total, 1), "max_logit_diff": diff}
+    return [{"argmax_agreement": s / max(total, 1), "max_logit_diff": d} for s, d in zip(same, diff, strict=True)]
