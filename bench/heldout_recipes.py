@@ -27,6 +27,19 @@ ROOT = Path(__file__).resolve().parent.parent
 EXTRA_STAGES = ("augment", "general", "prune", "distill", "qad")
 
 
+def split_overrides(text: str) -> list[str]:
+    """``a=1,b=[[0,0],[1,1]]`` -> ``["a=1", "b=[[0,0],[1,1]]"]``: commas inside brackets belong to a value."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [o for o in [*out, cur] if o]
+
+
 def run_recipe(exp: str, folder: Path, overrides: list[str], log: Path) -> float:
     """Run the pipeline once (a fresh process, as a user would); the wall seconds."""
     cmd = [sys.executable, "-m", "distill", f"+exp={exp}", f"hydra.run.dir={folder}", *overrides]
@@ -166,7 +179,7 @@ def main() -> None:
     rows = []
     for item in a.recipe:
         name, _, rest = item.partition("=")
-        overrides = [o for o in rest.split(",") if o]
+        overrides = split_overrides(rest)
         folder = Path(a.root) / name
         wall = None
         if not (folder / "metrics.json").is_file():
