@@ -242,6 +242,11 @@ def _check_layer_map(c: RunConfig, problems: list[str]) -> None:
         problems.append(
             "distill.features.layer_map: empty while distill.features.weight > 0; map at least one [student, teacher] layer pair"
         )
+    if fe.weight > 0 and fe.projection == "channels" and c.student.init != "prune":
+        problems.append(
+            f"distill.features.projection=channels compares a pruned student with the teacher channels it kept, but "
+            f"student.init={c.student.init}; use student=pruned, or projection=learned"
+        )
 
 
 def _check_layers_exist(c: RunConfig, problems: list[str]) -> None:
@@ -423,6 +428,7 @@ NEUTRAL = {
     "sharding": "none",
     "random_values": 0.0,
     "calib_general": 0,
+    "projection": "learned",
 }
 
 

@@ -14,6 +14,9 @@ from core.toolcalls import FORMATS
 from distill.data.augment import KEEP as AUGMENT_KEEP
 from distill.sharding import SHARDING
 
+# How a student's hidden states meet the teacher's in the feature loss (distill.features.projection).
+FEATURE_PROJECTIONS = ("learned", "channels")
+
 
 class ConfigError(ValueError):
     """Every problem found in a config, one per line, each naming its key."""
@@ -153,6 +156,8 @@ class FeatureConfig:
     layer_map: list[list[int]]  # [[student_layer, teacher_layer], ...], 0-based decoder layers
     kind: str = choice("cosine", "mse")
     attention: bool  # also match attention-block outputs of the mapped layers
+    # learned: a trained linear map to the teacher's width; channels: the teacher at the hidden channels pruning kept
+    projection: str = choice(*FEATURE_PROJECTIONS)
 
 
 @dataclass

@@ -76,6 +76,7 @@ def prune_model(model, calib_batches=None, *, method: str = "activation", plan: 
         "fraction": plan.fraction,
         "reasons": plan.reasons,
         "kept_layers": keep.layers,
+        "kept_hidden": keep.hidden,  # the teacher's residual channels, in the student's order (feature distillation)
         "embedding": embedding_share(model.config.to_dict(), plan.shape),
     }
     return pruned, report

@@ -117,10 +117,12 @@ def test_semantic_problems(tmp_path):
                 f"teacher.path={tmp_path / 'not_hf'}",
                 "student.num_attention_heads=3",
                 "distill.features.layer_map=[[5,0]]",
+                "distill.features.projection=channels",
                 "data.source=jsonl",
             ]
         )
     msg = str(err.value)
+    assert "distill.features.projection=channels compares a pruned student" in msg and "student.init=config" in msg
     assert "teacher.path" in msg and "no config.json" in msg
     assert "student.hidden_size=32 is not divisible by student.num_attention_heads=3" in msg
     assert "student layer 5 does not exist" in msg

@@ -377,3 +377,42 @@ def test_low_precision_teacher_gives_close_signals(quant, teacher_dir, tokenizer
     a, q = teacher_signals(full, b, [], False), teacher_signals(low, b, [], False)
     rel = (a["hidden"] - q["hidden"]).norm() / a["hidden"].norm()
     assert rel < (0.05 if quant == "8bit" else 0.25), float(rel)
+
+
+def test_pruned_student_meets_the_teacher_at_the_channels_it_kept(rc, tokenizer, data, teacher_dir):
+    """Planted truth for ``distill.features.projection=channels``: a teacher whose residual channels
+    ``dead`` are exactly zero (never written) is pruned to the others; the pruned student's hidden states
+    and attention outputs are the teacher's at the channels the prune report lists, so the feature loss is
+    zero. A learned projection, or the right channels in another order, is far from zero."""
+    from prune import prune_model
+
+    teacher = load_causal_lm(teacher_dir)
+    H, dead = teacher.config.hidden_size, [3, 17, 18, 40, 41, 42, 60, 63]
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[:, dead] = 0
+        for lay in teacher.model.layers:
+            lay.self_attn.o_proj.weight[dead] = 0
+            lay.mlp.down_proj.weight[dead] = 0
+    cal = [_batch(tokenizer, data[i : i + 4]) for i in range(0, 12, 4)]
+    student, report = prune_model(teacher, cal, sizes={"hidden_size": H - len(dead)}, align=4)
+    kept = report["kept_hidden"]
+    assert sorted(kept) == sorted(set(range(H)) - set(dead))
+    dc = copy.deepcopy(rc.distill)
+    dc.features.weight, dc.features.layer_map, dc.features.attention = 1.0, [[0, 0], [1, 1]], True
+    dc.features.projection = "channels"
+    b = _batch(tokenizer, data)
+    sig = teacher_signals(teacher, b, [(0, 0), (1, 1)], attention=True)
+
+    def feat(module):
+        return float(module(b["input_ids"], b["attention_mask"], b["labels"], sig, 1.0, 1.0)["feat"].detach())
+
+    tokens = int((b["labels"][:, 1:] != -100).sum())
+    module = DistillModule(student, dc, H, len(tokenizer), dc.chunk_size, kept)
+    assert len(module.proj) == 0 and feat(module) / tokens < 1e-5
+    shuffled = kept[1:] + kept[:1]
+    assert feat(DistillModule(student, dc, H, len(tokenizer), dc.chunk_size, shuffled)) / tokens > 0.1
+    dc.features.projection = "learned"
+    assert feat(DistillModule(student, dc, H, len(tokenizer), dc.chunk_size)) / tokens > 0.1
+    dc.features.projection = "channels"
+    with pytest.raises(ValueError, match="needs the 56 teacher channels"):
+        DistillModule(student, dc, H, len(tokenizer), dc.chunk_size)

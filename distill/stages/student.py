@@ -90,6 +90,20 @@ def distill(r: Run, init_input: dict) -> Student:
     return Student(st.folder, st.output_hash)
 
 
+def _kept_channels(r: Run) -> list[int]:
+    """The teacher's residual channels the pruned student kept (``DIR/pruned/prune_report.json``)."""
+    path = r.dir / "pruned" / "prune_report.json"
+    kept = json.loads(path.read_text()).get("kept_hidden")
+    if kept is None:
+        raise ConfigError(
+            [
+                f"distill.features.projection=channels: {path} has no kept_hidden (pruned by an earlier version); "
+                f"delete {path.parent} to prune again, or use projection=learned"
+            ]
+        )
+    return kept
+
+
 def _train_student(r: Run, st: Stage) -> None:
     from transformers import AutoConfig
 
@@ -119,6 +133,9 @@ def _train_student(r: Run, st: Stage) -> None:
                 raise ConfigError(
                     [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
                 )
+    channels = (
+        _kept_channels(r) if rc.distill.features.weight > 0 and rc.distill.features.projection == "channels" else None
+    )
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
     teacher_val = teacher_held = None
     tc = rc.distill.train
@@ -143,7 +160,7 @@ def _train_student(r: Run, st: Stage) -> None:
         r.train_data(),
         rc.distill.train,
         accelerator=r.acc,
-        mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals),
+        mode=make_mode(rc.distill, teacher=t_model, signals=None if live else r.signals, teacher_channels=channels),
         checkpoint_dir=r.dir / "checkpoints",
         checkpoint_key=st.key,
         val_data=r.teacher.enc["validation"] or None,

@@ -273,7 +273,9 @@ def _setup(student, tokenizer, train_data, tc: TrainConfig, acc, mode, checkpoin
     the spike guard, resumed from the newest checkpoint of ``checkpoint_dir`` when there is one."""
     acc.free_memory()  # forget objects prepared by an earlier train() so checkpoints hold only this run
     torch.manual_seed(tc.seed)
-    module = DistillModule(student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer), mode.chunk_size)
+    module = DistillModule(
+        student, mode.dcfg, mode.teacher_hidden_size, len(tokenizer), mode.chunk_size, mode.teacher_channels
+    )
     mode.prepare(acc)
     fsdp = sharding.sharded(acc, tc)
     live = isinstance(mode, LiveKD)

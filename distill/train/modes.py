@@ -60,6 +60,7 @@ class CrossEntropy:
 
     dcfg: DistillConfig | None = None
     teacher_hidden_size: int | None = None
+    teacher_channels: list[int] | None = None  # a pruned student's kept teacher channels (features.projection)
 
     def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
@@ -95,10 +96,11 @@ class _KD(CrossEntropy):
 class LiveKD(_KD):
     """KD against a teacher that runs on every batch (frozen, no gradients)."""
 
-    def __init__(self, teacher, dcfg: DistillConfig):
+    def __init__(self, teacher, dcfg: DistillConfig, teacher_channels: list[int] | None = None):
         super().__init__(dcfg)
         self.teacher = teacher
         self.teacher_hidden_size = teacher.config.hidden_size
+        self.teacher_channels = teacher_channels
         self.inside = False  # set by train() when the teacher is sharded into the DistillModule
 
     def prepare(self, acc) -> None:
@@ -138,13 +140,15 @@ class CachedTopK(_KD):
         return {"topk": self.cache.batch(idx, device)}
 
 
-def make_mode(dcfg: DistillConfig, *, teacher=None, signals=None):
+def make_mode(dcfg: DistillConfig, *, teacher=None, signals=None, teacher_channels: list[int] | None = None):
     """The mode for what is given: a live ``teacher`` -> LiveKD (OnPolicyKD when ``dcfg.on_policy.fraction``
-    > 0); cached ``signals`` -> CachedTopK; neither -> CrossEntropy at ``dcfg.chunk_size``."""
+    > 0); cached ``signals`` -> CachedTopK; neither -> CrossEntropy at ``dcfg.chunk_size``.
+    ``teacher_channels``: the teacher channels a pruned student kept (``features.projection=channels``)."""
     if teacher is not None and signals is not None:
         raise ValueError("give a live teacher or cached signals, not both")
     if teacher is not None:
-        return OnPolicyKD(teacher, dcfg) if dcfg.on_policy.fraction > 0 else LiveKD(teacher, dcfg)
+        kind = OnPolicyKD if dcfg.on_policy.fraction > 0 else LiveKD
+        return kind(teacher, dcfg, teacher_channels)
     if signals is not None:
         return CachedTopK(signals, dcfg)
     return CrossEntropy(dcfg.chunk_size)

@@ -74,8 +74,17 @@ class DistillModule(nn.Module):
     """
 
     def __init__(
-        self, student, cfg: DistillConfig | None, teacher_hidden_size: int | None, vocab_size: int, chunk_size: int
+        self,
+        student,
+        cfg: DistillConfig | None,
+        teacher_hidden_size: int | None,
+        vocab_size: int,
+        chunk_size: int,
+        teacher_channels: Sequence[int] | None = None,
     ):
+        """``teacher_channels``: the teacher's residual channels a pruned student kept, in its order (the prune
+        report's ``kept_hidden``); ``distill.features.projection=channels`` compares the student's features
+        with the teacher's at those channels instead of through a learned map."""
         super().__init__()
         self.chunk_size = chunk_size
         self.student = student
@@ -87,7 +96,15 @@ class DistillModule(nn.Module):
         fe = cfg.features if cfg else None
         self.layer_map = [tuple(p) for p in fe.layer_map] if fe and fe.weight > 0 else []
         s_width = student.config.hidden_size
-        if self.layer_map and teacher_hidden_size is not None and teacher_hidden_size != s_width:
+        self.channels: list[int] | None = None
+        if self.layer_map and fe.projection == "channels":
+            if teacher_channels is None or len(teacher_channels) != s_width:
+                raise ValueError(
+                    f"distill.features.projection=channels needs the {s_width} teacher channels the pruned student "
+                    f"kept (got {None if teacher_channels is None else len(teacher_channels)})"
+                )
+            self.channels = list(teacher_channels)
+        elif self.layer_map and teacher_hidden_size is not None and teacher_hidden_size != s_width:
             for s, t in self.layer_map:
                 # Learned linear map from student to teacher width (FitNets, Romero et al. 2015).
                 self.proj[f"{s}_{t}"] = nn.Linear(s_width, teacher_hidden_size, bias=False)
@@ -147,11 +164,13 @@ class DistillModule(nn.Module):
         if cap:
             for (kind, s_layer), value in cap.out.items():
                 t_layer = dict(self.layer_map)[s_layer]
-                x = _select(value, sel)
+                x, y = _select(value, sel), teacher["feats"][(kind, t_layer)]
                 key = f"{s_layer}_{t_layer}"
                 if key in self.proj:
                     x = self.proj[key](x)
-                feat = feat + feature_loss(x, teacher["feats"][(kind, t_layer)], cfg.features.kind).sum()
+                if self.channels is not None:
+                    y = y.index_select(-1, torch.tensor(self.channels, device=y.device))
+                feat = feat + feature_loss(x, y, cfg.features.kind).sum()
         tokens = torch.tensor(int(sel.sum()), device=h.device)
         return {"logit": logit, "kd": kd, "ce": ce, "feat": feat, "tokens": tokens}
 
