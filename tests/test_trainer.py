@@ -416,3 +416,15 @@ def test_pruned_student_meets_the_teacher_at_the_channels_it_kept(rc, tokenizer,
     dc.features.projection = "channels"
     with pytest.raises(ValueError, match="needs the 56 teacher channels"):
         DistillModule(student, dc, H, len(tokenizer), dc.chunk_size)
+
+
+def test_channels_from_a_prune_report_without_them_is_a_clear_error(tmp_path):
+    """A folder pruned before reports listed ``kept_hidden``: the error names the folder to prune again."""
+    from distill.config import ConfigError
+    from distill.stages.student import kept_channels
+
+    (tmp_path / "prune_report.json").write_text(json.dumps({"kept_layers": [0, 1], "kept_hidden": [4, 0, 2]}))
+    assert kept_channels(tmp_path) == [4, 0, 2]
+    (tmp_path / "prune_report.json").write_text(json.dumps({"kept_layers": [0, 1]}))
+    with pytest.raises(ConfigError, match=f"delete {tmp_path} to prune again"):
+        kept_channels(tmp_path)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from pathlib import Path
 
 from core.hashing import flatten
 from distill.config import ConfigError, key_settings, student_sizes, to_dict
@@ -90,9 +91,9 @@ def distill(r: Run, init_input: dict) -> Student:
     return Student(st.folder, st.output_hash)
 
 
-def _kept_channels(r: Run) -> list[int]:
-    """The teacher's residual channels the pruned student kept (``DIR/pruned/prune_report.json``)."""
-    path = r.dir / "pruned" / "prune_report.json"
+def kept_channels(pruned: Path) -> list[int]:
+    """The teacher's residual channels the pruned student in folder ``pruned`` kept (its prune report)."""
+    path = pruned / "prune_report.json"
     kept = json.loads(path.read_text()).get("kept_hidden")
     if kept is None:
         raise ConfigError(
@@ -112,7 +113,8 @@ def _train_student(r: Run, st: Stage) -> None:
     from families.hf import build_from_config, config_param_count, load_causal_lm, save_model_atomically, student_config
 
     rc, tok = r.rc, r.teacher.tokenizer
-    s = rc.student
+    s, fe = rc.student, rc.distill.features
+    channels = kept_channels(r.dir / "pruned") if fe.weight > 0 and fe.projection == "channels" else None
     if s.init == "folder":
         student = load_causal_lm(s.path)
     elif s.init == "prune":
@@ -133,9 +135,6 @@ def _train_student(r: Run, st: Stage) -> None:
                 raise ConfigError(
                     [f"distill.features.layer_map: {pair} is out of range (student {n_s}, teacher {n_t} layers)"]
                 )
-    channels = (
-        _kept_channels(r) if rc.distill.features.weight > 0 and rc.distill.features.projection == "channels" else None
-    )
     trainable = apply_lora(student, s.lora) if s.lora.enabled else student
     teacher_val = teacher_held = None
     tc = rc.distill.train
