@@ -429,6 +429,7 @@ NEUTRAL = {
     "random_values": 0.0,
     "calib_general": 0,
     "projection": "learned",
+    "depth": None,
 }
 
 
@@ -486,14 +487,20 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
 
     s, p = c.student, c.student.prune
     sizes = {k: getattr(s, k) for k in SIZE_KEYS}
-    return make_plan(
+    if p.fraction is None:
+        return make_plan(teacher_cfg or teacher_config_dict(c), sizes=sizes, align=p.align)
+    plan = make_plan(
         teacher_cfg or teacher_config_dict(c),
-        sizes=sizes,
         fraction=p.fraction,
         strategy=p.strategy,
         align=p.align,
         prune_heads=p.prune_heads,
+        depth=p.depth,
     )
+    unused = ", ".join(f"student.{k}={v}" for k, v in sizes.items() if v is not None)
+    if unused:  # an experiment's sizes (smoke's) under student=pruned: the budget decides, and says so
+        plan.reasons.append(f"not used beside the budget: {unused} (student.prune.depth sets the depth)")
+    return plan
 
 
 def _prune_problems(c: RunConfig) -> list[str]:

@@ -36,12 +36,30 @@ def make_plan(
     strategy: str = "width",
     align: int = 8,
     prune_heads: bool = True,
+    depth: int | None = None,
 ) -> Plan:
-    """Explicit sizes or a budget -> a Plan, from the config alone (raises PlanError listing every problem)."""
+    """Explicit sizes or a budget -> a Plan, from the config alone (raises PlanError listing every problem).
+
+    ``depth`` (a budget only): keep that many layers and let the width fill the budget at that depth.
+    Sizes beside a budget are an error, never silently ignored."""
     if fraction is not None or bytes_ is not None:
+        fixed = {k: v for k, v in (sizes or {}).items() if v is not None}
+        if fixed:
+            given = ", ".join(f"{k}={v}" for k, v in fixed.items())
+            raise PlanError(
+                [f"{given} given with a budget: give explicit sizes or a budget, not both (a budget takes a depth)"]
+            )
         return plan_budget(
-            cfg, fraction=fraction, bytes_=bytes_, strategy=strategy, align=align, prune_heads=prune_heads
+            cfg,
+            fraction=fraction,
+            bytes_=bytes_,
+            strategy=strategy,
+            align=align,
+            prune_heads=prune_heads,
+            depth=depth,
         )
+    if depth is not None:
+        raise PlanError([f"depth={depth} without a budget: set num_hidden_layers among the explicit sizes"])
     return plan_explicit(cfg, {k: v for k, v in (sizes or {}).items() if v is not None}, align=align)
 
 
@@ -93,6 +111,7 @@ def prune_folder(
     method: str = "activation",
     align: int = 8,
     prune_heads: bool = True,
+    depth: int | None = None,
     calib_examples: int,
     records: list[dict] | None = None,
     allow_pickle: bool = False,
@@ -122,6 +141,7 @@ def prune_folder(
         strategy=strategy,
         align=align,
         prune_heads=prune_heads,
+        depth=depth,
     )
     for r in plan.reasons:
         log.info("plan: %s", r)

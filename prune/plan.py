@@ -216,11 +216,14 @@ def plan_budget(
     strategy: str = "width",
     align: int = 8,
     prune_heads: bool = True,
+    depth: int | None = None,
 ) -> Plan:
     """The largest uniform shape whose parameter count fits the budget.
 
     ``strategy="width"`` scales hidden, MLP and (if ``prune_heads``) attention heads by one factor
-    (Minitron: width pruning retains more accuracy than depth pruning at the same size);
+    (Minitron: width pruning retains more accuracy than depth pruning at the same size), at the teacher's
+    depth or at ``depth`` layers (the layers whose blocks change the residual stream most are kept; the
+    width then fills what the dropped layers free: Minitron's combined depth + width);
     ``"depth"`` drops whole layers and keeps widths. Exactly one of params / fraction / bytes_.
     """
     given = [x is not None for x in (params, fraction, bytes_)]
@@ -239,6 +242,17 @@ def plan_budget(
     t = teacher_shape(cfg)
     if strategy not in ("width", "depth"):
         raise PlanError([f"strategy {strategy!r}: use width or depth"])
+    if depth is not None:
+        if strategy == "depth":
+            raise PlanError(
+                [
+                    f"depth={depth} with strategy=depth: that strategy picks the depth from the budget; "
+                    "use strategy=width to fill the budget at that depth, or leave depth unset"
+                ]
+            )
+        if not 1 <= depth <= t.num_hidden_layers:
+            raise PlanError([f"depth={depth}: must be between 1 and the teacher's {t.num_hidden_layers}"])
+    layers = depth or t.num_hidden_layers
     if budget >= teacher_params:
         return Plan(
             t, teacher_params, teacher_params, [f"budget {budget:,} >= teacher {teacher_params:,}: nothing to prune"]
@@ -264,7 +278,7 @@ def plan_budget(
                 _align_down(t.intermediate_size * mid, align),
                 nh,
                 kv,
-                t.num_hidden_layers,
+                layers,
             )
             p = count_params(cfg, s)
             if p <= budget:
@@ -276,7 +290,12 @@ def plan_budget(
                         teacher_params,
                         [
                             f"width: hidden, MLP{' and heads' if prune_heads else ''} scaled by "
-                            f"{mid:.3f}, aligned to multiples of {align}; depth unchanged"
+                            f"{mid:.3f}, aligned to multiples of {align}; "
+                            + (
+                                "depth unchanged"
+                                if layers == t.num_hidden_layers
+                                else f"depth: {layers} of {t.num_hidden_layers} layers, the ones that change the residual stream most"
+                            )
                         ],
                     )
             else:
@@ -287,7 +306,7 @@ def plan_budget(
         if strategy == "depth":
             narrow = Shape(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, 1)
         else:
-            narrow = Shape(align, align, 1, 1, t.num_hidden_layers)
+            narrow = Shape(align, align, 1, 1, layers)
         raise PlanError(
             [
                 f"no {strategy} shape of this {cfg['model_type']} model fits {budget:,} parameters "

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import ROOT
 
-from distill.config import ConfigError, compose
+from distill.config import ConfigError, compose, student_plan
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "exp").glob("*.yaml"))
 
@@ -127,6 +127,12 @@ def test_semantic_problems(tmp_path):
     assert "student.hidden_size=32 is not divisible by student.num_attention_heads=3" in msg
     assert "student layer 5 does not exist" in msg
     assert "data.train_file: required when data.source=jsonl" in msg
+    deep = ["+exp=smoke", "student=pruned", "student.prune.fraction=0.5"]
+    with pytest.raises(ConfigError, match=r"student \(init=prune\): depth=3: must be between 1 and the teacher's 2"):
+        compose([*deep, "student.prune.depth=3"])
+    plan = student_plan(compose([*deep, "student.prune.depth=1"]))
+    assert plan.shape.num_hidden_layers == 1 and plan.fraction <= 0.5  # smoke's own sizes are named as unused
+    assert "not used beside the budget: student.hidden_size=32, student.intermediate_size=64" in plan.reasons[-1]
 
 
 def test_folder_checks(tmp_path, teacher_dir):

@@ -180,6 +180,41 @@ def test_budget_plans_fit_and_explain():
     assert width.num_hidden_layers == 4 and width.hidden_size < 128
 
 
+def test_a_budget_at_a_chosen_depth_drops_the_inert_layers_and_fills_the_width():
+    """A budget at a chosen depth (``student.prune.depth``): the layers kept are the ones whose blocks change
+    the residual stream (two planted identity layers go, logits unchanged) and the width fills the rest of
+    the budget. Explicit sizes beside a budget are an error (they used to be dropped without a word)."""
+    model = build("qwen2", True, 4, 2, layers=4)
+    with torch.no_grad():
+        for i in (1, 2):  # these layers write nothing: the residual stream passes through unchanged
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    cfg = model.config.to_dict()
+    teacher = count_params(cfg)
+    full_width = count_params(cfg, Shape(64, 96, 4, 2, 2))
+    frac = (full_width + 0.5) / teacher  # exactly two full-width layers
+    pruned, report = prune_model(model, batches(), fraction=frac, depth=2, align=4)
+    assert report["kept_layers"] == [0, 3]
+    assert report["shape"] == {**Shape(64, 96, 4, 2, 2).as_dict()}
+    for b in batches(seed=7):
+        torch.testing.assert_close(logits(pruned, b), logits(model, b), rtol=1e-4, atol=1e-4)
+
+    tighter = make_plan(cfg, fraction=0.8 * frac, depth=2)
+    s = tighter.shape
+    assert s.num_hidden_layers == 2 and tighter.params <= int(0.8 * frac * teacher) and s.hidden_size < 64
+    assert "depth: 2 of 4 layers" in tighter.reasons[0]
+    assert make_plan(cfg, fraction=0.8 * frac).shape.num_hidden_layers == 4  # control: no depth, no drop
+
+    with pytest.raises(PlanError, match="hidden_size=48, num_hidden_layers=2 given with a budget"):
+        make_plan(cfg, fraction=0.5, sizes={"hidden_size": 48, "num_hidden_layers": 2})
+    with pytest.raises(PlanError, match="depth=5: must be between 1 and the teacher's 4"):
+        make_plan(cfg, fraction=0.5, depth=5)
+    with pytest.raises(PlanError, match="depth=2 with strategy=depth: that strategy picks the depth"):
+        make_plan(cfg, fraction=0.5, strategy="depth", depth=2)
+    with pytest.raises(PlanError, match="depth=2 without a budget"):
+        make_plan(cfg, sizes={"hidden_size": 48}, depth=2)
+
+
 SMOLLM2_135M = {  # SmolLM2-135M-Instruct's config (sizes only): 9 query heads over 3 KV heads, head_dim 64
     "model_type": "llama",
     "vocab_size": 49152,

@@ -49,7 +49,7 @@ def prune(r: Run) -> Stage:
     return r.stage(
         "prune",
         r.dir / "pruned",
-        {"prune": dataclasses.asdict(p), "sizes": student_sizes(rc)},
+        {"prune": _prune_key(p), "sizes": student_sizes(rc)},
         {
             "teacher_hash": r.teacher.hash,
             "data_hash": r.data.hash,
@@ -285,3 +285,12 @@ def qad(r: Run, name: str, s) -> Stage:
         r.acc.wait_for_everyone()
 
     return r.stage(f"qad:{name}", r.dir / "qad" / name / "student", config, inputs, work)
+
+
+def _prune_key(p) -> dict:
+    """The prune settings a stage key hashes: ``depth`` at null is left out, so runs pruned before that knob
+    existed keep their keys (``key_settings`` would also drop ``calib_general: 0``, which their keys hold)."""
+    d = dataclasses.asdict(p)
+    if d.get("depth") is None:
+        d.pop("depth", None)
+    return d
