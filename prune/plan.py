@@ -253,7 +253,7 @@ def plan_budget(
         if not 1 <= depth <= t.num_hidden_layers:
             raise PlanError([f"depth={depth}: must be between 1 and the teacher's {t.num_hidden_layers}"])
     layers = depth or t.num_hidden_layers
-    if budget >= teacher_params:
+    if budget >= teacher_params and layers == t.num_hidden_layers:
         return Plan(
             t, teacher_params, teacher_params, [f"budget {budget:,} >= teacher {teacher_params:,}: nothing to prune"]
         )

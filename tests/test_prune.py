@@ -195,7 +195,7 @@ def test_a_budget_at_a_chosen_depth_drops_the_inert_layers_and_fills_the_width()
     frac = (full_width + 0.5) / teacher  # exactly two full-width layers
     pruned, report = prune_model(model, batches(), fraction=frac, depth=2, align=4)
     assert report["kept_layers"] == [0, 3]
-    assert report["shape"] == {**Shape(64, 96, 4, 2, 2).as_dict()}
+    assert report["shape"] == Shape(64, 96, 4, 2, 2).as_dict()
     for b in batches(seed=7):
         torch.testing.assert_close(logits(pruned, b), logits(model, b), rtol=1e-4, atol=1e-4)
 
@@ -204,6 +204,7 @@ def test_a_budget_at_a_chosen_depth_drops_the_inert_layers_and_fills_the_width()
     assert s.num_hidden_layers == 2 and tighter.params <= int(0.8 * frac * teacher) and s.hidden_size < 64
     assert "depth: 2 of 4 layers" in tighter.reasons[0]
     assert make_plan(cfg, fraction=0.8 * frac).shape.num_hidden_layers == 4  # control: no depth, no drop
+    assert make_plan(cfg, fraction=1.0, depth=2).shape == Shape(64, 96, 4, 2, 2)  # the whole budget: depth only
 
     with pytest.raises(PlanError, match="hidden_size=48, num_hidden_layers=2 given with a budget"):
         make_plan(cfg, fraction=0.5, sizes={"hidden_size": 48, "num_hidden_layers": 2})
