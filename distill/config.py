@@ -253,6 +253,10 @@ def _check_layers_exist(c: RunConfig, problems: list[str]) -> None:
     t, s, fe = c.teacher, c.student, c.distill.features
     known_t = t.bootstrap.num_hidden_layers if t.path is None else None
     known_s = s.num_hidden_layers if s.init == "config" else None
+    if (
+        s.init == "prune"
+    ):  # a pruned student's depth is known before pruning where it is set: explicit or a budget's depth
+        known_s = s.prune.depth if s.prune.fraction is not None else s.num_hidden_layers
     for pair in fe.layer_map:
         if len(pair) == 2 and known_s is not None and pair[0] >= known_s:
             problems.append(

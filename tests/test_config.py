@@ -130,7 +130,9 @@ def test_semantic_problems(tmp_path):
     deep = ["+exp=smoke", "student=pruned", "student.prune.fraction=0.5"]
     with pytest.raises(ConfigError, match=r"student \(init=prune\): depth=3: must be between 1 and the teacher's 2"):
         compose([*deep, "student.prune.depth=3"])
-    plan = student_plan(compose([*deep, "student.prune.depth=1"]))
+    with pytest.raises(ConfigError, match=r"layer_map: student layer 1 does not exist \(student has 1 layers\)"):
+        compose([*deep, "student.prune.depth=1"])  # smoke maps layers 0 and 1: found before pruning, not after
+    plan = student_plan(compose([*deep, "student.prune.depth=1", "distill.features.layer_map=[[0,0]]"]))
     assert plan.shape.num_hidden_layers == 1 and plan.fraction <= 0.5  # smoke's own sizes are named as unused
     assert "not used beside the budget: student.hidden_size=32, student.intermediate_size=64" in plan.reasons[-1]
 
