@@ -52,6 +52,7 @@ def run(cfg, run_dir: str | Path, force: list[str] | tuple[str, ...] | None = No
     r.teacher = inputs.teacher(r)
     inputs.augment(r)  # teacher-labelled requests with new open values (distill.augment)
     inputs.general(r)  # general text mixed into KD (distill.general)
+    inputs.pool_use(r)  # how much of each pool the steps read (a pool larger than that costs minutes for nothing)
     if rc.distill.signals == "topk":
         r.signals = inputs.signals(r)
     init_input: dict = {"init": rc.student.init}

@@ -187,11 +187,22 @@ def _train_data(d: dict | None) -> list[str]:
             if a.get("keep") == "implied"
             else f"the teacher answered {a['kept']:,} of {a['candidates']:,} consistently; {a['rejected']:,} rejected"
         )
-        parts.append(f"{a['kept']:,} augmented requests at {a['share']:.0%} of every batch ({how})")
+        parts.append(
+            f"{a['kept']:,} augmented requests at {a['share']:.0%} of every batch ({how}){_read(a, a['kept'])}"
+        )
     if "general" in d:
         g = d["general"]
-        parts.append(f"{g['sequences']:,} general-text sequences of {g['length']} tokens at {g['share']:.0%}")
+        parts.append(
+            f"{g['sequences']:,} general-text sequences of {g['length']} tokens at {g['share']:.0%}"
+            + _read(g, g["sequences"])
+        )
     return ["- Training data: " + "; ".join(parts) + "."]
+
+
+def _read(pool: dict, size: int) -> str:
+    """ ", of which training read N" where it read fewer than the pool holds (the rest cost minutes for nothing)."""
+    n = pool.get("read", size)
+    return f", of which training read {n:,}" if n < size else ""
 
 
 def shipped(metrics: dict) -> str | None:

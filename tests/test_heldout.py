@@ -284,6 +284,57 @@ def test_mixture_puts_each_pool_at_its_share_of_every_batch():
         Mixture(main, [(aug, 0.6), (gen, 0.4)])
 
 
+def test_pool_use_counts_what_the_steps_read_and_names_the_rest(caplog):
+    """A pool larger than its count per batch times the steps is partly labelled for nothing: the shipped
+    SmolLM2 recipe read 1,200 of 1,660 augmented requests. Checked against the examples a real stream
+    draws, with QAD's steps longer than distillation's and pruning's calibration reading general text."""
+    import logging
+    from types import SimpleNamespace
+
+    from distill.config import compose
+    from distill.stages.inputs import pool_use
+    from distill.stages.run import Run
+    from distill.train.batching import make_stream
+
+    overrides = ["+exp=smoke", "student=pruned", "distill.train.steps=40", "distill.train.batch_size=16"]
+    overrides += ["distill.augment.examples=250", "distill.augment.share=0.25", "distill.general.examples=150"]
+    overrides += ["distill.general.share=0.1", "quantize.variants=[int4_qad]", "gate.variants=[int4_qad]"]
+    overrides += ["quantize.int4_qad.steps=50"]
+    rc = compose([*overrides, "student.prune.calib_general=120"])
+    main = [{"input_ids": [1] * (i % 9 + 1)} for i in range(1000)]
+    pools = {"augment": [{"input_ids": [2] * (i % 5 + 1)} for i in range(230)], "general": [{"input_ids": [3]}] * 150}
+    r = Run(rc=rc, dir=None, acc=SimpleNamespace(num_processes=1), stages=None)
+    r.teacher = SimpleNamespace(enc={"train": main})
+    r.pools.examples = pools
+    r.pools.info = {"augment": {"kept": 230}, "general": {"sequences": 150}}
+    with caplog.at_level(logging.INFO, logger="distill"):
+        pool_use(r)
+    mix = r.train_data()
+    stream = make_stream(mix, 16, rc.distill.train.seed, rc.distill.train.group_by_length)
+    read = {i for j in range(50) for i in stream.global_batch(j)}  # QAD's 50 steps, longer than distillation's 40
+    aug = len(read & set(range(mix.offsets[1], mix.offsets[2])))
+    gen = len(read & set(range(mix.offsets[2], mix.offsets[3])))
+    assert (aug, gen) == (200, 100)  # 4 and 2 a batch (sorted by name: augment, then general)
+    assert r.pools.info["augment"]["read"] == aug and r.pools.info["general"]["read"] == 120  # pruning reads 120
+    assert "augment: 50 steps read 200 of the 230 examples (4 a batch); 30 are never trained on" in caplog.text
+    assert "distill.augment.examples=218 would label" in caplog.text  # 200 reads at 230 kept of 250
+    assert "distill.general.examples=120 would make just those" in caplog.text
+    from distill.report import _train_data
+
+    info = {"task": 1000, "augment": {**r.pools.info["augment"], "candidates": 250, "rejected": 20, "share": 0.25}}
+    (line,) = _train_data({**info, "general": {**r.pools.info["general"], "length": 64, "share": 0.1}})
+    assert "230 augmented requests at 25% of every batch (the teacher answered 230 of 250" in line
+    assert "20 rejected), of which training read 200;" in line and line.endswith("at 10%, of which training read 120.")
+    caplog.clear()
+    r = Run(rc=compose([*overrides, "quantize.int4_qad.steps=70"]), dir=None, acc=r.acc, stages=None)
+    r.teacher, r.pools.examples = SimpleNamespace(enc={"train": main}), pools
+    r.pools.info = {"augment": {"kept": 230}, "general": {"sequences": 150}}
+    with caplog.at_level(logging.INFO, logger="distill"):
+        pool_use(r)
+    assert r.pools.info["augment"]["read"] == 230 and r.pools.info["general"]["read"] == 140
+    assert "augment: 70 steps read all 230 examples" in caplog.text
+
+
 # ---- the gate catches a student that memorised its names ----
 
 

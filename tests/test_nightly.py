@@ -338,7 +338,12 @@ def test_extra_training_pools_are_cached_and_keyed(env, tmp_path):
     st = _statuses(run_dir)
     assert st["augment"] == st["general"] == st["prune"] == st["distill"] == "ran"
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["train_data"]["general"] == {"sequences": 24, "length": 16, "share": 0.25}
+    assert m["train_data"]["general"] == {
+        "sequences": 24,
+        "length": 16,
+        "share": 0.25,
+        "read": 24,
+    }  # 4 a batch, 40 steps
     assert m["train_data"]["augment"]["candidates"] == 24
     distill_inputs = json.loads((run_dir / "student" / "stage.json").read_text())["inputs"]
     assert {"augment_hash", "general_hash"} <= set(distill_inputs)

@@ -340,6 +340,44 @@ def general(r: Run) -> None:
     )
 
 
+def pool_use(r: Run) -> None:
+    """How much of each extra pool training reads: the distillation's steps (and QAD's, on the same seeded
+    batches) draw each pool's count per global batch, a whole shuffled epoch before any repeat, so a pool
+    larger than that is partly labelled or generated for nothing (minutes of a cold run). Logged with the
+    size that would do, and kept in metrics.json (``train_data.<pool>.read``)."""
+    import math
+
+    from quantize import SCHEMES
+
+    rc = r.rc
+    tc = rc.distill.train
+    steps = max([tc.steps, *(getattr(rc.quantize, v).steps for v in rc.quantize.variants if SCHEMES[v].trained)])
+    mix, batch = r.train_data(), tc.batch_size * r.acc.num_processes
+    counts, read = mix.counts(batch), mix.seen(batch, steps * tc.grad_accum)
+    for name, pool in sorted(r.pools.examples.items()):
+        p = next((i for i, d in enumerate(mix.pools) if d is pool), None)
+        if p is None:
+            continue  # empty, or at share 0: not trained on
+        info, size, k, n_read = r.pools.info[name], len(pool), counts[p], read[p]
+        if name == "general" and rc.student.init == "prune":
+            n_read = max(n_read, min(size, rc.student.prune.calib_general))  # pruning's calibration reads these
+        info["read"] = n_read
+        drawn = k * steps * tc.grad_accum
+        if n_read == size:
+            log.info("%s: %d steps read all %d examples (%.1f times each)", name, steps, size, drawn / size)
+            continue
+        if name == "augment":
+            made = r.rc.distill.augment.examples
+            need = math.ceil(n_read * made / max(info["kept"], 1))
+            fix = f"distill.augment.examples={need} would label about that many at this run's {info['kept'] / made:.0%} kept"
+        else:
+            fix = f"distill.general.examples={n_read} would make just those"
+        log.info(
+            "%s: %d steps read %d of the %d examples (%d a batch); %d are never trained on: %s",
+            name, steps, n_read, size, k, size - n_read, fix,
+        )  # fmt: skip
+
+
 def corpus_sequences(path: str, tokenizer, n: int, length: int) -> list[list[int]]:
     """The first ``n`` ``length``-token windows of a JSONL corpus (``{"text": ...}`` per line)."""
     from distill.data import DataError

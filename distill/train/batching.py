@@ -83,6 +83,12 @@ class Mixture(Sequence):
             raise ValueError(f"a global batch of {global_batch} cannot hold the extra pools' shares {self.shares}")
         return [global_batch - sum(extra), *extra]
 
+    def seen(self, global_batch: int, batches: int) -> list[int]:
+        """Distinct examples of each pool (the main first) that the first ``batches`` global batches read:
+        each pool's stream goes through a whole shuffled epoch before it repeats one, so a pool larger than
+        its count times ``batches`` is partly never read."""
+        return [min(len(d), k * batches) for d, k in zip(self.pools, self.counts(global_batch), strict=True)]
+
 
 class MixedStream:
     """``BatchStream`` over a ``Mixture``: one stream per pool at its count per global batch, the extra
