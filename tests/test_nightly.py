@@ -102,6 +102,13 @@ def test_new_data_redoes_distillation_onward(first, env, tmp_path):
     st = _statuses(tmp_path / "b")
     assert st == {"teacher": "input", "distill": "ran", "evaluate": "ran"}, st
     assert "inputs.data_hash" in proc.log
+    # export turned on afterwards: the PyTorch evaluation is kept, only the latency baseline is measured
+    proc = _run([*args, "data.seed=1", "export.enabled=true", "quantize.variants=[int8]", "gate.variants=[int8]"], env)
+    assert proc.returncode == 0, proc.log[-3000:]
+    st = _statuses(tmp_path / "b")
+    assert st["evaluate"] == "skipped" and st["evaluate:latency"] == st["export"] == "ran", st
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["student"]["ms_per_token"] > 0 and m["teacher"]["bytes"] > m["student"]["bytes"] > 0
 
 
 def test_kill_9_mid_training_resumes_to_the_uninterrupted_result(first, env, tmp_path):

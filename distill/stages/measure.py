@@ -118,8 +118,9 @@ def teacher_reference(r: Run, t: dict, split: str):
 
 
 def evaluate(r: Run) -> dict:
-    """Teacher and student scores on test / heldout (and PyTorch bytes and latency when exporting); the
-    student's misses beside the teacher's answers in ``misses.json``."""
+    """Teacher and student scores on test / heldout (and PyTorch bytes and latency when exporting: stage
+    ``evaluate:latency`` of its own, so a run exported after an export-off run keeps its evaluation); the student's
+    misses beside the teacher's answers in ``misses.json``."""
     e = r.rc.export
     scores: dict = {}
 
@@ -133,25 +134,58 @@ def evaluate(r: Run) -> dict:
     st = r.stage(
         "evaluate",
         r.dir / "eval" / "pytorch",
-        {
-            "eval": dataclasses.asdict(r.rc.eval),
-            "latency": [e.latency_prompts, e.latency_tokens] if e.enabled else None,
-        },
+        {"eval": dataclasses.asdict(r.rc.eval), "latency": None},  # None: the key export-off runs had before
         {"teacher_hash": r.teacher.id, "student_hash": r.student.hash, "data_hash": r.data.hash},
         work,
         on="main-only",
     )
-    return scores or json.loads((st.folder / "scores.json").read_text())
+    scores = scores or json.loads((st.folder / "scores.json").read_text())
+    if e.enabled:
+        for who, got in pytorch_latency(r).items():
+            scores[who].update(got)
+    return scores
+
+
+def pytorch_latency(r: Run) -> dict:
+    """Teacher and student under PyTorch at batch 1: bytes of weights, prefill and per-token decode times on
+    the first ``export.latency_prompts`` test prompts (the baseline the ONNX files are compared with)."""
+    e, out = r.rc.export, {}
+
+    def work(st: Stage) -> None:
+        from distill.evaluate import hf_generate_n, latency
+        from families.hf import load_causal_lm
+
+        enc, tok = r.teacher.enc, r.teacher.tokenizer
+        timed_prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: e.latency_prompts]]
+        student = load_causal_lm(r.dir / "student")
+        for who, m, folder in (
+            ("teacher", r.teacher.model.get(), r.teacher.dir),
+            ("student", student, r.dir / "student"),
+        ):
+            gen = hf_generate_n(m, tok.pad_token_id)
+            out[who] = {"bytes": safetensors_bytes(folder), **latency(gen, timed_prompts, e.latency_tokens)}
+        with building(st.folder) as tmp:
+            write_json(tmp / "latency.json", out)
+
+    st = r.stage(
+        "evaluate:latency",
+        r.dir / "eval" / "pytorch_latency",
+        {"prompts": e.latency_prompts, "tokens": e.latency_tokens},
+        {"teacher_hash": r.teacher.id, "student_hash": r.student.hash, "data_hash": r.data.hash},
+        work,
+        on="main-only",
+    )
+    return out or json.loads((st.folder / "latency.json").read_text())
 
 
 MISSES = "misses.json"  # in each evaluation folder: the examples the model got wrong, beside the teacher's answers
 
 
 def _evaluate_student(r: Run) -> tuple[dict, dict]:
-    from distill.evaluate import evaluate_model, hf_generate_n, latency
+    from distill.evaluate import evaluate_model
     from families.hf import config_param_count, load_causal_lm
 
-    ev, enc, tok, e = eval_settings(r.rc), r.teacher.enc, r.teacher.tokenizer, r.rc.export
+    ev, enc, tok = eval_settings(r.rc), r.teacher.enc, r.teacher.tokenizer
     t = teacher_answers(r)
     student = load_causal_lm(r.dir / "student")  # score the artifact we ship, exactly as a user would load it
     got, missed = {}, {}
@@ -168,12 +202,6 @@ def _evaluate_student(r: Run) -> tuple[dict, dict]:
         "student": {**got["test"], "num_params": config_param_count(student.config), "heldout": got.get("heldout", {})},
         "teacher_answers": t["answers"],
     }
-    if e.enabled:
-        model = r.teacher.model.get()
-        timed_prompts = [ex["input_ids"][: ex["prompt_len"]] for ex in enc["test"][: e.latency_prompts]]
-        for who, m, folder in (("teacher", model, r.teacher.dir), ("student", student, r.dir / "student")):
-            gen = hf_generate_n(m, tok.pad_token_id)
-            scores[who].update({"bytes": safetensors_bytes(folder), **latency(gen, timed_prompts, e.latency_tokens)})
     return scores, missed
 
 
