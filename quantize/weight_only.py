@@ -313,6 +313,8 @@ class Int4QadSettings:
     warmup_steps: int = non_negative()
     # teacher: the distillation's loss and teacher; student: the fp32 student's logits alone
     target: str = choice(*QAD_TARGETS)
+    # keep distillation's feature terms (distill.features at projection: channels) on the grid too
+    features: bool = False
 
     def problems(self, key: str) -> list[str]:
         return _block_problems(key, self.block_size, self.accuracy_level)

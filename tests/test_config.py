@@ -288,6 +288,18 @@ def test_onnx_quantize_and_gate_problems():
         compose(["+exp=smoke", "gate.min_openvino_match=0.99", "export.openvino=false"])
     with pytest.raises(ConfigError, match="int4_qad trains the student on its grid, which runs unsharded"):
         compose(["+exp=smoke", "quantize.variants=[int4_qad]", "distill.train.sharding=fsdp"])
+    qad_features = [
+        "+exp=smoke",
+        "quantize.variants=[int4_qad]",
+        "gate.variants=[int4_qad]",
+        "quantize.int4_qad.features=true",
+    ]
+    with pytest.raises(ConfigError, match="need distill.features.weight > 0 and projection=channels"):
+        compose(qad_features)  # smoke distils features through a learned projection, which QAD cannot keep
+    channels = [*qad_features, "student=pruned", "distill.features.projection=channels"]
+    assert compose(channels).quantize.int4_qad.features
+    with pytest.raises(ConfigError, match="but target=student; set quantize.int4_qad.target=teacher"):
+        compose([*channels, "quantize.int4_qad.target=student"])
     assert compose(["+exp=smoke", "export.exporter=fused"]).export.exporter == "fused"  # head_dim 16
     with pytest.raises(ConfigError, match="export.exporter: head_dim 24 is not a multiple of 16"):
         compose(["+exp=smoke", "export.exporter=fused", "teacher.bootstrap.hidden_size=96"])

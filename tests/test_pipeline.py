@@ -585,19 +585,9 @@ def test_pruned_student_pipeline(smoke_run, tmp_path):
     the student kept (``distill.features.projection=channels``); the pruned model is kept as DIR/pruned."""
     _, env, _ = smoke_run
     run_dir = tmp_path / "pruned_run"
-    proc = _run(
-        [
-            "+exp=smoke",
-            f"hydra.run.dir={run_dir}",
-            "student=pruned",
-            "student.prune.fraction=0.5",
-            "distill.features.layer_map=[[0,0],[1,1]]",
-            "distill.features.projection=channels",
-            "eval.num_test=8",
-            "export.enabled=false",
-        ],
-        env,
-    )
+    args = ["+exp=smoke", f"hydra.run.dir={run_dir}", "student=pruned", "student.prune.fraction=0.5"]
+    args += ["distill.features.layer_map=[[0,0],[1,1]]", "distill.features.projection=channels", "eval.num_test=8"]
+    proc = _run([*args, "export.enabled=false"], env)
     assert proc.returncode == 0, proc.log[-3000:]
     report = json.loads((run_dir / "pruned" / "prune_report.json").read_text())
     # against the teacher's features at the channels pruning kept, the first step's feature loss (2 layers,
@@ -609,6 +599,16 @@ def test_pruned_student_pipeline(smoke_run, tmp_path):
     assert "width" in report["reasons"][0] and "prune plan" in proc.log
     cfg = json.loads((run_dir / "student" / "config.json").read_text())
     assert cfg["hidden_size"] == report["shape"]["hidden_size"] and cfg["head_dim"] == 16
+    # int4 QAD keeping the feature terms at the kept channels (quantize.int4_qad.features): the same student,
+    # each QAD step with a feature loss; exported afterwards, so the PyTorch evaluation is kept
+    qad = ["quantize.variants=[int4_qad]", "gate.variants=[int4_qad]", "quantize.int4_qad.steps=4"]
+    qad += ["quantize.int4_qad.block_size=16", "quantize.int4_qad.features=true"]
+    proc = _run([*args, *qad], env)
+    assert proc.returncode in (0, 3), proc.log[-3000:]  # 3: the gate may fail a 4-step grid; it ran
+    st = {k: v["status"] for k, v in json.loads((run_dir / "metrics.json").read_text())["stages"].items()}
+    assert st["distill"] == st["evaluate"] == "skipped" and st["qad:int4_qad"] == "ran", st
+    history = json.loads((run_dir / "qad" / "int4_qad" / "student" / "qad_info.json").read_text())["history"]
+    assert len(history) == 4 and all(h["feat"] > 0 for h in history), history
 
 
 def test_prune_cli_refuses_impossible_targets(smoke_run, tmp_path):

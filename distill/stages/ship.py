@@ -11,7 +11,7 @@ from pathlib import Path
 
 from core.files import building, write_json
 from core.hashing import digest
-from distill.config import openvino_on
+from distill.config import key_settings, openvino_on
 from distill.manifest import Stage
 from distill.stages.measure import (
     MISSES,
@@ -93,7 +93,7 @@ def build_onnx_variants(r: Run, calibration: list[list[int]]) -> dict[str, Stage
         out[v] = r.stage(
             f"quantize:{v}",
             onnx_dir / v,
-            dataclasses.asdict(settings),
+            key_settings(dataclasses.asdict(settings)),  # (a QAD run from before ``features`` keeps its key)
             inputs,
             lambda st, scheme=scheme, build=build: scheme.build(Build(dest=st.folder, **build)),
             on="main-only",

@@ -215,10 +215,11 @@ def qad(r: Run, name: str, s) -> Stage:
     tc = dataclasses.replace(
         rc.distill.train, steps=s.steps, lr=s.lr, warmup_steps=s.warmup_steps, eval_every=0, checkpoint_every=0
     )
-    # the logit loss only: the feature projections of distillation were not kept, on-policy sampling is slow
+    # the logit loss (and with ``s.features`` distillation's feature terms at the kept channels, which need no
+    # projection; a learned one was not kept); no on-policy sampling: it is slow
     dcfg = dataclasses.replace(
         rc.distill,
-        features=dataclasses.replace(rc.distill.features, weight=0.0),
+        features=rc.distill.features if s.features else dataclasses.replace(rc.distill.features, weight=0.0),
         on_policy=dataclasses.replace(rc.distill.on_policy, fraction=0.0),
         train=tc,
         **({"kd_weight": 1.0} if s.target == "student" else {}),
@@ -246,8 +247,9 @@ def qad(r: Run, name: str, s) -> Stage:
         student = load_causal_lm(r.dir / "student")
         if s.target == "student":  # the fp32 student it starts from, frozen, is the one signal
             mode = make_mode(dcfg, teacher=copy.deepcopy(student).eval().requires_grad_(False))
-        elif r.signals is None:
-            mode = make_mode(dcfg, teacher=r.teacher.model.get())
+        elif r.signals is None or s.features:
+            channels = kept_channels(r.dir / "pruned") if s.features else None
+            mode = make_mode(dcfg, teacher=r.teacher.model.get(), teacher_channels=channels)
         else:
             mode = make_mode(dcfg, signals=r.signals)
         names = fake.attach(student, bits=4, block=s.block_size, embedding=s.embedding)
