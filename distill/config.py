@@ -392,17 +392,18 @@ def _check_onnx(c: RunConfig, problems: list[str]) -> None:
                 f"gate.variants: {v!r} is gated but not built; add it to quantize.variants (or export.fp16=true)"
             )
     qad, fe = q.int4_qad, c.distill.features
-    if "int4_qad" in q.variants and qad.features and not (fe.weight > 0 and fe.projection == "channels"):
-        problems.append(
-            "quantize.int4_qad.features: true keeps distillation's feature terms, but they need distill.features."
-            "weight > 0 and projection=channels (a learned projection is not kept after distillation); set "
-            "quantize.int4_qad.features=false"
-        )
-    if "int4_qad" in q.variants and qad.features and qad.target != "teacher":
-        problems.append(
-            "quantize.int4_qad.features: true compares with the teacher's features, but target=student; set "
-            "quantize.int4_qad.target=teacher or features=false"
-        )
+    if "int4_qad" in q.variants and qad.features:
+        if not (fe.weight > 0 and fe.projection == "channels"):
+            problems.append(
+                "quantize.int4_qad.features: true keeps distillation's feature terms, but they need distill.features."
+                "weight > 0 and projection=channels (a learned projection is not kept after distillation); set "
+                "quantize.int4_qad.features=false"
+            )
+        if qad.target != "teacher":
+            problems.append(
+                "quantize.int4_qad.features: true compares with the teacher's features, but target=student; set "
+                "quantize.int4_qad.target=teacher or features=false"
+            )
     if g.min_openvino_match is not None and c.export.enabled:
         if not openvino_on(c):
             problems.append(

@@ -314,7 +314,7 @@ class Int4QadSettings:
     # teacher: the distillation's loss and teacher; student: the fp32 student's logits alone
     target: str = choice(*QAD_TARGETS)
     # keep distillation's feature terms (distill.features at projection: channels) on the grid too
-    features: bool = False
+    features: bool
 
     def problems(self, key: str) -> list[str]:
         return _block_problems(key, self.block_size, self.accuracy_level)
