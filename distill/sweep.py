@@ -15,6 +15,10 @@ still leaves a summary of everything that finished; a job that failed is marked 
 (``failed.json`` in its folder), one killed or still running as ``unfinished``. Running the same sweep
 again reruns only what is not finished (each job's finished stages are skipped).
 
+A sweep whose jobs differ in a seed key (``distill.seeds.SEED_KEYS``: ``distill.train.seed=0,1,2``) also
+gets ``distill.seeds``' comparison of its recipes over their seeds (``seeds.json``, ``seeds.png``, a table
+in ``summary.md``).
+
 Nightly: ``python -m distill.sweep multirun/nightly/2026-12-04 --last-good`` also compares the sweep with
 the last good sweep beside it (or ``--baseline DIR``) per job and variant (exact match, retention, held-out
 exact match and retention, size, latency, gate), adds the comparison to ``summary.md`` (and
@@ -156,11 +160,39 @@ def write_summary(
     if plot:
         out["png"] = plot
     text = render(rows, sweep_dir.name, plot.name if plot else None)
+    seeds = seeds_section(sweep_dir)
+    if seeds is not None:
+        text += "\n" + seeds[0]
+        out |= seeds[1]
     if nightly is not None:
         night = plot_nightly(nightly, sweep_dir / "nightly.png")
         text += "\n" + render_nightly(nightly, night.name if night else None)
     write_text(out["md"], text)
     return out
+
+
+def seeds_section(sweep_dir: Path) -> tuple[str, dict[str, Path]] | None:
+    """When some recipe of the sweep ran with several seeds (jobs that differ only in ``distill.seeds``'
+    ``SEED_KEYS``): ``distill.seeds``' table over the recipes (the first the reference), ``seeds.json`` and
+    ``seeds.png``; None otherwise."""
+    from distill import seeds
+
+    recipes = seeds.sweep_recipes(sweep_dir)
+    if not any(len(jobs) > 1 for jobs in recipes.values()):
+        return None
+    try:
+        c = seeds.compare_recipes(recipes)
+    except seeds.SeedsError as err:  # e.g. a sweep over the data: its jobs are not one data set's recipes
+        return f"## Recipes over seeds\n\nNot compared: {err}\n", {}
+    for runs in c["runs"].values():  # job folders named from the sweep folder, as in its other tables
+        for r in runs:
+            r["folder"] = str(Path(r["folder"]).relative_to(sweep_dir))
+    write_json(sweep_dir / "seeds.json", c)
+    out = {"seeds_json": sweep_dir / "seeds.json"}
+    png = seeds.plot(c, sweep_dir / "seeds.png")
+    if png:
+        out["seeds_png"] = png
+    return seeds.render(c, png.name if png else None), out
 
 
 def refresh_summary(sweep_dir: str | Path) -> None:

@@ -5,6 +5,7 @@ signals and end with a summary, and ``distill.compare`` flags regressions."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -325,6 +326,65 @@ def test_compare_flags_regressions(first, tmp_path, capsys):
     (worse / "metrics.json").unlink()
     assert main([str(first), str(worse)]) == 2
     assert "has no metrics.json: the run did not finish" in capsys.readouterr().err
+
+
+def test_recipes_compared_over_seeds(first, tmp_path, capsys):
+    """``python -m distill.seeds``: two recipes, two seeds each (copies of a real run, the seed and the recipe
+    key changed in their configs, planted scores); the seeds group into recipes, Welch's test over them gives
+    the closed-form p, the recipe's change is named, a run that differs beyond its seed is warned about, runs
+    on other data are refused; a sweep of the same four jobs gets the same table in its summary."""
+    import yaml
+
+    from distill.seeds import main
+    from distill.sweep import main as sweep_main
+
+    planted = {"a0": 0.40, "a1": 0.44, "b0": 0.50, "b1": 0.54}  # heldout exact match; test = that + 0.4
+    sweep = tmp_path / "sweep"
+    for job, held in planted.items():
+        folder = sweep / job
+        shutil.copytree(first, folder, ignore=shutil.ignore_patterns("student", "pruned", "onnx", "checkpoints"))
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["distill"]["train"]["seed"] = int(job[1])
+        cfg["distill"]["features"]["weight"] = 0.5 if job[0] == "b" else 0.0
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+        m = json.loads((folder / "metrics.json").read_text())
+        m["student"]["exact_match"], m["student"]["heldout"]["exact_match"] = held + 0.4, held
+        (folder / "metrics.json").write_text(json.dumps(m))
+        overrides = [f"distill.train.seed={job[1]}", f"distill.features.weight={cfg['distill']['features']['weight']}"]
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["+exp=smoke", *overrides]))
+    runs = {k: str(sweep / k) for k in planted}
+    assert main([f"logits={runs['a0']},{runs['a1']}", f"features={runs['b0']},{runs['b1']}"]) == 0
+    out = capsys.readouterr().out
+    t = 0.10 / math.sqrt(0.0008)  # two seeds each, equal spread: df = 2, p = 1 - t / sqrt(2 + t^2) = 0.0715
+    row = next(line for line in out.splitlines() if line.startswith("| heldout.exact_match | features |"))
+    assert "| 2 | 0.520 |" in row and "| +10.0 |" in row and f"| {1 - t / math.sqrt(2 + t * t):.3g} |" in row
+    assert "within the seeds' spread" in row
+    assert "features changes against logits: distill.features.weight: 0.0 -> 0.5" in out and "WARNING" not in out
+
+    cfg = yaml.safe_load((sweep / "a1" / "config.yaml").read_text())
+    cfg["distill"]["train"]["lr"] = 1.0  # beyond the seed: the recipe's runs disagree
+    (sweep / "a1" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main([f"logits={runs['a0']},{runs['a1']}", f"features={runs['b0']}"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the runs of logits differ beyond the seeds in distill.train.lr" in out
+    assert "one seed: cannot tell" in out
+
+    other = tmp_path / "other"
+    shutil.copytree(sweep / "b1", other)
+    m = json.loads((other / "metrics.json").read_text())
+    m["data_hash"] = "0" * 16
+    (other / "metrics.json").write_text(json.dumps(m))
+    assert main([f"logits={runs['a0']}", f"features={runs['b0']},{other}"]) == 2
+    assert f"{other} was scored with other data" in capsys.readouterr().err
+    assert main([f"logits={runs['a0']}", "--artifact", "onnx_nope"]) == 2
+    assert "has no 'onnx_nope'" in capsys.readouterr().err
+
+    assert sweep_main([str(sweep)]) == 0  # the sweep's jobs group by their overrides less the seed
+    summary = (sweep / "summary.md").read_text()
+    assert "## Recipes over seeds" in summary and (sweep / "seeds.png").is_file()
+    recipes = json.loads((sweep / "seeds.json").read_text())["runs"]
+    assert sorted(len(v) for v in recipes.values()) == [2, 2]
+    assert {r["folder"] for v in recipes.values() for r in v} == set(planted)
 
 
 def test_extra_training_pools_are_cached_and_keyed(env, tmp_path):
