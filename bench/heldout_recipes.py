@@ -11,6 +11,11 @@ in-distribution test split, with the minutes each spent making extra data and di
 
 A recipe whose folder holds a finished run (``metrics.json``) is read, not run again. Equal wall time: give
 each recipe the distillation steps that its extra data's minutes leave (see BENCHMARKS.md section 15).
+
+One seed cannot rank recipes a few points apart (two seeds of one recipe differ by 3-6 heldout points on
+600 SmolLM2 requests, BENCHMARKS.md section 24): ``--seeds 0,1,2`` runs each recipe once per
+``distill.train.seed`` (folders ``NAME`` for seed 0, ``NAME-seedK`` for the others) and adds
+``distill.seeds``' comparison over them (mean, spread, Welch's t, seeds needed; ``*_seeds.png``).
 """
 
 from __future__ import annotations
@@ -174,30 +179,45 @@ def main() -> None:
     ap.add_argument("--root", default="runs/recipes", help="one run folder per recipe under it")
     ap.add_argument("--common", nargs="*", default=[], help="overrides for every recipe")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME=OVERRIDE,OVERRIDE")
+    ap.add_argument(
+        "--seeds", default=None, help="comma-separated distill.train.seed values: each recipe once per seed"
+    )
     ap.add_argument("--out", default=None, help="results JSON (and a PNG beside it)")
     a = ap.parse_args()
-    rows = []
-    for item in a.recipe:
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [None]
+    rows, groups = [], {}
+    for item, seed in ((i, s) for i in a.recipe for s in seeds):
         name, _, rest = item.partition("=")
-        overrides = split_overrides(rest)
-        folder = Path(a.root) / name
+        overrides = split_overrides(rest) + ([f"distill.train.seed={seed}"] if seed is not None else [])
+        label = name if not seed else f"{name}-seed{seed}"
+        folder = Path(a.root) / label
+        groups.setdefault(name, []).append(folder)
         wall = None
         if not (folder / "metrics.json").is_file():
             folder.mkdir(parents=True, exist_ok=True)
             wall = run_recipe(a.exp, folder, [*a.common, *overrides], folder.with_suffix(".log"))
-        rows.append(summary(name, [*a.common, *overrides], folder, wall))
+        rows.append(summary(label, [*a.common, *overrides], folder, wall))
         r = rows[-1]
         print(
-            f"{name:<28} {r['minutes']:6.1f} min  test {r['student_test']:.3f} ({r['test_retention']:.3f})  heldout "
+            f"{label:<28} {r['minutes']:6.1f} min  test {r['student_test']:.3f} ({r['test_retention']:.3f})  heldout "
             f"{r['student_heldout']:.3f} ({r['heldout_retention']:.3f})  "
             + "  ".join(f"{p} {v['student']:.3f}/{v['teacher']:.3f}" for p, v in r["parts"].items()),
             flush=True,
         )
     pair_with_first(rows)
+    over_seeds = None
+    if len(seeds) > 1:
+        from distill.seeds import compare_recipes, render
+        from distill.seeds import plot as plot_seeds
+
+        over_seeds = compare_recipes(groups)
+        print(render(over_seeds))
     if a.out:
         out = Path(a.out)
-        out.write_text(json.dumps({"exp": a.exp, "common": a.common, "rows": rows}, indent=2))
+        out.write_text(json.dumps({"exp": a.exp, "common": a.common, "rows": rows, "seeds": over_seeds}, indent=2))
         plot(rows, out.with_suffix(".png"), f"{a.exp}: what the student keeps of the teacher")
+        if over_seeds:
+            plot_seeds(over_seeds, out.with_name(f"{out.stem}_seeds.png"))
         print(f"wrote {out}")
 
 
