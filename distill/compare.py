@@ -182,10 +182,13 @@ def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dic
     ]
     if ga is True and gb is False:
         regressions.append("gate: passed -> FAILED (" + "; ".join(mb["gate"].get("failed", [])) + ")")
+    from distill.seeds import SEED_KEYS
+
     return {
         "a": str(a["folder"]),
         "b": str(b["folder"]),
         "config": config,
+        "seeds_only": bool(config) and all(k in SEED_KEYS for k, _, _ in config),
         "inputs": inputs,
         "versions": versions,
         "rows": rows,
@@ -208,6 +211,11 @@ def render(c: dict) -> str:
     out = [f"A: {c['a']}", f"B: {c['b']}", ""]
     out.append(f"config: {len(c['config'])} keys differ" + (":" if c["config"] else ""))
     out += [f"  {k}: {_v(x)} -> {_v(y)}" for k, x, y in c["config"]]
+    if c.get("seeds_only"):
+        out.append(
+            "  (only seeds differ: one recipe, two draws; what changes below is the seeds' spread, not a recipe's "
+            "effect: compare recipes over several seeds with python -m distill.seeds)"
+        )
     out.append("inputs: " + ("unchanged" if not c["inputs"] else ""))
     out += [f"  {k}: {x} -> {y}" for k, x, y in c["inputs"]]
     out.append("versions: " + ("unchanged" if not c["versions"] else ""))

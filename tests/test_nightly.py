@@ -360,6 +360,12 @@ def test_recipes_compared_over_seeds(first, tmp_path, capsys):
     assert "| 2 | 0.520 |" in row and "| +10.0 |" in row and f"| {1 - t / math.sqrt(2 + t * t):.3g} |" in row
     assert "within the seeds' spread" in row
     assert "features changes against logits: distill.features.weight: 0.0 -> 0.5" in out and "WARNING" not in out
+    from distill.compare import main as compare_main
+
+    compare_main([runs["a0"], runs["a1"]])  # two seeds of one recipe: compare says its differences are seed noise
+    assert "only seeds differ" in capsys.readouterr().out
+    compare_main([runs["a0"], runs["b0"]])
+    assert "only seeds differ" not in capsys.readouterr().out
 
     cfg = yaml.safe_load((sweep / "a1" / "config.yaml").read_text())
     cfg["distill"]["train"]["lr"] = 1.0  # beyond the seed: the recipe's runs disagree
