@@ -28,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from distill.seeds import MAKING_STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
-EXTRA_STAGES = ("augment", "general", "prune", "distill", "qad")
+EXTRA_STAGES = (*MAKING_STAGES, "qad")  # "qad:<variant>" counts as "qad"
 
 
 def split_overrides(text: str) -> list[str]:
@@ -68,7 +70,11 @@ def summary(name: str, overrides: list[str], folder: Path, wall: float | None) -
             "student": srow.get("exact_match"),
             "retention": srow.get("exact_match", 0.0) / row["exact_match"] if row["exact_match"] else None,
         }
-    seconds = {k: v.get("seconds") or v.get("ran_seconds") for k, v in m["stages"].items() if k in EXTRA_STAGES}
+    seconds = {
+        k: v.get("seconds") or v.get("ran_seconds")
+        for k, v in m["stages"].items()
+        if k.partition(":")[0] in EXTRA_STAGES
+    }
     info = m.get("train", {})
     prepared = next((o.split("=", 1)[1] for o in overrides if o.startswith("student.path=")), None)
     if prepared and (Path(prepared) / "recover_info.json").is_file():  # bench/minitron_order.py's preparation

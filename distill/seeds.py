@@ -36,7 +36,15 @@ SEED_KEYS = ("distill.train.seed", "distill.augment.seed", "distill.general.seed
 # the config sections that make a PyTorch student (the rest names, evaluates, exports or gates it); an ONNX
 # artifact is also made by these two
 STUDENT_SECTIONS, ONNX_SECTIONS = ("data", "teacher", "student", "distill"), ("export", "quantize")
-METRICS = ("exact_match", "tool_accuracy")  # compared on the test split, the held-out split and its parts
+METRICS = ("exact_match", "tool_accuracy")
+# the stages whose minutes make a student (an ONNX variant adds its QAD, "qad:<variant>"): recipes compare at
+# equal wall time on these, each as long as it took when it ran (a cached pool: when it was built)
+MAKING_STAGES = (
+    "augment",
+    "general",
+    "prune",
+    "distill",
+)  # compared on the test split, the held-out split and its parts
 ALPHA, POWER = 0.05, 0.80  # the seeds-needed estimate: two-sided test at ALPHA with this power
 _Z = {0.05: 1.959964, 0.80: 0.841621}  # standard normal quantiles for those (1 - ALPHA / 2, POWER)
 
@@ -144,6 +152,17 @@ def scores(metrics: dict, who: str) -> dict[str, tuple[float, int | None]]:
     return out
 
 
+def making_minutes(metrics: dict, artifact: str = "student") -> float:
+    """Minutes the stages that make ``artifact`` took (``MAKING_STAGES``, and ``qad:<variant>`` for an ONNX
+    variant), from a run's metrics.json."""
+    variant = artifact.removeprefix("onnx_")
+    total = 0.0
+    for name, st in metrics.get("stages", {}).items():
+        if name in MAKING_STAGES or (artifact != "student" and name == f"qad:{variant}"):
+            total += st.get("seconds") or st.get("ran_seconds") or 0.0
+    return total / 60
+
+
 def _recipe_keys(run: dict, artifact: str) -> dict:
     """The config keys that make ``artifact`` (``STUDENT_SECTIONS``, and ``ONNX_SECTIONS`` for an ONNX
     variant), less the seeds."""
@@ -246,7 +265,11 @@ def compare_recipes(recipes: dict[str, list[str | Path]], artifact: str = "stude
         "artifact": artifact,
         "reference": ref,
         "runs": {
-            name: [{"folder": str(r["folder"]), "seed": _seed_of(r)} for r in runs] for name, runs in loaded.items()
+            name: [
+                {"folder": str(r["folder"]), "seed": _seed_of(r), "minutes": making_minutes(r["metrics"], artifact)}
+                for r in runs
+            ]
+            for name, runs in loaded.items()
         },
         "teacher": {m: v for m, (v, _) in teacher.items()},
         "rows": table,
@@ -272,7 +295,12 @@ def _f(x, pct: bool = False) -> str:
 def render(c: dict, plot: str | None = None) -> str:
     lines = [f"## Recipes over seeds ({c['artifact']}; reference: {c['reference']})", ""]
     for name, runs in c["runs"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{r['folder']} (seed {r['seed']})" for r in runs))
+        minutes = _mean([r["minutes"] for r in runs])
+        lines.append(
+            f"- {name}: " + ", ".join(f"{r['folder']} (seed {r['seed']})" for r in runs) + f"; {minutes:.1f} minutes "
+            f"making the {c['artifact']} on the mean ({', '.join(MAKING_STAGES)}"
+            + (", its QAD)" if c["artifact"] != "student" else ")")
+        )
     for name, ch in c["changes"].items():
         shown = "; ".join(f"{k}: {a} -> {b}" for k, a, b in ch[:12]) + (
             f"; ... {len(ch) - 12} more" if len(ch) > 12 else ""

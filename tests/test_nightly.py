@@ -349,6 +349,9 @@ def test_recipes_compared_over_seeds(first, tmp_path, capsys):
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
         m = json.loads((folder / "metrics.json").read_text())
         m["student"]["exact_match"], m["student"]["heldout"]["exact_match"] = held + 0.4, held
+        for st in m["stages"].values():  # planted: only distillation took time, 10 / 20 minutes by seed
+            st["seconds"] = st["ran_seconds"] = 0.0
+        m["stages"]["distill"]["seconds"] = 600.0 * (1 + int(job[1]))
         (folder / "metrics.json").write_text(json.dumps(m))
         overrides = [f"distill.train.seed={job[1]}", f"distill.features.weight={cfg['distill']['features']['weight']}"]
         (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["+exp=smoke", *overrides]))
@@ -359,6 +362,7 @@ def test_recipes_compared_over_seeds(first, tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| heldout.exact_match | features |"))
     assert "| 2 | 0.520 |" in row and "| +10.0 |" in row and f"| {1 - t / math.sqrt(2 + t * t):.3g} |" in row
     assert "within the seeds' spread" in row
+    assert "(seed train=1); 15.0 minutes making the student on the mean" in out
     assert "features changes against logits: distill.features.weight: 0.0 -> 0.5" in out and "WARNING" not in out
     from distill.compare import main as compare_main
 
