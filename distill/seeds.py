@@ -30,13 +30,15 @@ import math
 import sys
 from pathlib import Path
 
+from export.gate import PER_EXAMPLE, examples_of
+
 # the keys that draw a recipe's randomness without changing the recipe (weights' order of batches, the
 # extra pools' draws, a from-scratch student's initialisation); data.seed changes the data and the teacher
 SEED_KEYS = ("distill.train.seed", "distill.augment.seed", "distill.general.seed", "student.seed")
 # the config sections that make a PyTorch student (the rest names, evaluates, exports or gates it); an ONNX
 # artifact is also made by these two
 STUDENT_SECTIONS, ONNX_SECTIONS = ("data", "teacher", "student", "distill"), ("export", "quantize")
-METRICS = ("exact_match", "tool_accuracy")
+METRICS = PER_EXAMPLE
 # the stages whose minutes make a student (an ONNX variant adds its QAD, "qad:<variant>"): recipes compare at
 # equal wall time on these, each as long as it took when it ran (a cached pool: when it was built)
 MAKING_STAGES = (
@@ -133,15 +135,10 @@ def scores(metrics: dict, who: str) -> dict[str, tuple[float, int | None]]:
     split, the held-out split and each held-out part (``heldout[values].exact_match``); examples from the
     split's language slices (None where a run kept no slices)."""
 
-    def n_of(split: dict) -> int | None:
-        slices = split.get("slices") or {}
-        first = next(iter(slices.values()), None)
-        return sum(x["n"] for x in first.values()) if first else None
-
     s = metrics[who]
     out = {}
     for name, split in (("", s), ("heldout.", s.get("heldout") or {})):
-        n = n_of(split)
+        n = examples_of(split)
         for m in METRICS:
             if isinstance(split.get(m), int | float):
                 out[name + m] = (float(split[m]), n)

@@ -15,7 +15,13 @@ and multi-turn conversations of function-calling data (``slices["turns"]``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+
+# the per-example metrics (each example right or wrong) whose checks state their evaluation's own error:
+# a 95% Wilson interval from the number of examples the number comes from
+PER_EXAMPLE = ("exact_match", "tool_accuracy")
+Z95 = 1.959964
 
 
 @dataclass
@@ -29,6 +35,13 @@ class Check:
     passed: bool
     note: str = ""  # why a check failed other than by its number (e.g. a teacher with nothing to retain)
     name: str = ""  # the threshold (THRESHOLDS key) this check applies
+    n: int | None = None  # examples the value comes from (PER_EXAMPLE metrics)
+    error: float | None = None  # half-width of the value's 95% interval from those examples, in its units
+
+    @property
+    def uncertain(self) -> bool:
+        """The verdict lies within the evaluation's own 95% error: more examples could turn it."""
+        return self.error is not None and not self.note and abs(self.margin) < self.error
 
     @property
     def margin(self) -> float:
@@ -40,6 +53,8 @@ class Check:
         verdict = "ok" if self.passed else f"FAILED, {'short' if self.op == '>=' else 'over'} by {abs(self.margin):.4f}"
         if self.note:
             verdict = f"FAILED: {self.note}"
+        elif self.uncertain:
+            verdict += f" (within the evaluation's 95% error, ±{self.error:.4f} on {self.n} examples)"
         return f"{self.variant}: {what} = {self.value:.4f} (needs {self.op} {self.threshold:.4f}): {verdict}"
 
 
@@ -53,12 +68,17 @@ class GateResult:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
+    @property
+    def uncertain(self) -> list[Check]:
+        return [c for c in self.checks if c.uncertain]
+
     def to_dict(self) -> dict:
         return {
             "passed": self.passed,
             "min_teacher_score": self.min_teacher_score,
-            "checks": [{**asdict(c), "margin": c.margin} for c in self.checks],
+            "checks": [{**asdict(c), "margin": c.margin, "uncertain": c.uncertain} for c in self.checks],
             "failed": [c.describe() for c in self.failures],
+            "uncertain": [c.describe() for c in self.uncertain],
             "summary": self.describe(),
         }
 
@@ -68,6 +88,11 @@ class GateResult:
             if self.passed
             else f"release gate FAILED ({len(self.failures)} of {len(self.checks)} checks)"
         )
+        if self.uncertain:
+            head += (
+                f" ({len(self.uncertain)} within the evaluation's 95% error: more examples (eval.num_test) would "
+                "settle them)"
+            )
         return "\n".join([head, *(f"  - {c.describe()}" for c in self.checks)])
 
 
@@ -135,6 +160,22 @@ def _numbers(m: dict, spec: Threshold) -> dict[str, dict]:
     return {f"{prefix or spec.split}[{v}]/{spec.metric}": row for v, row in groups.items()}
 
 
+def examples_of(split: dict) -> int | None:
+    """How many examples a split's numbers (or a slice row's) come from: its ``n``, else the sum over its
+    first slice (every example is in one value of each slice); None where neither was kept."""
+    if isinstance(split.get("n"), int):
+        return split["n"]
+    first = next(iter((split.get("slices") or {}).values()), None)
+    return sum(row["n"] for row in first.values()) if first else None
+
+
+def wilson_error(p: float, n: int) -> float:
+    """Half-width of the 95% Wilson score interval of a proportion ``p`` of ``n`` examples (not 0 at p = 0 or 1:
+    8 right of 8 is not a certain 1.0)."""
+    z2 = Z95 * Z95
+    return Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+
+
 def thresholds_of(gate_cfg) -> dict[str, float | None]:
     """Threshold name -> value from a gate config (a dataclass, dict or DictConfig)."""
     get = gate_cfg.get if hasattr(gate_cfg, "get") else lambda k, d=None: getattr(gate_cfg, k, d)
@@ -162,7 +203,10 @@ def evaluate_gate(
             op, relative = spec.op, spec.relative
             mine, theirs = _numbers(m, spec), _numbers(teacher, spec)
             for label in sorted(theirs) if spec.per else mine:  # the slices the teacher was measured on
-                value = mine.get(label, {}).get(spec.metric)
+                row = mine.get(label, {})
+                value = row.get(spec.metric)
+                n = examples_of(row) if spec.metric in PER_EXAMPLE else None
+                error = wilson_error(value, n) if n and value is not None else None
                 if value is None:
                     checks.append(
                         Check(variant, label, float("nan"), threshold, op, relative, False, "not measured", name)
@@ -180,8 +224,11 @@ def evaluate_gate(
                         )
                         continue
                     value = value / t
+                    error = error / t if error is not None else None  # the teacher's score as the fixed reference
                 ok = value >= threshold if op == ">=" else value <= threshold
-                checks.append(Check(variant, label, float(value), float(threshold), op, relative, bool(ok), "", name))
+                checks.append(
+                    Check(variant, label, float(value), float(threshold), op, relative, bool(ok), "", name, n, error)
+                )
     return GateResult(all(c.passed for c in checks), checks, min_teacher_score)
 
 

@@ -595,6 +595,35 @@ def test_the_gates_openvino_match_reads_each_split_at_matched_arithmetic_where_m
 # --- the gate -----------------------------------------------------------------------------------
 
 
+def test_gate_states_when_a_verdict_is_within_the_evaluations_error():
+    """A check on a per-example metric says when its margin is inside the 95% interval its examples allow
+    (the verdict stands; more examples would settle it), and only then."""
+    from export.gate import evaluate_gate, wilson_error
+
+    # textbook Wilson 95% intervals: 8 of 8 -> [0.676, 1]; 50 of 100 -> [0.404, 0.596]
+    assert 1.0 - 2 * wilson_error(1.0, 8) == pytest.approx(0.6756, abs=1e-4)
+    assert wilson_error(0.5, 100) == pytest.approx((0.5962 - 0.4038) / 2, abs=1e-4)
+
+    def scored(em: float, n: int) -> dict:
+        return {"exact_match": em, "kl": 0.01, "slices": {"lang": {"en": {"n": n // 2}, "zh": {"n": n - n // 2}}}}
+
+    th = {"min_exact_match_retention": 0.97, "max_kl": 0.05}
+    r = evaluate_gate(scored(0.9, 200), {"onnx_int8": scored(0.88, 200)}, th, 0.0)
+    em, kl = (next(c for c in r.checks if c.metric == m) for m in ("exact_match", "kl"))
+    assert r.passed and em.uncertain and em.n == 200 and not kl.uncertain and kl.error is None
+    assert em.error == pytest.approx(wilson_error(0.88, 200) / 0.9)  # retention's error: the teacher as reference
+    assert "ok (within the evaluation's 95% error, ±0.05" in em.describe() and "on 200 examples)" in em.describe()
+    assert r.describe().startswith("release gate PASSED (1 within the evaluation's 95% error")
+    assert r.to_dict()["uncertain"] == [em.describe()]
+    # the same scores on 20,000 examples: the margin (0.0078) is outside the interval (0.005)
+    r = evaluate_gate(scored(0.9, 20000), {"onnx_int8": scored(0.88, 20000)}, th, 0.0)
+    assert r.passed and not r.uncertain and "within" not in r.describe()
+    # a failure inside the error says so too; one far outside does not
+    r = evaluate_gate(scored(0.9, 200), {"a": scored(0.86, 200), "b": scored(0.5, 200)}, th, 0.0)
+    assert [c.variant for c in r.failures] == ["a", "b"] and [c.variant for c in r.uncertain] == ["a"]
+    assert "FAILED, short by 0.0144 (within the evaluation's 95% error" in r.failures[0].describe()
+
+
 def test_gate_judges_planted_numbers():
     from export.gate import evaluate_gate
 
