@@ -132,8 +132,8 @@ def _var(xs: list[float]) -> float:
 
 def scores(metrics: dict, who: str) -> dict[str, tuple[float, int | None]]:
     """``{metric name: (value, examples)}`` of one artifact of a run's metrics.json: ``METRICS`` on the test
-    split, the held-out split and each held-out part (``heldout[values].exact_match``); examples from the
-    split's language slices (None where a run kept no slices)."""
+    split, the held-out split and each held-out part (``heldout[values].exact_match``); examples as the gate
+    counts them (``export.gate.examples_of``; None where a run kept no slices)."""
 
     s = metrics[who]
     out = {}
@@ -210,6 +210,12 @@ def compare_recipes(recipes: dict[str, list[str | Path]], artifact: str = "stude
                 raise SeedsError(
                     f"recipe {name}: {folder} has eval.num_test={nt}, {first['folder']} "
                     f"{first['config'].get('eval', {}).get('num_test')}: score every run on the same examples"
+                )
+            twin = next((r for r in loaded[name] if _seed_of(r) == _seed_of(run)), None)
+            if twin is not None:
+                raise SeedsError(
+                    f"recipe {name}: {twin['folder']} and {folder} have the same seeds ({_seed_of(run)}): one draw "
+                    "counted twice; give each recipe runs of different seeds (distill.train.seed=...)"
                 )
             loaded[name].append(run)
 

@@ -388,6 +388,8 @@ def test_recipes_compared_over_seeds(first, tmp_path, capsys):
     assert f"{other} was scored with other data" in capsys.readouterr().err
     assert main([f"logits={runs['a0']}", "--artifact", "onnx_nope"]) == 2
     assert "has no 'onnx_nope'" in capsys.readouterr().err
+    assert main([f"logits={runs['a0']},{runs['a0']}"]) == 2  # one draw given twice is not two seeds
+    assert "have the same seeds (0): one draw counted twice" in capsys.readouterr().err
 
     assert sweep_main([str(sweep)]) == 0  # the sweep's jobs group by their overrides less the seed
     summary = (sweep / "summary.md").read_text()
