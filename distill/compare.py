@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from core.hashing import flatten
+from distill.seeds import SEED_KEYS
 
 # metric -> (direction, kind, default tolerance): "up" = higher is better; "abs" / "rel" tolerance
 RULES: dict[str, tuple[str, str, float]] = {
@@ -182,8 +183,6 @@ def compare(a: dict, b: dict, tolerances: dict[str, float] | None = None) -> dic
     ]
     if ga is True and gb is False:
         regressions.append("gate: passed -> FAILED (" + "; ".join(mb["gate"].get("failed", [])) + ")")
-    from distill.seeds import SEED_KEYS
-
     return {
         "a": str(a["folder"]),
         "b": str(b["folder"]),
