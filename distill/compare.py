@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 from core.hashing import flatten
-from distill.seeds import SEED_KEYS
 
 # metric -> (direction, kind, default tolerance): "up" = higher is better; "abs" / "rel" tolerance
 RULES: dict[str, tuple[str, str, float]] = {
@@ -46,6 +45,10 @@ HELDOUT = ("exact_match", "tool_accuracy", "arg_f1", "agreement", "kl")  # also 
 FLOORS = {"kl": 0.002, "perplexity": 0.01, "bytes": 4096, "ms_per_token": 0.05, "prefill_ms": 0.2}
 
 
+# the keys that draw a recipe's randomness without changing the recipe (the order of batches, the extra pools'
+# draws, a from-scratch student's initialisation); data.seed changes the data and the teacher. Two runs that
+# differ only in these are one recipe twice (distill.seeds compares recipes over them).
+SEED_KEYS = ("distill.train.seed", "distill.augment.seed", "distill.general.seed", "student.seed")
 ALPHA = 0.05  # a paired difference with McNemar's p above this is reported as possibly noise
 
 

@@ -30,11 +30,9 @@ import math
 import sys
 from pathlib import Path
 
+from distill.compare import SEED_KEYS, RunError, load_run
 from export.gate import PER_EXAMPLE, examples_of
 
-# the keys that draw a recipe's randomness without changing the recipe (weights' order of batches, the
-# extra pools' draws, a from-scratch student's initialisation); data.seed changes the data and the teacher
-SEED_KEYS = ("distill.train.seed", "distill.augment.seed", "distill.general.seed", "student.seed")
 # the config sections that make a PyTorch student (the rest names, evaluates, exports or gates it); an ONNX
 # artifact is also made by these two
 STUDENT_SECTIONS, ONNX_SECTIONS = ("data", "teacher", "student", "distill"), ("export", "quantize")
@@ -181,8 +179,6 @@ def compare_recipes(recipes: dict[str, list[str | Path]], artifact: str = "stude
     """The comparison over seeds of ``recipes`` ({name: run folders}), the first the reference. Raises
     ``SeedsError`` (naming the run) when a folder cannot be read, lacks ``artifact``, or was scored on
     other data, another teacher or another ``eval.num_test`` than the first run."""
-    from distill.compare import RunError, load_run
-
     if not recipes or any(not runs for runs in recipes.values()):
         raise SeedsError("give at least one recipe, each as NAME=RUN[,RUN...] (run folders)")
     loaded: dict[str, list[dict]] = {}

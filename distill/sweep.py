@@ -15,7 +15,7 @@ still leaves a summary of everything that finished; a job that failed is marked 
 (``failed.json`` in its folder), one killed or still running as ``unfinished``. Running the same sweep
 again reruns only what is not finished (each job's finished stages are skipped).
 
-A sweep whose jobs differ in a seed key (``distill.seeds.SEED_KEYS``: ``distill.train.seed=0,1,2``) also
+A sweep whose jobs differ in a seed key (``distill.compare.SEED_KEYS``: ``distill.train.seed=0,1,2``) also
 gets ``distill.seeds``' comparison of its recipes over their seeds (``seeds.json``, ``seeds.png``, a table
 in ``summary.md``).
 
