@@ -3,7 +3,7 @@
 One run of a recipe is one draw of its seeds. On the SmolLM2 experiment two seeds of one recipe differ by
 3-6 held-out points on 600 requests (BENCHMARKS.md section 24), more than most recipe changes, and
 ``python -m distill.compare``'s paired test on two runs says whether those two students differ, not
-whether their recipes do. This reads several runs per recipe (runs that differ only in ``SEED_KEYS``)
+whether their recipes do. This reads several runs per recipe (runs that differ only in ``distill.compare.SEED_KEYS``)
 and reports, per recipe and metric (exact match and tool accuracy, on the test split, the held-out split
 and each held-out part): the mean over seeds, its share of the teacher's score, the seeds' spread (sample
 standard deviation, min-max) beside one score's standard error from its number of examples (binomial), and for every
