@@ -29,6 +29,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from statistics import NormalDist, fmean, variance
 
 from distill.compare import SEED_KEYS, RunError, load_run
 from export.gate import PER_EXAMPLE, examples_of
@@ -46,7 +47,6 @@ MAKING_STAGES = (
     "distill",
 )  # compared on the test split, the held-out split and its parts
 ALPHA, POWER = 0.05, 0.80  # the seeds-needed estimate: two-sided test at ALPHA with this power
-_Z = {0.05: 1.959964, 0.80: 0.841621}  # standard normal quantiles for those (1 - ALPHA / 2, POWER)
 
 
 class SeedsError(ValueError):
@@ -96,10 +96,10 @@ def t_two_sided(t: float, df: float) -> float:
 def welch(a: list[float], b: list[float]) -> dict:
     """Welch's t-test of mean(b) - mean(a), each value one seed: {"diff", "t", "df", "p"}; p None with
     fewer than two seeds on either side, or no spread on both."""
-    diff = _mean(b) - _mean(a)
+    diff = fmean(b) - fmean(a)
     if len(a) < 2 or len(b) < 2:
         return {"diff": diff, "t": None, "df": None, "p": None}
-    va, vb = _var(a) / len(a), _var(b) / len(b)
+    va, vb = variance(a) / len(a), variance(b) / len(b)
     if va + vb == 0.0:
         return {"diff": diff, "t": None, "df": None, "p": None if diff else 1.0}
     t = diff / math.sqrt(va + vb)
@@ -113,16 +113,8 @@ def seeds_needed(diff: float, sd_a: float | None, sd_b: float | None) -> int | N
     if sd_a is None or sd_b is None or diff == 0.0:
         return None
     var = (sd_a**2 + sd_b**2) / 2
-    return max(2, math.ceil(2 * (_Z[ALPHA] + _Z[POWER]) ** 2 * var / diff**2))
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _var(xs: list[float]) -> float:
-    m = _mean(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    z = NormalDist().inv_cdf(1 - ALPHA / 2) + NormalDist().inv_cdf(POWER)
+    return max(2, math.ceil(2 * z**2 * var / diff**2))
 
 
 # ---- runs ----
@@ -225,8 +217,8 @@ def compare_recipes(recipes: dict[str, list[str | Path]], artifact: str = "stude
         for name in names:
             values = [s[m][0] for s in per[name]]
             n_eval = per[name][0][m][1]
-            mean = _mean(values)
-            sd = math.sqrt(_var(values)) if len(values) > 1 else None
+            mean = fmean(values)
+            sd = math.sqrt(variance(values)) if len(values) > 1 else None
             row = {
                 "metric": m,
                 "recipe": name,
@@ -242,7 +234,7 @@ def compare_recipes(recipes: dict[str, list[str | Path]], artifact: str = "stude
             if name != ref:
                 a = [s[m][0] for s in per[ref]]
                 w = welch(a, values)
-                ref_sd = math.sqrt(_var(a)) if len(a) > 1 else None
+                ref_sd = math.sqrt(variance(a)) if len(a) > 1 else None
                 row |= {"vs": ref, "ref_seeds": len(a), "diff": w["diff"], "p": w["p"], "df": w["df"]}
                 row["seeds_needed"] = seeds_needed(w["diff"], ref_sd, sd)
             table.append(row)
@@ -294,7 +286,7 @@ def _f(x, pct: bool = False) -> str:
 def render(c: dict, plot: str | None = None) -> str:
     lines = [f"## Recipes over seeds ({c['artifact']}; reference: {c['reference']})", ""]
     for name, runs in c["runs"].items():
-        minutes = _mean([r["minutes"] for r in runs])
+        minutes = fmean([r["minutes"] for r in runs])
         lines.append(
             f"- {name}: " + ", ".join(f"{r['folder']} (seed {r['seed']})" for r in runs) + f"; {minutes:.1f} minutes "
             f"making the {c['artifact']} on the mean ({', '.join(MAKING_STAGES)}"
@@ -356,21 +348,6 @@ def plot(c: dict, path: str | Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
-
-
-def sweep_recipes(sweep_dir: str | Path) -> dict[str, list[Path]]:
-    """A sweep's finished jobs grouped into recipes: jobs whose overrides agree apart from ``SEED_KEYS``."""
-    import yaml
-
-    groups: dict[str, list[Path]] = {}
-    for job in sorted(p.parent for p in Path(sweep_dir).rglob(".hydra") if p.is_dir()):
-        path = job / ".hydra" / "overrides.yaml"
-        if not (job / "metrics.json").is_file() or not path.is_file():
-            continue
-        items = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
-        kept = [o for o in items if o.lstrip("+~").partition("=")[0] not in SEED_KEYS]
-        groups.setdefault(",".join(kept) or "(defaults)", []).append(job)
-    return groups
 
 
 def parse_recipe(item: str) -> tuple[str, list[str]]:

@@ -62,14 +62,14 @@ COLUMNS = (
 )
 
 
-def _overrides(job: Path) -> str:
+def _overrides(job: Path) -> list[str]:
+    """The job's command-line overrides (``hydra.*`` left out), or [] without ``.hydra/overrides.yaml``."""
     path = job / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        return job.name
+        return []
     import yaml
 
-    items = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(("+exp=", "hydra."))]
-    return ",".join(items) or job.name
+    return [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -81,12 +81,15 @@ def collect(sweep_dir: str | Path) -> list[dict]:
     rows = []
     # job folders are named by their overrides; a path-valued override nests them, hence rglob
     for job in sorted(p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()):
-        label = _overrides(job)
+        overrides = _overrides(job)
+        label = ",".join(o for o in overrides if not o.startswith("+exp=")) or job.name
         mf, failed = job / "metrics.json", job / FAILED
         if failed.is_file() or not mf.is_file():
             why = json.loads(failed.read_text()).get("error", "") if failed.is_file() else ""
             status = NOT_FINISHED[0] if failed.is_file() else NOT_FINISHED[1]
-            rows.append({"job": label, "variant": "-", "gate": status, "error": why, "folder": str(job)})
+            rows.append(
+                {"job": label, "variant": "-", "gate": status, "error": why, "folder": str(job), "overrides": overrides}
+            )
             continue
         m = json.loads(mf.read_text())
         cfg = _config(job)
@@ -114,6 +117,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
                     "gate": "-" if verdict is None else ("pass" if verdict.passed else "fail"),
                     "shipped": v.removeprefix("onnx_") in cfg.get("gate", {}).get("variants", []),
                     "folder": str(job),
+                    "overrides": overrides,
                 }
             )
     _mark_pareto(rows)
@@ -160,7 +164,7 @@ def write_summary(
     if plot:
         out["png"] = plot
     text = render(rows, sweep_dir.name, plot.name if plot else None)
-    seeds = seeds_section(sweep_dir)
+    seeds = seeds_section(sweep_dir, rows)
     if seeds is not None:
         text += "\n" + seeds[0]
         out |= seeds[1]
@@ -171,13 +175,30 @@ def write_summary(
     return out
 
 
-def seeds_section(sweep_dir: Path) -> tuple[str, dict[str, Path]] | None:
-    """When some recipe of the sweep ran with several seeds (jobs that differ only in ``distill.seeds``'
-    ``SEED_KEYS``): ``distill.seeds``' table over the recipes (the first the reference), ``seeds.json`` and
-    ``seeds.png``; None otherwise."""
+def recipes_of(rows: list[dict]) -> dict[str, list[Path]]:
+    """``collect``'s finished jobs grouped into recipes: jobs whose overrides agree apart from the seed keys
+    (``distill.compare.SEED_KEYS``); {the other overrides, or "(defaults)": job folders}."""
+    from distill.compare import SEED_KEYS
+
+    groups: dict[str, list[Path]] = {}
+    for r in rows:
+        job = Path(r["folder"])
+        if r["gate"] in NOT_FINISHED or "overrides" not in r:
+            continue
+        kept = [o for o in r["overrides"] if o.lstrip("+~").partition("=")[0] not in SEED_KEYS]
+        jobs = groups.setdefault(",".join(kept) or "(defaults)", [])
+        if job not in jobs:  # one row per ONNX variant, one job
+            jobs.append(job)
+    return groups
+
+
+def seeds_section(sweep_dir: Path, rows: list[dict]) -> tuple[str, dict[str, Path]] | None:
+    """When some recipe of the sweep ran with several seeds (``rows``' jobs that differ only in
+    ``distill.compare.SEED_KEYS``): ``distill.seeds``' table over the recipes (the first the reference),
+    ``seeds.json`` and ``seeds.png``; None otherwise."""
     from distill import seeds
 
-    recipes = seeds.sweep_recipes(sweep_dir)
+    recipes = recipes_of(rows)
     if not any(len(jobs) > 1 for jobs in recipes.values()):
         return None
     try:
