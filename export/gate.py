@@ -20,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 
 # the per-example metrics (each example right or wrong) whose checks state their evaluation's own error:
 # a 95% Wilson interval from the number of examples the number comes from
-PER_EXAMPLE = ("exact_match", "tool_accuracy")
+PER_EXAMPLE = ("exact_match", "tool_accuracy", "openvino_match")
+# those measured on a part of their split keep their own count beside them, ``<metric>_n`` (OpenVINO runs
+# on the first export.openvino_examples of each split); without it a check states no error
+OWN_COUNT = ("openvino_match",)
 Z95 = 1.959964
 
 
@@ -169,6 +172,16 @@ def examples_of(split: dict) -> int | None:
     return sum(row["n"] for row in first.values()) if first else None
 
 
+def examples_for(row: dict, metric: str) -> int | None:
+    """How many examples ``row``'s ``metric`` comes from, for a ``PER_EXAMPLE`` metric; else None."""
+    if metric not in PER_EXAMPLE:
+        return None
+    if metric in OWN_COUNT:
+        n = row.get(f"{metric}_n")
+        return n if isinstance(n, int) else None
+    return examples_of(row)
+
+
 def wilson_error(p: float, n: int) -> float:
     """Half-width of the 95% Wilson score interval of a proportion ``p`` of ``n`` examples (not 0 at p = 0 or 1:
     8 right of 8 is not a certain 1.0)."""
@@ -205,7 +218,7 @@ def evaluate_gate(
             for label in sorted(theirs) if spec.per else mine:  # the slices the teacher was measured on
                 row = mine.get(label, {})
                 value = row.get(spec.metric)
-                n = examples_of(row) if spec.metric in PER_EXAMPLE else None
+                n = examples_for(row, spec.metric)
                 error = wilson_error(value, n) if n and value is not None else None
                 if value is None:
                     checks.append(

@@ -584,12 +584,40 @@ def test_the_gates_openvino_match_reads_each_split_at_matched_arithmetic_where_m
     matched arithmetic where that was measured, as shipped elsewhere, and nothing when a split failed to run."""
     from distill.stages.ship import openvino_match
 
-    test = {"generation_match": 0.99, "matched": {"generation_match": 1.0}}
-    heldout = {"generation_match": 0.925, "matched": {"generation_match": 0.995}}
-    assert openvino_match([test, heldout]) == 0.995
-    assert openvino_match([test, {"generation_match": 0.97}]) == 0.97  # one arithmetic: as shipped
+    test = {"examples": 64, "generation_match": 0.99, "matched": {"generation_match": 1.0}}
+    heldout = {"examples": 200, "generation_match": 0.925, "matched": {"generation_match": 0.995}}
+    assert openvino_match([test, heldout]) == (0.995, 200)  # with the examples of the split it comes from
+    assert openvino_match([test, {"examples": 50, "generation_match": 0.97}]) == (0.97, 50)  # as shipped
+    tied = {"examples": 32, "generation_match": 1.0}
+    assert openvino_match([test, tied]) == (1.0, 32)  # a tie: the fewer examples (the wider error)
     assert openvino_match([test, {"error": "unsupported op"}]) is None
     assert openvino_match([]) is None
+
+
+def test_gate_states_the_openvino_checks_error_from_its_own_examples():
+    """OpenVINO runs on the first export.openvino_examples of each split: its check states the error of
+    those examples (``openvino_match_n``), not of the whole split; 63 of 64 identical still fails 0.99 but
+    says 64 examples cannot settle it, while 990 of 1,000 passes outside its error and 600 of 1,000 fails so."""
+    from export.gate import evaluate_gate, wilson_error
+
+    teacher = {"exact_match": 0.8, "slices": {"lang": {"en": {"n": 300}, "zh": {"n": 300}}}}
+    base = {**teacher, "openvino_match": 63 / 64, "openvino_match_n": 64}
+    th = {"min_openvino_match": 0.99}
+    (c,) = evaluate_gate(teacher, {"onnx_int4": base}, th, 0.0).checks
+    assert not c.passed and c.uncertain and c.n == 64 and c.error == pytest.approx(wilson_error(63 / 64, 64))
+    assert "on 64 examples" in c.describe()
+    (c,) = evaluate_gate(
+        teacher, {"onnx_int4": {**base, "openvino_match": 0.999, "openvino_match_n": 1000}}, th, 0.0
+    ).checks
+    assert c.passed and not c.uncertain and c.n == 1000
+    (c,) = evaluate_gate(
+        teacher, {"onnx_int4": {**base, "openvino_match": 0.6, "openvino_match_n": 1000}}, th, 0.0
+    ).checks
+    assert not c.passed and not c.uncertain
+    # an older metrics.json without the count: no error stated (never the whole split's 600)
+    old = {k: v for k, v in base.items() if k != "openvino_match_n"}
+    (c,) = evaluate_gate(teacher, {"onnx_int4": old}, th, 0.0).checks
+    assert not c.passed and c.n is None and c.error is None and not c.uncertain
 
 
 # --- the gate -----------------------------------------------------------------------------------

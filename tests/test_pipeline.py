@@ -687,6 +687,7 @@ def test_gemma3_teacher_is_pruned_distilled_exported_quantized_and_checked_under
     cfg.head_dim, cfg.rms_norm_eps, cfg.sliding_window = 16, 1e-6, 8
     cfg.layer_types = ["sliding_attention", "full_attention"] * 2
     overrides = ["export.openvino=true", "quantize.variants=[int8,int4]", "quantize.int4.embedding=true"]
+    overrides.append("gate.min_openvino_match=0.9")  # its check states the error of the OpenVINO examples
     m, pruned = _family_pipeline(tokenizer, tmp_path, monkeypatch, cfg, [*overrides, "gate.variants=[int4]"])
     assert len(pruned["layer_types"]) == pruned["num_hidden_layers"]
     meta = json.loads((tmp_path / "run" / "onnx" / "fp32" / "onnx_config.json").read_text())
@@ -700,3 +701,6 @@ def test_gemma3_teacher_is_pruned_distilled_exported_quantized_and_checked_under
     for o in checks:
         assert ("matched" in o) == (o["activations"]["onnxruntime"] != o["activations"]["openvino"]), o
     assert m["onnx_int4"]["openvino_match"] == min(o.get("matched", o)["generation_match"] for o in checks)
+    assert m["onnx_int4"]["openvino_match_n"] == min(o["examples"] for o in checks)
+    (ov,) = [c for c in m["gate"]["checks"] if c["metric"] == "openvino_match"]
+    assert ov["n"] == m["onnx_int4"]["openvino_match_n"] and ov["error"] > 0

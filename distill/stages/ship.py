@@ -185,7 +185,8 @@ def ship(r: Run, t_test: dict) -> dict:
 def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
     """One ONNX variant under ONNX Runtime on test and heldout: (scores, misses). The test scores are the
     top level, the heldout ones under ``heldout``; with ``use_ov`` the same file under OpenVINO on the first
-    ``export.openvino_examples`` of each split (``openvino_match``: the lower share of identical answers)."""
+    ``export.openvino_examples`` of each split (``openvino_match``: the lower share of identical answers, and
+    ``openvino_match_n`` the examples it comes from)."""
     import torch
 
     from core.onnx_files import onnx_bytes
@@ -261,7 +262,7 @@ def _evaluate_onnx(r: Run, folder: Path, use_ov: bool) -> tuple[dict, dict]:
             (scores if split == "test" else scores[split])["openvino"] = ov
             checks.append(ov)
         if (match := openvino_match(checks)) is not None:
-            scores["openvino_match"] = match
+            scores["openvino_match"], scores["openvino_match_n"] = match
     log.info(
         "onnx %s: exact match %.3f (heldout %s), agreement %.4f, KL %.4f, %.0f bytes, %.2f ms/token",
         folder.name,
@@ -300,14 +301,15 @@ def gate(r: Run, t_test: dict, measured: dict) -> dict:
     return verdict or json.loads((st.folder / "gate.json").read_text())
 
 
-def openvino_match(checks: list[dict]) -> float | None:
+def openvino_match(checks: list[dict]) -> tuple[float, int] | None:
     """What ``gate.min_openvino_match`` judges: the lowest share of identical answers over the splits'
     OpenVINO checks (``cross_runtime``), each at matched arithmetic where it was measured
-    (``export.openvino_arithmetic: matched``), else as shipped; None unless every split was measured (an
-    error: OpenVINO could not load the file)."""
+    (``export.openvino_arithmetic: matched``), else as shipped, with the number of examples that share comes
+    from (the fewer at a tie: the wider error), so the gate can state its 95% error; None unless every split
+    was measured (an error: OpenVINO could not load the file)."""
     if not checks or any("generation_match" not in c for c in checks):
         return None
-    return min(c.get("matched", c)["generation_match"] for c in checks)
+    return min((c.get("matched", c)["generation_match"], c["examples"]) for c in checks)
 
 
 def cross_runtime(
