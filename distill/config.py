@@ -331,6 +331,11 @@ def _check_mix(c: RunConfig, problems: list[str]) -> None:
         )
     if g.file and not Path(g.file).is_file():
         problems.append(f"distill.general.file: file {g.file} does not exist")
+    if g.examples and g.writer == "base" and not g.file and not (c.teacher.path and c.teacher.finetune.enabled):
+        problems.append(
+            "distill.general.writer=base samples the pretrained model the teacher was fine-tuned from: it needs "
+            "teacher.path with teacher.finetune.enabled=true; set distill.general.writer=teacher otherwise"
+        )
     p = c.student.prune
     if c.student.init == "prune" and p.calib_general > min(g.examples, p.calib_general):
         problems.append(
@@ -448,6 +453,7 @@ NEUTRAL = {
     "projection": "learned",
     "depth": None,
     "features": False,  # quantize.int4_qad.features (distill.features is a mapping: never dropped)
+    "writer": "teacher",  # distill.general.writer
 }
 
 

@@ -16,6 +16,9 @@ from distill.sharding import SHARDING
 
 # How a student's hidden states meet the teacher's in the feature loss (distill.features.projection).
 FEATURE_PROJECTIONS = ("learned", "channels")
+# Who writes the data-free general text (distill.general.writer): the task teacher, or the pretrained model it was
+# fine-tuned from (teacher.path under teacher.finetune), whose samples stay pretraining's kind of text.
+GENERAL_WRITERS = ("teacher", "base")
 
 
 class ConfigError(ValueError):
@@ -191,6 +194,7 @@ class GeneralConfig:
     batch_size: int = positive()  # generation batch
     file: str | None  # a text corpus instead (JSONL with "text" per line), cut into sequences of `length` tokens
     seed: int
+    writer: str = choice(*GENERAL_WRITERS)  # who samples the text (the KD targets stay the teacher's logits)
 
 
 @dataclass

@@ -256,6 +256,49 @@ def test_general_text_is_the_models_own_seeded_samples(tokenizer, teacher_dir, t
         corpus_sequences(str(corpus), tokenizer, 5, 16)
 
 
+def test_general_text_written_by_the_base_is_the_bases_own_samples_cached_apart(
+    tokenizer, teacher_dir, tmp_path, monkeypatch
+):
+    """``distill.general.writer=base``: the sequences are the pretrained base's own seeded samples (planted: a
+    base whose weights differ from the teacher's), in a cache entry of their own beside the teacher's; the
+    teacher's entry keeps its key (the knob's neutral value); refused without a fine-tuned teacher.path."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+
+    from distill.config import ConfigError, compose
+    from distill.general import sample_general
+    from distill.manifest import Stages
+    from distill.stages.inputs import general
+    from distill.stages.run import LazyTeacher, Run
+    from families.hf import build_from_config, load_causal_lm, save_model_atomically
+
+    base = save_model_atomically(build_from_config(tiny_config(tokenizer), seed=1), tokenizer, tmp_path / "base")
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    common = ["+exp=smoke", f"teacher.path={base}", "teacher.finetune.enabled=true", "distill.general.examples=6"]
+    common += ["distill.general.length=10", "distill.general.batch_size=4"]
+
+    def pool(writer: str) -> list[list[int]]:
+        rc = compose([*common, f"distill.general.writer={writer}"])
+        acc = SimpleNamespace(is_main_process=True, num_processes=1, wait_for_everyone=lambda: None)
+        r = Run(rc=rc, dir=tmp_path, acc=acc, stages=Stages())
+        r.base = base
+        r.teacher = SimpleNamespace(id="teacher", tokenizer=tokenizer, model=LazyTeacher(teacher_dir, rc))
+        general(r)
+        return r.pools.general_sequences
+
+    want = {
+        who: sample_general(load_causal_lm(folder), tokenizer, 6, 10, 1.0, 0, 4, progress=False)
+        for who, folder in (("teacher", teacher_dir), ("base", base))
+    }
+    assert want["teacher"] != want["base"]
+    assert pool("base") == want["base"] and pool("teacher") == want["teacher"]
+    assert len(list((tmp_path / "cache" / "general").iterdir())) == 2
+    assert pool("base") == want["base"]  # read back from its own entry
+    with pytest.raises(ConfigError, match="distill.general.writer=base samples the pretrained model"):
+        compose(["+exp=smoke", "distill.general.examples=6", "distill.general.writer=base"])
+
+
 # ---- extra pools in every batch ----
 
 

@@ -62,6 +62,7 @@ def teacher(r: Run) -> Teacher:
             raise ConfigError(problems)
         folder = source_teacher(r, sha)
         if rc.teacher.finetune.enabled:
+            r.base = folder
             folder = finetuned_teacher(r, folder)
     elif uses_tools(records):
         raise ConfigError(
@@ -299,20 +300,23 @@ def heldout_avoid(r: Run) -> frozenset[str]:
 
 
 def general(r: Run) -> None:
-    """``distill.general``: general-text sequences, the teacher's own samples from random first tokens
-    (data-free) or a user's corpus, cached per (teacher, settings)."""
+    """``distill.general``: general-text sequences sampled from random first tokens (data-free) by the
+    teacher or, ``writer: base``, by the pretrained model it was fine-tuned from; or a user's corpus. Cached
+    per (teacher, writer, settings). The KD targets on them are the teacher's logits either way."""
     g = r.rc.distill.general
     if not g.examples:
         return
-    from core.hashing import sha256_file
+    from core.hashing import folder_hash, sha256_file
     from distill.general import as_examples, sample_general
     from distill.teacher import cache_root
 
-    settings = {k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")}
+    settings = key_settings({k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")})
+    base = r.base if g.writer == "base" and not g.file else None  # validated: a fine-tuned teacher.path
     key = {
         "teacher": r.teacher.id,
         "tokens": len(r.teacher.tokenizer),
         **({"file": sha256_file(Path(g.file))} if g.file else {}),
+        **({"base": folder_hash(base)} if base else {}),
     }
     folder = cache_root(r.rc.teacher) / "general" / digest({**key, **settings})
 
@@ -320,9 +324,11 @@ def general(r: Run) -> None:
         if g.file:
             seqs = corpus_sequences(g.file, r.teacher.tokenizer, g.examples, g.length)
         else:
+            writer = LazyTeacher(base, r.rc).get() if base else r.teacher.model.get()
             seqs = sample_general(
-                r.teacher.model.get(), r.teacher.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
+                writer, r.teacher.tokenizer, g.examples, g.length, g.temperature, g.seed, g.batch_size
             )
+            del writer
         with building(folder) as tmp:
             write_json(tmp / "sequences.json", seqs)
         return {"sequences": len(seqs)}

@@ -117,6 +117,7 @@ class Run:
     plan_teacher: dict = field(default_factory=dict)  # the teacher numbers ``plan`` was made from
     data: Data | None = None  # inputs.load_data
     teacher: Teacher | None = None  # inputs.teacher
+    base: Path | None = None  # inputs.teacher: the pretrained folder a fine-tuned teacher started from
     pools: Pools = field(default_factory=Pools)  # inputs.augment, inputs.general
     signals: Any = None  # inputs.signals (distill.signals.TopKSignals) with distill.signals=topk
     student: Student | None = None  # student.distill
