@@ -198,8 +198,21 @@ def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_te
             "eval.max_new_tokens=10",
             "export.openvino=false",
             "quantize.variants=[int8]",
+            "distill.general.examples=4",  # general text written by the base, not the fine-tuned teacher
+            "distill.general.length=8",
+            "distill.general.share=0.25",
+            "distill.general.writer=base",
         ]
     )
+    import distill.general
+
+    writers, sample = [], distill.general.sample_general
+
+    def recorded(model, *a, **k):
+        writers.append(model.name_or_path)
+        return sample(model, *a, **k)
+
+    monkeypatch.setattr(distill.general, "sample_general", recorded)
     with caplog.at_level(logging.INFO, logger="distill"):
         m = run(rc, tmp_path / "run")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -211,6 +224,9 @@ def test_smollm2_tokenizer_and_template_through_the_pipeline_with_a_finetuned_te
     meta = json.loads((tmp_path / "run" / "onnx" / "int8" / "onnx_config.json").read_text())
     assert first(meta["eos_token_id"]) == im_end
     assert m["onnx_fp32"]["exact_match"] == m["student"]["exact_match"] and "gate" in m
+    assert writers == [str(base)]  # the general text's writer: the folder the fine-tune started from
+    pool = json.loads((Path(record["general"]["folder"]) / "sequences.json").read_text())
+    assert len(pool) == 4 and all(len(x) == 8 for x in pool)
 
     # The fine-tuned teacher's folder carries its test evaluation; the evaluate stage took the teacher's
     # test answers and top-k signals from it instead of generating again, and they are what a fresh
