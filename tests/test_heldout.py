@@ -294,6 +294,11 @@ def test_general_text_written_by_the_base_is_the_bases_own_samples_cached_apart(
     assert want["teacher"] != want["base"]
     assert pool("base") == want["base"] and pool("teacher") == want["teacher"]
     assert len(list((tmp_path / "cache" / "general").iterdir())) == 2
+    from core.hashing import digest
+
+    before = {"teacher": "teacher", "tokens": len(tokenizer), "examples": 6, "length": 10, "temperature": 1.0}
+    before |= {"batch_size": 4, "seed": 0}  # the teacher's entry's key as it was before the knob existed
+    assert (tmp_path / "cache" / "general" / digest(before) / "sequences.json").is_file()
     assert pool("base") == want["base"]  # read back from its own entry
     with pytest.raises(ConfigError, match="distill.general.writer=base samples the pretrained model"):
         compose(["+exp=smoke", "distill.general.examples=6", "distill.general.writer=base"])

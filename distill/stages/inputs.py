@@ -306,17 +306,17 @@ def general(r: Run) -> None:
     g = r.rc.distill.general
     if not g.examples:
         return
-    from core.hashing import folder_hash, sha256_file
+    from core.hashing import sha256_file
     from distill.general import as_examples, sample_general
     from distill.teacher import cache_root
 
     settings = key_settings({k: v for k, v in dataclasses.asdict(g).items() if k not in ("share", "file")})
     base = r.base if g.writer == "base" and not g.file else None  # validated: a fine-tuned teacher.path
+    # the teacher's id names its base too (the fine-tune stage is keyed by the base's hash): not hashed again
     key = {
         "teacher": r.teacher.id,
         "tokens": len(r.teacher.tokenizer),
         **({"file": sha256_file(Path(g.file))} if g.file else {}),
-        **({"base": folder_hash(base)} if base else {}),
     }
     folder = cache_root(r.rc.teacher) / "general" / digest({**key, **settings})
 
