@@ -113,7 +113,8 @@ def seeds_needed(diff: float, sd_a: float | None, sd_b: float | None) -> int | N
     if sd_a is None or sd_b is None or diff == 0.0:
         return None
     var = (sd_a**2 + sd_b**2) / 2
-    z = NormalDist().inv_cdf(1 - ALPHA / 2) + NormalDist().inv_cdf(POWER)
+    normal = NormalDist()
+    z = normal.inv_cdf(1 - ALPHA / 2) + normal.inv_cdf(POWER)
     return max(2, math.ceil(2 * z**2 * var / diff**2))
 
 

@@ -182,9 +182,9 @@ def recipes_of(rows: list[dict]) -> dict[str, list[Path]]:
 
     groups: dict[str, list[Path]] = {}
     for r in rows:
-        job = Path(r["folder"])
         if r["gate"] in NOT_FINISHED or "overrides" not in r:
             continue
+        job = Path(r["folder"])
         kept = [o for o in r["overrides"] if o.lstrip("+~").partition("=")[0] not in SEED_KEYS]
         jobs = groups.setdefault(",".join(kept) or "(defaults)", [])
         if job not in jobs:  # one row per ONNX variant, one job
