@@ -5,6 +5,7 @@
 - ``core.chat``: chat examples -> token ids with response masks, batches (torch imported when batching);
 - ``core.jsonl``: users' JSONL data (``messages`` or ``prompt``/``completion`` lines);
 - ``core.onnx_files``: the names and byte count of an exported ONNX folder.
+- ``core.offline``: bitsandbytes imported without its Hub kernel download (``import_bitsandbytes``).
 
 Layers above import this one; it imports none of them (``tests/test_layers.py``).
 """

@@ -174,10 +174,10 @@ def load_causal_lm(
 
     kwargs: dict = {"dtype": getattr(torch, dtype), "trust_remote_code": trust_remote_code}
     if quantization != "none":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:  # pragma: no cover - depends on the install
-            raise RuntimeError("teacher.quantization needs bitsandbytes: pip install bitsandbytes") from err
+        from core.offline import import_bitsandbytes
+
+        if not import_bitsandbytes():  # pragma: no cover - depends on the install
+            raise RuntimeError("teacher.quantization needs bitsandbytes: pip install bitsandbytes")
         from transformers import BitsAndBytesConfig
 
         if quantization == "8bit":

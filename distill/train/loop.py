@@ -53,10 +53,14 @@ def _schedule(optimizer, tc: TrainConfig):
 
 
 def make_accelerator(mixed_precision: str = "auto", project_dir: str | Path | None = None, log_with=None):
-    """One Accelerator per process (accelerate allows only one); bf16 where the hardware has it."""
+    """One Accelerator per process (accelerate allows only one); bf16 where the hardware has it. bitsandbytes
+    is imported first without its Hub kernel lookup (``core.offline``): accelerate imports it through peft."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from core.offline import import_bitsandbytes
+
+    import_bitsandbytes()
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     pc = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) if project_dir else None
