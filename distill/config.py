@@ -452,6 +452,7 @@ NEUTRAL = {
     "calib_general": 0,
     "projection": "learned",
     "depth": None,
+    "hidden_fraction": None,  # student.prune.hidden_fraction
     "features": False,  # quantize.int4_qad.features (distill.features is a mapping: never dropped)
     "writer": "teacher",  # distill.general.writer
 }
@@ -512,7 +513,9 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
     s, p = c.student, c.student.prune
     sizes = {k: getattr(s, k) for k in SIZE_KEYS}
     if p.fraction is None:
-        return make_plan(teacher_cfg or teacher_config_dict(c), sizes=sizes, align=p.align)
+        return make_plan(
+            teacher_cfg or teacher_config_dict(c), sizes=sizes, align=p.align, hidden_fraction=p.hidden_fraction
+        )
     plan = make_plan(
         teacher_cfg or teacher_config_dict(c),
         fraction=p.fraction,
@@ -520,6 +523,7 @@ def student_plan(c: RunConfig, teacher_cfg: dict | None = None):
         align=p.align,
         prune_heads=p.prune_heads,
         depth=p.depth,
+        hidden_fraction=p.hidden_fraction,
     )
     unused = ", ".join(f"student.{k}={v}" for k, v in sizes.items() if v is not None)
     if unused:  # an experiment's sizes (smoke's) under student=pruned: the budget decides, and says so

@@ -135,6 +135,7 @@ class PruneConfig:
     align: int = positive()  # hidden / MLP sizes are multiples of this
     prune_heads: bool  # budget pruning may remove attention heads (whole KV groups / equal heads per group)
     depth: int | None = positive()  # with a budget: layers kept (null = the teacher's); width fills the budget
+    hidden_fraction: float | None = unit()  # with a width budget: share of the hidden size kept; the MLP fills the rest
     calib_examples: int = positive()  # training examples whose activations rank channels, heads and layers
     calib_general: int = non_negative()  # + this many general-text sequences (distill.general) in the calibration
 

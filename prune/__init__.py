@@ -37,10 +37,12 @@ def make_plan(
     align: int = 8,
     prune_heads: bool = True,
     depth: int | None = None,
+    hidden_fraction: float | None = None,
 ) -> Plan:
     """Explicit sizes or a budget -> a Plan, from the config alone (raises PlanError listing every problem).
 
     ``depth`` (a budget only): keep that many layers and let the width fill the budget at that depth.
+    ``hidden_fraction`` (a budget only): the hidden size at that share of the teacher's, the MLP filling the rest.
     Sizes beside a budget are an error, never silently ignored."""
     if fraction is not None or bytes_ is not None:
         fixed = {k: v for k, v in (sizes or {}).items() if v is not None}
@@ -57,9 +59,14 @@ def make_plan(
             align=align,
             prune_heads=prune_heads,
             depth=depth,
+            hidden_fraction=hidden_fraction,
         )
     if depth is not None:
         raise PlanError([f"depth={depth} without a budget: set num_hidden_layers among the explicit sizes"])
+    if hidden_fraction is not None:
+        raise PlanError(
+            [f"hidden_fraction={hidden_fraction} without a budget: set hidden_size among the explicit sizes"]
+        )
     return plan_explicit(cfg, {k: v for k, v in (sizes or {}).items() if v is not None}, align=align)
 
 
@@ -112,6 +119,7 @@ def prune_folder(
     align: int = 8,
     prune_heads: bool = True,
     depth: int | None = None,
+    hidden_fraction: float | None = None,
     calib_examples: int,
     records: list[dict] | None = None,
     allow_pickle: bool = False,
@@ -142,6 +150,7 @@ def prune_folder(
         align=align,
         prune_heads=prune_heads,
         depth=depth,
+        hidden_fraction=hidden_fraction,
     )
     for r in plan.reasons:
         log.info("plan: %s", r)

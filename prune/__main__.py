@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align", type=int, default=d["align"], help="hidden / MLP sizes are multiples of this")
     ap.add_argument("--keep-heads", action="store_true", help="budget pruning leaves attention heads alone")
     ap.add_argument("--depth", type=int, help="with a budget: keep this many layers; the width fills the budget")
+    ap.add_argument(
+        "--hidden-fraction",
+        type=float,
+        help="with a budget: keep this share of the hidden size (residual stream); the MLP fills the budget",
+    )
     ap.add_argument("--calib-examples", type=int, default=d["calib_examples"])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", help="JSONL calibration data: your task's examples (default: the built-in demo data)")
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             align=a.align,
             prune_heads=not a.keep_heads,
             depth=a.depth,
+            hidden_fraction=a.hidden_fraction,
             calib_examples=a.calib_examples,
             records=records,
             allow_pickle=a.allow_pickle,

@@ -206,6 +206,38 @@ def _fill_width(cfg: dict, t: Shape, found: Plan, budget: int, align: int) -> Pl
     return best
 
 
+def _fixed_hidden(cfg: dict, t: Shape, found: Plan, budget: int, align: int, hidden_fraction: float) -> Plan:
+    """``found``'s heads and depth at hidden ``hidden_fraction`` of the teacher's (aligned down; the family's
+    step), with the largest aligned MLP that fits the budget (raises PlanError when none does)."""
+    s0 = found.shape
+    h = min(
+        t.hidden_size, _align_down(t.hidden_size * hidden_fraction, _hidden_step(cfg, s0.num_attention_heads, align))
+    )
+    mlps = [m for m in sorted(set(range(align, t.intermediate_size + 1, align)) | {t.intermediate_size}, reverse=True)]
+    for m in mlps:
+        s = Shape(h, m, s0.num_attention_heads, s0.num_key_value_heads, s0.num_hidden_layers)
+        if count_params(cfg, s) <= budget and not check_shape(cfg, s, align):
+            return Plan(
+                s,
+                count_params(cfg, s),
+                found.teacher_params,
+                [
+                    *found.reasons,
+                    f"hidden_fraction={hidden_fraction}: hidden {h} ({h / t.hidden_size:.3f} of the teacher's), the MLP "
+                    f"fills the budget: {m} ({m / t.intermediate_size:.3f}); the balanced fill gave hidden "
+                    f"{s0.hidden_size}, MLP {s0.intermediate_size}",
+                ],
+            )
+    smallest = Shape(h, align, s0.num_attention_heads, s0.num_key_value_heads, s0.num_hidden_layers)
+    raise PlanError(
+        [
+            f"hidden_fraction={hidden_fraction} (hidden {h}) leaves no MLP inside the budget of {budget:,} parameters "
+            f"(the smallest MLP gives {count_params(cfg, smallest):,}): lower hidden_fraction, raise the budget, or "
+            "leave hidden_fraction unset (one factor for hidden and MLP)"
+        ]
+    )
+
+
 def plan_budget(
     cfg: dict,
     *,
@@ -217,6 +249,7 @@ def plan_budget(
     align: int = 8,
     prune_heads: bool = True,
     depth: int | None = None,
+    hidden_fraction: float | None = None,
 ) -> Plan:
     """The largest uniform shape whose parameter count fits the budget.
 
@@ -225,6 +258,8 @@ def plan_budget(
     depth or at ``depth`` layers (the layers whose blocks change the residual stream most are kept; the
     width then fills what the dropped layers free: Minitron's combined depth + width);
     ``"depth"`` drops whole layers and keeps widths. Exactly one of params / fraction / bytes_.
+    ``hidden_fraction`` (width only): the hidden size (residual stream) at that share of the teacher's and
+    the MLP filling the rest of the budget, instead of the most balanced shape.
     """
     given = [x is not None for x in (params, fraction, bytes_)]
     if sum(given) != 1:
@@ -252,6 +287,15 @@ def plan_budget(
             )
         if not 1 <= depth <= t.num_hidden_layers:
             raise PlanError([f"depth={depth}: must be between 1 and the teacher's {t.num_hidden_layers}"])
+    if hidden_fraction is not None:
+        if strategy != "width":
+            raise PlanError(
+                [f"hidden_fraction={hidden_fraction} with strategy={strategy}: it sets a width; use strategy=width"]
+            )
+        if not 0 < hidden_fraction <= 1:
+            raise PlanError(
+                [f"hidden_fraction={hidden_fraction}: must be in (0, 1], a share of the teacher's hidden size"]
+            )
     layers = depth or t.num_hidden_layers
     if budget >= teacher_params and layers == t.num_hidden_layers:
         return Plan(
@@ -302,6 +346,8 @@ def plan_budget(
                 hi = mid
         if best is not None:
             best = _fill_width(cfg, t, best, budget, align)
+            if hidden_fraction is not None:
+                best = _fixed_hidden(cfg, t, best, budget, align, hidden_fraction)
     if best is None:
         if strategy == "depth":
             narrow = Shape(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads, 1)

@@ -135,6 +135,16 @@ def test_semantic_problems(tmp_path):
     plan = student_plan(compose([*deep, "student.prune.depth=1", "distill.features.layer_map=[[0,0]]"]))
     assert plan.shape.num_hidden_layers == 1 and plan.fraction <= 0.5  # smoke's own sizes are named as unused
     assert "not used beside the budget: student.hidden_size=32, student.intermediate_size=64" in plan.reasons[-1]
+    balanced = student_plan(compose(deep)).shape  # hidden 40 of the teacher's 64, MLP 88
+    wide = student_plan(compose([*deep, "student.prune.hidden_fraction=0.75"]))  # hidden 48: the MLP shrinks to fit
+    assert wide.shape.hidden_size == 48 > balanced.hidden_size and wide.fraction <= 0.5
+    assert wide.shape.intermediate_size < balanced.intermediate_size
+    from distill.stages.student import _prune_key
+
+    assert "hidden_fraction" not in _prune_key(compose(deep).student.prune)  # keys of runs before the knob stay
+    assert _prune_key(compose([*deep, "student.prune.hidden_fraction=0.75"]).student.prune)["hidden_fraction"] == 0.75
+    with pytest.raises(ConfigError, match=r"student \(init=prune\): hidden_fraction=0.5 without a budget"):
+        compose(["+exp=smoke", "student=pruned", "student.prune.fraction=null", "student.prune.hidden_fraction=0.5"])
 
 
 def test_folder_checks(tmp_path, teacher_dir):

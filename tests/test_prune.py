@@ -262,6 +262,35 @@ def test_budget_fill_keeps_hidden_and_mlp_balanced():
     assert not any(r.startswith("filled the budget") for r in plan.reasons)
 
 
+def test_hidden_fraction_keeps_the_residual_stream_and_the_mlp_fills_the_budget():
+    """``hidden_fraction`` fixes the hidden size at that share of the teacher's (aligned down to the family's
+    step, 72 on SmolLM2 with 9 heads) and gives the MLP the largest aligned size inside the budget: at 0.5
+    with heads kept and 0.875, hidden 504 and MLP 416 (424, the shape BENCHMARKS section 29 ran, is 2,808
+    parameters over). Without a budget, with strategy=depth, or when no MLP fits: one clear error each."""
+    teacher = count_params(SMOLLM2_135M)
+    plan = make_plan(SMOLLM2_135M, fraction=0.5, prune_heads=False, hidden_fraction=0.875)
+    s = plan.shape
+    assert (s.hidden_size, s.intermediate_size, s.num_attention_heads, s.num_hidden_layers) == (504, 416, 9, 30)
+    over = Shape(**{**s.as_dict(), "intermediate_size": 424})
+    assert plan.params <= int(0.5 * teacher) < count_params(SMOLLM2_135M, over)
+    assert any(r.startswith("hidden_fraction=0.875: hidden 504") for r in plan.reasons)
+    deep = make_plan(SMOLLM2_135M, fraction=0.5, prune_heads=False, depth=24, hidden_fraction=0.75)
+    assert (deep.shape.hidden_size, deep.shape.num_hidden_layers) == (432, 24)
+    assert (
+        deep.params
+        <= int(0.5 * teacher)
+        < count_params(
+            SMOLLM2_135M, Shape(**{**deep.shape.as_dict(), "intermediate_size": deep.shape.intermediate_size + 8})
+        )
+    )
+    with pytest.raises(PlanError, match=r"hidden_fraction=1.0 \(hidden 576\) leaves no MLP inside the budget"):
+        make_plan(SMOLLM2_135M, fraction=0.2, prune_heads=False, hidden_fraction=1.0)
+    with pytest.raises(PlanError, match="with strategy=depth: it sets a width"):
+        make_plan(SMOLLM2_135M, fraction=0.5, strategy="depth", hidden_fraction=0.875)
+    with pytest.raises(PlanError, match="hidden_fraction=0.875 without a budget"):
+        make_plan(SMOLLM2_135M, sizes={"hidden_size": 504}, hidden_fraction=0.875)
+
+
 def test_impossible_targets_are_clear_errors_before_weights():
     cfg = build("llama", False, 4, 2).config.to_dict()
     with pytest.raises(PlanError) as err:

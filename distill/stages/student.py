@@ -290,9 +290,11 @@ def qad(r: Run, name: str, s) -> Stage:
 
 
 def _prune_key(p) -> dict:
-    """The prune settings a stage key hashes: ``depth`` at null is left out, so runs pruned before that knob
-    existed keep their keys (``key_settings`` would also drop ``calib_general: 0``, which their keys hold)."""
+    """The prune settings a stage key hashes: ``depth`` and ``hidden_fraction`` at null are left out, so runs
+    pruned before those knobs existed keep their keys (``key_settings`` would also drop ``calib_general: 0``,
+    which their keys hold)."""
     d = dataclasses.asdict(p)
-    if d.get("depth") is None:
-        d.pop("depth", None)
+    for knob in ("depth", "hidden_fraction"):
+        if d.get(knob) is None:
+            d.pop(knob, None)
     return d
