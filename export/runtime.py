@@ -54,10 +54,13 @@ class _OrtSession:
 
 def openvino_quantizes_activations() -> bool:
     """Whether OpenVINO's CPU plugin, on this machine, quantizes the activations of a compressed-weight MatMul
-    (int8, per token in groups of 32: what ONNX Runtime's ``MatMulNBits`` does at ``accuracy_level`` 4). It
+    (int8, per token in groups of 32, as ONNX Runtime's ``MatMulNBits`` does at ``accuracy_level`` 4). It
     does on CPUs with int8 dot products (VNNI / AMX) and keeps them in float elsewhere (AVX2 alone), whatever
     the file says; so there the same int4 / int8 weight-only file computes other numbers under the two
-    runtimes unless it asks ONNX Runtime for float activations (``accuracy_level`` 0 or 1)."""
+    runtimes unless it asks ONNX Runtime for float activations (``accuracy_level`` 0 or 1). Where both
+    quantize, their roundings still differ: on a VNNI CPU the SmolLM2 int8_wo student answered 289 of 300
+    heldout requests alike under the two (OpenVINO's answers were closer to its own float ones, 296 / 300;
+    BENCHMARKS.md section 31)."""
     cpuinfo = Path("/proc/cpuinfo")
     flags = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -70,7 +73,7 @@ def openvino_accuracy_level() -> int:
 
 
 class _OpenVinoSession:
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, config: dict | None = None):
         try:
             import openvino as ov
         except ImportError as err:
@@ -82,6 +85,7 @@ class _OpenVinoSession:
         props = {"INFERENCE_PRECISION_HINT": "f32"}  # CPUs with bf16 would otherwise compute in bf16
         if threads:
             props["INFERENCE_NUM_THREADS"] = threads
+        props.update(config or {})  # e.g. {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}: float activations on VNNI / AMX too
         self.compiled = core.compile_model(model, "CPU", props)
         self.request = self.compiled.create_infer_request()
         types = {"f32": np.float32, "f16": np.float16}
@@ -103,6 +107,7 @@ class OnnxCausalLM:
         backend: str = "onnxruntime",
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        openvino_config: dict | None = None,
     ):
         self.folder = Path(folder)
         meta_path = self.folder / CONFIG_FILE
@@ -118,7 +123,7 @@ class OnnxCausalLM:
         if backend == "onnxruntime":
             self.session = _OrtSession(self.folder / ONNX_FILE, threads, providers)
         elif backend == "openvino":
-            self.session = _OpenVinoSession(self.folder / ONNX_FILE, threads)
+            self.session = _OpenVinoSession(self.folder / ONNX_FILE, threads, openvino_config)
         else:
             raise ValueError(f"backend must be onnxruntime or openvino, got {backend!r}")
         self.backend = backend

@@ -417,6 +417,21 @@ def test_weight_only_int8_computes_the_same_numbers_under_openvino(qwen_onnx, tm
     assert gaps[5 - matching] > 10 * gaps[matching], gaps  # the other level computes something else
 
 
+def test_openvino_float_activations_match_onnxruntime_level_1(qwen_onnx, tmp_path, tokenizer, car_settings):
+    """``openvino_config={"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}`` turns OpenVINO's activation quantization off,
+    so on any CPU it computes an int8 weight-only file as ONNX Runtime does at ``accuracy_level`` 1 (float)."""
+    pytest.importorskip("openvino")
+    from quantize import quantize_int8_weights
+
+    _, _, fp32 = qwen_onnx
+    _, seqs = _prompts(tokenizer, car_settings, n=4)
+    q = quantize_int8_weights(fp32, tmp_path / "int8w1", block_size=32, accuracy_level=1)
+    ov_rt = OnnxCausalLM(q, backend="openvino", openvino_config={"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
+    assert int(ov_rt.session.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == 0
+    pairs = zip(OnnxCausalLM(q).sequence_logits(seqs, 1), ov_rt.sequence_logits(seqs, 1), strict=True)
+    assert max(float(np.abs(a - b).max()) for a, b in pairs) < 1e-3
+
+
 def _matching_level() -> int:
     """The accuracy level at which ONNX Runtime computes what OpenVINO computes on this CPU."""
     from export.runtime import openvino_accuracy_level
