@@ -69,8 +69,37 @@ def test_teacher_forced_metrics_equal_the_full_logits_way_and_hold_one_chunk(mod
         counter.close()
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-4), k
-    per_batch = [sum(1 for e in enc[i : i + 8] for t in e["labels"] if t != IGNORE) for i in range(0, len(enc), 8)]
+    srt = sorted(enc, key=lambda e: len(e["input_ids"]))  # batches are formed by length
+    per_batch = [sum(1 for e in srt[i : i + 8] for t in e["labels"] if t != IGNORE) for i in range(0, len(srt), 8)]
     assert counter.max_rows <= min(chunk, max(per_batch))  # the head never sees a whole (batch x seq) block
+
+
+def test_teacher_forced_batches_by_length_and_keeps_the_numbers_of_data_order(models_and_data, tokenizer):
+    """Batches of similar lengths pad less (every batch is as wide as its longest example) and give the
+    full-logits numbers of the examples in their own order; TopK signals kept this way line up with the
+    student scored on the same examples."""
+    from distill.evaluate import teacher_forced
+
+    teacher, student, enc = models_and_data
+    enc = [enc[i] for i in torch.randperm(len(enc), generator=torch.Generator().manual_seed(0)).tolist()]
+    widths = []
+
+    def runtime(ids, mask):
+        widths.append(tuple(ids.shape))
+        return student(input_ids=ids, attention_mask=mask).logits
+
+    got = teacher_forced(runtime, enc, tokenizer, 8, teacher, chunk_size=10_000)
+    lengths = [len(e["input_ids"]) for e in enc]
+    srt = sorted(lengths)
+    assert sum(r * w for r, w in widths) == sum(
+        max(srt[i : i + 8]) * len(srt[i : i + 8]) for i in range(0, len(srt), 8)
+    )
+    assert sum(r * w for r, w in widths) < sum(max(lengths[i : i + 8]) * 8 for i in range(0, len(lengths), 8))
+    want = _full_reference(student, teacher, enc, tokenizer.pad_token_id)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    sig = teacher_forced(teacher, enc, tokenizer, 8, keep_topk=len(tokenizer))["signals"]
+    assert teacher_forced(student, enc, tokenizer, 8, sig)["kl"] == pytest.approx(want["kl"], rel=1e-4)
 
 
 def test_a_runtime_returning_full_logits_is_scored_a_few_rows_at_a_time(models_and_data, tokenizer):
@@ -134,6 +163,27 @@ def test_validation_loss_is_chunked_and_exact(models_and_data, tokenizer):
     finally:
         counter.close()
     assert got == pytest.approx(want, rel=1e-5) and counter.max_rows <= 5
+
+
+def test_a_training_probe_generates_only(models_and_data, tokenizer, monkeypatch):
+    """The distillation probe's exact match (``train.eval_generate``) is evaluate_model's, from generation
+    alone: no teacher-forced pass (perplexity nobody reads there; it doubled a probe's time)."""
+    import dataclasses
+
+    import distill.evaluate
+    from distill.config import compose
+    from distill.evaluate import evaluate_model
+    from distill.train import generated_exact_match
+
+    _, student, enc = models_and_data
+    tc = dataclasses.replace(compose(["+exp=smoke"]).distill.train, eval_generate=12, batch_size=4)
+    want = evaluate_model(student, tokenizer, enc[:12], max_new_tokens=None, batch_size=8)[0]["exact_match"]
+
+    def no_teacher_forced(*a, **k):
+        raise AssertionError("a probe ran a teacher-forced pass")
+
+    monkeypatch.setattr(distill.evaluate, "teacher_forced", no_teacher_forced)
+    assert generated_exact_match(student, tokenizer, enc, tc) == want
 
 
 def test_generation_batches_are_formed_by_length_and_answers_keep_their_order():

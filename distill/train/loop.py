@@ -399,12 +399,13 @@ def _memory_mb(proc, device) -> float:
 def generated_exact_match(model, tokenizer, data: Sequence[dict], tc: TrainConfig) -> float:
     """Exact match of ``model``'s greedy answers on the first ``tc.eval_generate`` examples of ``data``:
     the task metric during training, so a run shows what more steps buy (``train.eval_generate``)."""
-    from distill.evaluate import evaluate_model
+    from distill.evaluate import answer_budget, evaluate_generations, hf_generate_fn
 
     was = model.training
-    scores, _ = evaluate_model(
-        model, tokenizer, data[: tc.eval_generate], max_new_tokens=None, batch_size=tc.batch_size * 2
-    )
+    data = data[: tc.eval_generate]
+    # generation only: the teacher-forced numbers evaluate_model adds (perplexity) would double a probe's time
+    generate = hf_generate_fn(model, tokenizer, answer_budget(data), batch_size=tc.batch_size * 2)
+    scores, _ = evaluate_generations(data, generate, tokenizer)
     model.train(was)
     return scores["exact_match"]
 
@@ -413,11 +414,12 @@ def generated_exact_match(model, tokenizer, data: Sequence[dict], tc: TrainConfi
 def validation_loss(model, tokenizer, data: Sequence[dict], batch_size: int, chunk_size: int) -> float:
     """Mean cross-entropy per response token of ``model`` on encoded ``data``; logits are formed
     ``chunk_size`` answer tokens at a time (``distill.evaluate.answer_logits``)."""
-    from distill.evaluate import answer_logits
+    from distill.evaluate import answer_logits, by_length_order
 
     was = model.training
     model.eval()
     total, count = 0.0, 0
+    data = by_length_order(data)  # batches of similar lengths: little padding, the same sum
     for i in range(0, len(data), batch_size):
         b = collate(data[i : i + batch_size], tokenizer.pad_token_id)
         targets, start = b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE], 0
