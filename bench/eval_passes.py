@@ -59,21 +59,26 @@ def main() -> None:
     n = tc.eval_generate or 100
 
     @torch.no_grad()
-    def before() -> dict:
+    def data_order_nll(data, bs: int, chunk: int) -> float:
+        """Mean cross-entropy per answer token, batches in data order (each as long as its longest example)."""
         total, count = 0.0, 0
-        data, bs = enc["validation"], tc.batch_size * 4
-        for i in range(0, len(data), bs):  # data order: each batch as long as its longest example
+        for i in range(0, len(data), bs):
             b = collate(data[i : i + bs], tok.pad_token_id)
             targets, start = b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE], 0
-            for logits in answer_logits(model, b, len(tok), rc.distill.chunk_size):
+            for logits in answer_logits(model, b, len(tok), chunk):
                 k = logits.shape[0]
                 total += float(F.cross_entropy(logits, targets[start : start + k], reduction="sum"))
                 start, count = start + k, count + k
+        return total / count
+
+    @torch.no_grad()
+    def before() -> dict:
+        val_loss = data_order_nll(enc["validation"], tc.batch_size * 4, rc.distill.chunk_size)
         em = [
             evaluate_model(model, tok, enc[s][:n], max_new_tokens=None, batch_size=tc.batch_size * 2)[0]["exact_match"]
             for s in ("validation", "heldout")
         ]
-        return {"val_loss": total / count, "exact_match": em}
+        return {"val_loss": val_loss, "exact_match": em}
 
     def after() -> dict:
         probe_tc = dataclasses.replace(tc, eval_generate=n)
@@ -84,17 +89,8 @@ def main() -> None:
 
     test = enc["test"][: a.test]
 
-    @torch.no_grad()
     def perplexity_before() -> dict:
-        nll, count, bs = 0.0, 0, rc.eval.batch_size
-        for i in range(0, len(test), bs):  # data order
-            b = collate(test[i : i + bs], tok.pad_token_id)
-            targets, start = b["labels"][:, 1:][b["labels"][:, 1:] != IGNORE], 0
-            for logits in answer_logits(model, b, len(tok), rc.eval.chunk_size):
-                k = logits.shape[0]
-                nll += float(F.cross_entropy(logits, targets[start : start + k], reduction="sum"))
-                start, count = start + k, count + k
-        return {"perplexity": math.exp(nll / count)}
+        return {"perplexity": math.exp(data_order_nll(test, rc.eval.batch_size, rc.eval.chunk_size))}
 
     def perplexity_after() -> dict:
         return {
