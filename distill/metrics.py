@@ -12,8 +12,8 @@ them: ``tool_accuracy`` (the same function names), ``arg_f1`` (F1 over argument 
 ``valid_json`` (the answer's calls all parse), ``missed_call_rate`` (no call where one was due); where the
 examples carry tools also ``schema_validity`` (every call names a tool and its arguments fit its JSON
 schema: required keys, types, enums) and ``hallucinated_function_rate`` (share of calls to functions
-not in the tools); where references also include text turns, ``extra_call_rate`` (a call where the
-reference answered in text). ``TOOL_CALL_METRICS`` names them: a gate threshold on one of them needs
+not in the tools); where references also include text turns, ``extra_call_rate`` (a call, or a broken
+attempt at one, where the reference answered in text). ``TOOL_CALL_METRICS`` names them: a gate threshold on one of them needs
 tool-call data.
 """
 
@@ -131,7 +131,7 @@ def score(
             hallucinated += sum(c["name"] not in names for c in pred["tool_calls"])
         if not ref["tool_calls"]:
             texts += 1
-            extra += bool(pred["tool_calls"])
+            extra += bool(pred["tool_calls"]) or pred["malformed"] > 0  # a broken attempt at a call is one too
             continue
         calls["n"] += 1
         p = pred["tool_calls"]

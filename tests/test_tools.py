@@ -257,14 +257,15 @@ def test_bfcl_scores_wrong_enum_type_function_missed_and_extra_calls():
         "I will call Ann.",
         refusal,
         _hermes(("call_contact", {"name": "Ann"})),
+        '<tool_call>{"name": "call_contact", "arguments": {"name": "An',  # cut off: an attempt at a call
     ]
-    refs = [ref, ref, ref, ref, ref, refusal, refusal]
+    refs = [ref, ref, ref, ref, ref, refusal, refusal, refusal]
     s = score(preds, refs, fmt="hermes", tools=[tools] * len(refs))
-    assert s["exact_match"] == 2 / 7  # parallel calls in another order, and the refusal
+    assert s["exact_match"] == 2 / 8  # parallel calls in another order, and the refusal
     assert s["tool_accuracy"] == 3 / 5  # the same function names: swapped, wrong enum, wrong type
     assert s["schema_validity"] == 1 / 5  # only the swapped answer's calls all fit the schemas
     assert s["hallucinated_function_rate"] == 1 / 9  # book_flight, of the 9 calls made
-    assert s["missed_call_rate"] == 1 / 5 and s["extra_call_rate"] == 1 / 2
+    assert s["missed_call_rate"] == 1 / 5 and s["extra_call_rate"] == 2 / 3  # the call and the broken one
     assert s["valid_json"] == 4 / 5
     assert schema_problems({"name": "get_weather", "arguments": {"city": "Oslo", "unit": "kelvin"}}, tools) == [
         "argument 'unit'='kelvin' is not one of ['celsius', 'fahrenheit']"
