@@ -403,7 +403,7 @@ def generated_exact_match(model, tokenizer, data: Sequence[dict], tc: TrainConfi
 
     was = model.training
     data = data[: tc.eval_generate]
-    # generation only: the teacher-forced numbers evaluate_model adds (perplexity) would double a probe's time
+    # generation only: the teacher-forced perplexity evaluate_model adds made a probe ~1.6x as long (bench/eval_passes.py)
     generate = hf_generate_fn(model, tokenizer, answer_budget(data), batch_size=tc.batch_size * 2)
     scores, _ = evaluate_generations(data, generate, tokenizer)
     model.train(was)
