@@ -34,6 +34,7 @@ def main() -> None:
     from distill.config import validate
     from distill.data import encode_records, encoding, load_records, prepare_tokenizer
     from distill.evaluate import by_length, hf_generate_fn
+    from distill.metrics import attempts_call
     from families.hf import load_causal_lm
 
     rc = validate(OmegaConf.load(Path(a.run) / "config.yaml"))
@@ -54,7 +55,7 @@ def main() -> None:
                     "request": ex["request"],
                     "lang": r["lang"],
                     "answer": t,
-                    "kept": _no_call(parse(t, ex["format"])),
+                    "kept": not attempts_call(parse(t, ex["format"])),
                 }
                 for ex, r, t in zip(enc, records, texts, strict=True)
             ]
@@ -64,11 +65,6 @@ def main() -> None:
         out[folder] = {"kept": kept, "total": total, "rows": rows}
     if a.out:
         Path(a.out).write_text(json.dumps(out, ensure_ascii=False, indent=1))
-
-
-def _no_call(parsed: dict) -> bool:
-    """A refusal kept: no call, and no broken attempt at one (a malformed call is not a refusal)."""
-    return not parsed["tool_calls"] and not parsed["malformed"]
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ def by_length(prompts: Sequence[Sequence[int]], generate: GenerateFn) -> list[li
 TOPK_ORDER = "by_length"  # the answer-token order of TopK signals (``teacher_forced``); in their cache keys
 
 
+def topk_key(kl_topk: int) -> dict:
+    """What cached TopK signals depend on besides model and data (their k, their answer-token order); empty when
+    ``eval.kl_topk`` is off, so caches made before the knob stay valid."""
+    return {"kl_topk": kl_topk, "order": TOPK_ORDER} if kl_topk else {}
+
+
 def by_length_order(data: Sequence[dict]) -> list[dict]:
     """``data`` sorted by sequence length (stable): how ``teacher_forced`` batches it, so the answer tokens, and
     the TopK signals kept or consumed there, follow this order."""
@@ -300,7 +306,7 @@ def split_key(data: Sequence[dict], ec) -> dict:
     return {
         "examples": digest([ex["input_ids"] for ex in data]),
         "eval": eval_settings(ec),
-        **({"kl_topk": ec.kl_topk, "order": TOPK_ORDER} if ec.kl_topk else {}),
+        **topk_key(ec.kl_topk),
     }
 
 

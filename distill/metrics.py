@@ -92,6 +92,11 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def attempts_call(pred: dict) -> bool:
+    """Whether a parsed turn calls a function or tries to (a malformed call): not a text answer."""
+    return bool(pred["tool_calls"]) or pred["malformed"] > 0
+
+
 def turn_exact(pred: dict, ref: dict) -> bool:
     """Exact match of two parsed turns: the same calls (order-free), or, for a text reference, no call and
     the same normalized text."""
@@ -131,7 +136,7 @@ def score(
             hallucinated += sum(c["name"] not in names for c in pred["tool_calls"])
         if not ref["tool_calls"]:
             texts += 1
-            extra += bool(pred["tool_calls"]) or pred["malformed"] > 0  # a broken attempt at a call is one too
+            extra += attempts_call(pred)  # a broken attempt at a call is one too
             continue
         calls["n"] += 1
         p = pred["tool_calls"]

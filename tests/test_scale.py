@@ -167,7 +167,7 @@ def test_validation_loss_is_chunked_and_exact(models_and_data, tokenizer):
 
 def test_a_training_probe_generates_only(models_and_data, tokenizer, monkeypatch):
     """The distillation probe's exact match (``train.eval_generate``) is evaluate_model's, from generation
-    alone: no teacher-forced pass (perplexity nobody reads there; it doubled a probe's time)."""
+    alone: no teacher-forced pass (perplexity nobody reads there; it made a probe ~1.6x as long)."""
     import dataclasses
 
     import distill.evaluate

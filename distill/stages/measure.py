@@ -52,7 +52,7 @@ def teacher_answers(r: Run) -> dict:
     at every answer position (``TopK``, under ``signals``), cached per (teacher, data, eval settings):
     every student of a sweep, and every ONNX variant, is compared with them without another teacher pass."""
     from core.cache import claimed
-    from distill.evaluate import TOPK_ORDER
+    from distill.evaluate import topk_key
     from distill.teacher import cache_root
 
     ev, enc, k = eval_settings(r.rc), r.teacher.enc, r.rc.eval.kl_topk
@@ -61,7 +61,7 @@ def teacher_answers(r: Run) -> dict:
         "data_hash": r.data.hash,
         "eval": ev,
         "n": [len(enc["test"]), len(enc["heldout"])],
-        **({"kl_topk": k, "order": TOPK_ORDER} if k else {}),  # absent when off: caches made before the knob stay valid
+        **topk_key(k),
     }
     folder = cache_root(r.rc.teacher) / "teacher_eval" / digest(key)
     with claimed(folder, "teacher test answers"):  # one job of a sweep computes them, the others wait
